@@ -1,0 +1,86 @@
+"""Centralized (solo) training job: the single-silo run and the baseline federated runs are compared with."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from photon_p2p.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from photon_p2p.config import Config, dump_yaml, to_dict
+from photon_p2p.data.embedded import ensure_default_dataset
+from photon_p2p.metrics import MetricsLogger
+from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
+
+
+def resolve_data_dir(cfg: Config, run_dir: Path, progress: bool = True) -> Path:
+    """The prepared data dir named in the config, or the embedded default prepared into the run dir."""
+    if cfg.data.path:
+        return Path(cfg.data.path)
+    return ensure_default_dataset(run_dir / "data", sources=cfg.data.sources or None,
+                                  tokenizer=cfg.data.tokenizer or None, val_fraction=cfg.data.val_fraction,
+                                  progress=progress)
+
+
+def trainer_checkpoint(trainer: LocalTrainer, cfg: Config, **extra: Any) -> dict[str, Any]:
+    """What a solo checkpoint holds; the daemon adds its global state and round on top."""
+    return {"config": to_dict(cfg), "model": trainer.model.state_dict(), "trainer": trainer.state_dict(), **extra}
+
+
+def restore_trainer(trainer: LocalTrainer, state: dict[str, Any]) -> None:
+    trainer.model.load_state_dict(state["model"])
+    trainer.load_state_dict(state["trainer"])
+
+
+def run_solo(cfg: Config, stop: threading.Event | None = None, progress: bool = True) -> dict[str, float]:
+    """Train to ``train.max_steps``, resuming from RUN_DIR/checkpoint.pt when present; returns the last eval."""
+    stop = stop or threading.Event()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    data_dir = resolve_data_dir(cfg, run_dir, progress)
+    trainer = build_trainer(cfg, str(data_dir))
+    if checkpoint_path(run_dir).exists():
+        restore_trainer(trainer, load_checkpoint(run_dir))
+    metrics = MetricsLogger(run_dir)
+    t = cfg.train
+    rate = Throughput()
+    rate.tokens0 = trainer.tokens
+    last_eval: dict[str, float] = {}
+    bar = tqdm(total=t.max_steps, initial=trainer.step, desc=cfg.name, unit="step", disable=not progress,
+               dynamic_ncols=True)
+    while trainer.step < t.max_steps and not stop.is_set():
+        loss = trainer.train_step()
+        bar.update(1)
+        step = trainer.step
+        if step % t.log_every == 0 or step == t.max_steps:
+            tps = rate.update(trainer.tokens)
+            metrics.log("step", step=step, tokens=trainer.tokens, loss=loss,
+                        lr=trainer.optimizer.param_groups[0]["lr"], tokens_per_s=tps)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+            last_eval = trainer.evaluate()
+            if last_eval:
+                metrics.log("eval", step=step, tokens=trainer.tokens, **last_eval)
+                bar.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, ppl {last_eval['val_ppl']:.2f}")
+        if step % t.checkpoint_every == 0:
+            save_checkpoint(run_dir, trainer_checkpoint(trainer, cfg))
+    bar.close()
+    # Always leave a checkpoint of where we stopped, so an interrupted run resumes exactly.
+    save_checkpoint(run_dir, trainer_checkpoint(trainer, cfg))
+    return {"step": trainer.step, "tokens": trainer.tokens, "loss": trainer.last_loss, **last_eval}
+
+
+def load_model_from_run(run_dir: str | Path) -> tuple[Config, torch.nn.Module, dict[str, Any]]:
+    """Config + model (global weights where the run is federated) from a run directory's checkpoint."""
+    from photon_p2p.config import from_dict
+    from photon_p2p.model import Transformer
+
+    state = load_checkpoint(run_dir)
+    cfg = from_dict(state["config"])
+    model = Transformer(cfg.model)
+    model.load_state_dict(state.get("global_model", state["model"]))
+    return cfg, model, state
