@@ -10,23 +10,15 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean 'the user gave bad input': printed as one line, never as a traceback."""
     from photon_p2p.checkpoint import CheckpointError
     from photon_p2p.config import ConfigError
     from photon_p2p.data import DataError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, CheckpointError, FileNotFoundError]
-    try:
-        from photon_p2p.federation import FederationError
+    from photon_p2p.federation import FederationError
 
-        errors.append(FederationError)
-    except ImportError:  # federation extras missing: the training half still works
-        pass
-    return tuple(errors)
+    return ConfigError, DataError, CheckpointError, FederationError, FileNotFoundError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -133,6 +125,50 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_network_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="any running peer's multiaddr")
+    p.add_argument("--identity", help="identity file (created if missing): keeps the peer id across restarts")
+    p.add_argument("--host-maddrs", nargs="+", metavar="MADDR", help="listen addresses")
+    p.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", help="addresses other peers should dial")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from photon_p2p.daemon import PeerDaemon
+
+    extra = []
+    for flag, key in (("initial_peers", "network.initial_peers"), ("host_maddrs", "network.host_maddrs"),
+                      ("announce_maddrs", "network.announce_maddrs")):
+        if getattr(args, flag):
+            extra.append(f"{key}={json.dumps(getattr(args, flag))}")
+    for flag, key in (("identity", "network.identity_path"), ("run_id", "federation.run_id"),
+                      ("data", "data.path")):
+        if getattr(args, flag):
+            extra.append(f"{key}={json.dumps(getattr(args, flag))}")
+    if args.client_mode:
+        extra.append("network.client_mode=true")
+    cfg = _load_config(args, extra)
+    result = PeerDaemon(cfg, stop=_graceful_stop(), progress=not args.no_progress).run()
+    print(json.dumps({"run_dir": cfg.run_dir, **result}))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from photon_p2p.config import NetworkConfig
+    from photon_p2p.status import run_status
+
+    net = NetworkConfig(initial_peers=args.initial_peers, bootstrap_timeout=args.timeout)
+    return run_status(net, args.run_id, as_json=args.json, watch=args.watch)
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from photon_p2p.bootstrap import run_bootstrap
+    from photon_p2p.config import NetworkConfig
+
+    net = NetworkConfig(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
+                        announce_maddrs=args.announce_maddrs, identity_path=args.identity or "")
+    return run_bootstrap(net, stop=_graceful_stop())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from photon_p2p import __version__
 
@@ -170,12 +206,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default: RUN_DIR/metrics.png)")
     commands["plot"] = cmd_plot
 
-    try:
-        from photon_p2p.cli_peer import add_peer_commands
-    except ImportError:
-        pass
-    else:
-        add_peer_commands(sub, commands, _add_config_args)
+    p = sub.add_parser("run", help="run a silo: train locally and average with the swarm every round")
+    _add_config_args(p)
+    _add_network_args(p)
+    p.add_argument("--run-id", help="swarm/experiment id: peers only average with the same run id")
+    p.add_argument("--data", help="prepared data dir (photon-peer prepare-data); default: embedded corpus")
+    p.add_argument("--client-mode", action="store_true",
+                   help="behind NAT: accept no incoming connections (still trains and averages)")
+    commands["run"] = cmd_run
+
+    p = sub.add_parser("status", help="show a swarm's peers from their DHT heartbeats (read-only)")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    p.add_argument("--run-id", default="photon")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="refresh every SECONDS")
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds to reach the swarm")
+    commands["status"] = cmd_status
+
+    p = sub.add_parser("bootstrap", help="a DHT-only node (trains nothing): a stable entry point")
+    p.add_argument("--identity", help="identity file (created if missing) for a stable peer id")
+    p.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], metavar="MADDR")
+    p.add_argument("--announce-maddrs", nargs="+", default=[], metavar="MADDR")
+    p.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
+                   help="other bootstrap nodes to connect to")
+    commands["bootstrap"] = cmd_bootstrap
     parser.set_defaults(_commands=commands)
     return parser
 

@@ -66,7 +66,7 @@ class LocalTrainer:
         self.model.train()
         total = 0.0
         for _ in range(t.grad_accum):
-            x, y = self.sampler.next_batch()
+            x, y = next(self.sampler)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast(t, self.device):
                 _, loss = self.forward(x, y)

@@ -1,0 +1,38 @@
+"""Shared fixtures: a small prepared dataset and a tiny config that trains in seconds."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def kjv_data(tmp_path_factory) -> Path:
+    """The embedded KJV slice, prepared once per test session."""
+    from photon_p2p.data.embedded import ensure_default_dataset
+
+    return ensure_default_dataset(tmp_path_factory.mktemp("data"), ["kjv"], progress=False)
+
+
+def tiny_overrides(run_dir: Path, **extra: object) -> list[str]:
+    """A config that trains a very small model quickly on 1 thread (peers share 2 cores in tests)."""
+    base = {"run_dir": str(run_dir), "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 2,
+            "model.seq_len": 64, "train.batch_size": 8, "train.warmup_steps": 5, "train.max_steps": 40,
+            "train.eval_every": 20, "train.eval_batches": 2, "train.log_every": 5, "train.threads": 1}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+CLI = [sys.executable, "-m", "photon_p2p.cli"]
