@@ -113,6 +113,10 @@ class PeerDaemon:
         # The schedule follows the swarm: a joiner does not re-run warmup at the peak learning rate.
         self.trainer.step = max(self.trainer.step, int(meta.get("inner_step", 0)))
 
+    def global_checksum(self) -> float:
+        """A cheap fingerprint of the global weights, so logs show which peers hold the same model."""
+        return float(sum(g.double().sum() for g in self.global_params))
+
     # ---- the loop ----------------------------------------------------------------------------------------
     def heartbeat(self) -> dict[str, Any]:
         res = self.last_result
@@ -179,7 +183,7 @@ class PeerDaemon:
         if int(meta.get("round", -1)) < self.round:
             return False  # never go back to an older state than our own
         self._adopt_state(meta, tensors)
-        self.metrics.log("sync", round=self.round, reason=reason)
+        self.metrics.log("sync", round=self.round, reason=reason, global_checksum=self.global_checksum())
         print(f"photon-peer: synced with the swarm at round {self.round}", flush=True)
         return True
 
@@ -254,7 +258,7 @@ class PeerDaemon:
         fields = {"round": self.round, "step": self.trainer.step, "tokens": self.trainer.tokens,
                   "loss": self.trainer.last_loss, "solo": r.solo, "group_size": r.group_size, "peers": r.peers,
                   "averaging_s": r.seconds, "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
-                  "reason": r.reason, **self.last_eval}
+                  "reason": r.reason, "global_checksum": self.global_checksum(), **self.last_eval}
         self.metrics.log("round", **fields)
         if self.last_eval:
             self.metrics.log("eval", step=self.trainer.step, tokens=self.trainer.tokens, round=self.round,

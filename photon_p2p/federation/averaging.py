@@ -1,0 +1,295 @@
+"""PseudoGradientAverager: one weighted, compressed all-reduce of Δ per round with a DHT-matched group of peers.
+
+Rounds never mix: the round number is the matchmaking group key (hivemind only groups peers whose keys are equal),
+and every member's gathered metadata is checked after the fact. Which peers end up together changes every round,
+because each peer adds random jitter to its matchmaking deadline and hivemind picks the leader with the earliest
+one. hivemind averages the tensors it owns in its own process; we average a private copy and only write back on
+success, so a failed, late or mismatched round leaves the caller's Δ untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import NoCompression
+from hivemind.utils import get_dht_time
+
+from photon_p2p.config import FederationConfig, NetworkConfig
+from photon_p2p.federation import FederationError
+from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic, make_compression
+from photon_p2p.federation.network import lifeline
+from photon_p2p.federation.partial import unaveraged_parts
+
+log = logging.getLogger("photon_p2p.federation")
+StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
+T = TypeVar("T")
+ROUND_BITS = 32  # the round number, in binary, is the matchmaking group key
+
+
+@dataclass
+class RoundResult:
+    round: int
+    solo: bool
+    group_size: int
+    peers: list[str]
+    weight_total: float
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+    reason: str = ""
+    partial: float = 0.0  # fraction of values a failed reducer left un-averaged (they keep this peer's own Δ)
+    failed_peers: list[str] = field(default_factory=list)
+
+
+class _Averager(DecentralizedAverager):
+    """hivemind's averager with our state for joiners and byte counting in its own process."""
+
+    def __init__(self, *args, state_provider: StateProvider, counter: ByteCounter, **kwargs) -> None:
+        self._state_provider, self._counter = state_provider, counter
+        super().__init__(*args, **kwargs)
+
+    def get_current_state(self):
+        # hivemind's documented hook; runs in a background thread of *our* process when a joiner asks.
+        metadata, tensors = self._state_provider()
+        return metadata, [t.detach().cpu() for t in tensors], None
+
+    def run(self) -> None:
+        count_registry_traffic(self._counter)  # first thing in the forked process, before any traffic
+        super().run()
+
+
+class PseudoGradientAverager:
+    """Averages pseudo-gradients with peers of the same run and round; serves and downloads the global state."""
+
+    def __init__(self, dht: hivemind.DHT, templates: list[torch.Tensor], fed: FederationConfig,
+                 net: NetworkConfig, state_provider: StateProvider) -> None:
+        if not fed.run_id or "." in fed.run_id:
+            raise FederationError(f"federation.run_id must be non-empty and contain no '.', got '{fed.run_id}'")
+        if fed.round_deadline <= fed.matchmaking_time * 1.25 + 0.5:
+            raise FederationError(f"federation.round_deadline ({fed.round_deadline:g}s) must exceed "
+                                  f"federation.matchmaking_time ({fed.matchmaking_time:g}s) by a margin")
+        self.fed, self.net = fed, net
+        self.counter = ByteCounter()
+        self.client_mode = bool(net.client_mode)
+        self._buffers = [torch.zeros(t.shape, dtype=t.dtype) for t in templates]
+        self._codec = make_compression(fed.compression)
+        # hivemind warns that request_timeout >= matchmaking time can deadlock matchmaking; keep it below.
+        request_timeout = min(float(net.request_timeout), fed.matchmaking_time / 2)
+        self._averager = _Averager(
+            self._buffers, dht, start=False, prefix=f"{fed.run_id}_pseudograd",
+            target_group_size=fed.target_group_size, min_group_size=fed.min_group_size,
+            initial_group_bits="0" * ROUND_BITS, min_matchmaking_time=fed.matchmaking_time,
+            request_timeout=request_timeout, allreduce_timeout=fed.allreduce_timeout,
+            next_chunk_timeout=float(net.request_timeout),  # a silent peer is dropped after this, not at the end
+            compression=CountingCompression(self._codec, self.counter), state_compression=NoCompression(),
+            client_mode=self.client_mode, declare_state_period=max(10.0, fed.record_ttl / 3),
+            # A joiner serves state only once it has some (load_state or a round); the first peer at once.
+            allow_state_sharing=not self.client_mode and not net.initial_peers,
+            shutdown_timeout=5.0, state_provider=state_provider, counter=self.counter)
+        self._start(float(net.bootstrap_timeout))
+        self._closed = False
+
+    def _start(self, timeout: float) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise FederationError("create the PseudoGradientAverager from the main thread (hivemind needs signals)")
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            # hivemind sets SIGINT to SIG_IGN in the *calling* process before forking (so the child ignores
+            # Ctrl-C); we restore our handler afterwards so Ctrl-C still reaches the daemon.
+            with lifeline():  # the averager process dies with ours
+                self._averager.run_in_background(await_ready=True, timeout=timeout)
+        except BaseException as e:
+            self._kill()
+            detail = "timed out" if isinstance(e, TimeoutError) else (str(e).strip().splitlines() or [""])[-1]
+            raise FederationError(f"the averager did not start within {timeout:g}s ({detail})") from None
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    # ---- averaging ---------------------------------------------------------------------------------------
+    def average(self, deltas: list[torch.Tensor], round_no: int, weight: float,
+                stop: threading.Event | None = None) -> RoundResult:
+        """All-reduce ``deltas`` (weighted by ``weight``, e.g. tokens) with peers at ``round_no``, within
+        federation.round_deadline. On success the weighted mean is written into ``deltas`` in place; otherwise
+        they are left untouched and the result is solo with a reason."""
+        t0, (sent0, recv0) = time.monotonic(), self.counter.snapshot()
+        deadline = t0 + self.fed.round_deadline
+
+        def result(solo: bool, reason: str = "", gathered: dict | None = None, **extra) -> RoundResult:
+            sent, recv = self.counter.snapshot()
+            gathered = gathered or {}
+            return RoundResult(round_no, solo, len(gathered) if not solo else 1, list(gathered),
+                               sum(float(g.get("weight", 0.0)) for g in gathered.values()) if not solo else weight,
+                               time.monotonic() - t0, sent - sent0, recv - recv0, reason, **extra)
+
+        if len(deltas) != len(self._buffers) or any(d.shape != b.shape for d, b in zip(deltas, self._buffers)):
+            raise FederationError("average() got tensors whose shapes differ from the averager's templates")
+        if not self._averager.is_alive():
+            return result(True, "averager process is not running")
+        weight = max(float(weight), 1e-6)  # hivemind divides by the group's total weight
+        try:
+            gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop)
+        finally:
+            self._share_state(priority=round_no + 1)
+        if gathered is None:
+            return result(True, reason)
+        mismatched = {p: g for p, g in gathered.items() if not isinstance(g, dict) or g.get("round") != round_no}
+        if mismatched:
+            log.warning("round %d: discarded a group with peers at other rounds: %s", round_no,
+                        {p: (g.get("round") if isinstance(g, dict) else g) for p, g in mismatched.items()})
+            return result(True, "round mismatch")
+        if not self._lock(deadline):
+            return result(True, "averaged tensors stayed locked")
+        try:
+            if not all(bool(torch.isfinite(b).all()) for b in self._buffers):
+                return result(True, "non-finite values after all-reduce")
+            fraction, failed = unaveraged_parts(deltas, self._buffers, gathered, self._codec, me=self.peer_id)
+            for d, b in zip(deltas, self._buffers):
+                d.copy_(b)
+        finally:
+            self._averager.lock_averaged_tensors.release()
+        reason = ""
+        if fraction > 0:
+            reason = f"partial: {fraction:.1%} of values not averaged"
+            log.warning("round %d: %s (reducer(s) that failed: %s)", round_no, reason, ", ".join(failed) or "?")
+        return result(False, reason, gathered, partial=fraction, failed_peers=failed)
+
+    def _run_step(self, deltas: list[torch.Tensor], round_no: int, weight: float, deadline: float,
+                  stop: threading.Event | None) -> tuple[dict[str, dict] | None, str]:
+        """Matchmake and all-reduce until success or the deadline: (gathered metadata by peer, "") or (None, why)."""
+        if not self._lock(deadline):
+            return None, "a previous all-reduce still holds the tensors"
+        try:
+            for buf, d in zip(self._buffers, deltas):
+                buf.copy_(d.detach())
+        finally:
+            self._averager.lock_averaged_tensors.release()
+        gather = {"round": int(round_no), "weight": weight, "client": self.client_mode}
+        bits = format(round_no % 2**ROUND_BITS, f"0{ROUND_BITS}b")
+        reason = "no group found"
+        while True:
+            remaining = deadline - time.monotonic()
+            offset = self.fed.matchmaking_time * (1 + 0.25 * random.random())  # jitter: leaders change each round
+            if remaining < offset + 0.5:
+                return None, reason
+            # Retries are ours, not hivemind's: after a group forms hivemind shifts the group key, and a retry
+            # must use this round's key again.
+            find_timeout = min(max(remaining - self.fed.allreduce_timeout, offset + 0.5), remaining)
+            control = _bounded(lambda: self._start_step(bits, gather, weight, offset, find_timeout), timeout=10.0)
+            if control is None:
+                return None, "averager process is not responding"
+            try:
+                while not control.done() and time.monotonic() < deadline and not (stop and stop.is_set()):
+                    try:
+                        control.result(timeout=0.2)
+                    except Exception:
+                        pass  # a timeout of this poll, or the step's own failure (read below)
+            except BaseException:
+                control.cancel()  # Ctrl-C: leave no step behind in the averager process
+                raise
+            if not control.done():
+                control.cancel()
+                return None, "stopped" if stop and stop.is_set() else "deadline"
+            try:
+                gathered = control.result(timeout=0)
+                return {str(peer): data for peer, data in (gathered or {}).items()}, ""
+            except Exception as e:
+                reason = "no group found" if "could not find a group" in str(e) else _describe(e)
+                log.info("round %d: averaging attempt failed (%s)", round_no, reason)
+                if stop and stop.is_set():
+                    return None, "stopped"
+
+    def _start_step(self, bits: str, gather: dict, weight: float, offset: float, find_timeout: float):
+        self._averager.set_group_bits(bits)
+        return self._averager.step(gather=gather, weight=weight, scheduled_time=get_dht_time() + offset,
+                                   timeout=find_timeout, allow_retries=False, wait=False)
+
+    def _lock(self, deadline: float) -> bool:
+        return self._averager.lock_averaged_tensors.acquire(timeout=max(0.1, deadline - time.monotonic()))
+
+    # ---- state for joiners -------------------------------------------------------------------------------
+    def load_state(self, timeout: float, progress: bool = False) -> tuple[dict, list[torch.Tensor]] | None:
+        """Download the global state (metadata, tensors) from the most advanced peer that shares it, or None."""
+        if not self._averager.is_alive():
+            return None
+        if progress:
+            print(f"photon-peer: looking for a peer that shares state (up to {timeout:.0f}s)", flush=True)
+        try:
+            got = self._averager.load_state_from_peers(wait=True, timeout=timeout)
+        except TimeoutError:
+            return None
+        except Exception as e:
+            log.warning("state download failed: %s", _describe(e))
+            return None
+        if not got:
+            return None
+        metadata, tensors = got
+        if not isinstance(metadata, dict):
+            log.warning("ignored a peer's state: its metadata is %s, not a dict", type(metadata).__name__)
+            return None
+        self._share_state(priority=float(metadata.get("round", 0)))
+        return metadata, list(tensors)
+
+    def _share_state(self, priority: float) -> None:
+        """Serve state to joiners from now on; joiners pick the peer with the highest priority (its round)."""
+        if self.client_mode or not self._averager.is_alive():
+            return  # client-mode peers accept no incoming requests, so they cannot serve state
+        self._averager.allow_state_sharing = True
+        self._averager.state_sharing_priority = float(priority)
+
+    @property
+    def peer_id(self) -> str:
+        return str(self._averager.peer_id)
+
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        try:
+            if self._averager.is_alive():
+                self._averager.shutdown()
+        finally:
+            self._kill()
+
+    def _kill(self) -> None:
+        if self._averager.pid is not None and self._averager.is_alive():
+            self._averager.kill()
+        if self._averager.pid is not None:
+            self._averager.join(5)
+
+
+def _bounded(fn: Callable[[], T], timeout: float) -> T | None:
+    """Run a call into the averager process that has no timeout of its own; None if it does not return in time.
+
+    hivemind waits on its process without a deadline; if that process died, the call would block forever.
+    """
+    box: list = []
+
+    def call() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # handed to the caller's thread below
+            box.append((False, e))
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not box:
+        return None
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _describe(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[-1][:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

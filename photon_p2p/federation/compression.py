@@ -1,0 +1,113 @@
+"""Codecs for pseudo-gradients (hivemind compression objects) with byte counters that work across the fork."""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+
+import torch
+from hivemind.compression import (
+    BlockwiseQuantization,
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    ScaledFloat16Compression,
+    Uniform8BitQuantization,
+)
+from hivemind.compression import serialization as _serialization
+from hivemind.proto import runtime_pb2
+
+from photon_p2p.federation import FederationError
+
+CODECS: dict[str, type[CompressionBase]] = {
+    "none": NoCompression,
+    "fp16": Float16Compression,
+    "scaled-fp16": ScaledFloat16Compression,
+    "uint8": Uniform8BitQuantization,
+    "blockwise8": BlockwiseQuantization,  # bitsandbytes, ~1 GB/s on CPU
+}
+
+
+def make_compression(name: str) -> CompressionBase:
+    """The hivemind codec for a config name (federation.compression)."""
+    if name not in CODECS:
+        raise FederationError(f"unknown compression '{name}' (choose one of {', '.join(CODECS)})")
+    if name == "blockwise8":
+        # hivemind imports bitsandbytes on first use, inside the all-reduce: ~2.5 s here, long enough for the
+        # group to drop us as a silent sender. Import it now, before the averager forks.
+        try:
+            import bitsandbytes.functional  # noqa: F401
+        except ImportError:
+            raise FederationError("compression 'blockwise8' needs bitsandbytes (pip install bitsandbytes)") from None
+    return CODECS[name]()
+
+
+def roundtrip(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """What a peer receives when ``tensor`` is sent with codec ``name`` (compress, then extract, locally).
+
+    The daemon's error feedback keeps ``tensor - roundtrip(name, tensor)`` for the next round.
+    """
+    codec = make_compression(name)
+    src = tensor.detach()
+    out = codec.extract(codec.compress(src.cpu(), CompressionInfo.from_tensor(src.cpu()), allow_inplace=False))
+    return out.to(device=tensor.device, dtype=tensor.dtype).reshape(tensor.shape)
+
+
+class ByteCounter:
+    """Bytes sent / received by an averager; shared memory, so counts made in its forked process are visible here.
+
+    Must be created before the averager process starts (the fork copies the handles).
+    """
+
+    def __init__(self) -> None:
+        self._sent = mp.Value(ctypes.c_int64, 0)
+        self._received = mp.Value(ctypes.c_int64, 0)
+
+    def add_sent(self, n: int) -> None:
+        with self._sent.get_lock():  # compress/extract run in executor threads of the averager process
+            self._sent.value += n
+
+    def add_received(self, n: int) -> None:
+        with self._received.get_lock():
+            self._received.value += n
+
+    def snapshot(self) -> tuple[int, int]:
+        return int(self._sent.value), int(self._received.value)
+
+
+class CountingCompression(CompressionBase):
+    """Delegates to a hivemind codec and counts the serialized size of every message it makes or reads."""
+
+    def __init__(self, inner: CompressionBase, counter: ByteCounter) -> None:
+        self.inner, self.counter = inner, counter
+        self.compression_type = inner.compression_type
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        message = self.inner.compress(tensor, info, allow_inplace)
+        self.counter.add_sent(message.ByteSize())
+        return message
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        self.counter.add_received(serialized_tensor.ByteSize())
+        return self.inner.extract(serialized_tensor)
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        return self.inner.estimate_compression_ratio(info)
+
+    def __repr__(self) -> str:
+        return f"Counting({self.inner!r})"
+
+
+def count_registry_traffic(counter: ByteCounter) -> None:
+    """Count the traffic that hivemind (de)serializes through its codec registry rather than our codec object.
+
+    In an all-reduce, a peer's own parts go out through the codec object passed to the averager, but the averaged
+    parts it returns as a reducer and everything it receives go through ``serialize_torch_tensor`` /
+    ``deserialize_torch_tensor``, which look codecs up in a module-level registry. Call this only inside the
+    averager's own (forked) process, so that the parent process's registry stays untouched.
+    """
+    registry = _serialization._BASE_COMPRESSION_TYPES
+    for key, codec in list(registry.items()):
+        if not isinstance(codec, CountingCompression):
+            registry[key] = CountingCompression(codec, counter)

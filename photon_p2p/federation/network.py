@@ -1,0 +1,232 @@
+"""Joining the swarm: multiaddr validation, starting the hivemind DHT with deadlines, and a lifeline for its helpers.
+
+hivemind runs the DHT in a forked child process that starts a ``p2pd`` daemon; both outlive a SIGKILLed parent and
+keep answering in the swarm. The lifeline makes them die with us: forked children get PR_SET_PDEATHSIG(SIGKILL),
+and a tiny reaper process (which needs no lifeline itself: it exits as soon as our process is gone) SIGKILLs the
+DHT's p2pd, which is spawned by exec and therefore out of reach of fork hooks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import hivemind
+import multiaddr
+
+from photon_p2p.config import NetworkConfig
+from photon_p2p.federation import FederationError
+
+log = logging.getLogger("photon_p2p.federation")
+_PR_SET_PDEATHSIG = 1
+# The lifeline's only global state: fork hooks can only be registered once per process.
+_hooks_installed = False
+_armed = threading.local()
+_forking_pid = 0
+
+
+def parse_multiaddrs(addrs: list[str], what: str, *, require_peer_id: bool | None = None) -> list[str]:
+    """Validate multiaddrs (as text); by default those for initial peers (``what`` names them) need /p2p/<id>."""
+    if require_peer_id is None:
+        require_peer_id = "initial" in what.lower()
+    if isinstance(addrs, str):
+        addrs = [addrs]  # a lone address instead of a list is an easy slip; judge it, don't iterate its letters
+    out = []
+    for s in addrs:
+        if not isinstance(s, str) or not s.strip():
+            raise FederationError(f"invalid multiaddr for {what}: '{s}' (empty address)")
+        s = s.strip()
+        try:
+            maddr = multiaddr.Multiaddr(s)
+        except Exception as e:  # StringParseError is a ValueError; any other failure is just as fatal
+            raise FederationError(f"invalid multiaddr for {what}: '{s}' ({_parse_reason(e)})") from None
+        names = [p.name for p in maddr.protocols()]
+        if require_peer_id and "p2p" not in names:
+            raise FederationError(f"invalid multiaddr for {what}: '{s}' (missing /p2p/<peer id>: copy the full "
+                                  "address a running peer prints)")
+        out.append(str(maddr))
+    return out
+
+
+def _parse_reason(e: Exception) -> str:
+    text = str(e).split("\n")[0]
+    if "': " in text:  # "Invalid MultiAddr 'x': unknown protocol: x (string: x)" -> "unknown protocol: x"
+        text = text.split("': ", 1)[1]
+    return text.split(" (string:")[0] or type(e).__name__
+
+
+def start_dht(net: NetworkConfig, *, initial_peers: list[str] | None = None,
+              client_mode: bool | None = None) -> hivemind.DHT:
+    """Start this peer's DHT node; retry unreachable initial peers until ``net.bootstrap_timeout``, then fail."""
+    peers = parse_multiaddrs(net.initial_peers if initial_peers is None else initial_peers, "initial peers",
+                             require_peer_id=True)
+    host = parse_multiaddrs(net.host_maddrs, "network.host_maddrs")
+    announce = parse_multiaddrs(net.announce_maddrs, "network.announce_maddrs")
+    for a in announce:
+        if "/tcp/0" in a + "/" or "/udp/0/" in a + "/":
+            raise FederationError(f"invalid multiaddr for network.announce_maddrs: '{a}' (needs an explicit port)")
+    kwargs = dict(host_maddrs=host, client_mode=net.client_mode if client_mode is None else client_mode,
+                  use_relay=net.use_relay, use_auto_relay=net.use_auto_relay)
+    if announce:
+        kwargs["announce_maddrs"] = announce
+    if net.identity_path:
+        # hivemind writes a fresh RSA identity when the file is missing, but not its directory.
+        Path(net.identity_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        kwargs["identity_path"] = str(Path(net.identity_path).expanduser())
+    timeout = float(net.bootstrap_timeout)
+    deadline = time.monotonic() + timeout
+    unreachable = FederationError(f"could not reach any initial peer ({', '.join(peers)}) within {timeout:g}s")
+    while True:
+        remaining = deadline - time.monotonic()
+        with lifeline():
+            dht = hivemind.DHT(initial_peers=peers or None, start=True, await_ready=False,
+                               startup_timeout=max(remaining, 1.0), **kwargs)
+        try:
+            dht.wait_until_ready(timeout=max(remaining, 0.1))
+        except TimeoutError:
+            _kill_process_tree(dht)
+            if peers:
+                raise unreachable from None
+            raise FederationError(f"the DHT node did not start within {timeout:g}s") from None
+        except BaseException as e:
+            _kill_process_tree(dht)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            if peers and ("bootstrap" in detail.lower() or time.monotonic() > deadline - 0.5):
+                # p2pd refuses to start when no bootstrap peer answers; it may just not be up yet: retry.
+                if deadline - time.monotonic() > 1.0:
+                    time.sleep(1.0)
+                    continue
+                raise unreachable from None
+            raise FederationError(f"could not start the DHT node: {detail}") from None
+        _spawn_reaper(dht.pid)
+        return dht
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """Full multiaddrs (with /p2p/<id>) that other peers can pass as initial peers; routable ones first."""
+    addrs = [str(a) for a in dht.get_visible_maddrs(latest=True)]
+    addrs = [a for a in addrs if not a.startswith(("/ip4/0.0.0.0/", "/ip6/::/"))] or addrs
+    return sorted(addrs, key=lambda a: (a.startswith(("/ip4/127.", "/ip6/::1/")), a))
+
+
+# ---- lifeline ---------------------------------------------------------------------------------------------
+
+@contextmanager
+def lifeline() -> Iterator[None]:
+    """Processes forked by this thread inside the block die with their parent (Linux PR_SET_PDEATHSIG, SIGKILL).
+
+    The kernel fires it when the forking *thread* exits, so start the DHT and the averager from a thread that
+    lives as long as the peer (the main thread). Other forks (e.g. DataLoader workers) are left alone.
+    """
+    global _hooks_installed
+    if not _hooks_installed and sys.platform.startswith("linux"):
+        os.register_at_fork(before=_before_fork, after_in_child=_arm_child)
+        _hooks_installed = True
+    _armed.depth = getattr(_armed, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _armed.depth -= 1
+
+
+def _before_fork() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _arm_child() -> None:
+    # The child is a copy of the forking thread, so it sees that thread's flag.
+    if not getattr(_armed, "depth", 0):
+        return
+    _armed.depth = 0  # the child's own forks are not armed unless it asks
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _forking_pid:  # the parent died between fork() and prctl(): nobody will signal us
+        os._exit(1)
+
+
+_REAPER = r"""
+import os, signal, sys, time
+parent, targets = int(sys.argv[1]), [tuple(map(int, t.split(":"))) for t in sys.argv[2:]]
+def start(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return -1
+while os.getppid() == parent:
+    if all(start(p) != t for p, t in targets):
+        sys.exit(0)
+    time.sleep(0.2)
+for p, t in targets:
+    if start(p) == t:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+def _spawn_reaper(dht_pid: int) -> None:
+    """Watch our process from outside: when it is gone, SIGKILL the DHT process and its p2pd."""
+    if not sys.platform.startswith("linux"):
+        return
+    targets = [f"{p}:{_start_time(p)}" for p in [dht_pid, *_descendants(dht_pid)] if _start_time(p) >= 0]
+    # Popen does not run fork hooks, so the reaper gets no death signal: it must outlive us to do its job.
+    subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER, str(os.getpid()), *targets],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _start_time(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_process_tree(proc: hivemind.DHT) -> None:
+    """SIGKILL a failed DHT process and everything it spawned (p2pd), and reap it."""
+    if proc.pid is None:
+        return
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)  # frozen, it cannot spawn p2pd between our listing and our kill
+    except OSError:
+        pass
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    proc.join(5)

@@ -1,0 +1,170 @@
+"""`photon-peer status`: a read-only view of a swarm's heartbeat records, as a table or one JSON document."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from typing import Any, Optional, TextIO
+
+from photon_p2p.config import NetworkConfig
+
+_ORDER = {"live": 0, "stale": 1, "left": 2}
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home + clear screen: --watch redraws in place on a terminal
+
+
+def _median(values: list[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[float] = None,
+                   reached: str = "") -> dict:
+    """Swarm summary and one row per peer (live first, then by round) from the DHT records of ``run_id``.
+
+    A peer is stale when its last heartbeat is older than ``stale_after`` seconds; by default 2.5 of its own
+    heartbeat intervals (one missed beat and a slow store are not yet a failure).
+    """
+    from photon_p2p.federation import FederationError
+    from photon_p2p.federation.records import STALE_BEATS, read_records, read_run_ids
+
+    try:
+        rows = read_records(dht, run_id, timeout)
+    except concurrent.futures.TimeoutError:
+        raise FederationError(f"the swarm did not answer a DHT lookup within {timeout:g}s") from None
+    for r in rows:
+        limit = stale_after if stale_after is not None else STALE_BEATS * r["interval"]
+        r["status"] = "left" if r["state"] == "left" else "stale" if r["last_seen"] > limit else "live"
+    live = [r for r in rows if r["status"] == "live"]
+    newest = max((r["round"] for r in live or rows), default=0)
+    for r in rows:
+        r["lag"] = max(0, newest - r["round"])
+    rows.sort(key=lambda r: (_ORDER[r["status"]], -r["round"], r["peer_id"]))
+    summary = {
+        "live_peers": len(live),
+        "stale_peers": sum(r["status"] == "stale" for r in rows),
+        "left_peers": sum(r["status"] == "left" for r in rows),
+        "global_round": newest,
+        "total_tokens": sum(r["tokens"] for r in rows),
+        "tokens_per_s": sum(r["tokens_per_s"] for r in live),
+        "median_loss": _median([r["loss"] for r in live]),
+        "median_val_ppl": _median([r["val_ppl"] for r in live]),
+    }
+    status = {"run_id": run_id, "time": time.time(), "reached": reached, "summary": summary, "peers": rows}
+    if not rows:
+        where = f" (the node at {reached} is reachable)" if reached else ""
+        status["message"] = f"no peers have published heartbeats for run '{run_id}'{where}"
+        others = [r for r in read_run_ids(dht, timeout) if r != run_id]
+        status["runs_seen"] = others
+        if others:
+            status["message"] += "; runs seen in this swarm: " + ", ".join(others[:10])
+    elif not live:
+        status["message"] = f"no live peers in run '{run_id}': every record is stale or from a peer that left"
+    return status
+
+
+def _ago(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _num(x: Optional[float], fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _address(row: dict) -> str:
+    if row["client_mode"]:
+        return "(client mode)"  # it accepts no connections: its listen address would mislead
+    if not row["maddrs"]:
+        return "-"
+    return row["maddrs"][0].split("/p2p/")[0]  # the peer id has its own column
+
+
+def _short_id(peer_id: str) -> str:
+    # Peer ids share long prefixes (Qm..., 12D3KooW...): the tail is what tells them apart.
+    return peer_id if len(peer_id) <= 14 else ".." + peer_id[-12:]
+
+
+def render_table(status: dict) -> str:
+    """Plain-text swarm summary and peer table (what `photon-peer status` prints)."""
+    s, rows = status["summary"], status["peers"]
+    if not rows:
+        return status.get("message", f"no peers in run '{status['run_id']}'")
+    head = (f"run '{status['run_id']}': {s['live_peers']} live peer{'s' * (s['live_peers'] != 1)}, "
+            f"global round {s['global_round']}, {_count(s['total_tokens'])} tokens, "
+            f"{s['tokens_per_s']:,.0f} tokens/s, median loss {_num(s['median_loss'], '.4f')}, "
+            f"median val ppl {_num(s['median_val_ppl'], '.2f')}")
+    if s["stale_peers"] or s["left_peers"]:
+        head += f" ({s['stale_peers']} stale, {s['left_peers']} left)"
+    lines = [head]
+    if status.get("message"):
+        lines.append(status["message"])
+    table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "TOKENS", "TOK/S", "LOSS", "VAL PPL", "LAST SEEN")]
+    for r in rows:
+        table.append((_short_id(r["peer_id"]) + ("" if r["verified"] else "?"), _address(r), r["status"],
+                      str(r["round"]), str(r["lag"]), _count(r["tokens"]), f"{r['tokens_per_s']:,.0f}",
+                      _num(r["loss"], ".4f"), _num(r["val_ppl"], ".2f"), _ago(r["last_seen"]) + " ago"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines.append("")
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    if not all(r["verified"] for r in rows):
+        lines.append("? = peer id not proven by the record's signing key (the peer runs without --identity)")
+    return "\n".join(lines)
+
+
+def run_status(net: NetworkConfig, run_id: str, *, as_json: bool = False, watch: float = 0.0,
+               stale_after: Optional[float] = None, out: Optional[TextIO] = None) -> int:
+    """Join the DHT as a client (never part of the swarm), print the status (every ``watch`` s), leave."""
+    from photon_p2p.bootstrap import stop_dht
+    from photon_p2p.federation import FederationError
+    from photon_p2p.federation.network import parse_multiaddrs, start_dht
+    from photon_p2p.federation.records import install_validators
+
+    out = out or sys.stdout
+    initial = parse_multiaddrs(net.initial_peers, "--initial-peers")
+    if not initial:
+        raise FederationError("status needs --initial-peers MADDR: the address any peer or bootstrap node prints")
+    if watch < 0:
+        raise FederationError(f"--watch must be a number of seconds >= 0, got {watch:g}")
+    # A reader listens on loopback only and never reuses a peer's identity (p2pd would refuse a taken one).
+    reader = dataclasses.replace(net, initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                                 announce_maddrs=[], identity_path="", client_mode=True, use_auto_relay=False)
+    dht = start_dht(reader, initial_peers=initial, client_mode=True)
+    try:
+        install_validators(dht, run_id)
+        while True:
+            try:
+                status = collect_status(dht, run_id, net.request_timeout, stale_after, reached=", ".join(initial))
+                text = json.dumps(status, indent=None if watch else 2) if as_json else render_table(status)
+            except FederationError as e:
+                if not watch:
+                    raise
+                text = f"photon-peer: error: {e} (retrying in {watch:g}s)"
+            if watch and not as_json:
+                # A terminal redraws in place; a pipe or log file gets one block per refresh.
+                text = (_CLEAR + text + f"\n\nrefreshing every {watch:g}s; Ctrl-C to quit") if out.isatty() \
+                    else f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n{text}\n"
+            print(text, file=out, flush=True)
+            if not watch:
+                return 0
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        if not watch:
+            raise
+        return 0  # Ctrl-C is how --watch ends
+    finally:
+        stop_dht(dht)

@@ -1,0 +1,107 @@
+"""Test helpers: start `photon-peer run` daemons as real processes on 127.0.0.1 and always reap them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conftest import CLI, cli_env, tiny_overrides
+
+
+@dataclass
+class Peer:
+    name: str
+    run_dir: Path
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def address(self, timeout: float = 60.0) -> str:
+        """The peer's first full multiaddr, once its DHT is up (from RUN_DIR/peer.json)."""
+        deadline = time.monotonic() + timeout
+        info = self.run_dir / "peer.json"
+        while time.monotonic() < deadline:
+            if info.exists():
+                try:
+                    return json.loads(info.read_text())["maddrs"][0]
+                except (json.JSONDecodeError, KeyError, IndexError):
+                    pass
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name} published no address within {timeout}s:\n{self.log()[-3000:]}")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still running after {timeout}s:\n{self.log()[-3000:]}") from None
+
+    def rounds(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("kind") == "round":
+                out.append(rec)
+        return out
+
+
+@dataclass
+class Swarm:
+    """Starts peers in their own sessions so that killing a peer kills its DHT child and p2pd too."""
+
+    root: Path
+    data_dir: Path
+    peers: list[Peer] = field(default_factory=list)
+
+    def start(self, name: str, *, initial: list[str] | None = None, extra: dict | None = None,
+              args: list[str] | None = None) -> Peer:
+        run_dir = self.root / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "peer.json").unlink(missing_ok=True)
+        overrides = {"data.path": str(self.data_dir), "name": name, "federation.run_id": "test",
+                     "federation.local_steps": 5, "federation.rounds": 2, "federation.matchmaking_time": 2.0,
+                     "federation.round_deadline": 25.0, "federation.allreduce_timeout": 10.0,
+                     "federation.state_sync_timeout": 10.0, "federation.target_group_size": 4,
+                     "network.bootstrap_timeout": 15.0, "train.eval_every": 10, **(extra or {})}
+        cmd = [*CLI, "run", "--no-progress", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+        for o in tiny_overrides(run_dir, **overrides):
+            cmd += ["--set", o]
+        if initial:
+            cmd += ["--initial-peers", *initial]
+        cmd += args or []
+        log_path = run_dir / "peer.log"
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=cli_env(),
+                                    start_new_session=True)
+        peer = Peer(name, run_dir, proc, log_path)
+        self.peers.append(peer)
+        return peer
+
+    def kill(self, peer: Peer, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(peer.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        for peer in self.peers:
+            self.kill(peer, signal.SIGKILL)
+        for peer in self.peers:
+            try:
+                peer.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass

@@ -1,0 +1,150 @@
+"""Pseudo-gradient averaging between real peer processes on 127.0.0.1 (hivemind DHT + DecentralizedAverager)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer_helpers import PeerPool, make_tensors, spawn  # noqa: F401  (spawn is a fixture)
+
+SHAPES = [[256, 256], [40000]]
+TRIO_AVERAGERS = {
+    # target = min = 3: the group starts as soon as all three have joined, and never without one of them
+    "none": {"compression": "none", "target_group_size": 3, "min_group_size": 3},
+    "uint8": {"compression": "uint8", "target_group_size": 3, "min_group_size": 3},
+    "blockwise8": {"compression": "blockwise8", "target_group_size": 3, "min_group_size": 3},
+    "rounds": {"target_group_size": 2, "min_group_size": 2, "matchmaking_time": 1.0, "round_deadline": 4.0},
+}
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    pool = PeerPool(tmp_path_factory.mktemp("trio"))
+    try:
+        yield pool.swarm(3, {"shapes": SHAPES, "averagers": TRIO_AVERAGERS})
+    finally:
+        pool.reap()
+
+
+def run_round(peers, averager: str, rounds, weights, seeds, out_dir: Path, timeout: float = 30):
+    """Every peer averages its seeded tensors at the same moment; returns (results, tensors after) per peer."""
+    outs = [out_dir / f"{averager}-{i}-{time.monotonic_ns()}.pt" for i in range(len(peers))]
+    for peer, r, w, s, out in zip(peers, rounds, weights, seeds, outs):
+        peer.send(cmd="average", averager=averager, round=r, weight=w, seed=s, out=str(out))
+    results = [peer.expect("averaged", timeout) for peer in peers]
+    return results, [torch.load(out) for out in outs]
+
+
+def weighted_mean(weights, seeds):
+    tensors = [make_tensors(SHAPES, s) for s in seeds]
+    return [sum(w * t[i] for w, t in zip(weights, tensors)) / sum(weights) for i in range(len(SHAPES))]
+
+
+@pytest.mark.timeout(60)
+def test_three_peers_hold_exactly_the_weighted_mean(trio, tmp_path):
+    weights, seeds = [1.0, 2.0, 5.0], [11, 12, 13]
+    results, after = run_round(trio, "none", [1, 1, 1], weights, seeds, tmp_path)
+    expected = weighted_mean(weights, seeds)
+    for res, tensors in zip(results, after):
+        assert not res["solo"] and res["group_size"] == 3 and res["reason"] == "", res
+        assert res["weight_total"] == pytest.approx(8.0) and len(set(res["peers"])) == 3
+        assert res["bytes_sent"] > 0 and res["bytes_received"] > 0
+        for got, exp in zip(tensors, expected):
+            torch.testing.assert_close(got, exp, atol=1e-6, rtol=0)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("codec, tolerance", [("uint8", 0.05), ("blockwise8", 0.03)])
+def test_8bit_codecs_agree_within_codec_error_and_send_4x_less(trio, tmp_path, codec, tolerance):
+    weights, seeds = [3.0, 1.0, 2.0], [21, 22, 23]
+    expected = weighted_mean(weights, seeds)
+    plain, _ = run_round(trio, "none", [2, 2, 2], weights, seeds, tmp_path)
+    results, after = run_round(trio, codec, [2, 2, 2], weights, seeds, tmp_path)
+    for res, tensors in zip(results, after):
+        assert not res["solo"] and res["group_size"] == 3, res
+        for got, exp in zip(tensors, expected):
+            assert float((got - exp).norm() / exp.norm()) < tolerance
+    sent_plain, sent_8bit = sum(r["bytes_sent"] for r in plain), sum(r["bytes_sent"] for r in results)
+    assert sent_8bit > 0 and 3.0 < sent_plain / sent_8bit < 4.5, (sent_plain, sent_8bit)
+    assert sum(r["bytes_received"] for r in results) == sent_8bit  # every byte sent in the group is received
+
+
+@pytest.mark.timeout(60)
+def test_peers_at_different_rounds_never_group(trio, tmp_path):
+    seeds = [31, 32]
+    results, after = run_round(trio[:2], "rounds", [3, 4], [1.0, 1.0], seeds, tmp_path)
+    for res, tensors, seed in zip(results, after, seeds):
+        assert res["solo"] and res["group_size"] == 1 and res["bytes_sent"] == 0, res
+        for got, mine in zip(tensors, make_tensors(SHAPES, seed)):
+            assert torch.equal(got, mine)  # untouched: the caller applies its own Δ
+
+
+@pytest.mark.timeout(60)
+def test_gathered_round_mismatch_discards_the_result(trio, tmp_path):
+    # Rounds 2**32 apart share a group key (the key holds the round mod 2**32), so only the gathered
+    # metadata can tell them apart: the all-reduce runs, and both peers must throw its result away.
+    seeds = [41, 42]
+    results, after = run_round(trio[:2], "rounds", [7, 7 + 2**32], [1.0, 1.0], seeds, tmp_path)
+    for res, tensors, seed in zip(results, after, seeds):
+        assert res["solo"] and res["reason"] == "round mismatch", res
+        for got, mine in zip(tensors, make_tensors(SHAPES, seed)):
+            assert torch.equal(got, mine)
+
+
+@pytest.mark.timeout(90)
+def test_joiner_downloads_the_state_a_peer_serves(spawn, tmp_path):
+    meta = {"round": 5, "run_id": "test", "inner_step": 640}
+    server = spawn({"shapes": SHAPES, "state_meta": meta, "state_seed": 77})
+    maddrs = server.expect("ready", 60)["maddrs"]
+    joiner = spawn({"shapes": SHAPES, "initial_peers": maddrs[:1], "state_seed": 78})
+    joiner.expect("ready", 60)
+    out = tmp_path / "state.pt"
+    joiner.send(cmd="load_state", timeout=15, out=str(out))
+    got = joiner.expect("state", 30)
+    assert got["meta"] == meta
+    for got_t, exp in zip(torch.load(out), make_tensors(SHAPES, 77)):
+        assert torch.equal(got_t, exp)
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_of_one_of_four_peers_mid_allreduce(spawn, tmp_path):
+    fed = {"target_group_size": 4, "min_group_size": 4, "allreduce_timeout": 8.0, "round_deadline": 12.0}
+    shapes = [[4_000_000]]  # 16 MB per peer: long enough on loopback to be killed mid-transfer
+    peers = spawn.swarm(4, {"shapes": shapes, "averagers": {"main": fed}})
+    outs = [tmp_path / f"out{i}.pt" for i in range(4)]
+    for i, (peer, out) in enumerate(zip(peers, outs)):
+        peer.send(cmd="average", round=1, weight=1.0 + i, seed=50 + i, out=str(out), announce_traffic=(i == 3))
+    peers[3].expect("traffic", 30)
+    os.killpg(peers[3].pid, signal.SIGKILL)  # the victim's whole process group, as a machine failure would
+    killed_at = time.monotonic()
+    for peer, out in zip(peers[:3], outs):
+        res = peer.expect("averaged", fed["allreduce_timeout"] + 10)
+        assert res["finite"], res
+        # Usually the group finishes without the victim and its share keeps each survivor's own values;
+        # then the result must say so and blame the victim, nobody else.
+        if res["partial"] > 0:
+            assert res["failed_peers"] == [peers[3].ready["peer_id"]] and res["reason"].startswith("partial"), res
+        tensors = torch.load(out)
+        assert all(bool(torch.isfinite(t).all()) for t in tensors)
+    assert time.monotonic() - killed_at < fed["allreduce_timeout"] + 10
+
+
+@pytest.mark.timeout(120)
+def test_groups_reshuffle_between_rounds(spawn, tmp_path):
+    # 4 peers in groups of 2: information only spreads through the swarm if the pairs change between rounds.
+    fed = {"target_group_size": 2, "min_group_size": 2, "matchmaking_time": 1.0, "round_deadline": 6.0}
+    peers = spawn.swarm(4, {"shapes": [[1000]], "averagers": {"main": fed}})
+    index = {peer.ready["peer_id"]: i for i, peer in enumerate(peers)}
+    pairings = []
+    for round_no in range(8):
+        results, _ = run_round(peers, "main", [round_no] * 4, [1.0] * 4, [1, 2, 3, 4], tmp_path)
+        groups = {tuple(sorted(index[p] for p in r["peers"])) for r in results if not r["solo"]}
+        if len(groups) == 2 and all(len(g) == 2 for g in groups):
+            pairings.append(tuple(sorted(groups)))
+    assert len(pairings) >= 4, pairings
+    assert len(set(pairings)) >= 2, pairings

@@ -1,0 +1,207 @@
+"""`photon-peer status` and `bootstrap` against real hivemind DHTs on 127.0.0.1 (fake peers publish heartbeats)."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("hivemind")
+
+from _fake_heartbeat_peer import (RUN, FakeDHT, group_alive, kill_group, reap, spawn, start_bootstrap,  # noqa: E402
+                                  start_peer, values, wait_for_file)
+
+from photon_p2p.config import NetworkConfig  # noqa: E402
+from photon_p2p.federation import FederationError  # noqa: E402
+from photon_p2p.federation.records import make_record  # noqa: E402
+from photon_p2p.status import collect_status, render_table, run_status  # noqa: E402
+
+
+
+def fake_swarm(specs: list[dict]) -> FakeDHT:
+    """A FakeDHT holding one record per spec: values(i) overridden by the spec, published ``age`` s ago."""
+    from hivemind.utils import ValueWithExpiration, get_dht_time
+
+    dht, now = FakeDHT(), get_dht_time()
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        age, state = spec.pop("age", 0.0), spec.pop("state", "running")
+        rec = make_record({**values(i), **spec}, peer_id=f"Qm{'abcdefghijklmnopqrstuv'[i] * 30}", run_id=RUN,
+                          maddrs=[f"/ip4/10.0.0.{i}/tcp/4000/p2p/Qm{i}"], time=now - age, interval=1.0,
+                          started_at=now - 100, state=state)
+        dht.entries[f"[owner:{i}]".encode()] = ValueWithExpiration(rec.dict(), now + 60)
+    return dht
+
+
+def test_collect_status_marks_stale_and_left_and_sorts():
+    dht = fake_swarm([{"round": 4}, {"round": 6, "age": 30.0}, {"round": 5, "state": "left"}, {"round": 3}])
+    status = collect_status(dht, RUN, timeout=1.0)
+    states = [(p["round"], p["status"], p["lag"]) for p in status["peers"]]
+    assert states == [(4, "live", 0), (3, "live", 1), (6, "stale", 0), (5, "left", 0)]
+    s = status["summary"]
+    assert (s["live_peers"], s["stale_peers"], s["left_peers"], s["global_round"]) == (2, 1, 1, 4)
+    assert s["total_tokens"] == 1000 + 2000 + 3000 + 4000 and s["tokens_per_s"] == pytest.approx(100 + 400)
+    assert s["median_loss"] == pytest.approx(4.5)  # live peers only: 3.0 and 6.0
+    text = render_table(status)
+    assert "2 live peers" in text and "(1 stale, 1 left)" in text and "30s ago" in text
+    assert "/ip4/10.0.0.1/tcp/4000 " in text and "/p2p/" not in text  # the id has its own column
+    assert "? = peer id not proven" in text
+    assert collect_status(dht, RUN, timeout=1.0, stale_after=60.0)["summary"]["live_peers"] == 3
+    gone = collect_status(fake_swarm([{"age": 30.0}]), RUN, timeout=1.0)
+    assert "no live peers" in render_table(gone) and gone["summary"]["live_peers"] == 0
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """A bootstrap node and three fake peers with distinct rounds/tokens; every process group killed at the end."""
+    tmp, procs = tmp_path_factory.mktemp("swarm"), []
+    try:
+        _, addr = start_bootstrap(procs)
+        peers = [start_peer(procs, tmp, f"p{i}", addr, values(i)) for i in range(3)]
+        infos = [wait_for_file(tmp / f"p{i}.json", p, 60) for i, p in enumerate(peers)]
+        yield {"addr": addr, "infos": infos, "procs": procs, "tmp": tmp}
+    finally:
+        reap(procs)
+
+
+def status_of(addr: str, run_id: str = RUN, **kwargs) -> str:
+    out = io.StringIO()
+    # A generous stale_after: on a loaded 2-core machine a 1 s heartbeat can be late without the peer being dead.
+    kwargs.setdefault("stale_after", 15.0)
+    assert run_status(NetworkConfig(initial_peers=[addr], bootstrap_timeout=10, request_timeout=5), run_id,
+                      out=out, **kwargs) == 0
+    return out.getvalue()
+
+
+@pytest.mark.timeout(60)
+def test_status_table_lists_peers(swarm):
+    text = status_of(swarm["addr"])
+    head = text.splitlines()[0]
+    assert f"run '{RUN}': 3 live peers, global round 12" in head
+    assert "6.00k tokens" in head and "600 tokens/s" in head and "median loss 4.0000" in head
+    table = [line for line in text.splitlines()[1:] if " live " in line]
+    assert len(table) == 3
+    # sorted by round, newest first; lag counts rounds behind the newest
+    for line, i, lag in zip(table, (2, 1, 0), (0, 1, 2)):
+        cells = line.split()
+        assert swarm["infos"][i]["peer_id"].endswith(cells[0].lstrip(".")), cells
+        assert cells[1].startswith("/ip4/127.0.0.1/tcp/") and cells[3:5] == [str(10 + i), str(lag)]
+    assert "?" not in text  # identities were given, so every peer id is proven by its signing key
+
+
+@pytest.mark.timeout(60)
+def test_status_json_matches(swarm):
+    doc = json.loads(status_of(swarm["addr"], as_json=True))
+    s = doc["summary"]
+    assert (s["live_peers"], s["global_round"], s["total_tokens"]) == (3, 12, 6000)
+    assert s["tokens_per_s"] == pytest.approx(600.0)
+    assert s["median_loss"] == pytest.approx(statistics.median([3.0, 4.0, 5.0]))
+    assert s["median_val_ppl"] == pytest.approx(21.0)
+    by_id = {p["peer_id"]: p for p in doc["peers"]}
+    for i, info in enumerate(swarm["infos"]):
+        row, want = by_id[info["peer_id"]], values(i)
+        assert {k: row[k] for k in want} == want
+        assert row["status"] == "live" and row["verified"] and row["lag"] == 2 - i
+        assert row["maddrs"] == info["maddrs"] and row["run_id"] == RUN and row["last_seen"] < 5
+
+
+@pytest.mark.timeout(60)
+def test_unknown_run_id_says_so_and_names_seen_runs(swarm):
+    text = status_of(swarm["addr"], run_id="no-such-run").strip()
+    assert text.startswith("no peers have published heartbeats for run 'no-such-run' (the node at ")
+    assert "is reachable" in text and f"runs seen in this swarm: {RUN}" in text
+
+
+@pytest.mark.timeout(90)
+def test_killed_peer_goes_stale_then_disappears(swarm):
+    from photon_p2p.config import NetworkConfig as Net
+    from photon_p2p.federation.network import start_dht
+    from photon_p2p.federation.records import install_validators
+
+    victim = start_peer(swarm["procs"], swarm["tmp"], "victim", swarm["addr"], values(3), ttl=6.0)
+    info = wait_for_file(swarm["tmp"] / "victim.json", victim, 60)
+    dht = start_dht(Net(initial_peers=[swarm["addr"]], host_maddrs=["/ip4/127.0.0.1/tcp/0"]), client_mode=True)
+    try:
+        install_validators(dht, RUN)
+        rows = {p["peer_id"]: p["status"] for p in collect_status(dht, RUN, 5.0, stale_after=15.0)["peers"]}
+        assert rows.get(info["peer_id"]) == "live" and len(rows) == 4
+        kill_group(victim)  # a machine failure: the peer, its DHT process and p2pd die together
+        killed, seen = time.monotonic(), set()
+        while time.monotonic() - killed < 20:
+            status = collect_status(dht, RUN, 5.0, stale_after=1.5)
+            rows = {p["peer_id"]: p["status"] for p in status["peers"]}
+            seen.add(rows.get(info["peer_id"], "gone"))
+            if info["peer_id"] not in rows:
+                break
+            time.sleep(0.5)
+        assert "gone" in seen, f"record of the killed peer still listed after {time.monotonic() - killed:.1f}s"
+        assert "stale" in seen  # between its last heartbeat and its record's expiry it is shown as stale
+        status = collect_status(dht, RUN, 5.0, stale_after=15.0)
+        assert status["summary"]["live_peers"] == 3 and info["peer_id"] not in {p["peer_id"] for p in status["peers"]}
+    finally:
+        dht.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_bare_bootstrap_says_no_peers_and_stops_cleanly():
+    procs: list = []
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            proc, addr = start_bootstrap(procs)
+            assert "/p2p/" in addr
+            text = status_of(addr, run_id="photon").strip()
+            assert text.startswith("no peers have published heartbeats for run 'photon'") and "\n" not in text
+            kill_group(proc, sig)  # as a terminal's Ctrl-C or systemd's stop do: DHT process and p2pd get it too
+            assert proc.wait(timeout=15) == 0
+            assert "stopping" in proc.stdout.read()
+            deadline = time.monotonic() + 5
+            while group_alive(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not group_alive(proc.pid), "the bootstrap node left helper processes behind"
+    finally:
+        reap(procs)
+
+
+@pytest.mark.timeout(30)
+def test_unreachable_address_fails_fast_with_one_line():
+    from hivemind.p2p import P2P, PeerID
+
+    key = Path(__import__("tempfile").mkdtemp()) / "id.key"
+    P2P.generate_identity(str(key))
+    nobody = f"/ip4/127.0.0.1/tcp/9/p2p/{PeerID.from_identity(key.read_bytes()).to_base58()}"
+    t0 = time.monotonic()
+    with pytest.raises(FederationError) as err:
+        run_status(NetworkConfig(initial_peers=[nobody], bootstrap_timeout=3, request_timeout=2), "photon")
+    assert time.monotonic() - t0 < 10
+    assert "could not reach" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(FederationError, match="invalid multiaddr"):
+        run_status(NetworkConfig(initial_peers=["127.0.0.1:4000"]), "photon")
+    with pytest.raises(FederationError, match="needs --initial-peers"):
+        run_status(NetworkConfig(initial_peers=[]), "photon")
+
+
+@pytest.mark.timeout(60)
+def test_watch_refreshes_until_ctrl_c_and_leaves_no_processes(swarm):
+    code = ("import sys; from photon_p2p.status import run_status; from photon_p2p.config import NetworkConfig; "
+            f"sys.exit(run_status(NetworkConfig(initial_peers=[{swarm['addr']!r}]), {RUN!r}, as_json=True, "
+            "watch=0.5))")
+    procs: list = []
+    try:
+        proc = spawn(["-c", code], procs, stdout=subprocess.PIPE)
+        docs = [json.loads(proc.stdout.readline()) for _ in range(3)]  # one JSON document per refresh
+        assert all(len(d["peers"]) >= 3 for d in docs)
+        assert docs[0]["time"] < docs[1]["time"] < docs[2]["time"]
+        kill_group(proc, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole foreground process group
+        assert proc.wait(timeout=15) == 0
+        deadline = time.monotonic() + 5
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not group_alive(proc.pid), "status left its DHT process or p2pd behind"
+    finally:
+        reap(procs)

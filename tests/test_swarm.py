@@ -1,0 +1,188 @@
+"""`photon-peer run` swarms on 127.0.0.1: exact averaging, 8-bit, joining, crashes, signals, bad input."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import CLI, cli_env, tiny_overrides
+from photon_p2p.checkpoint import load_checkpoint
+from photon_p2p.config import load_config
+from photon_p2p.train.trainer import build_trainer
+from swarm import Swarm
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def swarm(tmp_path, kjv_data):
+    s = Swarm(tmp_path, kjv_data)
+    yield s
+    s.close()
+
+
+def local_model_after(run_dir, data_dir, steps: int) -> list[torch.Tensor]:
+    """Recompute a peer's local weights after its first round (deterministic on CPU) from its saved config."""
+    cfg = load_config([str(run_dir / "config.yaml")])
+    trainer = build_trainer(cfg, str(data_dir), peer=cfg.name)
+    for _ in range(steps):
+        trainer.train_step()
+    return [p.detach().clone() for p in trainer.model.parameters()], trainer.tokens
+
+
+def test_three_peers_hold_token_weighted_mean(swarm, kjv_data):
+    common = {"federation.rounds": 1, "federation.min_group_size": 3}
+    a = swarm.start("silo-a", extra=common)
+    addr = a.address()
+    b = swarm.start("silo-b", initial=[addr], extra=common)
+    c = swarm.start("silo-c", initial=[addr], extra={**common, "train.batch_size": 16})  # twice the tokens
+    for p in (a, b, c):
+        assert p.wait(180) == 0, p.log()[-3000:]
+    for p in (a, b, c):
+        (r,) = p.rounds()
+        assert not r["solo"] and r["group_size"] == 3, r
+    locals_, weights = [], []
+    for p in (a, b, c):
+        params, tokens = local_model_after(p.run_dir, kjv_data, 5)
+        locals_.append(params)
+        weights.append(tokens)
+    assert weights[2] == 2 * weights[0]
+    names = [n for n, _ in build_trainer(load_config([str(a.run_dir / "config.yaml")]), str(kjv_data)).model.named_parameters()]
+    for p in (a, b, c):
+        global_model = load_checkpoint(p.run_dir)["global_model"]
+        for i, name in enumerate(names):
+            mean = sum(w * loc[i] for w, loc in zip(weights, locals_)) / sum(weights)
+            torch.testing.assert_close(global_model[name], mean, atol=1e-6, rtol=1e-5)
+
+
+def test_blockwise8_peers_agree_within_codec_error(swarm):
+    common = {"federation.rounds": 2, "federation.min_group_size": 2, "federation.compression": "blockwise8"}
+    a = swarm.start("q-a", extra=common)
+    b = swarm.start("q-b", initial=[a.address()], extra=common)
+    for p in (a, b):
+        assert p.wait(180) == 0, p.log()[-3000:]
+    ga, gb = load_checkpoint(a.run_dir)["global_model"], load_checkpoint(b.run_dir)["global_model"]
+    rounds = a.rounds()
+    assert any(not r["solo"] for r in rounds), rounds
+    assert all(r["bytes_sent"] > 0 for r in rounds if not r["solo"])
+    for name in ga:
+        scale = ga[name].abs().max().item() + 1e-12
+        # Each peer keeps its own part exact and receives the other part 8-bit quantised: small relative error.
+        assert (ga[name] - gb[name]).abs().max().item() <= 0.02 * scale, name
+
+
+def test_join_mid_run_downloads_current_state(swarm):
+    a = swarm.start("host", extra={"federation.rounds": 6, "federation.min_group_size": 2,
+                                   "federation.matchmaking_time": 1.0, "federation.round_deadline": 4.0})
+    addr = a.address()
+    deadline = time.monotonic() + 120
+    while len(a.rounds()) < 2:  # the host is two rounds in (solo: nobody else is there yet)
+        assert time.monotonic() < deadline and a.proc.poll() is None, a.log()[-3000:]
+        time.sleep(0.3)
+    j = swarm.start("joiner", initial=[addr], extra={"federation.rounds": 1, "federation.allow_solo_start": False})
+    assert j.wait(120) == 0, j.log()[-3000:]
+    a.wait(120)
+    syncs = _records(j, "sync")
+    assert syncs, j.log()[-3000:]
+    sync = syncs[0]
+    host_rounds = {r["round"]: r for r in a.rounds()}
+    # The joiner's weights right after the download equal the host's global weights at that round.
+    assert sync["round"] in host_rounds, (sync, list(host_rounds))
+    assert sync["global_checksum"] == pytest.approx(host_rounds[sync["round"]]["global_checksum"], rel=1e-9)
+
+
+def _records(peer, kind: str) -> list[dict]:
+    import json
+
+    out = []
+    for line in (peer.run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == kind:
+            out.append(rec)
+    return out
+
+
+def test_sigkill_one_of_four_peers_others_continue(swarm):
+    common = {"federation.rounds": 4, "federation.min_group_size": 2, "federation.round_deadline": 15.0}
+    a = swarm.start("k-a", extra=common)
+    addr = a.address()
+    others = [swarm.start(f"k-{n}", initial=[addr], extra=common) for n in "bcd"]
+    victim = others[-1]
+    deadline = time.monotonic() + 150
+    while not victim.rounds():
+        assert time.monotonic() < deadline and victim.proc.poll() is None, victim.log()[-3000:]
+        time.sleep(0.2)
+    descendants = psutil.Process(victim.proc.pid).children(recursive=True)
+    swarm.kill(victim)  # the whole silo dies: main process, hivemind's DHT process and p2pd
+    for p in (a, *others[:-1]):
+        assert p.wait(200) == 0, p.log()[-3000:]
+        rounds = p.rounds()
+        assert len(rounds) == 4
+        assert all(math.isfinite(r["loss"]) for r in rounds)
+    assert not any(d.is_running() and d.status() != psutil.STATUS_ZOMBIE for d in descendants)
+
+
+def test_sigint_checkpoints_and_exits(swarm):
+    p = swarm.start("int", extra={"federation.rounds": 0, "federation.round_deadline": 4.0,
+                                  "federation.matchmaking_time": 1.0})
+    p.address()
+    deadline = time.monotonic() + 120
+    while not p.rounds():
+        assert time.monotonic() < deadline and p.proc.poll() is None, p.log()[-3000:]
+        time.sleep(0.2)
+    children = psutil.Process(p.proc.pid).children(recursive=True)
+    t0 = time.monotonic()
+    p.proc.send_signal(signal.SIGINT)
+    assert p.wait(15) == 0, p.log()[-3000:]
+    assert time.monotonic() - t0 < 10.0
+    state = load_checkpoint(p.run_dir)
+    assert state["federation"]["round"] >= 1
+    time.sleep(1.0)
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
+def run_cli(args: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=cli_env(),
+                          start_new_session=True)
+
+
+def _one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
+    assert r.returncode != 0
+    assert needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_bad_multiaddr(tmp_path):
+    r = run_cli(["run", "--config", "tiny", "--run-dir", str(tmp_path), "--initial-peers", "garbage"])
+    _one_line_error(r, "invalid multiaddr")
+
+
+def test_unreachable_bootstrap(tmp_path, kjv_data):
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/QmXZLnUg5QhJd5WQQ9uBs7k1fEMxXeqkbbNfvH6FK9Sa6N"
+    sets = []
+    for o in tiny_overrides(tmp_path, **{"network.bootstrap_timeout": 5.0, "data.path": str(kjv_data)}):
+        sets += ["--set", o]
+    t0 = time.monotonic()
+    r = run_cli(["run", "--config", "tiny", *sets, "--initial-peers", dead])
+    _one_line_error(r, "initial peer")
+    assert time.monotonic() - t0 < 60
+
+
+def test_wrong_run_id_is_a_clear_error(swarm):
+    a = swarm.start("right", extra={"federation.rounds": 0, "federation.round_deadline": 4.0,
+                                    "federation.matchmaking_time": 1.0})
+    addr = a.address()
+    deadline = time.monotonic() + 60
+    while not a.rounds():  # its heartbeat is published once it has a round behind it
+        assert time.monotonic() < deadline, a.log()[-3000:]
+        time.sleep(0.3)
+    w = swarm.start("wrong", initial=[addr], extra={"federation.run_id": "tset"})
+    assert w.wait(90) != 0
+    log = w.log()
+    assert "run id" in log and "'test'" in log and "Traceback" not in log, log[-3000:]
