@@ -21,7 +21,7 @@ from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
 from photon_p2p.federation.compression import roundtrip
 from photon_p2p.federation.network import parse_multiaddrs, start_dht, visible_maddrs
 from photon_p2p.federation.outer import OuterOptimizer
-from photon_p2p.federation.records import HeartbeatPublisher, install_validators
+from photon_p2p.federation.records import HeartbeatPublisher, install_validators, read_run_ids
 from photon_p2p.metrics import MetricsLogger
 from photon_p2p.train.solo import resolve_data_dir, restore_trainer, trainer_checkpoint
 from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
@@ -44,6 +44,8 @@ class PeerDaemon:
         self.tokens_per_s = 0.0
         self.bytes_sent = self.bytes_received = 0
         self.started_at = time.time()
+        # Joiners read the shared state from hivemind's thread while the loop may be mid outer step.
+        self.state_lock = threading.Lock()
 
     # ---- state -------------------------------------------------------------------------------------------
     def _setup_training(self) -> None:
@@ -91,9 +93,14 @@ class PeerDaemon:
 
     def shared_state(self) -> tuple[dict, list[torch.Tensor]]:
         """What a joining peer downloads: the global model and outer optimizer state at a round boundary."""
+        with self.state_lock:
+            return self._shared_state_locked()
+
+    def _shared_state_locked(self) -> tuple[dict, list[torch.Tensor]]:
         outer = self.outer.state_tensors()
         meta = {"round": self.round, "run_id": self.cfg.federation.run_id, "n_params": len(self.global_params),
-                "inner_step": self.trainer.step, "version": __version__}
+                # the schedule position at the round boundary, where the shared global weights belong
+                "inner_step": self.trainer.step - self.round_steps, "version": __version__}
         return meta, [g.detach().clone() for g in self.global_params] + outer
 
     def _adopt_state(self, meta: dict, tensors: list[torch.Tensor]) -> None:
@@ -159,10 +166,11 @@ class PeerDaemon:
                     r.copy_(d - roundtrip(f.compression, d))
         result = self.averager.average(deltas, self.round, weight=float(max(1, self.round_tokens)),
                                        stop=self.stop)
-        with torch.no_grad():
+        with torch.no_grad(), self.state_lock:
             self.outer.step(deltas)  # solo rounds: deltas is still this peer's own Δ
             for p, g in zip(self.params, self.global_params):
                 p.copy_(g)
+            self.round += 1
         if f.inner_state == "reset":
             self.trainer.reset_optimizer_state()
         return result
@@ -191,6 +199,10 @@ class PeerDaemon:
         net, f = self.cfg.network, self.cfg.federation
         if not net.initial_peers:
             return
+        runs = read_run_ids(self.dht, timeout=net.request_timeout)
+        if runs and f.run_id not in runs:
+            raise FederationError(f"no peer in this swarm trains run id '{f.run_id}' (runs seen: "
+                                  f"{', '.join(repr(r) for r in runs)}); check --run-id")
         if self._sync_from_swarm("joining"):
             return
         if self.resumed:
@@ -217,10 +229,11 @@ class PeerDaemon:
             (self.run_dir / "peer.json").write_text(json.dumps(
                 {"peer_id": str(self.dht.peer_id), "maddrs": self.maddrs, "pid": os.getpid(),
                  "run_id": f.run_id}))
-            install_validators(self.dht, f.run_id)
+            install_validators(self.dht, f.run_id, net.identity_path or None)
             self.averager = PseudoGradientAverager(self.dht, self.global_params, f, net, self.shared_state)
             self._join()
-            self.publisher = HeartbeatPublisher(self.dht, f.run_id, self.heartbeat, f.heartbeat_interval, f.record_ttl)
+            self.publisher = HeartbeatPublisher(self.dht, f.run_id, self.heartbeat, f.heartbeat_interval,
+                                                f.record_ttl, request_timeout=net.request_timeout)
             self.publisher.start()
             return self._loop()
         finally:
@@ -239,7 +252,6 @@ class PeerDaemon:
             self.last_result = result
             self.bytes_sent += result.bytes_sent
             self.bytes_received += result.bytes_received
-            self.round += 1
             self.round_steps = self.round_tokens = 0
             done += 1
             if t.eval_every and (self.round * f.local_steps) // t.eval_every != \

@@ -115,7 +115,8 @@ def start_dht(net: NetworkConfig, *, initial_peers: list[str] | None = None,
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     """Full multiaddrs (with /p2p/<id>) that other peers can pass as initial peers; routable ones first."""
-    addrs = [str(a) for a in dht.get_visible_maddrs(latest=True)]
+    # latest=True asks p2pd again and can hang in hivemind 1.1.12; the startup addresses are what we listen on.
+    addrs = [str(a) for a in dht.get_visible_maddrs(latest=False)]
     addrs = [a for a in addrs if not a.startswith(("/ip4/0.0.0.0/", "/ip6/::/"))] or addrs
     return sorted(addrs, key=lambda a: (a.startswith(("/ip4/127.", "/ip6/::1/")), a))
 
@@ -150,6 +151,8 @@ def _arm_child() -> None:
     if not getattr(_armed, "depth", 0):
         return
     _armed.depth = 0  # the child's own forks are not armed unless it asks
+    # Helpers must not inherit the daemon's graceful-stop handlers: a group-wide SIGTERM should end them.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
