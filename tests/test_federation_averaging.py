@@ -70,7 +70,7 @@ def test_8bit_codecs_agree_within_codec_error_and_send_4x_less(trio, tmp_path, c
         for got, exp in zip(tensors, expected):
             assert float((got - exp).norm() / exp.norm()) < tolerance
     sent_plain, sent_8bit = sum(r["bytes_sent"] for r in plain), sum(r["bytes_sent"] for r in results)
-    assert sent_8bit > 0 and 3.0 < sent_plain / sent_8bit < 4.5, (sent_plain, sent_8bit)
+    assert sent_8bit > 0 and 3.0 < sent_plain / sent_8bit < 5.0, (sent_plain, sent_8bit)
     assert sum(r["bytes_received"] for r in results) == sent_8bit  # every byte sent in the group is received
 
 

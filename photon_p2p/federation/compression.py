@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing as mp
 
 import torch
@@ -37,6 +38,8 @@ def make_compression(name: str) -> CompressionBase:
         # hivemind imports bitsandbytes on first use, inside the all-reduce: ~2.5 s here, long enough for the
         # group to drop us as a silent sender. Import it now, before the averager forks.
         try:
+            # bitsandbytes logs a warning about an optional CPU 4-bit kernel we never use; keep the peer's log clean.
+            logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
             import bitsandbytes.functional  # noqa: F401
         except ImportError:
             raise FederationError("compression 'blockwise8' needs bitsandbytes (pip install bitsandbytes)") from None
