@@ -178,7 +178,9 @@ class PeerDaemon:
     def _maybe_catch_up(self) -> None:
         """A peer that fell behind the swarm (slow, or rounds went solo) re-syncs instead of averaging stale Δ."""
         newest = self.publisher.newest_round() if self.publisher else None
-        if newest is not None and newest > self.round:
+        # After a solo round r this peer is at r+1; a peer at r+1 or beyond has averaged round r without us,
+        # so its global state is the swarm's: adopt it (skip a round) rather than drift on alone.
+        if newest is not None and newest >= self.round:
             self._sync_from_swarm(reason=f"swarm is at round {newest}, this peer at {self.round}")
 
     def _sync_from_swarm(self, reason: str) -> bool:

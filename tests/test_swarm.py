@@ -198,3 +198,25 @@ def test_wrong_run_id_is_a_clear_error(swarm):
     assert w.wait(90) != 0
     log = w.log()
     assert "run id" in log and "'test'" in log and "Traceback" not in log, log[-3000:]
+
+
+def test_status_lists_real_daemons(swarm):
+    common = {"federation.rounds": 0, "federation.min_group_size": 2, "federation.matchmaking_time": 1.0,
+              "federation.round_deadline": 6.0, "federation.heartbeat_interval": 2.0}
+    a = swarm.start("st-a", extra=common)
+    addr = a.address()
+    b = swarm.start("st-b", initial=[addr], extra=common)
+    deadline = time.monotonic() + 120
+    while not (a.rounds() and b.rounds()):
+        assert time.monotonic() < deadline, b.log()[-3000:]
+        time.sleep(0.3)
+    import json
+
+    r = run_cli(["status", "--initial-peers", addr, "--run-id", "test", "--json"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["summary"]["live_peers"] == 2, doc
+    assert all(p["round"] >= 1 and p["tokens"] > 0 for p in doc["peers"]), doc
+    r = run_cli(["status", "--initial-peers", addr, "--run-id", "test"], timeout=60)
+    assert r.returncode == 0 and "st-" not in r.stderr
+    assert "live" in r.stdout.lower()

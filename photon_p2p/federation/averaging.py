@@ -30,6 +30,8 @@ from photon_p2p.federation.network import lifeline
 from photon_p2p.federation.partial import unaveraged_parts
 
 log = logging.getLogger("photon_p2p.federation")
+# hivemind logs every failed matchmaking attempt as an ERROR; our retry loop reports outcomes itself.
+logging.getLogger("hivemind.averaging.averager").setLevel(logging.CRITICAL)
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
 T = TypeVar("T")
 ROUND_BITS = 32  # the round number, in binary, is the matchmaking group key
