@@ -256,10 +256,12 @@ class PeerDaemon:
             self.bytes_received += result.bytes_received
             self.round_steps = self.round_tokens = 0
             done += 1
-            if t.eval_every and (self.round * f.local_steps) // t.eval_every != \
-                    ((self.round - 1) * f.local_steps) // t.eval_every or done == f.rounds:
-                self.last_eval = self.trainer.evaluate()
-            self._log_round(result)
+            # Validation runs on the new global weights, every ~eval_every inner steps and after the last round.
+            evaluated: dict[str, float] = {}
+            eval_rounds = max(1, t.eval_every // f.local_steps) if t.eval_every else 0
+            if (eval_rounds and self.round % eval_rounds == 0) or done == f.rounds:
+                evaluated = self.last_eval = self.trainer.evaluate()
+            self._log_round(result, evaluated)
             self._checkpoint()
             self.publisher.publish_now()
             if result.solo:
@@ -268,17 +270,19 @@ class PeerDaemon:
         return {"round": self.round, "step": self.trainer.step, "tokens": self.trainer.tokens,
                 "loss": self.trainer.last_loss, **self.last_eval}
 
-    def _log_round(self, r: RoundResult) -> None:
+    def _log_round(self, r: RoundResult, evaluated: dict[str, float]) -> None:
         fields = {"round": self.round, "step": self.trainer.step, "tokens": self.trainer.tokens,
                   "loss": self.trainer.last_loss, "solo": r.solo, "group_size": r.group_size, "peers": r.peers,
                   "averaging_s": r.seconds, "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
-                  "reason": r.reason, "global_checksum": self.global_checksum(), **self.last_eval}
+                  "reason": r.reason, "partial": r.partial, "global_checksum": self.global_checksum(), **evaluated}
         self.metrics.log("round", **fields)
-        if self.last_eval:
+        if evaluated:
             self.metrics.log("eval", step=self.trainer.step, tokens=self.trainer.tokens, round=self.round,
-                             **self.last_eval)
+                             **evaluated)
         how = "solo (" + r.reason + ")" if r.solo else f"group of {r.group_size}"
-        ppl = f", val ppl {self.last_eval['val_ppl']:.2f}" if self.last_eval else ""
+        if r.reason and not r.solo:
+            how += f" ({r.reason})"
+        ppl = f", val ppl {evaluated['val_ppl']:.2f}" if evaluated else ""
         print(f"round {self.round}: {how}, loss {self.trainer.last_loss:.4f}{ppl}, averaging {r.seconds:.2f}s, "
               f"sent {r.bytes_sent / 1e6:.2f} MB, received {r.bytes_received / 1e6:.2f} MB", flush=True)
 
