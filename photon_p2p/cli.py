@@ -172,7 +172,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from photon_p2p import __version__
 
-    parser = argparse.ArgumentParser(prog="photon-peer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="photon-peer", description="photon_p2p: serverless federated LLM pre-training (Photon recipe over a hivemind DHT)")
     parser.add_argument("--version", action="version", version=f"photon_p2p {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, Callable[[argparse.Namespace], int]] = {}
