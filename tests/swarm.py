@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conftest import CLI, cli_env, tiny_overrides
+from photon_p2p.metrics import read_metrics
 
 
 @dataclass
@@ -44,19 +45,14 @@ class Peer:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{self.name} still running after {timeout}s:\n{self.log()[-3000:]}") from None
 
-    def rounds(self) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
+    def records(self, kind: str) -> list[dict]:
+        """This peer's metrics records of one kind (round, sync, eval, ...), as written so far."""
+        if not (self.run_dir / "metrics.jsonl").exists():
             return []
-        out = []
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("kind") == "round":
-                out.append(rec)
-        return out
+        return [r for r in read_metrics(self.run_dir) if r.get("kind") == kind]
+
+    def rounds(self) -> list[dict]:
+        return self.records("round")
 
 
 @dataclass

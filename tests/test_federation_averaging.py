@@ -126,9 +126,13 @@ def test_sigkill_of_one_of_four_peers_mid_allreduce(spawn, tmp_path):
         res = peer.expect("averaged", fed["allreduce_timeout"] + 10)
         assert res["finite"], res
         # Usually the group finishes without the victim and its share keeps each survivor's own values;
-        # then the result must say so and blame the victim, nobody else.
+        # then the result must say so and blame the victim. On a loaded machine a survivor that reduced a
+        # part while waiting on the victim can miss its own deadline too, so it may be blamed as well, but
+        # only group members can be, and the victim always is.
         if res["partial"] > 0:
-            assert res["failed_peers"] == [peers[3].ready["peer_id"]] and res["reason"].startswith("partial"), res
+            group = {p.ready["peer_id"] for p in peers}
+            assert peers[3].ready["peer_id"] in res["failed_peers"], res
+            assert set(res["failed_peers"]) <= group and res["reason"].startswith("partial"), res
         tensors = torch.load(out)
         assert all(bool(torch.isfinite(t).all()) for t in tensors)
     assert time.monotonic() - killed_at < fed["allreduce_timeout"] + 10

@@ -160,12 +160,17 @@ def test_bare_bootstrap_says_no_peers_and_stops_cleanly():
             kill_group(proc, sig)  # as a terminal's Ctrl-C or systemd's stop do: DHT process and p2pd get it too
             assert proc.wait(timeout=15) == 0
             assert "stopping" in proc.stdout.read()
-            deadline = time.monotonic() + 5
-            while group_alive(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert not group_alive(proc.pid), "the bootstrap node left helper processes behind"
+            assert group_gone_within(proc.pid, 5), "the bootstrap node left helper processes behind"
     finally:
         reap(procs)
+
+
+def group_gone_within(pgid: int, seconds: float) -> bool:
+    """Whether every process of the group (DHT process, p2pd) has exited within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not group_alive(pgid)
 
 
 @pytest.mark.timeout(30)
@@ -199,9 +204,6 @@ def test_watch_refreshes_until_ctrl_c_and_leaves_no_processes(swarm):
         assert docs[0]["time"] < docs[1]["time"] < docs[2]["time"]
         kill_group(proc, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole foreground process group
         assert proc.wait(timeout=15) == 0
-        deadline = time.monotonic() + 5
-        while group_alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not group_alive(proc.pid), "status left its DHT process or p2pd behind"
+        assert group_gone_within(proc.pid, 5), "status left its DHT process or p2pd behind"
     finally:
         reap(procs)

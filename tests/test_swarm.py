@@ -88,24 +88,13 @@ def test_join_mid_run_downloads_current_state(swarm):
     j = swarm.start("joiner", initial=[addr], extra={"federation.rounds": 1, "federation.allow_solo_start": False})
     assert j.wait(120) == 0, j.log()[-3000:]
     a.wait(120)
-    syncs = _records(j, "sync")
+    syncs = j.records("sync")
     assert syncs, j.log()[-3000:]
     sync = syncs[0]
     host_rounds = {r["round"]: r for r in a.rounds()}
     # The joiner's weights right after the download equal the host's global weights at that round.
     assert sync["round"] in host_rounds, (sync, list(host_rounds))
     assert sync["global_checksum"] == pytest.approx(host_rounds[sync["round"]]["global_checksum"], rel=1e-9)
-
-
-def _records(peer, kind: str) -> list[dict]:
-    import json
-
-    out = []
-    for line in (peer.run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == kind:
-            out.append(rec)
-    return out
 
 
 def test_sigkill_one_of_four_peers_others_continue(swarm):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from photon_p2p.config import Config
-from photon_p2p.data.loader import BatchSampler, TokenDataset, eval_batches
+from photon_p2p.data.loader import BatchSampler, TokenDataset, eval_batches, read_manifest
 from photon_p2p.model import Transformer
 from photon_p2p.train.device import autocast, pick_device
 from photon_p2p.train.schedule import lr_at
@@ -114,10 +114,8 @@ def build_trainer(cfg: Config, data_dir: str, peer: str | int = 0) -> LocalTrain
     if train_data.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the data's tokenizer has {train_data.vocab_size} tokens but model.vocab_size is "
                          f"{cfg.model.vocab_size}; raise model.vocab_size")
-    try:
-        val_data: TokenDataset | None = TokenDataset(data_dir, "val")
-    except Exception:  # no validation split (val_fraction 0): training goes on without perplexity
-        val_data = None
+    # No validation split (val_fraction 0) means no perplexity; a damaged one is an error, not a silent skip.
+    val_data = TokenDataset(data_dir, "val") if read_manifest(data_dir)["val"] else None
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     return LocalTrainer(cfg, model, train_data, val_data, peer=peer)
