@@ -48,6 +48,9 @@ class DataConfig:
     sources: list[str] = field(default_factory=list)  # embedded sources to use ([] = all of them)
     tokenizer: str = ""  # tokenizer.json for preparing the embedded default ("" = the bundled one)
     val_fraction: float = 0.01
+    # A prepared data dir whose 'val' split is used for validation instead of this data's own ("" = own):
+    # lets silos with different training data be scored on one shared held-out set.
+    val_dir: str = ""
     seed: int = 0
 
 
@@ -68,6 +71,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_batches: int = 8
+    eval_batch_size: int = 0  # sequences per validation batch (0 = the training micro-batch)
     checkpoint_every: int = 100
     log_every: int = 10
     compile: bool = False
@@ -269,6 +273,8 @@ def validate(cfg: Config) -> None:
                        ("federation.target_group_size", f.target_group_size)):
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if t.eval_batch_size < 0:
+        raise ConfigError(f"config key 'train.eval_batch_size' must be >= 0, got {t.eval_batch_size}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("config key 'data.val_fraction' must be in [0, 1)")
     if f.min_group_size < 1 or f.min_group_size > f.target_group_size:

@@ -118,3 +118,31 @@ def test_cli_corrupt_checkpoint(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 100)
     r = run_cli("eval", str(tmp_path), timeout=60)
     assert r.returncode != 0 and "corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_val_dir_shared_validation_set(tmp_path, kjv_data):
+    """data.val_dir scores on another dir's val split; a different tokenizer there is a one-line DataError."""
+    import shutil
+
+    from photon_p2p.data import DataError
+    from photon_p2p.train.trainer import build_trainer
+
+    shared = tmp_path / "shared-val"
+    shutil.copytree(kjv_data, shared)
+
+    def trainer(run: str, **extra: object):
+        cfg = load_config(["tiny"], tiny_overrides(tmp_path / run, **{"data.val_dir": str(shared),
+                                                                     "train.eval_batch_size": 4, **extra}))
+        return build_trainer(cfg, str(kjv_data))
+
+    a, b = trainer("a"), trainer("b", **{"train.batch_size": 16})
+    assert a.val_data.data_dir == shared and a.sampler.dataset.data_dir == kjv_data
+    # Same weights (same seed), different training batch: eval_batch_size makes them score the same windows.
+    assert a.evaluate()["val_loss"] == pytest.approx(b.evaluate()["val_loss"], rel=1e-5)
+    manifest = json.loads((shared / "manifest.json").read_text())
+    (shared / "manifest.json").write_text(json.dumps({**manifest, "tokenizer_sha256": "0" * 64}))
+    with pytest.raises(DataError, match="different tokenizer"):
+        trainer("c")
+    (shared / "manifest.json").write_text(json.dumps({**manifest, "val": []}))
+    with pytest.raises(DataError, match="no validation split"):
+        trainer("d")

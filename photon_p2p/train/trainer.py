@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from photon_p2p.config import Config
+from photon_p2p.data import DataError
 from photon_p2p.data.loader import BatchSampler, TokenDataset, eval_batches, read_manifest
+from photon_p2p.data.tokenizer import tokenizer_sha256
 from photon_p2p.model import Transformer
 from photon_p2p.train.device import autocast, pick_device
 from photon_p2p.train.schedule import lr_at
@@ -89,7 +92,9 @@ class LocalTrainer:
         t = self.cfg.train
         self.model.eval()
         losses = []
-        for x, y in eval_batches(self.val_data, self.cfg.model.seq_len, self.micro_batch, t.eval_batches):
+        # A fixed eval batch size makes runs with different training batches score the very same windows.
+        batch = t.eval_batch_size or self.micro_batch
+        for x, y in eval_batches(self.val_data, self.cfg.model.seq_len, batch, t.eval_batches):
             with autocast(t, self.device):
                 _, loss = self.forward(x.to(self.device), y.to(self.device))
             losses.append(float(loss))
@@ -108,14 +113,34 @@ class LocalTrainer:
         self.last_loss = float(state.get("last_loss", float("nan")))
 
 
+def _tokenizer_hash(data_dir: str | Path, manifest: dict) -> str:
+    """The manifest's tokenizer hash, or the hash of the dir's tokenizer file for manifests without one."""
+    return manifest.get("tokenizer_sha256") or tokenizer_sha256(Path(data_dir) / manifest["tokenizer"])
+
+
+def shared_val_data(data_dir: str | Path, val_dir: str | Path) -> TokenDataset:
+    """The 'val' split of ``val_dir`` (data.val_dir), checked to be tokenized like the training data:
+    perplexities under two different tokenizers are not comparable, so a mismatch is an error."""
+    val_manifest = read_manifest(val_dir)
+    if not val_manifest["val"]:
+        raise DataError(f"data.val_dir {val_dir} has no validation split (prepared with val_fraction 0)")
+    if _tokenizer_hash(val_dir, val_manifest) != _tokenizer_hash(data_dir, read_manifest(data_dir)):
+        raise DataError(f"data.val_dir {val_dir} was tokenized with a different tokenizer than the training "
+                        f"data {data_dir}; prepare both with the same tokenizer")
+    return TokenDataset(val_dir, "val")
+
+
 def build_trainer(cfg: Config, data_dir: str, peer: str | int = 0) -> LocalTrainer:
     """Model + datasets + trainer for a prepared data directory; validation is optional."""
     train_data = TokenDataset(data_dir, "train")
     if train_data.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the data's tokenizer has {train_data.vocab_size} tokens but model.vocab_size is "
                          f"{cfg.model.vocab_size}; raise model.vocab_size")
-    # No validation split (val_fraction 0) means no perplexity; a damaged one is an error, not a silent skip.
-    val_data = TokenDataset(data_dir, "val") if read_manifest(data_dir)["val"] else None
+    if cfg.data.val_dir:
+        val_data: TokenDataset | None = shared_val_data(data_dir, cfg.data.val_dir)
+    else:
+        # No validation split (val_fraction 0) means no perplexity; a damaged one is an error, not a silent skip.
+        val_data = TokenDataset(data_dir, "val") if read_manifest(data_dir)["val"] else None
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     return LocalTrainer(cfg, model, train_data, val_data, peer=peer)
