@@ -15,25 +15,32 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
 
 import hivemind
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import NoCompression
 from hivemind.utils import get_dht_time
 
 from photon_p2p.config import FederationConfig, NetworkConfig
 from photon_p2p.federation import FederationError
-from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic, make_compression
+from photon_p2p.federation.averager_process import (
+    TUNED,
+    AveragerTuning,
+    PhaseClock,
+    ProcessAverager,
+    StateProvider,
+    all_finite,
+    bounded,
+    describe,
+    live_group_target,
+)
+from photon_p2p.federation.compression import ByteCounter, CountingCompression, make_compression
 from photon_p2p.federation.network import lifeline
 from photon_p2p.federation.partial import unaveraged_parts
 
 log = logging.getLogger("photon_p2p.federation")
 # hivemind logs every failed matchmaking attempt as an ERROR; our retry loop reports outcomes itself.
 logging.getLogger("hivemind.averaging.averager").setLevel(logging.CRITICAL)
-StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
-T = TypeVar("T")
 ROUND_BITS = 32  # the round number, in binary, is the matchmaking group key
 
 
@@ -50,43 +57,30 @@ class RoundResult:
     reason: str = ""
     partial: float = 0.0  # fraction of values a failed reducer left un-averaged (they keep this peer's own Δ)
     failed_peers: list[str] = field(default_factory=list)
-
-
-class _Averager(DecentralizedAverager):
-    """hivemind's averager with our state for joiners and byte counting in its own process."""
-
-    def __init__(self, *args, state_provider: StateProvider, counter: ByteCounter, **kwargs) -> None:
-        self._state_provider, self._counter = state_provider, counter
-        super().__init__(*args, **kwargs)
-
-    def get_current_state(self):
-        # hivemind's documented hook; runs in a background thread of *our* process when a joiner asks.
-        metadata, tensors = self._state_provider()
-        return metadata, [t.detach().cpu() for t in tensors], None
-
-    def run(self) -> None:
-        count_registry_traffic(self._counter)  # first thing in the forked process, before any traffic
-        super().run()
+    # seconds by phase: copy_in, matchmaking (incl. the live-peer lookup and failed attempts), allreduce, handoff
+    # (result to this process), write_back (checks + copy out); codec: compress/extract time summed over the
+    # averager's threads (it overlaps the all-reduce). Empty phases were not reached.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 class PseudoGradientAverager:
     """Averages pseudo-gradients with peers of the same run and round; serves and downloads the global state."""
 
     def __init__(self, dht: hivemind.DHT, templates: list[torch.Tensor], fed: FederationConfig,
-                 net: NetworkConfig, state_provider: StateProvider) -> None:
+                 net: NetworkConfig, state_provider: StateProvider, tuning: AveragerTuning = TUNED) -> None:
         if not fed.run_id or "." in fed.run_id:
             raise FederationError(f"federation.run_id must be non-empty and contain no '.', got '{fed.run_id}'")
         if fed.round_deadline <= fed.matchmaking_time * 1.25 + 0.5:
             raise FederationError(f"federation.round_deadline ({fed.round_deadline:g}s) must exceed "
                                   f"federation.matchmaking_time ({fed.matchmaking_time:g}s) by a margin")
-        self.fed, self.net = fed, net
-        self.counter = ByteCounter()
+        self.dht, self.fed, self.net, self.tuning = dht, fed, net, tuning
+        self.counter, self.clock = ByteCounter(), PhaseClock()
         self.client_mode = bool(net.client_mode)
         self._buffers = [torch.zeros(t.shape, dtype=t.dtype) for t in templates]
         self._codec = make_compression(fed.compression)
         # hivemind warns that request_timeout >= matchmaking time can deadlock matchmaking; keep it below.
         request_timeout = min(float(net.request_timeout), fed.matchmaking_time / 2)
-        self._averager = _Averager(
+        self._averager = ProcessAverager(
             self._buffers, dht, start=False, prefix=f"{fed.run_id}_pseudograd",
             target_group_size=fed.target_group_size, min_group_size=fed.min_group_size,
             initial_group_bits="0" * ROUND_BITS, min_matchmaking_time=fed.matchmaking_time,
@@ -96,7 +90,8 @@ class PseudoGradientAverager:
             client_mode=self.client_mode, declare_state_period=max(10.0, fed.record_ttl / 3),
             # A joiner serves state only once it has some (load_state or a round); the first peer at once.
             allow_state_sharing=not self.client_mode and not net.initial_peers,
-            shutdown_timeout=5.0, state_provider=state_provider, counter=self.counter)
+            part_size_bytes=tuning.part_size_bytes, shutdown_timeout=5.0, state_provider=state_provider,
+            counter=self.counter, clock=self.clock, threads=tuning.averager_threads)
         self._start(float(net.bootstrap_timeout))
         self._closed = False
 
@@ -122,15 +117,16 @@ class PseudoGradientAverager:
         """All-reduce ``deltas`` (weighted by ``weight``, e.g. tokens) with peers at ``round_no``, within
         federation.round_deadline. On success the weighted mean is written into ``deltas`` in place; otherwise
         they are left untouched and the result is solo with a reason."""
-        t0, (sent0, recv0) = time.monotonic(), self.counter.snapshot()
-        deadline = t0 + self.fed.round_deadline
+        t0, (sent0, recv0), codec0 = time.monotonic(), self.counter.snapshot(), self.counter.codec_seconds()
+        deadline, phases = t0 + self.fed.round_deadline, {}
 
         def result(solo: bool, reason: str = "", gathered: dict | None = None, **extra) -> RoundResult:
             sent, recv = self.counter.snapshot()
             gathered = gathered or {}
+            phases["codec"] = self.counter.codec_seconds() - codec0
             return RoundResult(round_no, solo, len(gathered) if not solo else 1, list(gathered),
                                sum(float(g.get("weight", 0.0)) for g in gathered.values()) if not solo else weight,
-                               time.monotonic() - t0, sent - sent0, recv - recv0, reason, **extra)
+                               time.monotonic() - t0, sent - sent0, recv - recv0, reason, phases=phases, **extra)
 
         if len(deltas) != len(self._buffers) or any(d.shape != b.shape for d, b in zip(deltas, self._buffers)):
             raise FederationError("average() got tensors whose shapes differ from the averager's templates")
@@ -138,7 +134,7 @@ class PseudoGradientAverager:
             return result(True, "averager process is not running")
         weight = max(float(weight), 1e-6)  # hivemind divides by the group's total weight
         try:
-            gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop)
+            gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases)
         finally:
             self._share_state(priority=round_no + 1)
         if gathered is None:
@@ -148,16 +144,20 @@ class PseudoGradientAverager:
             log.warning("round %d: discarded a group with peers at other rounds: %s", round_no,
                         {p: (g.get("round") if isinstance(g, dict) else g) for p, g in mismatched.items()})
             return result(True, "round mismatch")
+        t_back = time.monotonic()
         if not self._lock(deadline):
             return result(True, "averaged tensors stayed locked")
         try:
-            if not all(bool(torch.isfinite(b).all()) for b in self._buffers):
+            if not all_finite(self._buffers, fast=self.tuning.fast_checks):
                 return result(True, "non-finite values after all-reduce")
-            fraction, failed = unaveraged_parts(deltas, self._buffers, gathered, self._codec, me=self.peer_id)
+            fraction, failed = unaveraged_parts(deltas, self._buffers, gathered, self._codec, me=self.peer_id,
+                                                part_size_bytes=self.tuning.part_size_bytes,
+                                                probe=self.tuning.fast_checks)
             for d, b in zip(deltas, self._buffers):
                 d.copy_(b)
         finally:
             self._averager.lock_averaged_tensors.release()
+            phases["write_back"] = time.monotonic() - t_back
         reason = ""
         if fraction > 0:
             reason = f"partial: {fraction:.1%} of values not averaged"
@@ -165,8 +165,9 @@ class PseudoGradientAverager:
         return result(False, reason, gathered, partial=fraction, failed_peers=failed)
 
     def _run_step(self, deltas: list[torch.Tensor], round_no: int, weight: float, deadline: float,
-                  stop: threading.Event | None) -> tuple[dict[str, dict] | None, str]:
+                  stop: threading.Event | None, phases: dict[str, float]) -> tuple[dict[str, dict] | None, str]:
         """Matchmake and all-reduce until success or the deadline: (gathered metadata by peer, "") or (None, why)."""
+        t_copy = time.monotonic()
         if not self._lock(deadline):
             return None, "a previous all-reduce still holds the tensors"
         try:
@@ -174,10 +175,16 @@ class PseudoGradientAverager:
                 buf.copy_(d.detach())
         finally:
             self._averager.lock_averaged_tensors.release()
+            phases["copy_in"] = time.monotonic() - t_copy
+        t_match, target = time.time(), self.fed.target_group_size  # wall clock: the averager process stamps in it too
+        if self.tuning.cap_group_to_live_peers:
+            target = live_group_target(self.dht, self.fed.run_id, self.peer_id, target, self.fed.min_group_size,
+                                       timeout=min(2.0, self.fed.matchmaking_time / 2))
         gather = {"round": int(round_no), "weight": weight, "client": self.client_mode}
         bits = format(round_no % 2**ROUND_BITS, f"0{ROUND_BITS}b")
         reason = "no group found"
         while True:
+            self.clock.reset()
             remaining = deadline - time.monotonic()
             offset = self.fed.matchmaking_time * (1 + 0.25 * random.random())  # jitter: leaders change each round
             if remaining < offset + 0.5:
@@ -185,7 +192,7 @@ class PseudoGradientAverager:
             # Retries are ours, not hivemind's: after a group forms hivemind shifts the group key, and a retry
             # must use this round's key again.
             find_timeout = min(max(remaining - self.fed.allreduce_timeout, offset + 0.5), remaining)
-            control = _bounded(lambda: self._start_step(bits, gather, weight, offset, find_timeout), timeout=10.0)
+            control = bounded(lambda: self._start_step(bits, gather, weight, offset, find_timeout, target), 10.0)
             if control is None:
                 return None, "averager process is not responding"
             try:
@@ -202,14 +209,20 @@ class PseudoGradientAverager:
                 return None, "stopped" if stop and stop.is_set() else "deadline"
             try:
                 gathered = control.result(timeout=0)
+                stamps = self.clock.read()
+                if stamps["group_assembled"] and stamps["allreduce_done"]:
+                    phases.update(matchmaking=stamps["group_assembled"] - t_match,
+                                  allreduce=stamps["allreduce_done"] - stamps["group_assembled"],
+                                  handoff=time.time() - stamps["allreduce_done"])  # result reaches this process
                 return {str(peer): data for peer, data in (gathered or {}).items()}, ""
             except Exception as e:
-                reason = "no group found" if "could not find a group" in str(e) else _describe(e)
+                reason = "no group found" if "could not find a group" in str(e) else describe(e)
                 log.info("round %d: averaging attempt failed (%s)", round_no, reason)
                 if stop and stop.is_set():
                     return None, "stopped"
 
-    def _start_step(self, bits: str, gather: dict, weight: float, offset: float, find_timeout: float):
+    def _start_step(self, bits: str, gather: dict, weight: float, offset: float, find_timeout: float, target: int):
+        self._averager.set_target_group_size(target)
         self._averager.set_group_bits(bits)
         return self._averager.step(gather=gather, weight=weight, scheduled_time=get_dht_time() + offset,
                                    timeout=find_timeout, allow_retries=False, wait=False)
@@ -229,7 +242,7 @@ class PseudoGradientAverager:
         except TimeoutError:
             return None
         except Exception as e:
-            log.warning("state download failed: %s", _describe(e))
+            log.warning("state download failed: %s", describe(e))
             return None
         if not got:
             return None
@@ -266,32 +279,3 @@ class PseudoGradientAverager:
             self._averager.kill()
         if self._averager.pid is not None:
             self._averager.join(5)
-
-
-def _bounded(fn: Callable[[], T], timeout: float) -> T | None:
-    """Run a call into the averager process that has no timeout of its own; None if it does not return in time.
-
-    hivemind waits on its process without a deadline; if that process died, the call would block forever.
-    """
-    box: list = []
-
-    def call() -> None:
-        try:
-            box.append((True, fn()))
-        except BaseException as e:  # handed to the caller's thread below
-            box.append((False, e))
-
-    worker = threading.Thread(target=call, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if not box:
-        return None
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
-
-
-def _describe(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [""])[-1][:200]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing as mp
+import time
 
 import torch
 from hivemind.compression import (
@@ -66,6 +67,7 @@ class ByteCounter:
     def __init__(self) -> None:
         self._sent = mp.Value(ctypes.c_int64, 0)
         self._received = mp.Value(ctypes.c_int64, 0)
+        self._codec_s = mp.Value(ctypes.c_double, 0.0)  # seconds spent in compress/extract, summed over threads
 
     def add_sent(self, n: int) -> None:
         with self._sent.get_lock():  # compress/extract run in executor threads of the averager process
@@ -75,8 +77,15 @@ class ByteCounter:
         with self._received.get_lock():
             self._received.value += n
 
+    def add_codec_time(self, seconds: float) -> None:
+        with self._codec_s.get_lock():
+            self._codec_s.value += seconds
+
     def snapshot(self) -> tuple[int, int]:
         return int(self._sent.value), int(self._received.value)
+
+    def codec_seconds(self) -> float:
+        return float(self._codec_s.value)
 
 
 class CountingCompression(CompressionBase):
@@ -87,13 +96,18 @@ class CountingCompression(CompressionBase):
         self.compression_type = inner.compression_type
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        start = time.perf_counter()
         message = self.inner.compress(tensor, info, allow_inplace)
+        self.counter.add_codec_time(time.perf_counter() - start)
         self.counter.add_sent(message.ByteSize())
         return message
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         self.counter.add_received(serialized_tensor.ByteSize())
-        return self.inner.extract(serialized_tensor)
+        start = time.perf_counter()
+        tensor = self.inner.extract(serialized_tensor)
+        self.counter.add_codec_time(time.perf_counter() - start)
+        return tensor
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
         return self.inner.estimate_compression_ratio(info)
