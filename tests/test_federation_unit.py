@@ -146,3 +146,25 @@ def test_unaveraged_parts_names_the_failed_reducer():
     fraction, failed = unaveraged_parts(sent, received, gathered, codec, me="me")
     assert failed == ["dead"] and 0.0 < fraction < 1.0
     assert unaveraged_parts(sent, [t + 1 for t in sent], gathered, codec, me="me") == (0.0, [])
+
+
+def test_clearing_stale_parts_zeroes_exactly_the_dead_reducers_share():
+    # Survivors must not apply their own Δ where the dead reducer's average never came back: each would then
+    # hold a different model forever. Cleared parts are zero (no update), averaged ones are untouched.
+    sent = [torch.randn(300_000), torch.randn(1000)]
+    received = [t.clone() for t in sent]
+    gathered = {"me": {"round": 1}, "alive": {"round": 1}, "dead": {"round": 1}}
+    codec = make_compression("none")
+    dead_mask = [torch.zeros(t.numel(), dtype=torch.bool) for t in sent]
+    for t_index, parts in enumerate(part_owners(received, [1.0, 1.0, 1.0], codec)):
+        for start, end, owner in parts:
+            if owner == 2:
+                dead_mask[t_index][start:end] = True
+            else:
+                received[t_index].reshape(-1)[start:end] += 1.0
+    averaged = [t.clone() for t in received]
+    fraction, failed = unaveraged_parts(sent, received, gathered, codec, me="me", clear=True)
+    assert failed == ["dead"] and fraction == pytest.approx(sum(int(m.sum()) for m in dead_mask) / 301_000)
+    for got, before, mask in zip(received, averaged, dead_mask):
+        assert bool((got.reshape(-1)[mask] == 0).all())
+        assert torch.equal(got.reshape(-1)[~mask], before.reshape(-1)[~mask])

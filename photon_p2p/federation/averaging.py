@@ -55,7 +55,7 @@ class RoundResult:
     bytes_sent: int
     bytes_received: int
     reason: str = ""
-    partial: float = 0.0  # fraction of values a failed reducer left un-averaged (they keep this peer's own Δ)
+    partial: float = 0.0  # fraction of values a failed reducer left un-averaged (their Δ is zeroed: no update)
     failed_peers: list[str] = field(default_factory=list)
     # seconds by phase: copy_in, matchmaking (incl. the live-peer lookup and failed attempts), allreduce, handoff
     # (result to this process), write_back (checks + copy out); codec: compress/extract time summed over the
@@ -152,7 +152,7 @@ class PseudoGradientAverager:
                 return result(True, "non-finite values after all-reduce")
             fraction, failed = unaveraged_parts(deltas, self._buffers, gathered, self._codec, me=self.peer_id,
                                                 part_size_bytes=self.tuning.part_size_bytes,
-                                                probe=self.tuning.fast_checks)
+                                                probe=self.tuning.fast_checks, clear=True)
             for d, b in zip(deltas, self._buffers):
                 d.copy_(b)
         finally:
@@ -160,7 +160,9 @@ class PseudoGradientAverager:
             phases["write_back"] = time.monotonic() - t_back
         reason = ""
         if fraction > 0:
-            reason = f"partial: {fraction:.1%} of values not averaged"
+            # Those values get no update this round: keeping each survivor's own Δ there would leave the
+            # survivors on different models for good, since later rounds only average updates, never weights.
+            reason = f"partial: {fraction:.1%} of values not averaged (left unchanged)"
             log.warning("round %d: %s (reducer(s) that failed: %s)", round_no, reason, ", ".join(failed) or "?")
         return result(False, reason, gathered, partial=fraction, failed_peers=failed)
 

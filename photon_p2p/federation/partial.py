@@ -44,8 +44,11 @@ def part_owners(tensors: list[torch.Tensor], fractions: list[float], codec: Comp
 
 def unaveraged_parts(sent: list[torch.Tensor], received: list[torch.Tensor], gathered: dict[str, dict],
                      codec: CompressionBase, me: str | None = None, part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,
-                     probe: bool = True) -> tuple[float, list[str]]:
+                     probe: bool = True, clear: bool = False) -> tuple[float, list[str]]:
     """(fraction of values that were not averaged, peers whose parts those were) for a finished all-reduce.
+
+    ``clear``: zero the stale parts of ``received`` in place, so the caller's outer step leaves those values
+    where the whole group already agrees (its shared global model) instead of moving each survivor by its own Δ.
 
     ``probe``: first compare three values of every part at once; only parts whose probes all match (a stale part,
     or a legitimately unchanged one) are compared in full. Same answer, one pass over the data fewer.
@@ -73,6 +76,8 @@ def unaveraged_parts(sent: list[torch.Tensor], received: list[torch.Tensor], gat
             if torch.equal(a, b) and bool(b.any()):
                 stale += end - start
                 failed.add(peers[owner])
+                if clear:
+                    flat_after[start:end] = 0
     return (stale / total if total else 0.0), sorted(failed)
 
 
