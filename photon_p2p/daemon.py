@@ -274,7 +274,8 @@ class PeerDaemon:
         fields = {"round": self.round, "step": self.trainer.step, "tokens": self.trainer.tokens,
                   "loss": self.trainer.last_loss, "solo": r.solo, "group_size": r.group_size, "peers": r.peers,
                   "averaging_s": r.seconds, "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
-                  "reason": r.reason, "partial": r.partial, "global_checksum": self.global_checksum(), **evaluated}
+                  "reason": r.reason, "partial": r.partial, "phases": r.phases,
+                  "global_checksum": self.global_checksum(), **evaluated}
         self.metrics.log("round", **fields)
         if evaluated:
             self.metrics.log("eval", step=self.trainer.step, tokens=self.trainer.tokens, round=self.round,
