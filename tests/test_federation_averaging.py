@@ -63,8 +63,14 @@ def test_three_peers_hold_exactly_the_weighted_mean(trio, tmp_path):
 def test_8bit_codecs_agree_within_codec_error_and_send_4x_less(trio, tmp_path, codec, tolerance):
     weights, seeds = [3.0, 1.0, 2.0], [21, 22, 23]
     expected = weighted_mean(weights, seeds)
-    plain, _ = run_round(trio, "none", [2, 2, 2], weights, seeds, tmp_path)
-    results, after = run_round(trio, codec, [2, 2, 2], weights, seeds, tmp_path)
+    # On a loaded 2-core machine a reducer occasionally misses its chunk deadline; that round is then reported
+    # as partial (its share left un-updated), a legitimate outcome covered by the SIGKILL test. This test is
+    # about the codecs, so it asks for a complete round, up to three tries, and checks that one.
+    for attempt in range(3):
+        plain, _ = run_round(trio, "none", [2 + 2 * attempt] * 3, weights, seeds, tmp_path)
+        results, after = run_round(trio, codec, [2 + 2 * attempt] * 3, weights, seeds, tmp_path)
+        if all(r["partial"] == 0 for r in plain + results):
+            break
     for res, tensors in zip(results, after):
         assert not res["solo"] and res["group_size"] == 3, res
         for got, exp in zip(tensors, expected):

@@ -17,6 +17,7 @@ from typing import Callable, TypeVar
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import CompressionInfo
 
 from photon_p2p.federation.compression import ByteCounter, count_registry_traffic
 from photon_p2p.federation.records import STALE_BEATS, read_records
@@ -85,6 +86,7 @@ class ProcessAverager(DecentralizedAverager):
         count_registry_traffic(self._counter)  # first thing in the forked process, before any traffic
         if self._threads:
             torch.set_num_threads(self._threads)  # this process only: the caller's training keeps its threads
+        warm_up_codec(self.allreduce_kwargs["compression"])
         super().run()
 
     def set_target_group_size(self, size: int) -> None:
@@ -154,3 +156,16 @@ def describe(e: BaseException) -> str:
 def all_finite(tensors: list[torch.Tensor], fast: bool = True) -> bool:
     """Whether every value is finite; ``fast``: one sum per tensor (inf/nan propagate), exact pass only if needed."""
     return all((fast and bool(torch.isfinite(t.sum()))) or bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def warm_up_codec(codec) -> None:
+    """Compress and extract a small tensor once, before serving any peer.
+
+    bitsandbytes (blockwise8) and torch's quantizer load lazily on first use, which can take seconds on a loaded
+    machine; inside a round that delay counts against next_chunk_timeout, so a peer waiting for this reducer's
+    first part gives up and that part goes un-averaged.
+    """
+    inner = getattr(codec, "inner", codec)  # not through CountingCompression: these bytes never leave the process
+    sample = torch.linspace(-1.0, 1.0, 8192)
+    inner.extract(inner.compress(sample, CompressionInfo.from_tensor(sample, key=0)))
+
