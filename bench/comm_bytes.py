@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 from netns import (CounterPoller, NetnsError, Testbed, install_signal_teardown, start_photon_peer,  # noqa: E402
                    stop_procs, unsupported_reason, wait_peer_address)
 
@@ -346,18 +347,7 @@ def main() -> int:
 
 
 def write_reports(out: Path, result: dict[str, Any] | None) -> int:
-    """OUT.json (unless only replotting), OUT.md and OUT.png."""
-    if result is None:
-        if not out.with_suffix(".json").is_file():
-            print(f"comm_bytes: no {out.with_suffix('.json')} to replot", file=sys.stderr)
-            return 2
-        result = json.loads(out.with_suffix(".json").read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    plot(result, out.with_suffix(".png"))
-    out.with_suffix(".md").write_text(markdown(result, result.get("command", "python bench/comm_bytes.py")))
-    print(out.with_suffix(".md").read_text())
-    return 0
+    return report.write_reports(out, result, "comm_bytes", plot, markdown, lambda _: "python bench/comm_bytes.py")
 
 
 def ensure_data(path: str) -> str:

@@ -162,7 +162,7 @@ def _peer_cmd(spec: RunSpec, i: int, run_dir: Path, run_id: str, initial: list[s
 
 def run_federated(spec: RunSpec, out: Path, timeout: float) -> float:
     """Start N daemons (silo-0 first, the others join through its address), wait for all to finish."""
-    from local_swarm import stop_all, wait_for_address
+    from local_swarm import PeerStartError, stop_all, wait_for_address
 
     procs: list[subprocess.Popen] = []
     dirs = [out / f"peer-{i}" for i in range(len(spec.silo_data))]
@@ -173,7 +173,10 @@ def run_federated(spec: RunSpec, out: Path, timeout: float) -> float:
             initial = [] if i == 0 else maddrs[:1]
             procs.append(_popen(_peer_cmd(spec, i, d, f"conv-{spec.name}", initial), d / "peer.log"))
             if i == 0:
-                maddrs = wait_for_address(procs[0], d, timeout=120)
+                try:
+                    maddrs = wait_for_address(procs[0], d, timeout=120)
+                except PeerStartError as e:
+                    raise BenchError(f"{spec.name}: {e}") from None
         seen = 0
         while any(p.poll() is None for p in procs):
             if time.monotonic() - t0 > timeout:

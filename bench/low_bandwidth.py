@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 from netns import (NetnsError, Testbed, install_signal_teardown, start_photon_peer,  # noqa: E402
                    stop_procs, unsupported_reason, wait_peer_address)
 
@@ -405,22 +406,15 @@ def main() -> int:
 
 
 def write_reports(out: Path, res: dict[str, Any] | None) -> int:
-    """OUT.json (unless only replotting), OUT.md and OUT.png."""
-    if res is None:
-        if not out.with_suffix(".json").is_file():
-            print(f"low_bandwidth: no {out.with_suffix('.json')} to replot", file=sys.stderr)
-            return 2
-        res = json.loads(out.with_suffix(".json").read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    plot(res["runs"], res["target_ppl"], out.with_suffix(".png"))
-    # A result written before the command was recorded: the equivalent explicit command.
-    command = res.get("command") or (
-        f"python bench/low_bandwidth.py --rates {' '.join(f'{r:g}' for r in res['rates'])} --seconds {res['seconds']:g} "
-        f"--peers {res['peers']} --local-steps {res['local_steps']}" + "".join(f" --set {o}" for o in res["overrides"]))
-    out.with_suffix(".md").write_text(markdown(res, command))
-    print(out.with_suffix(".md").read_text())
-    return 0
+    return report.write_reports(out, res, "low_bandwidth", lambda r, png: plot(r["runs"], r["target_ppl"], png),
+                                markdown, explicit_command)
+
+
+def explicit_command(res: dict[str, Any]) -> str:
+    """The command equivalent to a result's settings (for results written before commands were recorded)."""
+    return (f"python bench/low_bandwidth.py --rates {' '.join(f'{r:g}' for r in res['rates'])} "
+            f"--seconds {res['seconds']:g} --peers {res['peers']} --local-steps {res['local_steps']}"
+            + "".join(f" --set {o}" for o in res["overrides"]))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "peers"))
+from local_swarm import PeerStartError, wait_for_address  # noqa: E402
+from local_swarm import stop_all as stop_procs  # noqa: E402,F401  (the benchmarks tear peers down with it)
+
 _LIVE: "weakref.WeakSet[Testbed]" = weakref.WeakSet()
 
 
@@ -296,37 +300,10 @@ def start_photon_peer(tb: Testbed, i: int, run_dir: Path, run_id: str, overrides
 
 def wait_peer_address(proc: subprocess.Popen, run_dir: Path, timeout: float = 120.0) -> list[str]:
     """The multiaddrs a started daemon wrote to RUN_DIR/peer.json; NetnsError if it died or took too long."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (run_dir / "peer.json").exists():
-            return json.loads((run_dir / "peer.json").read_text())["maddrs"]
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    tail = (run_dir / "peer.log").read_text(errors="replace")[-600:] if (run_dir / "peer.log").exists() else ""
-    raise NetnsError(f"peer in {run_dir} did not start; log tail: {tail!r}")
-
-
-def stop_procs(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
-    """SIGTERM every process group, wait up to ``grace`` s, then SIGKILL the groups and reap."""
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # helpers (hivemind's DHT process, p2pd) share the group
-        except ProcessLookupError:
-            pass
-        p.wait()
+    try:
+        return wait_for_address(proc, run_dir, timeout)
+    except PeerStartError as e:
+        raise NetnsError(str(e)) from None
 
 
 @atexit.register

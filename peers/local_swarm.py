@@ -40,7 +40,12 @@ def start_peer(i: int, args: argparse.Namespace, initial: list[str]) -> tuple[su
     return proc, run_dir
 
 
-def wait_for_address(proc: subprocess.Popen, run_dir: Path, timeout: float) -> list[str]:
+class PeerStartError(RuntimeError):
+    """A daemon exited or did not publish its addresses in time."""
+
+
+def wait_for_address(proc: subprocess.Popen, run_dir: Path, timeout: float = 120.0) -> list[str]:
+    """The multiaddrs a started daemon wrote to RUN_DIR/peer.json; PeerStartError if it died or took too long."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (run_dir / "peer.json").exists():
@@ -48,14 +53,19 @@ def wait_for_address(proc: subprocess.Popen, run_dir: Path, timeout: float) -> l
         if proc.poll() is not None:
             break
         time.sleep(0.2)
-    tail = (run_dir / "peer.log").read_text()[-2000:]
-    raise SystemExit(f"local_swarm: peer 0 did not start (see {run_dir}/peer.log):\n{tail}")
+    log = run_dir / "peer.log"
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise PeerStartError(f"the peer in {run_dir} did not start (see {log}):\n{tail}")
 
 
 def stop_all(procs: list[subprocess.Popen], grace: float = 15.0) -> None:
+    """SIGTERM every process group, wait up to ``grace`` s, then SIGKILL the groups and reap."""
     for p in procs:
         if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:  # the group went away between poll() and the signal
+                pass
     deadline = time.monotonic() + grace
     for p in procs:
         try:
@@ -99,7 +109,10 @@ def main() -> int:
         proc, run_dir = start_peer(0, args, [])
         procs.append(proc)
         run_dirs.append(run_dir)
-        maddrs = wait_for_address(proc, run_dir, timeout=120)
+        try:
+            maddrs = wait_for_address(proc, run_dir, timeout=120)
+        except PeerStartError as e:
+            raise SystemExit(f"local_swarm: {e}") from None
         print(f"local_swarm: bootstrap address {maddrs[0]}", flush=True)
         for i in range(1, args.peers):
             proc, run_dir = start_peer(i, args, maddrs[:1])

@@ -29,15 +29,14 @@ def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[
     heartbeat intervals (one missed beat and a slow store are not yet a failure).
     """
     from photon_p2p.federation import FederationError
-    from photon_p2p.federation.records import STALE_BEATS, read_records, read_run_ids
+    from photon_p2p.federation.records import is_live, read_records, read_run_ids
 
     try:
         rows = read_records(dht, run_id, timeout)
     except concurrent.futures.TimeoutError:
         raise FederationError(f"the swarm did not answer a DHT lookup within {timeout:g}s") from None
     for r in rows:
-        limit = stale_after if stale_after is not None else STALE_BEATS * r["interval"]
-        r["status"] = "left" if r["state"] == "left" else "stale" if r["last_seen"] > limit else "live"
+        r["status"] = "left" if r["state"] == "left" else "live" if is_live(r, stale_after) else "stale"
     live = [r for r in rows if r["status"] == "live"]
     newest = max((r["round"] for r in live or rows), default=0)
     for r in rows:

@@ -20,7 +20,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import CompressionInfo
 
 from photon_p2p.federation.compression import ByteCounter, count_registry_traffic
-from photon_p2p.federation.records import STALE_BEATS, read_records
+from photon_p2p.federation.records import is_live, read_records
 
 T = TypeVar("T")
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
@@ -119,7 +119,7 @@ def live_group_target(dht: DHT, run_id: str, me: str, target: int, min_size: int
         rows = read_records(dht, run_id, timeout)
     except Exception:  # no evidence: keep the configured target
         return target
-    live = {r["peer_id"] for r in rows if r["state"] != "left" and r["last_seen"] <= STALE_BEATS * r["interval"]}
+    live = {r["peer_id"] for r in rows if is_live(r)}
     live.add(me)
     return min(target, len(live)) if len(live) >= max(2, min_size) else target
 

@@ -201,8 +201,7 @@ class HeartbeatPublisher(threading.Thread):
         except Exception as e:  # a lookup that fails just means "no evidence that we are behind"
             log.debug("could not read the swarm's heartbeats: %s", e)
             return None
-        return max((r["round"] for r in rows if r["peer_id"] != self.peer_id and r["state"] != "left"
-                    and r["last_seen"] <= STALE_BEATS * r["interval"]), default=None)
+        return max((r["round"] for r in rows if r["peer_id"] != self.peer_id and is_live(r)), default=None)
 
     def _record(self, state: Optional[str]) -> PeerRecord:
         snap = dict(self.snapshot())
@@ -283,6 +282,12 @@ def read_records(dht: DHT, run_id: str, timeout: float) -> list[dict]:
         if old is None or (row["verified"], row["time"]) > (old["verified"], old["time"]):
             best[record.peer_id] = row
     return list(best.values())
+
+
+def is_live(record: dict, stale_after: Optional[float] = None) -> bool:
+    """A read record of a running peer that beat recently (within ``stale_after`` s, default STALE_BEATS beats)."""
+    limit = stale_after if stale_after is not None else STALE_BEATS * record["interval"]
+    return record["state"] != "left" and record["last_seen"] <= limit
 
 
 def read_run_ids(dht: DHT, timeout: float) -> List[str]:
