@@ -164,6 +164,7 @@ class PseudoGradientAverager:
             # survivors on different models for good, since later rounds only average updates, never weights.
             reason = f"partial: {fraction:.1%} of values not averaged (left unchanged)"
             log.warning("round %d: %s (reducer(s) that failed: %s)", round_no, reason, ", ".join(failed) or "?")
+        self.counter.wait_quiet(limit=max(0.0, min(1.0, deadline - time.monotonic())))
         return result(False, reason, gathered, partial=fraction, failed_peers=failed)
 
     def _run_step(self, deltas: list[torch.Tensor], round_no: int, weight: float, deadline: float,

@@ -87,6 +87,20 @@ class ByteCounter:
     def codec_seconds(self) -> float:
         return float(self._codec_s.value)
 
+    def wait_quiet(self, quiet: float = 0.05, limit: float = 1.0) -> None:
+        """Wait (at most ``limit`` s) until no byte was counted for ``quiet`` s.
+
+        A peer's all-reduce returns once its own averaged parts are back, while, as a reducer, it may still be
+        streaming results to slower peers; without this wait those bytes land in the next round's count.
+        """
+        end, last = time.monotonic() + limit, self.snapshot()
+        while time.monotonic() < end:
+            time.sleep(quiet)
+            now = self.snapshot()
+            if now == last:
+                return
+            last = now
+
 
 class CountingCompression(CompressionBase):
     """Delegates to a hivemind codec and counts the serialized size of every message it makes or reads."""
