@@ -87,7 +87,11 @@ class FederationConfig:
 
     run_id: str = "photon"
     rounds: int = 10  # rounds this peer trains before it exits (0 = until stopped)
-    local_steps: int = 128  # H: inner steps per round
+    local_steps: int = 128  # H: inner steps per round (per silo on average, with round_clock: swarm)
+    # swarm: a round ends for every peer when the live peers together have trained H steps' worth of tokens each
+    # (hivemind's ProgressTracker), so fast silos take more steps and slow ones fewer, and all meet to average.
+    # steps: every silo takes exactly H steps (Photon's fixed H; fine when silos are equally fast).
+    round_clock: str = "swarm"
     round_token_budget: int = 0  # >0: a round ends after this many tokens even if H steps are not done
     round_time_budget: float = 0.0  # >0: a round's local phase ends after this many seconds
     target_group_size: int = 8
@@ -105,6 +109,8 @@ class FederationConfig:
     allow_solo_start: bool = True  # start from scratch if no peer can give state in time
     heartbeat_interval: float = 30.0
     record_ttl: float = 90.0
+    max_rollbacks: int = 3  # non-finite guard: stop after this many rollbacks in a row
+    divergence_loss: float = 0.0  # a local loss above this is treated as diverged (0 = 2·ln(vocab_size))
 
 
 @dataclass
@@ -139,6 +145,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federation.compression": ("none", "fp16", "scaled-fp16", "uint8", "blockwise8"),
     "federation.outer_optimizer": ("fedavg", "fedmom", "nesterov"),
     "federation.inner_state": ("keep", "reset"),
+    "federation.round_clock": ("swarm", "steps"),
     "train.precision": ("auto", "bf16", "fp32"),
 }
 
@@ -277,6 +284,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.eval_batch_size' must be >= 0, got {t.eval_batch_size}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("config key 'data.val_fraction' must be in [0, 1)")
+    if f.max_rollbacks < 1:
+        raise ConfigError(f"config key 'federation.max_rollbacks' must be >= 1, got {f.max_rollbacks}")
+    if f.divergence_loss < 0:
+        raise ConfigError(f"config key 'federation.divergence_loss' must be >= 0, got {f.divergence_loss}")
     if f.min_group_size < 1 or f.min_group_size > f.target_group_size:
         raise ConfigError("federation.min_group_size must be in [1, federation.target_group_size]")
 

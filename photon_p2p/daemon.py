@@ -1,4 +1,4 @@
-"""PeerDaemon: one silo's `photon-peer run` — owns the DHT, the trainer and the round loop."""
+"""PeerDaemon: one silo's `photon-peer run`: the trainer and the round loop, over an injected ``Swarm``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,23 +17,37 @@ from photon_p2p import __version__
 from photon_p2p.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from photon_p2p.config import Config, dump_yaml
 from photon_p2p.federation import FederationError
-from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
+from photon_p2p.federation.averaging import RoundResult
 from photon_p2p.federation.compression import roundtrip
-from photon_p2p.federation.network import parse_multiaddrs, start_dht, visible_maddrs
+from photon_p2p.federation.network import parse_multiaddrs
 from photon_p2p.federation.outer import OuterOptimizer
-from photon_p2p.federation.records import HeartbeatPublisher, install_validators, read_run_ids
+from photon_p2p.federation.swarm import Swarm, check_state, fingerprint
 from photon_p2p.metrics import MetricsLogger
 from photon_p2p.train.solo import resolve_data_dir, restore_trainer, trainer_checkpoint
 from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
 
 log = logging.getLogger("photon_p2p.daemon")
+MAX_ROUND_FACTOR = 4  # a round's local phase never exceeds this many times H inner steps
+SwarmFactory = Callable[[Config, list, Callable, int], Swarm]
+
+
+def hivemind_swarm(cfg: Config, global_params: list[torch.Tensor], state: Callable, tokens_per_step: int) -> Swarm:
+    """The real federation (imported lazily: fake-swarm tests never start hivemind)."""
+    from photon_p2p.federation.swarm import HivemindSwarm
+
+    return HivemindSwarm(cfg, global_params, state, tokens_per_step)
 
 
 class PeerDaemon:
-    """Trains H local steps, averages Δ = θ_global − θ_local with a DHT-matched group, applies the outer step."""
+    """Trains a round of local steps, averages Δ = θ_global − θ_local with its group, applies the outer step.
 
-    def __init__(self, cfg: Config, stop: threading.Event | None = None, progress: bool = True) -> None:
-        self.cfg, self.progress = cfg, progress
+    ``make_swarm`` builds the federation once the model exists (it needs the global weights and a state callback):
+    the real hivemind swarm by default, an in-process fake in tests.
+    """
+
+    def __init__(self, cfg: Config, stop: threading.Event | None = None, progress: bool = True,
+                 make_swarm: SwarmFactory = hivemind_swarm) -> None:
+        self.cfg, self.progress, self.make_swarm = cfg, progress, make_swarm
         self.stop = stop or threading.Event()
         self.run_dir = Path(cfg.run_dir)
         self.round = 0
@@ -44,6 +58,10 @@ class PeerDaemon:
         self.tokens_per_s = 0.0
         self.bytes_sent = self.bytes_received = 0
         self.started_at = time.time()
+        self.finished = self.grouped = 0  # rounds finished by this process, and those spent in a group
+        self.rollbacks = 0  # consecutive non-finite/diverged local phases (the guard stops at max_rollbacks)
+        self.compute_s = 0.0
+        self._fingerprint: str | None = None
         # Joiners read the shared state from hivemind's thread while the loop may be mid outer step.
         self.state_lock = threading.Lock()
 
@@ -79,6 +97,7 @@ class PeerDaemon:
             for r, saved in zip(self.residual, fed["residual"]):
                 r.copy_(saved)
         self.round = int(fed.get("round", 0))
+        self._global_changed()
         self.round_steps = int(fed.get("round_steps", 0))
         self.round_tokens = int(fed.get("round_tokens", 0))
 
@@ -98,31 +117,46 @@ class PeerDaemon:
 
     def _shared_state_locked(self) -> tuple[dict, list[torch.Tensor]]:
         outer = self.outer.state_tensors()
+        tensors = [g.detach().clone() for g in self.global_params] + outer
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise FederationError("refusing to serve a non-finite state")  # hivemind fails that request
         meta = {"round": self.round, "run_id": self.cfg.federation.run_id, "n_params": len(self.global_params),
                 # the schedule position at the round boundary, where the shared global weights belong
-                "inner_step": self.trainer.step - self.round_steps, "version": __version__}
-        return meta, [g.detach().clone() for g in self.global_params] + outer
+                "inner_step": self.trainer.step - self.round_steps, "version": __version__,
+                "fingerprint": self.fingerprint()}
+        return meta, tensors
 
-    def _adopt_state(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+    def _adopt_state(self, meta: dict, tensors: list[torch.Tensor], carry_local: bool = False) -> None:
         n = len(self.global_params)
         if int(meta.get("n_params", -1)) != n or len(tensors) < n:
             raise FederationError("the swarm's model does not match this peer's config (different model shape)")
-        with torch.no_grad():
+        for g, t in zip(self.global_params, tensors[:n]):
+            if g.shape != t.shape:
+                raise FederationError(f"the swarm's model has a tensor of shape {tuple(t.shape)} where this "
+                                      f"config has {tuple(g.shape)}")
+        with torch.no_grad(), self.state_lock:
             for g, p, t in zip(self.global_params, self.params, tensors[:n]):
-                if g.shape != t.shape:
-                    raise FederationError(f"the swarm's model has a tensor of shape {tuple(t.shape)} where this "
-                                          f"config has {tuple(g.shape)}")
+                if carry_local:
+                    p.add_(t - g)  # θ_local ← θ_new − Δ_own: our un-averaged work rides on the swarm's model
+                else:
+                    p.copy_(t)
                 g.copy_(t)
-                p.copy_(t)
-        self.outer.load_state_tensors(tensors[n:])
-        self.round = int(meta["round"])
-        self.round_steps = self.round_tokens = 0
+            self.outer.load_state_tensors(tensors[n:])
+            self.round = int(meta["round"])
+            self._global_changed()
+        if not carry_local:
+            self.round_steps = self.round_tokens = 0
         # The schedule follows the swarm: a joiner does not re-run warmup at the peak learning rate.
         self.trainer.step = max(self.trainer.step, int(meta.get("inner_step", 0)))
 
-    def global_checksum(self) -> float:
-        """A cheap fingerprint of the global weights, so logs show which peers hold the same model."""
-        return float(sum(g.double().sum() for g in self.global_params))
+    def fingerprint(self) -> str:
+        """sha256 of the global state (weights + outer buffers): equal on two peers iff they hold one model."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.global_params + self.outer.state_tensors())
+        return self._fingerprint
+
+    def _global_changed(self) -> None:
+        self._fingerprint = None
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def heartbeat(self) -> dict[str, Any]:
@@ -134,77 +168,170 @@ class PeerDaemon:
             "group_size": res.group_size if res else 0, "averaging_s": float(res.seconds) if res else 0.0,
             "bytes_sent": int(self.bytes_sent), "bytes_received": int(self.bytes_received),
             "client_mode": bool(self.cfg.network.client_mode), "version": __version__,
-            "started_at": float(self.started_at), "maddrs": self.maddrs,
+            "started_at": float(self.started_at), "maddrs": self.swarm.maddrs,
+            "fingerprint": self.fingerprint(), "participation": self.grouped / max(1, self.finished),
         }
 
     def _local_phase(self, rate: Throughput) -> None:
+        """Inner steps until the round ends: H steps (round_clock: steps), or when the swarm's collective progress
+        says so (round_clock: swarm), or a token/time budget, or 4·H steps at most."""
         f, t = self.cfg.federation, self.cfg.train
         t0 = time.monotonic()
-        while self.round_steps < f.local_steps and not self.stop.is_set():
-            if f.round_token_budget and self.round_tokens >= f.round_token_budget:
+        clock_tokens = 0  # tokens of this round only (round_tokens also holds work folded in from missed rounds)
+        steps = 0
+        while not self.stop.is_set():
+            if f.round_clock == "steps" and self.round_steps >= f.local_steps:
+                break
+            if f.round_clock == "swarm" and steps > 0 and self.swarm.round_ready(self.round):
+                break
+            if steps >= MAX_ROUND_FACTOR * f.local_steps:
+                break  # the swarm's clock stalled (e.g. its records stopped): never train forever unaveraged
+            if f.round_token_budget and clock_tokens >= f.round_token_budget:
                 break
             if f.round_time_budget and time.monotonic() - t0 >= f.round_time_budget:
                 break  # a slow silo averages what it has instead of stalling the group
             loss = self.trainer.train_step()
+            if not self._healthy(loss):
+                self._roll_back(f"local loss is {loss:.4g}")
+                clock_tokens = 0
+                continue
+            steps += 1
             self.round_steps += 1
             self.round_tokens += self.trainer.tokens_per_step
+            clock_tokens += self.trainer.tokens_per_step
+            self.swarm.report_progress(self.round, clock_tokens)
             if self.trainer.step % t.log_every == 0:
                 self.tokens_per_s = rate.update(self.trainer.tokens)
                 self.metrics.log("step", round=self.round, step=self.trainer.step, tokens=self.trainer.tokens,
                                  loss=loss, lr=self.trainer.optimizer.param_groups[0]["lr"],
                                  tokens_per_s=self.tokens_per_s)
+        self.compute_s = time.monotonic() - t0
 
-    def _average_and_step(self) -> RoundResult:
-        f = self.cfg.federation
+    def _healthy(self, loss: float) -> bool:
+        """A finite loss no worse than twice a uniform guess (ln V): anything else has diverged."""
+        limit = self.cfg.federation.divergence_loss or 2 * math.log(self.cfg.model.vocab_size)
+        return math.isfinite(loss) and loss <= limit
+
+    def _roll_back(self, why: str) -> None:
+        """Non-finite guard: drop this round's local work (the bad batch is skipped: the cursor moved on), restart
+        from the last good global weights with fresh AdamW state; stop if it keeps happening."""
+        self.rollbacks += 1
+        limit = self.cfg.federation.max_rollbacks
+        self.metrics.log("rollback", round=self.round, step=self.trainer.step, reason=why, count=self.rollbacks)
+        print(f"photon-peer: {why}: rolled back to the round {self.round} global weights "
+              f"({self.rollbacks}/{limit})", flush=True)
+        if self.rollbacks >= limit:
+            raise FederationError(f"local training diverged {self.rollbacks} times in a row ({why}); this peer "
+                                  "sent nothing bad to the swarm. Check train.lr and train.grad_clip")
+        with torch.no_grad():
+            for p, g in zip(self.params, self.global_params):
+                p.copy_(g)
+        self.trainer.reset_optimizer_state()
+        self.round_steps = self.round_tokens = 0
+
+    def _pseudo_gradient(self) -> list[torch.Tensor] | None:
+        """Δ = θ_global − θ_local (+ the error-feedback residual); None (after a rollback) if it is not finite."""
         with torch.no_grad():
             deltas = [g - p.detach() for g, p in zip(self.global_params, self.params)]
             if self.residual is not None:
-                # Error feedback: what compression dropped last round is sent again this round.
                 for d, r in zip(deltas, self.residual):
                     d.add_(r)
-                for d, r in zip(deltas, self.residual):
-                    r.copy_(d - roundtrip(f.compression, d))
-        result = self.averager.average(deltas, self.round, weight=float(max(1, self.round_tokens)),
-                                       stop=self.stop)
+        if not all(bool(torch.isfinite(d).all()) for d in deltas):
+            self._roll_back("the pseudo-gradient is not finite")
+            return None
+        return deltas
+
+    def _average_and_step(self) -> RoundResult | None:
+        f = self.cfg.federation
+        deltas = self._pseudo_gradient()
+        if deltas is None:
+            return None
+        sent = [d.clone() for d in deltas] if self.residual is not None else None
+        result = self.swarm.average(deltas, self.round, weight=float(max(1, self.round_tokens)), stop=self.stop,
+                                    fingerprint=self.fingerprint(), live_target=None)
+        if result.solo:
+            if result.reason != "stopped":
+                self._missed_round(result)
+            return result
         with torch.no_grad(), self.state_lock:
-            self.outer.step(deltas)  # solo rounds: deltas is still this peer's own Δ
+            if self.residual is not None:
+                # Error feedback: what compression dropped of our Δ is sent again next round.
+                for r, d in zip(self.residual, sent):
+                    r.copy_(d - roundtrip(f.compression, d))
+            if result.healed:
+                # The group held different models: it averaged local weights. One model again, fresh momentum.
+                for g, avg in zip(self.global_params, deltas):
+                    g.copy_(avg)
+                self.outer.load_state_tensors([])
+            else:
+                self.outer.step(deltas)
             for p, g in zip(self.params, self.global_params):
                 p.copy_(g)
             self.round += 1
+            self._global_changed()
+        self.round_steps = self.round_tokens = 0
+        self.grouped += 1
         if f.inner_state == "reset":
             self.trainer.reset_optimizer_state()
         return result
 
-    def _maybe_catch_up(self) -> None:
-        """A peer that fell behind the swarm (slow, or rounds went solo) re-syncs instead of averaging stale Δ."""
-        newest = self.publisher.newest_round() if self.publisher else None
-        # After a solo round r this peer is at r+1; a peer at r+1 or beyond has averaged round r without us,
-        # so its global state is the swarm's: adopt it (skip a round) rather than drift on alone.
-        if newest is not None and newest >= self.round:
-            self._sync_from_swarm(reason=f"swarm is at round {newest}, this peer at {self.round}")
+    def _missed_round(self, result: RoundResult) -> None:
+        """No group this round. Alone in the swarm: apply our own Δ. Otherwise keep the local work and fold it into
+        the next round: adopt the swarm's newer state if it averaged without us (carrying our progress over),
+        else move to the next round on the same global weights, like every other peer that missed this one."""
+        others = self.swarm.peers()
+        if not others:
+            deltas = [g - p.detach() for g, p in zip(self.global_params, self.params)]
+            with torch.no_grad(), self.state_lock:
+                self.outer.step(deltas)
+                for p, g in zip(self.params, self.global_params):
+                    p.copy_(g)
+                self.round += 1
+                self._global_changed()
+            self.round_steps = self.round_tokens = 0
+            return
+        newest = max(p["round"] for p in others)
+        if newest > self.round and self._sync_from_swarm(f"swarm is at round {newest}, this peer at {self.round}",
+                                                         carry_local=True):
+            return
+        self.round += 1
+        print(f"photon-peer: round {self.round - 1} missed ({result.reason}); its local work is folded into "
+              f"round {self.round}", flush=True)
 
-    def _sync_from_swarm(self, reason: str) -> bool:
+    def _sync_from_swarm(self, reason: str, carry_local: bool = False) -> bool:
+        """Download and adopt the swarm's global state (refusing bad ones); ``carry_local`` keeps this silo's
+        un-averaged progress on top of it (θ_local ← θ_new − Δ_own), to be averaged next round."""
         timeout = self.cfg.federation.state_sync_timeout
         print(f"photon-peer: downloading the swarm's state ({reason}), up to {timeout:.0f}s", flush=True)
-        got = self.averager.load_state(timeout=timeout, progress=self.progress)
-        if got is None:
-            return False
-        meta, tensors = got
-        if int(meta.get("round", -1)) < self.round:
-            return False  # never go back to an older state than our own
-        self._adopt_state(meta, tensors)
-        self.metrics.log("sync", round=self.round, reason=reason, global_checksum=self.global_checksum())
-        print(f"photon-peer: synced with the swarm at round {self.round}", flush=True)
-        return True
+        deadline = time.monotonic() + timeout
+        for _ in range(3):  # peers are tried by round, ties at random: a refused state may be followed by a good one
+            remaining = deadline - time.monotonic()
+            if remaining <= 1 or self.stop.is_set():
+                return False
+            got = self.swarm.load_state(timeout=remaining, progress=self.progress)
+            if got is None:
+                return False
+            meta, tensors = got
+            if int(meta.get("round", -1)) < self.round:
+                return False  # never go back to an older state than our own
+            why = check_state(meta, tensors[:len(self.global_params)] + tensors[len(self.global_params):],
+                              self.swarm.peers())
+            if why:
+                print(f"photon-peer: refused the swarm state for round {meta.get('round')}: {why}", flush=True)
+                self.metrics.log("refused_state", round=int(meta.get("round", -1)), reason=why)
+                continue
+            self._adopt_state(meta, tensors, carry_local)
+            self.metrics.log("sync", round=self.round, reason=reason, fingerprint=self.fingerprint())
+            print(f"photon-peer: synced with the swarm at round {self.round} (model {self.fingerprint()[:8]})",
+                  flush=True)
+            return True
+        return False
 
     def _join(self) -> None:
         net, f = self.cfg.network, self.cfg.federation
         if not net.initial_peers:
             return
-        runs = read_run_ids(self.dht, timeout=net.request_timeout)
-        if runs and f.run_id not in runs:
-            raise FederationError(f"no peer in this swarm trains run id '{f.run_id}' (runs seen: "
-                                  f"{', '.join(repr(r) for r in runs)}); check --run-id")
+        self.swarm.check_run()
         if self._sync_from_swarm("joining"):
             return
         if self.resumed:
@@ -216,98 +343,101 @@ class PeerDaemon:
             print("photon-peer: no peer served state in time; starting from scratch", flush=True)
 
     def run(self) -> dict[str, Any]:
-        cfg, f, net = self.cfg, self.cfg.federation, self.cfg.network
-        initial = parse_multiaddrs(net.initial_peers, "--initial-peers")
+        net = self.cfg.network
+        parse_multiaddrs(net.initial_peers, "--initial-peers")  # bad addresses fail before any work starts
         parse_multiaddrs(net.host_maddrs, "--host-maddrs")
         parse_multiaddrs(net.announce_maddrs, "--announce-maddrs")
         self._setup_training()
-        self.dht = start_dht(net, initial_peers=initial)
-        self.publisher = None
-        self.averager = None
+        self.swarm = self.make_swarm(self.cfg, self.global_params, self.shared_state, self.trainer.tokens_per_step)
         try:
-            self.maddrs = visible_maddrs(self.dht)
             self._banner()
             # Scripts (peers/local_swarm.py, tests) read the join address from here instead of scraping stdout.
             (self.run_dir / "peer.json").write_text(json.dumps(
-                {"peer_id": str(self.dht.peer_id), "maddrs": self.maddrs, "pid": os.getpid(),
-                 "run_id": f.run_id}))
-            install_validators(self.dht, f.run_id, net.identity_path or None)
-            self.averager = PseudoGradientAverager(self.dht, self.global_params, f, net, self.shared_state)
+                {"peer_id": self.swarm.peer_id, "maddrs": self.swarm.maddrs, "pid": os.getpid(),
+                 "run_id": self.cfg.federation.run_id}))
             self._join()
-            self.publisher = HeartbeatPublisher(self.dht, f.run_id, self.heartbeat, f.heartbeat_interval,
-                                                f.record_ttl, request_timeout=net.request_timeout)
-            self.publisher.start()
+            self.swarm.start(self.heartbeat)
             return self._loop()
         finally:
-            self._shutdown()
+            self.swarm.shutdown()
 
     def _loop(self) -> dict[str, Any]:
         f, t = self.cfg.federation, self.cfg.train
         rate = Throughput()
         rate.tokens0 = self.trainer.tokens
-        done = 0
-        while not self.stop.is_set() and (f.rounds == 0 or done < f.rounds):
+        while not self.stop.is_set() and (f.rounds == 0 or self.finished < f.rounds):
+            self.swarm.begin_round(self.round)
             self._local_phase(rate)
             if self.stop.is_set():
                 break  # abort the round: the checkpoint keeps the local progress, resume continues it
+            round_before = self.round
             result = self._average_and_step()
+            if result is None:
+                continue  # rolled back: the round goes on from the global weights
+            if result.solo and result.reason == "stopped":
+                break
+            self.rollbacks = 0
             self.last_result = result
             self.bytes_sent += result.bytes_sent
             self.bytes_received += result.bytes_received
-            self.round_steps = self.round_tokens = 0
-            done += 1
+            self.finished += 1
             # Validation runs on the new global weights, every ~eval_every inner steps and after the last round.
             evaluated: dict[str, float] = {}
             eval_rounds = max(1, t.eval_every // f.local_steps) if t.eval_every else 0
-            if (eval_rounds and self.round % eval_rounds == 0) or done == f.rounds:
-                evaluated = self.last_eval = self.trainer.evaluate()
-            self._log_round(result, evaluated)
+            if (eval_rounds and self.round % eval_rounds == 0 and self.round != round_before) \
+                    or self.finished == f.rounds:
+                evaluated = self.last_eval = self._evaluate_global()
+            self._log_round(result, round_before, evaluated)
             self._checkpoint()
-            self.publisher.publish_now()
-            if result.solo:
-                self._maybe_catch_up()
+            self.swarm.publish_now()
         self._checkpoint()
         return {"round": self.round, "step": self.trainer.step, "tokens": self.trainer.tokens,
-                "loss": self.trainer.last_loss, **self.last_eval}
+                "loss": self.trainer.last_loss, "fingerprint": self.fingerprint(),
+                "participation": self.grouped / max(1, self.finished), **self.last_eval}
 
-    def _log_round(self, r: RoundResult, evaluated: dict[str, float]) -> None:
-        fields = {"round": self.round, "step": self.trainer.step, "tokens": self.trainer.tokens,
-                  "loss": self.trainer.last_loss, "solo": r.solo, "group_size": r.group_size, "peers": r.peers,
-                  "averaging_s": r.seconds, "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
-                  "reason": r.reason, "partial": r.partial, "phases": r.phases,
-                  "global_checksum": self.global_checksum(), **evaluated}
+    def _evaluate_global(self) -> dict[str, float]:
+        """Validation of the global weights (what the swarm shares), even while local work is carried over."""
+        with torch.no_grad():
+            local = [p.detach().clone() for p in self.params]
+            for p, g in zip(self.params, self.global_params):
+                p.copy_(g)
+            try:
+                return self.trainer.evaluate()
+            finally:
+                for p, keep in zip(self.params, local):
+                    p.copy_(keep)
+
+    def _log_round(self, r: RoundResult, averaged_round: int, evaluated: dict[str, float]) -> None:
+        fields = {"round": self.round, "averaged_round": averaged_round, "step": self.trainer.step,
+                  "tokens": self.trainer.tokens, "loss": self.trainer.last_loss, "solo": r.solo,
+                  "group_size": r.group_size, "peers": r.peers, "averaging_s": r.seconds,
+                  "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received, "reason": r.reason,
+                  "partial": r.partial, "phases": r.phases, "healed": r.healed,
+                  "group_models": len(set(r.fingerprints.values()) - {""}), "compute_s": self.compute_s,
+                  "wait_s": r.phases.get("matchmaking", 0.0), "fingerprint": self.fingerprint(),
+                  "participation": self.grouped / max(1, self.finished), **evaluated}
         self.metrics.log("round", **fields)
         if evaluated:
             self.metrics.log("eval", step=self.trainer.step, tokens=self.trainer.tokens, round=self.round,
                              **evaluated)
         how = "solo (" + r.reason + ")" if r.solo else f"group of {r.group_size}"
+        if r.healed:
+            how += f" (healed a split: {fields['group_models']} models in the group averaged weights)"
         if r.reason and not r.solo:
             how += f" ({r.reason})"
         ppl = f", val ppl {evaluated['val_ppl']:.2f}" if evaluated else ""
-        print(f"round {self.round}: {how}, loss {self.trainer.last_loss:.4f}{ppl}, averaging {r.seconds:.2f}s, "
+        print(f"round {self.round}: {how}, model {self.fingerprint()[:8]}, loss {self.trainer.last_loss:.4f}{ppl}, "
+              f"averaging {r.seconds:.2f}s, "
               f"sent {r.bytes_sent / 1e6:.2f} MB, received {r.bytes_received / 1e6:.2f} MB", flush=True)
 
     def _banner(self) -> None:
         lines = ["=" * 78, f"photon-peer {__version__}  run '{self.cfg.federation.run_id}'  "
-                 f"peer {self.dht.peer_id}", "To join this swarm from another silo, run:"]
-        lines += [f"  photon-peer run --config CONFIG --initial-peers {m}" for m in self.maddrs[:3]]
+                 f"peer {self.swarm.peer_id}", "To join this swarm from another silo, run:"]
+        lines += [f"  photon-peer run --config CONFIG --initial-peers {m}" for m in self.swarm.maddrs[:3]]
         if self.cfg.network.client_mode:
             lines.append("(client mode: this peer cannot be used as a bootstrap address)")
         lines.append("=" * 78)
         print("\n".join(lines), flush=True)
-
-    def _shutdown(self) -> None:
-        # Leave the swarm: stop heartbeats, then the averager, then the DHT (which owns p2pd).
-        for part in (self.publisher, self.averager):
-            if part is not None:
-                try:
-                    part.shutdown() if hasattr(part, "shutdown") else part.stop()
-                except Exception as e:  # shutting down must never mask the real exit reason
-                    log.warning("error while shutting down %s: %s", type(part).__name__, e)
-        try:
-            self.dht.shutdown()
-        except Exception as e:
-            log.warning("error while shutting down the DHT: %s", e)
 
 
 def _finite(x: float) -> float:

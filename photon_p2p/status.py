@@ -21,12 +21,34 @@ def _median(values: list[Optional[float]]) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
+def _consistency(live: list[dict], newest: int) -> dict[str, Any]:
+    """Whether the live peers hold one model: ``models``, ``split``, ``model_groups``, ``behind_peers``.
+
+    Only peers at the newest round are compared: a peer behind it holds an older model by construction and
+    catches up from the swarm, so it is counted as behind, not as a split. An empty fingerprint (a peer that has
+    not computed one yet) is listed in ``model_groups`` but is not counted as a model of its own.
+    """
+    groups: dict[tuple[int, str], list[str]] = {}
+    for r in live:
+        groups.setdefault((r["round"], r["fingerprint"]), []).append(r["peer_id"])
+    # Newest round first, then the biggest group (the swarm's majority model); ties by fingerprint, stable output.
+    ordered = sorted(groups.items(), key=lambda g: (-g[0][0], -len(g[1]), g[0][1]))
+    models = sum(1 for (rnd, fp) in groups if rnd == newest and fp)
+    return {
+        "models": models,
+        "split": models > 1,
+        "model_groups": [{"fingerprint": fp, "round": rnd, "peers": sorted(peers)} for (rnd, fp), peers in ordered],
+        "behind_peers": sum(r["round"] < newest for r in live),
+    }
+
+
 def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[float] = None,
                    reached: str = "") -> dict:
     """Swarm summary and one row per peer (live first, then by round) from the DHT records of ``run_id``.
 
     A peer is stale when its last heartbeat is older than ``stale_after`` seconds; by default 2.5 of its own
-    heartbeat intervals (one missed beat and a slow store are not yet a failure).
+    heartbeat intervals (one missed beat and a slow store are not yet a failure). The summary also says whether
+    the live peers at the newest round hold one model (``models``, ``split``, ``model_groups``; see _consistency).
     """
     from photon_p2p.federation import FederationError
     from photon_p2p.federation.records import is_live, read_records, read_run_ids
@@ -51,6 +73,8 @@ def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[
         "tokens_per_s": sum(r["tokens_per_s"] for r in live),
         "median_loss": _median([r["loss"] for r in live]),
         "median_val_ppl": _median([r["val_ppl"] for r in live]),
+        "median_participation": _median([r["participation"] for r in live]),
+        **_consistency(live, newest),
     }
     status = {"run_id": run_id, "time": time.time(), "reached": reached, "summary": summary, "peers": rows}
     if not rows:
@@ -98,6 +122,47 @@ def _short_id(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 14 else ".." + peer_id[-12:]
 
 
+def _short_model(fingerprint: str) -> str:
+    # 8 hex digits (32 bits) tell a handful of models apart at a glance; JSON output keeps the full hash.
+    return fingerprint[:8] if fingerprint else "-"
+
+
+_MAX_NAMED = 5  # peers named per model in the SPLIT line; a big swarm would otherwise print a wall of ids
+
+
+def _named(peers: list[str]) -> str:
+    names = ", ".join(_short_id(p) for p in peers[:_MAX_NAMED])
+    return names + (f", +{len(peers) - _MAX_NAMED} more" if len(peers) > _MAX_NAMED else "")
+
+
+def _model_line(s: dict) -> str:
+    """One line on whether the live peers at the newest round hold the same model ("" when there is nothing to say).
+
+    Summaries without the consistency fields (an older status document) get no line.
+    """
+    rnd = s["global_round"]
+    at_newest = [g for g in s.get("model_groups", []) if g["round"] == rnd]
+    known = [g for g in at_newest if g["fingerprint"]]
+    if not known:  # no live peer at the newest round, or none reports a fingerprint yet
+        return ""
+    unknown = sum(len(g["peers"]) for g in at_newest if not g["fingerprint"])
+    no_fp = f"{unknown} report{'s' * (unknown == 1)} no fingerprint" if unknown else ""
+    if s["split"]:
+        models = ", ".join(f"{_short_model(g['fingerprint'])} (peers {_named(g['peers'])})" for g in known)
+        return (f"SPLIT: live peers at round {rnd} hold {len(known)} different models: {models}"
+                f"{'; ' + no_fp if no_fp else ''}; they re-merge when they next meet in a group")
+    [group] = known
+    holders = len(group["peers"])
+    line = f"one model: {_short_model(group['fingerprint'])} held by "
+    if unknown:
+        line += f"{holders} of {holders + unknown} live peers ({no_fp})"
+    else:
+        line += f"all {holders} live peers" if holders > 1 else "the only live peer"
+    line += f" at round {rnd}"
+    behind = s.get("behind_peers", 0)
+    return line + (f", {behind} behind" if behind else "")
+
+
 def render_table(status: dict) -> str:
     """Plain-text swarm summary and peer table (what `photon-peer status` prints)."""
     s, rows = status["summary"], status["peers"]
@@ -110,13 +175,18 @@ def render_table(status: dict) -> str:
     if s["stale_peers"] or s["left_peers"]:
         head += f" ({s['stale_peers']} stale, {s['left_peers']} left)"
     lines = [head]
+    model_line = _model_line(s)
+    if model_line:
+        lines.append(model_line)
     if status.get("message"):
         lines.append(status["message"])
-    table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "TOKENS", "TOK/S", "LOSS", "VAL PPL", "LAST SEEN")]
+    table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "MODEL", "PART", "TOKENS", "TOK/S", "LOSS", "VAL PPL",
+              "LAST SEEN")]
     for r in rows:
         table.append((_short_id(r["peer_id"]) + ("" if r["verified"] else "?"), _address(r), r["status"],
-                      str(r["round"]), str(r["lag"]), _count(r["tokens"]), f"{r['tokens_per_s']:,.0f}",
-                      _num(r["loss"], ".4f"), _num(r["val_ppl"], ".2f"), _ago(r["last_seen"]) + " ago"))
+                      str(r["round"]), str(r["lag"]), _short_model(r["fingerprint"]), f"{r['participation']:.0%}",
+                      _count(r["tokens"]), f"{r['tokens_per_s']:,.0f}", _num(r["loss"], ".4f"),
+                      _num(r["val_ppl"], ".2f"), _ago(r["last_seen"]) + " ago"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines.append("")
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]

@@ -8,6 +8,7 @@ try to overwrite that peer's record instead, print a JSON verdict and exit.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import os
 import signal
@@ -124,11 +125,17 @@ sys.exit(run_bootstrap(NetworkConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"]), stop
 """
 
 
+def fingerprint(name: object) -> str:
+    """A model fingerprint as the daemon publishes it (hex sha256), made up from ``name``."""
+    return hashlib.sha256(str(name).encode()).hexdigest()
+
+
 def values(i: int) -> dict:
+    # Peer i is at round 10 + i, so each holds its own model; participation 100%, 75%, 50%, 25%, 100%, ...
     return {"round": 10 + i, "local_step": 100 * (10 + i), "tokens": 1000 * (i + 1), "loss": 3.0 + i,
             "val_ppl": 20.0 + i, "tokens_per_s": 100.0 * (i + 1), "compression": "fp16", "group_size": 3,
             "averaging_s": 0.5, "bytes_sent": 10 * i, "bytes_received": 20 * i, "client_mode": False,
-            "version": "0.1.0"}
+            "version": "0.1.0", "fingerprint": fingerprint(f"round {10 + i}"), "participation": 1.0 - 0.25 * (i % 4)}
 
 
 def start_bootstrap(procs: list) -> tuple[subprocess.Popen, str]:

@@ -9,7 +9,6 @@ import torch
 
 from photon_p2p.federation.averager_process import HIVEMIND_DEFAULTS, TUNED, PhaseClock, all_finite
 from photon_p2p.federation.compression import make_compression
-from photon_p2p.federation.partial import part_owners, unaveraged_parts
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -22,42 +21,6 @@ def test_all_finite_is_exact_even_when_the_sum_overflows(fast):
         assert not all_finite([torch.randn(5), t], fast=fast)
     opposite = torch.tensor([float("inf"), float("-inf")])  # sums to nan
     assert not all_finite([opposite], fast=fast)
-
-
-@pytest.mark.parametrize("tuning", [TUNED, HIVEMIND_DEFAULTS])
-def test_probing_finds_the_same_stale_parts_as_a_full_comparison(tuning):
-    part = tuning.part_size_bytes // 4
-    sent = [torch.randn(7 * part + 123), torch.randn(3, part // 3 + 5), torch.zeros(2 * part)]
-    received = [t.clone() for t in sent]
-    gathered = {"me": {"round": 1}, "alive": {"round": 1}, "dead": {"round": 1}, "client": {"client": True}}
-    codec = make_compression("none")
-    layout = part_owners(received, [1.0, 1.0, 1.0, 0.0], codec, tuning.part_size_bytes)
-    assert sum(len(p) for p in layout) > 6  # several parts per peer at this part size
-    for t_index, parts in enumerate(layout):
-        for n, (start, end, owner) in enumerate(parts):
-            flat = received[t_index].reshape(-1)
-            if owner == 1 and n % 2:  # averaged, but only between its probes: the full comparison decides
-                flat[start + 1] += 1.0
-            elif owner == 1:
-                flat[start:end] += 1.0
-    full = unaveraged_parts(sent, received, gathered, codec, me="me", part_size_bytes=tuning.part_size_bytes,
-                            probe=False)
-    probed = unaveraged_parts(sent, received, gathered, codec, me="me", part_size_bytes=tuning.part_size_bytes)
-    assert probed == full and full[1] == ["dead"] and 0.0 < full[0] < 1.0
-
-
-def test_tuned_part_layout_matches_hivemind():
-    from hivemind.averaging.partition import TensorPartContainer
-
-    tensors = [torch.randn(3 * TUNED.part_size_bytes // 4 + 17), torch.randn(1000)]
-    codec = make_compression("fp16")  # part sizes count compressed bytes
-    container = TensorPartContainer(tensors, [1.0, 1.0], compression=codec, part_size_bytes=TUNED.part_size_bytes)
-    ours: dict[int, list[torch.Tensor]] = {}
-    for t_index, parts in enumerate(part_owners(tensors, [1.0, 1.0], codec, TUNED.part_size_bytes)):
-        for start, end, owner in parts:
-            ours.setdefault(owner, []).append(tensors[t_index].reshape(-1)[start:end])
-    for owner, theirs in enumerate(container._input_parts_by_peer):
-        assert [len(t) for t in ours.get(owner, [])] == [len(t) for t, _ in theirs]
 
 
 def _stamp(clock: PhaseClock) -> None:

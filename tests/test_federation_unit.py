@@ -11,7 +11,6 @@ from photon_p2p.federation import FederationError
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, make_compression, roundtrip
 from photon_p2p.federation.network import parse_multiaddrs
 from photon_p2p.federation.outer import OuterOptimizer
-from photon_p2p.federation.partial import part_owners, unaveraged_parts
 
 PEER = "/ip4/127.0.0.1/tcp/4001/p2p/QmUHTiz1Q8Rebet3GxAwVWDwVSKdzWDETGLDK6tPfB974N"
 
@@ -116,55 +115,3 @@ def test_byte_counter_sees_counts_made_in_a_forked_process():
     proc.join(30)
     sent, received = counter.snapshot()
     assert sent == received and 10000 < sent < 10000 + 2000  # 1 byte per value + codebook + header
-
-
-def test_part_layout_matches_hivemind():
-    from hivemind.averaging.partition import TensorPartContainer
-
-    tensors = [torch.randn(1000), torch.randn(37, 11), torch.randn(5)]
-    for fractions in ([1.0, 1.0, 1.0], [0.0, 2.0, 1.0, 1.0], [1.0, 0.0]):
-        codec = make_compression("uint8")
-        container = TensorPartContainer(tensors, fractions, compression=codec, part_size_bytes=400)
-        ours = {}
-        for t_index, parts in enumerate(part_owners(tensors, fractions, codec, part_size_bytes=400)):
-            for start, end, owner in parts:
-                ours.setdefault(owner, []).append(tensors[t_index].reshape(-1)[start:end])
-        for owner, theirs in enumerate(container._input_parts_by_peer):
-            mine = ours.get(owner, [])
-            assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, (b, _) in zip(mine, theirs))
-
-
-def test_unaveraged_parts_names_the_failed_reducer():
-    sent = [torch.randn(300_000), torch.randn(1000)]
-    received = [t.clone() for t in sent]
-    gathered = {"me": {"round": 1}, "alive": {"round": 1}, "dead": {"round": 1}}
-    codec = make_compression("none")
-    for t_index, parts in enumerate(part_owners(received, [1.0, 1.0, 1.0], codec)):
-        for start, end, owner in parts:
-            if owner != 2:  # every part except the dead reducer's got averaged
-                received[t_index].reshape(-1)[start:end] += 1.0
-    fraction, failed = unaveraged_parts(sent, received, gathered, codec, me="me")
-    assert failed == ["dead"] and 0.0 < fraction < 1.0
-    assert unaveraged_parts(sent, [t + 1 for t in sent], gathered, codec, me="me") == (0.0, [])
-
-
-def test_clearing_stale_parts_zeroes_exactly_the_dead_reducers_share():
-    # Survivors must not apply their own Δ where the dead reducer's average never came back: each would then
-    # hold a different model forever. Cleared parts are zero (no update), averaged ones are untouched.
-    sent = [torch.randn(300_000), torch.randn(1000)]
-    received = [t.clone() for t in sent]
-    gathered = {"me": {"round": 1}, "alive": {"round": 1}, "dead": {"round": 1}}
-    codec = make_compression("none")
-    dead_mask = [torch.zeros(t.numel(), dtype=torch.bool) for t in sent]
-    for t_index, parts in enumerate(part_owners(received, [1.0, 1.0, 1.0], codec)):
-        for start, end, owner in parts:
-            if owner == 2:
-                dead_mask[t_index][start:end] = True
-            else:
-                received[t_index].reshape(-1)[start:end] += 1.0
-    averaged = [t.clone() for t in received]
-    fraction, failed = unaveraged_parts(sent, received, gathered, codec, me="me", clear=True)
-    assert failed == ["dead"] and fraction == pytest.approx(sum(int(m.sum()) for m in dead_mask) / 301_000)
-    for got, before, mask in zip(received, averaged, dead_mask):
-        assert bool((got.reshape(-1)[mask] == 0).all())
-        assert torch.equal(got.reshape(-1)[~mask], before.reshape(-1)[~mask])

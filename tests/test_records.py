@@ -28,13 +28,18 @@ from photon_p2p.federation.records import (  # noqa: E402
 
 SNAP = {"round": 3, "local_step": 30, "tokens": 4096, "loss": 2.5, "val_ppl": 12, "tokens_per_s": 100,
         "compression": "fp16", "group_size": 2, "averaging_s": 1, "bytes_sent": 10, "bytes_received": 20,
-        "client_mode": 0, "version": "0.1.0", "maddrs": ["/ip4/127.0.0.1/tcp/1/p2p/QmX"]}
+        "client_mode": 0, "version": "0.1.0", "maddrs": ["/ip4/127.0.0.1/tcp/1/p2p/QmX"],
+        "fingerprint": "ab" * 32, "participation": 1}
 KNOWN = dict(peer_id="QmX", run_id="r", time=100, interval=1, started_at=50)
 
 
 def test_make_record_coerces_to_strict_types_and_sanitizes():
     rec = make_record(SNAP, **KNOWN)
     assert type(rec.tokens_per_s) is float and type(rec.val_ppl) is float and rec.client_mode is False
+    assert type(rec.participation) is float and rec.participation == 1.0 and rec.fingerprint == "ab" * 32
+    assert make_record({**SNAP, "fingerprint": None}, **KNOWN).fingerprint == ""  # not computed yet
+    with pytest.raises(ValueError):  # a str fingerprint is the daemon's job: make_record does not str() things
+        make_record({**SNAP, "fingerprint": 42}, **KNOWN)
     assert rec.state == "running"
     assert make_record({**SNAP, "loss": float("nan"), "val_ppl": -1.0}, **KNOWN).loss is None  # NaN, sentinel
     assert make_record({**SNAP, "val_ppl": -1.0}, **KNOWN).val_ppl is None
@@ -69,6 +74,29 @@ def test_validators_accept_signed_records_and_reject_forgeries():
     assert not check.validate(signed(_dht_record("r", owner.local_public_key, {**good, "round": 3.0})))
     assert not check.validate(signed(_dht_record("r", owner.local_public_key, {**good, "extra": 1})))
     assert not check.validate(signed(_dht_record("r", b"no owner key", good)))
+
+
+@pytest.mark.parametrize("bad", [
+    {"fingerprint": 123}, {"fingerprint": b"ab" * 32}, {"fingerprint": "a" * 65},  # not a str, or too long
+    {"participation": 1}, {"participation": "0.5"}, {"participation": 1.5}, {"participation": -0.1},
+    {"participation": float("nan")},
+])
+def test_schema_rejects_wrong_fingerprint_or_participation(bad):
+    good = make_record(SNAP, **KNOWN).dict()
+    with pytest.raises(ValueError):
+        PeerRecord.parse_obj({**good, **bad})
+    check = SchemaValidator(HeartbeatSchema, prefix="r")  # what every DHT node runs on a store
+    assert check.validate(_dht_record("r", b"[owner:k]", good))
+    assert not check.validate(_dht_record("r", b"[owner:k]", {**good, **bad}))
+
+
+@pytest.mark.parametrize("missing", ["fingerprint", "participation"])
+def test_consistency_fields_are_required(missing):
+    good = make_record(SNAP, **KNOWN).dict()
+    del good[missing]
+    assert not SchemaValidator(HeartbeatSchema, prefix="r").validate(_dht_record("r", b"[owner:k]", good))
+    with pytest.raises(ValueError, match=missing):  # a daemon snapshot without it is a bug: it fails loudly
+        make_record({k: v for k, v in SNAP.items() if k != missing}, **KNOWN)
 
 
 def test_identity_key_signs_and_proves_the_peer_id(tmp_path):

@@ -14,14 +14,20 @@ import pytest
 
 pytest.importorskip("hivemind")
 
-from _fake_heartbeat_peer import (RUN, FakeDHT, group_alive, kill_group, reap, spawn, start_bootstrap,  # noqa: E402
-                                  start_peer, values, wait_for_file)
+from _fake_heartbeat_peer import (RUN, FakeDHT, fingerprint, group_alive, kill_group, reap, spawn,  # noqa: E402
+                                  start_bootstrap, start_peer, values, wait_for_file)
 
 from photon_p2p.config import NetworkConfig  # noqa: E402
 from photon_p2p.federation import FederationError  # noqa: E402
 from photon_p2p.federation.records import make_record  # noqa: E402
 from photon_p2p.status import collect_status, render_table, run_status  # noqa: E402
 
+A, B, C = fingerprint("A"), fingerprint("B"), fingerprint("C")
+
+
+def peer(i: int) -> str:
+    """The peer id fake_swarm gives spec ``i``."""
+    return f"Qm{'abcdefghijklmnopqrstuv'[i] * 30}"
 
 
 def fake_swarm(specs: list[dict]) -> FakeDHT:
@@ -32,7 +38,7 @@ def fake_swarm(specs: list[dict]) -> FakeDHT:
     for i, spec in enumerate(specs):
         spec = dict(spec)
         age, state = spec.pop("age", 0.0), spec.pop("state", "running")
-        rec = make_record({**values(i), **spec}, peer_id=f"Qm{'abcdefghijklmnopqrstuv'[i] * 30}", run_id=RUN,
+        rec = make_record({**values(i), **spec}, peer_id=peer(i), run_id=RUN,
                           maddrs=[f"/ip4/10.0.0.{i}/tcp/4000/p2p/Qm{i}"], time=now - age, interval=1.0,
                           started_at=now - 100, state=state)
         dht.entries[f"[owner:{i}]".encode()] = ValueWithExpiration(rec.dict(), now + 60)
@@ -55,6 +61,76 @@ def test_collect_status_marks_stale_and_left_and_sorts():
     assert collect_status(dht, RUN, timeout=1.0, stale_after=60.0)["summary"]["live_peers"] == 3
     gone = collect_status(fake_swarm([{"age": 30.0}]), RUN, timeout=1.0)
     assert "no live peers" in render_table(gone) and gone["summary"]["live_peers"] == 0
+
+
+def model_line(status: dict) -> str:
+    """The consistency line render_table prints right under the header ("" if none)."""
+    second = render_table(status).splitlines()[1]
+    return second if second.startswith(("SPLIT:", "one model:")) else ""
+
+
+def test_one_model_at_the_newest_round_and_peers_behind_are_not_a_split():
+    # Three live peers agree at round 12; one is behind with an older model; a stale one at 12 disagrees but
+    # is not live, so it does not count (its record may be minutes old).
+    dht = fake_swarm([{"round": 12, "fingerprint": A, "participation": 1.0},
+                      {"round": 12, "fingerprint": A, "participation": 0.5},
+                      {"round": 11, "fingerprint": B, "participation": 0.25},
+                      {"round": 12, "fingerprint": A, "participation": 0.75},
+                      {"round": 12, "fingerprint": C, "age": 30.0}])
+    status = collect_status(dht, RUN, timeout=1.0)
+    s = status["summary"]
+    assert (s["models"], s["split"], s["behind_peers"], s["global_round"]) == (1, False, 1, 12)
+    assert s["median_participation"] == pytest.approx(0.625)  # live peers only: 0.25, 0.5, 0.75, 1.0
+    assert s["model_groups"] == [{"fingerprint": A, "round": 12, "peers": [peer(0), peer(1), peer(3)]},
+                                 {"fingerprint": B, "round": 11, "peers": [peer(2)]}]
+    assert [p["fingerprint"] for p in status["peers"]] == [A, A, A, B, C]  # rows keep their fingerprint
+    assert model_line(status) == f"one model: {A[:8]} held by all 3 live peers at round 12, 1 behind"
+    assert "SPLIT" not in render_table(status)
+    assert json.loads(json.dumps(status))["summary"] == s  # JSON output carries the same fields
+
+    alone = collect_status(fake_swarm([{"round": 12, "fingerprint": A}]), RUN, timeout=1.0)
+    assert model_line(alone) == f"one model: {A[:8]} held by the only live peer at round 12"
+
+
+def test_split_at_the_same_round_names_each_model_and_its_peers():
+    dht = fake_swarm([{"round": 12, "fingerprint": B}, {"round": 12, "fingerprint": A},
+                      {"round": 12, "fingerprint": A}, {"round": 11, "fingerprint": C}])
+    status = collect_status(dht, RUN, timeout=1.0)
+    s = status["summary"]
+    assert (s["models"], s["split"], s["behind_peers"]) == (2, True, 1)
+    # newest round first, then the biggest group: the majority model leads
+    assert [(g["round"], g["fingerprint"], g["peers"]) for g in s["model_groups"]] == [
+        (12, A, [peer(1), peer(2)]), (12, B, [peer(0)]), (11, C, [peer(3)])]
+    assert model_line(status) == (
+        f"SPLIT: live peers at round 12 hold 2 different models: {A[:8]} (peers ..bbbbbbbbbbbb, ..cccccccccccc), "
+        f"{B[:8]} (peers ..aaaaaaaaaaaa); they re-merge when they next meet in a group")
+    assert json.loads(json.dumps(status))["summary"]["split"] is True
+
+
+def test_peers_without_a_fingerprint_are_not_a_model_of_their_own():
+    dht = fake_swarm([{"round": 12, "fingerprint": A}, {"round": 12, "fingerprint": ""},
+                      {"round": 12, "fingerprint": B}])
+    s = collect_status(dht, RUN, timeout=1.0)["summary"]
+    assert (s["models"], s["split"]) == (2, True)
+    assert model_line(collect_status(dht, RUN, timeout=1.0)).endswith(
+        "; 1 reports no fingerprint; they re-merge when they next meet in a group")
+    agree = collect_status(fake_swarm([{"round": 12, "fingerprint": A}, {"round": 12, "fingerprint": ""}]), RUN, 1.0)
+    assert (agree["summary"]["models"], agree["summary"]["split"]) == (1, False)
+    assert model_line(agree) == f"one model: {A[:8]} held by 1 of 2 live peers (1 reports no fingerprint) at round 12"
+    unknown = collect_status(fake_swarm([{"round": 12, "fingerprint": ""}]), RUN, 1.0)
+    assert unknown["summary"]["models"] == 0 and model_line(unknown) == ""
+    assert collect_status(fake_swarm([{"age": 30.0}]), RUN, 1.0)["summary"]["models"] == 0  # nobody live
+
+
+def test_table_has_model_and_participation_columns():
+    status = collect_status(fake_swarm([{"round": 12, "fingerprint": A, "participation": 0.875},
+                                        {"round": 12, "fingerprint": "", "participation": 0.0}]), RUN, 1.0)
+    lines = render_table(status).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
+    assert lines[header].split()[5:7] == ["MODEL", "PART"]
+    rows = {line.split()[0]: line.split() for line in lines[header + 1:] if line.startswith("..")}
+    assert rows["..aaaaaaaaaaaa?"][5:7] == [A[:8], "88%"]
+    assert rows["..bbbbbbbbbbbb?"][5:7] == ["-", "0%"]
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +161,16 @@ def test_status_table_lists_peers(swarm):
     head = text.splitlines()[0]
     assert f"run '{RUN}': 3 live peers, global round 12" in head
     assert "6.00k tokens" in head and "600 tokens/s" in head and "median loss 4.0000" in head
-    table = [line for line in text.splitlines()[1:] if " live " in line]
+    newest_model = values(2)["fingerprint"][:8]  # each fake peer is at its own round: two are behind
+    assert text.splitlines()[1] == f"one model: {newest_model} held by the only live peer at round 12, 2 behind"
+    table = [line for line in text.splitlines()[1:] if line.startswith("..")]
     assert len(table) == 3
     # sorted by round, newest first; lag counts rounds behind the newest
     for line, i, lag in zip(table, (2, 1, 0), (0, 1, 2)):
         cells = line.split()
         assert swarm["infos"][i]["peer_id"].endswith(cells[0].lstrip(".")), cells
         assert cells[1].startswith("/ip4/127.0.0.1/tcp/") and cells[3:5] == [str(10 + i), str(lag)]
+        assert cells[5:7] == [values(i)["fingerprint"][:8], f"{values(i)['participation']:.0%}"]
     assert "?" not in text  # identities were given, so every peer id is proven by its signing key
 
 
@@ -103,6 +182,11 @@ def test_status_json_matches(swarm):
     assert s["tokens_per_s"] == pytest.approx(600.0)
     assert s["median_loss"] == pytest.approx(statistics.median([3.0, 4.0, 5.0]))
     assert s["median_val_ppl"] == pytest.approx(21.0)
+    assert s["median_participation"] == pytest.approx(0.75)  # 1.0, 0.75, 0.5
+    # each fake peer is at its own round: the one at the newest round is the whole "swarm", the others are behind
+    assert (s["models"], s["split"], s["behind_peers"]) == (1, False, 2)
+    assert s["model_groups"][0] == {"fingerprint": values(2)["fingerprint"], "round": 12,
+                                    "peers": [swarm["infos"][2]["peer_id"]]}
     by_id = {p["peer_id"]: p for p in doc["peers"]}
     for i, info in enumerate(swarm["infos"]):
         row, want = by_id[info["peer_id"]], values(i)

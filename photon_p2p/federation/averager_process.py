@@ -1,4 +1,13 @@
-"""The hivemind averager process as photon_p2p runs it: tuning, phase timestamps, and bounded calls into it.
+"""The hivemind averager process as photon_p2p runs it: exact all-reduce, healing, tuning, phase timestamps.
+
+Every touch of hivemind's private internals lives here (and nowhere else), checked against the pinned version:
+- ``ExactAllReduceRunner``: hivemind's butterfly all-reduce returns each member ``own + compress(avg − own)``,
+  so members end on different bytes (always with a lossy codec, by rounding even without one). Our reducers
+  compress each averaged part ONCE and send every member those same bytes; members (the reducer included)
+  adopt the decoded average as is. After a successful round every member holds bit-identical tensors.
+- Healing: when a group's gathered fingerprints differ, the members hold different global models; that round
+  the averager turns Δ = θ_global − θ_local into θ_local in place and averages weights losslessly, so the group
+  leaves the round on one model.
 
 Where one round's time goes (see bench/allreduce_speed.py) is measured here: the forked averager process stamps
 when it receives a step, when its group is assembled and when the all-reduce has written its result back, into
@@ -7,22 +16,36 @@ shared memory that the calling process reads after the round.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import multiprocessing as mp
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
+import hivemind
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
-from hivemind.compression import CompressionInfo
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import BannedException
+from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, deserialize_torch_tensor
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 
-from photon_p2p.federation.compression import ByteCounter, count_registry_traffic
+from photon_p2p.federation import FederationError
+from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic
 from photon_p2p.federation.records import is_live, read_records
 
+PINNED_HIVEMIND = "1.1.12"
+if hivemind.__version__ != PINNED_HIVEMIND:
+    # The subclasses below override private coroutines of hivemind's averager and all-reduce runner.
+    raise FederationError(f"photon_p2p needs hivemind=={PINNED_HIVEMIND} (found {hivemind.__version__}); "
+                          f"pip install hivemind=={PINNED_HIVEMIND}")
+
 T = TypeVar("T")
+REPORT_KEY = "__photon_report__"  # the averager process's report rides back with the gathered metadata
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
 
 
@@ -73,8 +96,11 @@ class ProcessAverager(DecentralizedAverager):
     """hivemind's averager with our state for joiners, byte counting and phase stamps in its own process."""
 
     def __init__(self, *args, state_provider: StateProvider, counter: ByteCounter, clock: PhaseClock,
-                 threads: int | None, **kwargs) -> None:
+                 threads: int | None, global_tensors: Sequence[torch.Tensor] | None = None, **kwargs) -> None:
         self._state_provider, self._counter, self._clock, self._threads = state_provider, counter, clock, threads
+        # The caller's global weights in shared memory (read here only in a healing round, under the tensor lock).
+        self._global_tensors = list(global_tensors) if global_tensors is not None else None
+        self._report: dict[str, Any] = {}
         super().__init__(*args, **kwargs)
 
     def get_current_state(self):
@@ -104,12 +130,118 @@ class ProcessAverager(DecentralizedAverager):
         self._clock.stamp("step_received")
         return await super()._step(*args, **kwargs)
 
-    async def _aggregate_with_group(self, *args, **kwargs):
+    async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         self._clock.stamp("group_assembled")
+        self._report = {"failed_fraction": 0.0, "failed_peers": [], "healed": False}
         try:
-            return await super()._aggregate_with_group(*args, **kwargs)
+            if self._global_tensors is not None and models_differ(self._peek_gathered(group_info)):
+                # Members hold different global models: averaging updates would keep them apart forever.
+                # Average the local weights themselves (θ_local = θ_global − Δ), lossless, for this round.
+                with self.lock_averaged_tensors:
+                    for buf, g in zip(self._averaged_tensors, self._global_tensors):
+                        buf.neg_().add_(g)
+                kwargs["compression"] = CountingCompression(NoCompression(), self._counter)
+                self._report["healed"] = True
+            gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+            return {**gathered, REPORT_KEY: dict(self._report)}
         finally:
             self._clock.stamp("allreduce_done")
+
+    def _peek_gathered(self, group_info) -> dict:
+        """The members' gathered metadata, decoded the way hivemind's _aggregate_with_group does."""
+        try:
+            rows = [self.serializer.loads(g) for g in group_info.gathered]
+            return {peer: self.serializer.loads(row[2]) for peer, row in zip(group_info.peer_ids, rows)}
+        except Exception:  # malformed metadata: hivemind's own decoding fails the round right after
+            return {}
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = ExactAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
+                                      group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+        assert group_id in self._running_groups, "group was not registered in _register_allreduce_group"
+        self._running_groups[group_id].set_result(runner)
+        async for tensor, average in azip(as_aiter(*tensors), runner):
+            tensor.copy_(average)  # the group's average itself: the very bytes every member decoded
+        container = runner.tensor_part_container
+        self._report["failed_fraction"] = container.failed_size / max(1, container.total_size)
+        self._report["failed_peers"] = sorted(str(p) for p in runner.failed_reducers)
+
+
+def models_differ(gathered: dict[Any, Any]) -> bool:
+    """Whether a group's members reported different global-model fingerprints (a split swarm meeting again)."""
+    prints = {g.get("fingerprint") for g in gathered.values() if isinstance(g, dict) and g.get("fingerprint")}
+    return len(prints) > 1
+
+
+class ExactAllReduceRunner(AllReduceRunner):
+    """Butterfly all-reduce in which every member receives the same bytes for each averaged part.
+
+    hivemind's runner sends each sender ``compress(avg − sent)``, so members end on different values. Here a
+    reducer encodes each averaged part once, with the group's codec, and streams those bytes to every sender;
+    it decodes the same bytes for its own copy. A part whose reducer failed comes back as zeros (no update),
+    and the reducers that failed are listed in ``failed_reducers``.
+    """
+
+    def __init__(self, *args, compression: CompressionBase = NoCompression(), **kwargs) -> None:
+        super().__init__(*args, compression=compression, **kwargs)
+        # Encode results without counting (bytes are counted per message actually sent, below).
+        self._codec = compression.inner if isinstance(compression, CountingCompression) else compression
+        self._counter = compression.counter if isinstance(compression, CountingCompression) else None
+        self._encoded: dict[int, asyncio.Future] = {}
+        self._fetched: dict[int, int] = {}
+        self.failed_reducers: list = []
+
+    async def _encoded_average(self, part_index: int, averaged: torch.Tensor) -> runtime_pb2.Tensor:
+        """The averaged part, compressed once; every caller gets the very same message."""
+        if part_index not in self._encoded:
+            info = CompressionInfo.from_tensor(averaged, key=part_index)
+            loop = asyncio.get_event_loop()
+            self._encoded[part_index] = asyncio.ensure_future(
+                loop.run_in_executor(None, lambda: self._codec.compress(averaged, info)))
+        message = await self._encoded[part_index]
+        self._fetched[part_index] = self._fetched.get(part_index, 0) + 1
+        if self._fetched[part_index] >= len(self.sender_peer_ids):
+            del self._encoded[part_index]  # every sender has it: free the bytes early
+        return message
+
+    async def _communicate_with_peer(self, peer_id) -> None:
+        if peer_id != self.peer_id:
+            try:
+                return await super()._communicate_with_peer(peer_id)
+            except BaseException:
+                self.failed_reducers.append(peer_id)
+                raise
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        sender_index = self.sender_peer_ids.index(peer_id)
+        loop = asyncio.get_event_loop()
+        for part_index, part in enumerate(self.parts_for_local_averaging):
+            averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part,
+                                                                     weight=self.weight)
+            message = await self._encoded_average(part_index, averaged)
+            decoded = await loop.run_in_executor(None, self._codec.extract, message)
+            self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
+
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData],
+                                          sender_index: int):
+        part_index = 0
+        try:
+            async for part, weight in amap_in_executor(
+                    lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight), stream,
+                    max_prefetch=self.tensor_part_container.prefetch):
+                try:
+                    averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part,
+                                                                             weight=weight)
+                    part_index += 1
+                except BannedException:
+                    break  # the sender was banned meanwhile: it gets nothing more
+                message = await self._encoded_average(part_index - 1, averaged)
+                if self._counter is not None:
+                    self._counter.add_sent(message.ByteSize())
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=message)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
 def live_group_target(dht: DHT, run_id: str, me: str, target: int, min_size: int, timeout: float) -> int:

@@ -24,6 +24,7 @@ from hivemind.utils import get_dht_time
 from photon_p2p.config import FederationConfig, NetworkConfig
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.averager_process import (
+    REPORT_KEY,
     TUNED,
     AveragerTuning,
     PhaseClock,
@@ -36,7 +37,6 @@ from photon_p2p.federation.averager_process import (
 )
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, make_compression
 from photon_p2p.federation.network import lifeline
-from photon_p2p.federation.partial import unaveraged_parts
 
 log = logging.getLogger("photon_p2p.federation")
 # hivemind logs every failed matchmaking attempt as an ERROR; our retry loop reports outcomes itself.
@@ -57,6 +57,10 @@ class RoundResult:
     reason: str = ""
     partial: float = 0.0  # fraction of values a failed reducer left un-averaged (their Δ is zeroed: no update)
     failed_peers: list[str] = field(default_factory=list)
+    # healed: the members' fingerprints differed, so this round averaged local *weights* (lossless): the
+    # tensors hold mean θ_local, not mean Δ. fingerprints: each member's global-model fingerprint going in.
+    healed: bool = False
+    fingerprints: dict[str, str] = field(default_factory=dict)
     # seconds by phase: copy_in, matchmaking (incl. the live-peer lookup and failed attempts), allreduce, handoff
     # (result to this process), write_back (checks + copy out); codec: compress/extract time summed over the
     # averager's threads (it overlaps the all-reduce). Empty phases were not reached.
@@ -67,7 +71,10 @@ class PseudoGradientAverager:
     """Averages pseudo-gradients with peers of the same run and round; serves and downloads the global state."""
 
     def __init__(self, dht: hivemind.DHT, templates: list[torch.Tensor], fed: FederationConfig,
-                 net: NetworkConfig, state_provider: StateProvider, tuning: AveragerTuning = TUNED) -> None:
+                 net: NetworkConfig, state_provider: StateProvider, tuning: AveragerTuning = TUNED,
+                 global_tensors: list[torch.Tensor] | None = None) -> None:
+        """``global_tensors``: the caller's global weights, moved to shared memory here so that a healing round
+        (members with different fingerprints) can average weights; without them a split group cannot heal."""
         if not fed.run_id or "." in fed.run_id:
             raise FederationError(f"federation.run_id must be non-empty and contain no '.', got '{fed.run_id}'")
         if fed.round_deadline <= fed.matchmaking_time * 1.25 + 0.5:
@@ -91,7 +98,8 @@ class PseudoGradientAverager:
             # A joiner serves state only once it has some (load_state or a round); the first peer at once.
             allow_state_sharing=not self.client_mode and not net.initial_peers,
             part_size_bytes=tuning.part_size_bytes, shutdown_timeout=5.0, state_provider=state_provider,
-            counter=self.counter, clock=self.clock, threads=tuning.averager_threads)
+            counter=self.counter, clock=self.clock, threads=tuning.averager_threads,
+            global_tensors=[g.share_memory_() for g in global_tensors] if global_tensors is not None else None)
         self._start(float(net.bootstrap_timeout))
         self._closed = False
 
@@ -113,10 +121,13 @@ class PseudoGradientAverager:
 
     # ---- averaging ---------------------------------------------------------------------------------------
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float,
-                stop: threading.Event | None = None) -> RoundResult:
+                stop: threading.Event | None = None, fingerprint: str = "",
+                live_target: int | None = None) -> RoundResult:
         """All-reduce ``deltas`` (weighted by ``weight``, e.g. tokens) with peers at ``round_no``, within
-        federation.round_deadline. On success the weighted mean is written into ``deltas`` in place; otherwise
-        they are left untouched and the result is solo with a reason."""
+        federation.round_deadline. On success the group's weighted mean (the same bytes on every member) is
+        written into ``deltas`` in place; if ``result.healed`` it is the mean of the members' local weights
+        instead. Otherwise they are left untouched and the result is solo with a reason. ``live_target``: the
+        group size at which to start at once (every live peer of this round), instead of asking the DHT."""
         t0, (sent0, recv0), codec0 = time.monotonic(), self.counter.snapshot(), self.counter.codec_seconds()
         deadline, phases = t0 + self.fed.round_deadline, {}
 
@@ -134,11 +145,13 @@ class PseudoGradientAverager:
             return result(True, "averager process is not running")
         weight = max(float(weight), 1e-6)  # hivemind divides by the group's total weight
         try:
-            gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases)
+            gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, fingerprint,
+                                              live_target)
         finally:
             self._share_state(priority=round_no + 1)
         if gathered is None:
             return result(True, reason)
+        report = gathered.pop(REPORT_KEY, None) or {}
         mismatched = {p: g for p, g in gathered.items() if not isinstance(g, dict) or g.get("round") != round_no}
         if mismatched:
             log.warning("round %d: discarded a group with peers at other rounds: %s", round_no,
@@ -150,25 +163,26 @@ class PseudoGradientAverager:
         try:
             if not all_finite(self._buffers, fast=self.tuning.fast_checks):
                 return result(True, "non-finite values after all-reduce")
-            fraction, failed = unaveraged_parts(deltas, self._buffers, gathered, self._codec, me=self.peer_id,
-                                                part_size_bytes=self.tuning.part_size_bytes,
-                                                probe=self.tuning.fast_checks, clear=True)
             for d, b in zip(deltas, self._buffers):
                 d.copy_(b)
         finally:
             self._averager.lock_averaged_tensors.release()
             phases["write_back"] = time.monotonic() - t_back
+        fraction, failed = float(report.get("failed_fraction", 0.0)), list(report.get("failed_peers", []))
         reason = ""
         if fraction > 0:
-            # Those values get no update this round: keeping each survivor's own Δ there would leave the
-            # survivors on different models for good, since later rounds only average updates, never weights.
+            # A failed reducer's parts come back as zeros: no update there. Keeping each survivor's own Δ would
+            # leave the survivors on different models, since later rounds only average updates.
             reason = f"partial: {fraction:.1%} of values not averaged (left unchanged)"
             log.warning("round %d: %s (reducer(s) that failed: %s)", round_no, reason, ", ".join(failed) or "?")
+        fingerprints = {p: str(g.get("fingerprint", "")) for p, g in gathered.items()}
         self.counter.wait_quiet(limit=max(0.0, min(1.0, deadline - time.monotonic())))
-        return result(False, reason, gathered, partial=fraction, failed_peers=failed)
+        return result(False, reason, gathered, partial=fraction, failed_peers=failed,
+                      healed=bool(report.get("healed")), fingerprints=fingerprints)
 
     def _run_step(self, deltas: list[torch.Tensor], round_no: int, weight: float, deadline: float,
-                  stop: threading.Event | None, phases: dict[str, float]) -> tuple[dict[str, dict] | None, str]:
+                  stop: threading.Event | None, phases: dict[str, float], fingerprint: str,
+                  live_target: int | None) -> tuple[dict[str, dict] | None, str]:
         """Matchmake and all-reduce until success or the deadline: (gathered metadata by peer, "") or (None, why)."""
         t_copy = time.monotonic()
         if not self._lock(deadline):
@@ -180,10 +194,12 @@ class PseudoGradientAverager:
             self._averager.lock_averaged_tensors.release()
             phases["copy_in"] = time.monotonic() - t_copy
         t_match, target = time.time(), self.fed.target_group_size  # wall clock: the averager process stamps in it too
-        if self.tuning.cap_group_to_live_peers:
+        if live_target is not None:
+            target = max(self.fed.min_group_size, min(target, live_target))
+        elif self.tuning.cap_group_to_live_peers:
             target = live_group_target(self.dht, self.fed.run_id, self.peer_id, target, self.fed.min_group_size,
                                        timeout=min(2.0, self.fed.matchmaking_time / 2))
-        gather = {"round": int(round_no), "weight": weight, "client": self.client_mode}
+        gather = {"round": int(round_no), "weight": weight, "client": self.client_mode, "fingerprint": fingerprint}
         bits = format(round_no % 2**ROUND_BITS, f"0{ROUND_BITS}b")
         reason = "no group found"
         while True:

@@ -55,6 +55,9 @@ class PeerRecord(BaseModel):
     started_at: StrictFloat
     time: StrictFloat  # publication time (hivemind.get_dht_time); readers derive "last seen" and staleness
     interval: confloat(gt=0.0, strict=True)  # the publisher's heartbeat period, so readers can judge staleness
+    # Swarm consistency: peers at the same round with different fingerprints hold different models (a split).
+    fingerprint: constr(strict=True, max_length=64)  # hex sha256 of weights + outer optimizer state; "" = unknown
+    participation: confloat(ge=0.0, le=1.0, strict=True)  # share of finished rounds averaged in a group, not solo
 
 
 class HeartbeatSchema(BaseModel):
@@ -128,7 +131,7 @@ def _finite(value: Any) -> Optional[float]:
     return value if value is not None and math.isfinite(value) and value >= 0 else None
 
 
-_FLOATS = {"tokens_per_s", "averaging_s", "started_at", "time", "interval"}
+_FLOATS = {"tokens_per_s", "averaging_s", "started_at", "time", "interval", "participation"}
 _INTS = {"round", "local_step", "tokens", "group_size", "bytes_sent", "bytes_received"}
 
 
@@ -146,6 +149,8 @@ def make_record(snapshot: dict, **known: Any) -> PeerRecord:
     for name in set(data) & {"loss", "val_ppl"}:
         data[name] = _finite(data[name])
     data["client_mode"] = bool(data.get("client_mode", False))
+    if "fingerprint" in data and data["fingerprint"] is None:
+        data["fingerprint"] = ""  # "not computed yet"; any other non-str is a daemon bug the schema rejects
     data["maddrs"] = [str(m) for m in data.get("maddrs", [])][:16]  # the schema caps the list; dialers need one
     return PeerRecord(**data)
 

@@ -1,0 +1,216 @@
+"""The federation a daemon is given: one object that owns DHT → validators → averager → clock → heartbeats.
+
+``PeerDaemon`` talks to the swarm only through the ``Swarm`` protocol below, so the round loop (clock, catch-up,
+healing, the non-finite guard) can be driven in-process by a fake swarm in fast tests; ``HivemindSwarm`` is the
+real one. It starts its parts in dependency order and shuts them down in reverse order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from hivemind.optim.progress_tracker import ProgressTracker
+
+from photon_p2p.config import Config
+from photon_p2p.federation import FederationError
+from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
+from photon_p2p.federation.network import parse_multiaddrs, start_dht, visible_maddrs
+from photon_p2p.federation.records import (
+    HeartbeatPublisher,
+    install_validators,
+    is_live,
+    load_identity_key,
+    read_records,
+    read_run_ids,
+)
+
+log = logging.getLogger("photon_p2p.federation")
+StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
+
+
+def fingerprint(tensors: list[torch.Tensor]) -> str:
+    """sha256 (hex) of the tensors' exact bytes, shapes and dtypes: equal iff two peers hold the same state."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().data)
+    return h.hexdigest()
+
+
+class Swarm(Protocol):
+    """What a daemon needs from the federation (see HivemindSwarm for the real semantics of each call)."""
+
+    peer_id: str
+    maddrs: list[str]
+
+    def start(self, snapshot: Callable[[], dict]) -> None: ...
+    def check_run(self) -> None: ...
+    def peers(self) -> list[dict]: ...
+    def report_progress(self, round_no: int, tokens: int) -> None: ...
+    def round_ready(self, round_no: int) -> bool: ...
+    def begin_round(self, round_no: int) -> None: ...
+    def average(self, deltas: list[torch.Tensor], round_no: int, weight: float, *, stop, fingerprint: str,
+                live_target: int | None) -> RoundResult: ...
+    def load_state(self, timeout: float, progress: bool) -> tuple[dict, list[torch.Tensor]] | None: ...
+    def publish_now(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+class SwarmClock:
+    """When a round ends, for every live peer at once: hivemind's ProgressTracker, with rounds as its epochs.
+
+    Every peer reports the tokens it has trained this round; a round ends when the swarm's total reaches
+    ``tokens_per_peer`` × the number of peers reporting (H inner steps' worth per silo on average), or when
+    the tracker's throughput estimate says it has. A fast silo therefore takes more inner steps than a slow
+    one, and both reach matchmaking together.
+    """
+
+    def __init__(self, dht, run_id: str, tokens_per_peer: int, *, client_mode: bool, private_key,
+                 expiration: float) -> None:
+        self.tokens_per_peer = int(tokens_per_peer)
+        self.tracker = ProgressTracker(dht, f"{run_id}_clock", self.tokens_per_peer, client_mode=client_mode,
+                                       private_key=private_key, metadata_expiration=expiration,
+                                       min_refresh_period=0.25, max_refresh_period=2.0,
+                                       default_refresh_period=1.0, start=True)
+
+    def report(self, round_no: int, tokens: int) -> None:
+        self.tracker.report_local_progress(round_no, int(tokens))
+
+    def ready(self, round_no: int) -> bool:
+        peers = max(1, self.tracker.global_progress.num_peers)
+        self.tracker.target_batch_size = self.tokens_per_peer * peers  # every peer derives it from the same records
+        return self.tracker.ready_to_update_epoch
+
+    def begin(self, round_no: int) -> None:
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(round_no)
+
+    @property
+    def peers(self) -> int:
+        return int(self.tracker.global_progress.num_peers)
+
+    def shutdown(self) -> None:
+        self.tracker.shutdown(timeout=5.0)
+
+
+class HivemindSwarm:
+    """The real federation over a hivemind DHT (see the module docstring)."""
+
+    def __init__(self, cfg: Config, global_tensors: list[torch.Tensor], state_provider: StateProvider,
+                 tokens_per_step: int) -> None:
+        f, net = cfg.federation, cfg.network
+        self.cfg = cfg
+        initial = parse_multiaddrs(net.initial_peers, "--initial-peers")
+        self.dht = start_dht(net, initial_peers=initial)
+        self.averager: PseudoGradientAverager | None = None
+        self.publisher: HeartbeatPublisher | None = None
+        self.clock: SwarmClock | None = None
+        try:
+            self.peer_id = str(self.dht.peer_id)
+            self.maddrs = visible_maddrs(self.dht)
+            self.owner_key = install_validators(self.dht, f.run_id, net.identity_path or None)
+            self.averager = PseudoGradientAverager(self.dht, global_tensors, f, net, state_provider,
+                                                   global_tensors=global_tensors)
+            if f.round_clock == "swarm":
+                key = load_identity_key(net.identity_path) if net.identity_path else None
+                self.clock = SwarmClock(self.dht, f.run_id, f.local_steps * tokens_per_step,
+                                        client_mode=bool(net.client_mode), private_key=key,
+                                        expiration=f.record_ttl)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- membership --------------------------------------------------------------------------------------
+    def start(self, snapshot: Callable[[], dict]) -> None:
+        f, net = self.cfg.federation, self.cfg.network
+        self.publisher = HeartbeatPublisher(self.dht, f.run_id, snapshot, f.heartbeat_interval, f.record_ttl,
+                                            request_timeout=net.request_timeout, owner_key=self.owner_key)
+        self.publisher.start()
+
+    def check_run(self) -> None:
+        """Fail with a clear error if the swarm trains other runs but not ours (a mistyped --run-id)."""
+        runs = read_run_ids(self.dht, timeout=self.cfg.network.request_timeout)
+        run_id = self.cfg.federation.run_id
+        if runs and run_id not in runs:
+            raise FederationError(f"no peer in this swarm trains run id '{run_id}' (runs seen: "
+                                  f"{', '.join(repr(r) for r in runs)}); check --run-id")
+
+    def peers(self) -> list[dict]:
+        """Other live peers' heartbeat records (round, fingerprint, ...); [] when the DHT does not answer."""
+        try:
+            rows = read_records(self.dht, self.cfg.federation.run_id, self.cfg.network.request_timeout)
+        except Exception as e:  # no evidence is not an error: the caller treats it as "nobody else"
+            log.debug("could not read heartbeats: %s", e)
+            return []
+        return [r for r in rows if r["peer_id"] != self.peer_id and is_live(r)]
+
+    # ---- the round clock ---------------------------------------------------------------------------------
+    def report_progress(self, round_no: int, tokens: int) -> None:
+        if self.clock is not None:
+            self.clock.report(round_no, tokens)
+
+    def round_ready(self, round_no: int) -> bool:
+        return self.clock.ready(round_no) if self.clock is not None else False
+
+    def begin_round(self, round_no: int) -> None:
+        if self.clock is not None:
+            self.clock.begin(round_no)
+
+    # ---- averaging and state -----------------------------------------------------------------------------
+    def average(self, deltas, round_no, weight, *, stop, fingerprint, live_target) -> RoundResult:
+        if live_target is None and self.clock is not None and self.clock.peers > 1:
+            live_target = self.clock.peers
+        return self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
+                                     live_target=live_target)
+
+    def load_state(self, timeout: float, progress: bool):
+        return self.averager.load_state(timeout=timeout, progress=progress)
+
+    def publish_now(self) -> None:
+        if self.publisher is not None:
+            self.publisher.publish_now()
+
+    def shutdown(self) -> None:
+        """Leave in reverse order of joining: heartbeats ("left"), clock, averager, then the DHT (and p2pd)."""
+        for name in ("publisher", "clock", "averager"):
+            part = getattr(self, name, None)
+            if part is None:
+                continue
+            try:
+                part.stop() if name == "publisher" else part.shutdown()
+            except Exception as e:  # shutting down must never mask the real exit reason
+                log.warning("error while shutting down the %s: %s", name, e)
+            setattr(self, name, None)
+        try:
+            self.dht.shutdown()
+        except Exception as e:
+            log.warning("error while shutting down the DHT: %s", e)
+
+
+def check_state(meta: dict, tensors: list[torch.Tensor], peers: list[dict]) -> str:
+    """Why a downloaded state must be refused ("" if it is acceptable).
+
+    Refused: non-finite values; a fingerprint that does not match the bytes; a fingerprint that differs from
+    what live peers at that round report in their heartbeats (when they report one).
+    """
+    if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+        return "it holds non-finite values"
+    claimed = str(meta.get("fingerprint", ""))
+    actual = fingerprint(tensors)
+    if claimed and claimed != actual:
+        return "its fingerprint does not match its bytes"
+    reported = [p.get("fingerprint") for p in peers if p.get("round") == meta.get("round") and p.get("fingerprint")]
+    if reported:
+        majority = max(set(reported), key=reported.count)
+        if actual != majority:
+            return (f"its fingerprint {actual[:8]} differs from the {reported.count(majority)} live peer(s) at "
+                    f"round {meta.get('round')} holding {majority[:8]}")
+    return ""
+
+
+_ = np  # numpy backs tensor.numpy() above; imported explicitly so a missing numpy fails at import time

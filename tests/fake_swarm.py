@@ -1,0 +1,113 @@
+"""An in-process fake of the ``Swarm`` protocol: several PeerDaemons in one process, driven round by round.
+
+The fake keeps the semantics the daemon relies on: a group averages Δ weighted by tokens (or local weights when
+the members' fingerprints differ), every member gets the same values, a peer that is not in the group gets a
+solo result, and state downloads return the newest state served by another peer. Which peers group in which
+round is scripted by the test (``plan``), so clock, catch-up, healing and the guard are tested deterministically.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from photon_p2p.federation.averaging import RoundResult
+
+
+@dataclass
+class FakeNet:
+    """Shared by the fake peers of one test: who is live, what each serves, and the grouping plan."""
+
+    plan: Callable[[int, str], list[str] | None] = lambda round_no, me: None  # None: everyone live at that round
+    peers: dict[str, "FakeSwarm"] = field(default_factory=dict)
+    barrier_timeout: float = 30.0
+    pending: dict[int, dict[str, tuple]] = field(default_factory=dict)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    progress: dict[str, tuple[int, int]] = field(default_factory=dict)
+    tokens_per_peer: int = 0  # the swarm clock's per-peer target (0: the clock never fires)
+
+
+class FakeSwarm:
+    def __init__(self, net: FakeNet, name: str, global_params, state_provider) -> None:
+        self.net, self.peer_id, self.maddrs = net, name, [f"/fake/{name}"]
+        self.global_params, self.state_provider = global_params, state_provider
+        self.snapshot: Callable[[], dict] | None = None
+        self.live = True
+        net.peers[name] = self
+
+    def start(self, snapshot) -> None:
+        self.snapshot = snapshot
+
+    def check_run(self) -> None:
+        pass
+
+    def peers(self) -> list[dict]:
+        return [p.snapshot() | {"peer_id": n} for n, p in self.net.peers.items()
+                if n != self.peer_id and p.live and p.snapshot is not None]
+
+    # the clock: ready when the live peers' tokens at this round reach tokens_per_peer x peers
+    def report_progress(self, round_no: int, tokens: int) -> None:
+        self.net.progress[self.peer_id] = (round_no, tokens)
+
+    def round_ready(self, round_no: int) -> bool:
+        live = [n for n, p in self.net.peers.items() if p.live]
+        total = sum(t for n, (r, t) in self.net.progress.items() if r == round_no and n in live)
+        return self.net.tokens_per_peer > 0 and total >= self.net.tokens_per_peer * len(live)
+
+    def begin_round(self, round_no: int) -> None:
+        self.net.progress[self.peer_id] = (round_no, 0)
+
+    def average(self, deltas, round_no, weight, *, stop, fingerprint, live_target) -> RoundResult:
+        group = self.net.plan(round_no, self.peer_id)
+        if group is None:
+            group = [n for n, p in self.net.peers.items() if p.live]
+        if self.peer_id not in group or len(group) < 2:
+            return RoundResult(round_no, True, 1, [], weight, 0.0, 0, 0, "no group found")
+        key = (round_no, tuple(sorted(group)))
+        with self.net.cond:
+            box = self.net.pending.setdefault(key, {})
+            globals_ = [g.clone() for g in self.global_params]
+            box[self.peer_id] = ([d.clone() for d in deltas], weight, fingerprint, globals_)
+            self.net.cond.notify_all()
+            if not self.net.cond.wait_for(lambda: len(box) == len(group), self.net.barrier_timeout):
+                return RoundResult(round_no, True, 1, [], weight, 0.0, 0, 0, "deadline")
+        members = sorted(box)
+        prints = {n: box[n][2] for n in members}
+        healed = len(set(prints.values())) > 1
+        total = sum(box[n][1] for n in members)
+        for i, d in enumerate(deltas):
+            if healed:  # average local weights θ_g − Δ, as the real averager does
+                values = [box[n][3][i] - box[n][0][i] for n in members]
+            else:
+                values = [box[n][0][i] for n in members]
+            d.copy_(sum(box[n][1] * v for n, v in zip(members, values)) / total)
+        return RoundResult(round_no, False, len(members), members, total, 0.0, 0, 0, "", healed=healed,
+                           fingerprints=prints)
+
+    def load_state(self, timeout: float, progress: bool):
+        servers = [p for n, p in self.net.peers.items() if n != self.peer_id and p.live and p.snapshot]
+        if not servers:
+            return None
+        best = max(servers, key=lambda p: p.snapshot()["round"])
+        return best.state_provider()
+
+    def publish_now(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.live = False
+
+
+def factory(net: FakeNet, name: str):
+    def make(cfg, global_params, state_provider, tokens_per_step):
+        return FakeSwarm(net, name, global_params, state_provider)
+
+    return make
+
+
+def assert_equal_models(*state_lists: list[torch.Tensor]) -> None:
+    for tensors in state_lists[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(state_lists[0], tensors))

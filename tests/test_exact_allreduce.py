@@ -1,0 +1,62 @@
+"""ExactAllReduceRunner in one process (real p2p daemons, no DHT): every member ends on the same bytes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from hivemind.p2p import P2P
+
+from photon_p2p.federation.averager_process import ExactAllReduceRunner, models_differ
+from photon_p2p.federation.compression import make_compression
+
+
+async def _allreduce(tensors_by_peer, weights, codec_name: str, part_size_bytes: int = 4096):
+    p2ps = [await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])]
+    maddrs = await p2ps[0].get_visible_maddrs()
+    p2ps += await asyncio.gather(*[P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+                                   for _ in tensors_by_peer[1:]])
+    try:
+        peers = [p.peer_id for p in p2ps]
+        runners = []
+        for p2p, tensors, weight in zip(p2ps, tensors_by_peer, weights):
+            runner = ExactAllReduceRunner(p2p=p2p, servicer_type=ExactAllReduceRunner, prefix=None, group_id=b"g",
+                                          tensors=tensors, weight=weight, ordered_peer_ids=peers,
+                                          peer_fractions=(1.0,) * len(peers),
+                                          compression=make_compression(codec_name), part_size_bytes=part_size_bytes)
+            await runner.add_p2p_handlers(p2p)
+            runners.append(runner)
+
+        async def run(runner):
+            out = []
+            async for averaged in runner:
+                out.append(averaged.clone())
+            return out
+
+        return await asyncio.wait_for(asyncio.gather(*map(run, runners)), 60)
+    finally:
+        await asyncio.gather(*(p.shutdown() for p in p2ps))
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("codec, tolerance", [("none", 1e-6), ("fp16", 1e-3), ("uint8", 0.05), ("blockwise8", 0.03)])
+def test_every_member_gets_the_same_bytes(codec, tolerance):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 50), (3000,), (7,)]
+    tensors = [[torch.randn(*s, generator=g) for s in shapes] for _ in range(3)]
+    weights = [1.0, 2.0, 5.0]
+    expected = [sum(w * t[i] for w, t in zip(weights, tensors)) / sum(weights) for i in range(len(shapes))]
+    results = asyncio.run(_allreduce([[t.clone() for t in ts] for ts in tensors], weights, codec))
+    for member in results[1:]:
+        for a, b in zip(results[0], member):
+            assert torch.equal(a, b)  # bit-identical, whatever the codec
+    for got, exp in zip(results[0], expected):
+        assert float((got.reshape(exp.shape) - exp).norm() / exp.norm()) < tolerance
+
+
+def test_models_differ_reads_the_gathered_fingerprints():
+    assert not models_differ({"a": {"fingerprint": "x"}, "b": {"fingerprint": "x"}})
+    assert models_differ({"a": {"fingerprint": "x"}, "b": {"fingerprint": "y"}})
+    assert not models_differ({"a": {"fingerprint": ""}, "b": {"fingerprint": "y"}})  # unknown is not a split
+    assert not models_differ({"a": {}, "b": "garbage"})
