@@ -65,6 +65,11 @@ class FakeSwarm:
         if group is None:
             group = [n for n, p in self.net.peers.items() if p.live]
         if self.peer_id not in group or len(group) < 2:
+            # like a real straggler, matchmaking gives up only after the group it missed has finished the round
+            others = [p for n, p in self.net.peers.items() if p.live and n != self.peer_id]
+            with self.net.cond:
+                self.net.cond.wait_for(lambda: all(p.snapshot and p.snapshot()["round"] > round_no for p in others),
+                                       self.net.barrier_timeout)
             return RoundResult(round_no, True, 1, [], weight, 0.0, 0, 0, "no group found")
         key = (round_no, tuple(sorted(group)))
         with self.net.cond:
@@ -95,7 +100,8 @@ class FakeSwarm:
         return best.state_provider()
 
     def publish_now(self) -> None:
-        pass
+        with self.net.cond:
+            self.net.cond.notify_all()  # a straggler may be waiting for this peer's round to advance
 
     def shutdown(self) -> None:
         self.live = False

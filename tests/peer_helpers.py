@@ -141,9 +141,12 @@ def _peer_main(spec: dict[str, Any]) -> None:
     shapes = spec["shapes"]
     state = (spec.get("state_meta", {"round": 0}), make_tensors(shapes, spec.get("state_seed", 1000)))
     averagers = {}
+    # "global_seed": this peer's global weights, shared with its averager so a split group can heal
+    globals_ = make_tensors(shapes, spec["global_seed"]) if "global_seed" in spec else None
     for name, fed in spec.get("averagers", {"main": {}}).items():
         cfg = FederationConfig(**{**FAST_FED, "run_id": f"test-{name}", **fed})
-        averagers[name] = PseudoGradientAverager(dht, make_tensors(shapes, 0), cfg, net, lambda: state)
+        averagers[name] = PseudoGradientAverager(dht, make_tensors(shapes, 0), cfg, net, lambda: state,
+                                                 global_tensors=globals_)
     emit(event="ready", maddrs=visible_maddrs(dht), pid=os.getpid(), peer_id=str(dht.peer_id))
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -154,7 +157,7 @@ def _peer_main(spec: dict[str, Any]) -> None:
             deltas = make_tensors(shapes, cmd["seed"])
             if cmd.get("announce_traffic"):  # tells the test when the all-reduce has begun moving data
                 threading.Thread(target=_announce_traffic, args=(avg, emit), daemon=True).start()
-            res = avg.average(deltas, cmd["round"], weight=cmd["weight"])
+            res = avg.average(deltas, cmd["round"], weight=cmd["weight"], fingerprint=cmd.get("fingerprint", ""))
             torch.save(deltas, cmd["out"])
             emit(event="averaged", **res.__dict__, finite=all(bool(torch.isfinite(d).all()) for d in deltas))
         elif cmd["cmd"] == "load_state":

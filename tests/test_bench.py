@@ -34,3 +34,31 @@ def test_scale_model_without_calibration_says_so_in_one_line(tmp_path):
     proc = run("bench/scale_model.py", "--calibration", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x"))
     assert proc.returncode != 0
     assert "no calibration" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_model_figures_from_round_records():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("one_model", REPO / "bench" / "one_model.py")
+    one_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(one_model)
+
+    def rec(rnd, model, solo=False, match=1.0, avg=2.0, **kw):
+        return {"kind": "round", "round": rnd, "solo": solo, "averaging_s": avg, "phases": {"matchmaking": match},
+                **model, **kw}
+
+    new = lambda fp: {"fingerprint": fp}  # noqa: E731
+    old = lambda x: {"global_checksum": x}  # noqa: E731
+    silos = {0: [rec(1, new("a")), rec(2, new("b")), rec(3, new("c"), val_ppl=9.0)],
+             1: [rec(1, new("a")), rec(2, new("x"), solo=True, reason="deadline", avg=30.0), rec(3, new("c"))],
+             2: [rec(1, new("a")), rec(2, new("y"))]}
+    r = one_model.analyze(silos, wait_silos=[0, 1], alive_at_end=[0, 1])
+    assert r["peer_rounds"] == 8 and r["participation"] == 0.875
+    assert r["distinct_by_round"] == {"1": 1, "2": 3, "3": 1} and r["max_distinct"] == 3
+    assert r["final_round"] == 3 and r["final_distinct"] == 1 and r["end_models"] == 1
+    assert r["splits"] == [{"round": 2, "models": 3, "silos": [0, 1, 2], "next_round_models": 1, "healed_next": True}]
+    assert r["wait_s"] == {"median": 1.0, "max": 30.0}  # a solo round waited its whole averaging time
+    assert r["solo_reasons"] == {"deadline": 1} and r["final_val_ppl"]["0"] == 9.0
+    # the old code's float checksum is compared to 4 decimals
+    assert one_model.model_id(old(1.00001)) == one_model.model_id(old(1.0)) != one_model.model_id(old(1.001))
+    assert one_model.parse_args(["--scenarios", "three", "lr50", "--code", "new"]).scenarios == ["three", "lr50"]

@@ -165,3 +165,32 @@ def test_groups_reshuffle_between_rounds(spawn, tmp_path):
             pairings.append(tuple(sorted(groups)))
     assert len(pairings) >= 4, pairings
     assert len(set(pairings)) >= 2, pairings
+
+
+@pytest.mark.timeout(150)
+def test_a_group_holding_two_models_averages_weights_and_leaves_on_one(spawn, tmp_path):
+    # Two halves of a split swarm (global weights G1 and G2, fingerprints "x" and "y") meet in one group: the
+    # round averages local weights θ = G − Δ (lossless, whatever the codec) and every member gets the same bytes.
+    fed = {"target_group_size": 4, "min_group_size": 4, "compression": "blockwise8"}
+    first = spawn({"shapes": SHAPES, "averagers": {"main": fed}, "global_seed": 101})
+    maddrs = first.expect("ready", 60)["maddrs"]
+    peers = [first] + [spawn({"shapes": SHAPES, "averagers": {"main": fed}, "initial_peers": maddrs[:1],
+                              "global_seed": 101 if i == 0 else 102}) for i in range(3)]
+    for p in peers[1:]:
+        p.expect("ready", 60)
+    globals_seeds, prints, seeds, weights = [101, 101, 102, 102], ["x", "x", "y", "y"], [61, 62, 63, 64], [1, 2, 3, 4]
+    outs = [tmp_path / f"heal{i}.pt" for i in range(4)]
+    for p, fp, s, w, out in zip(peers, prints, seeds, weights, outs):
+        p.send(cmd="average", round=9, weight=float(w), seed=s, out=str(out), fingerprint=fp)
+    results = [p.expect("averaged", 60) for p in peers]
+    locals_ = [[g - d for g, d in zip(make_tensors(SHAPES, gs), make_tensors(SHAPES, s))]
+               for gs, s in zip(globals_seeds, seeds)]
+    expected = [sum(w * loc[i] for w, loc in zip(weights, locals_)) / sum(weights) for i in range(len(SHAPES))]
+    after = [torch.load(out) for out in outs]
+    for res in results:
+        assert res["healed"] and not res["solo"] and res["group_size"] == 4, res
+    if all(r["partial"] == 0 for r in results):
+        for tensors in after:
+            for got, exp, first_t in zip(tensors, expected, after[0]):
+                torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+                assert torch.equal(got, first_t)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -37,7 +38,7 @@ def local_model_after(run_dir, data_dir, steps: int) -> list[torch.Tensor]:
 
 
 def test_three_peers_hold_token_weighted_mean(swarm, kjv_data):
-    common = {"federation.rounds": 1, "federation.min_group_size": 3}
+    common = {"federation.rounds": 1, "federation.min_group_size": 3, "federation.round_clock": "steps"}
     a = swarm.start("silo-a", extra=common)
     addr = a.address()
     b = swarm.start("silo-b", initial=[addr], extra=common)
@@ -209,3 +210,43 @@ def test_status_lists_real_daemons(swarm):
     r = run_cli(["status", "--initial-peers", addr, "--run-id", "test"], timeout=60)
     assert r.returncode == 0 and "st-" not in r.stderr
     assert "live" in r.stdout.lower()
+
+
+@pytest.mark.slow
+def test_three_silos_at_different_speeds_average_every_round(swarm):
+    # silo-c's steps take about twice as long (twice the batch): the swarm clock gives it fewer steps, and the
+    # three still reach matchmaking together every round and leave it holding the same bytes.
+    common = {"federation.rounds": 3, "federation.min_group_size": 2, "federation.local_steps": 6}
+    a = swarm.start("sp-a", extra=common)
+    addr = a.address()
+    b = swarm.start("sp-b", initial=[addr], extra=common)
+    c = swarm.start("sp-c", initial=[addr], extra={**common, "train.batch_size": 16})
+    for p in (a, b, c):
+        assert p.wait(200) == 0, p.log()[-3000:]
+    for p in (a, b, c):
+        rounds = p.rounds()
+        assert rounds and all(not r["solo"] and r["group_size"] == 3 for r in rounds), (p.name, rounds)
+        assert rounds[-1]["participation"] == 1.0
+    assert len({p.rounds()[-1]["fingerprint"] for p in (a, b, c)}) == 1
+    assert len({load_checkpoint(p.run_dir)["federation"]["round"] for p in (a, b, c)}) == 1
+
+
+@pytest.mark.slow
+def test_a_diverging_silo_poisons_no_one(swarm):
+    common = {"federation.rounds": 3, "federation.min_group_size": 2, "federation.round_clock": "steps",
+              "federation.round_deadline": 12.0}
+    a = swarm.start("nan-a", extra=common)
+    addr = a.address()
+    b = swarm.start("nan-b", initial=[addr], extra=common)
+    bad = swarm.start("nan-bad", initial=[addr], extra={**common, "train.lr": 50, "train.grad_clip": 0})
+    assert bad.wait(200) == 2, bad.log()[-3000:]
+    log = bad.log()
+    assert "diverged" in log and "Traceback" not in log, log[-3000:]
+    bad_id = json.loads((bad.run_dir / "peer.json").read_text())["peer_id"]
+    for p in (a, b):
+        assert p.wait(200) == 0, p.log()[-3000:]
+        assert all(math.isfinite(r["loss"]) for r in p.rounds())
+        assert all(bad_id not in r["peers"] for r in p.rounds())  # it never sent anything
+    assert a.rounds()[-1]["fingerprint"] == b.rounds()[-1]["fingerprint"]
+    for name, t in load_checkpoint(a.run_dir)["global_model"].items():
+        assert bool(torch.isfinite(t).all()), name

@@ -1,0 +1,499 @@
+#!/usr/bin/env python
+"""One model: do the live silos average every round and hold the same weights? New code vs the code before.
+
+Usage:
+  flock /tmp/photon-bench.lock python bench/one_model.py                       # every scenario, new then before
+  flock /tmp/photon-bench.lock python bench/one_model.py --scenarios three throttled --code new before
+  python bench/one_model.py --report-only                                       # re-print the table
+  (internal) python bench/one_model.py --throttled-peer DELAY -- run --config tiny ...   # a half-speed silo
+
+Scenarios (tiny preset on 127.0.0.1, train.threads=1, one embedded corpus source per silo: shakespeare, kjv,
+brown, shakespeare, kjv; peer 0 bootstraps, the others join through its address; every silo is scored on ONE
+shared validation set, data.val_dir = the val split of ../shared/corpus, prepared once):
+  three      the README's swarm: 3 silos, 8 rounds
+  throttled  4 silos, 6 rounds; silo 3 sleeps one measured step time before every train_step (half speed),
+             through this script's --throttled-peer wrapper (a monkeypatch of LocalTrainer.train_step; no
+             product change)
+  churn      4 silos, rounds=0, heartbeat_interval=5, record_ttl=15; once the fastest silo has 2 round records:
+             SIGKILL silo 3's process group, SIGSTOP silo 2's for 30 s (then SIGCONT), start silo 4; stop
+             everything once the fastest silo has 12 round records (or at --cap seconds)
+  lr50       3 silos, 8 rounds, silo 2 with train.lr=50 and train.grad_clip=0; the baseline is `three` of the
+             same code version (identical training, same shared val set)
+Versions: --code new runs this working tree; --code before runs commit e4a7636 from a git worktree at
+/tmp/photon-before (created if absent), with PYTHONPATH and cwd pointing at that tree.
+
+Per scenario and version it writes RESULTS/<scenario>-<code>.json (skipped next time unless --force) and prints
+a markdown table (also RESULTS/table.md). Metrics, from every silo's RUN_DIR/metrics.jsonl round records:
+  participation  non-solo round records / all round records, over all silos
+  models         at each round value, the number of distinct fingerprints among the silos' records with that
+                 round (new: sha256 `fingerprint`; before: `global_checksum` rounded to 4 decimals): the max over
+                 rounds, and at the final round (the highest round value reported by >= 2 silos)
+  end models     distinct fingerprints among the last records of the silos alive at the end
+  wait           per round of the non-throttled honest silos: phases.matchmaking (= wait_s in the new code)
+                 when the round formed a group, else the whole averaging_s (a solo round waited all of it)
+  splits         round values with > 1 fingerprints, and whether the next round value was back to 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BEFORE_COMMIT = "e4a7636"
+BEFORE_TREE = Path("/tmp/photon-before")
+SOURCES = ["shakespeare", "kjv", "brown"]
+ALL_SCENARIOS = ["three", "throttled", "lr50", "churn"]
+ALL_CODES = ["new", "before"]
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "three": {"peers": 3, "rounds": 8},
+    "throttled": {"peers": 4, "rounds": 6, "throttled": [3]},
+    "lr50": {"peers": 3, "rounds": 8, "bad": {2: ["train.lr=50", "train.grad_clip=0"]}},
+    "churn": {"peers": 4, "rounds": 0, "overrides": ["federation.heartbeat_interval=5", "federation.record_ttl=15"],
+              "kill": 3, "freeze": 2, "freeze_s": 30.0, "join": 4, "event_after": 2, "stop_after": 12},
+}
+
+
+class BenchError(Exception):
+    """A user or environment problem: reported as one line, not a traceback."""
+
+
+# ---- the throttled silo (runs inside the silo's own process) ---------------------------------------------
+def throttled_peer(delay: float, argv: list[str]) -> int:
+    """Run `photon-peer ARGV` with every LocalTrainer.train_step preceded by ``delay`` seconds of sleep."""
+    import photon_p2p
+    from photon_p2p.train import trainer as trainer_module
+
+    original = trainer_module.LocalTrainer.train_step
+
+    def slow_step(self):  # noqa: ANN001, ANN202
+        time.sleep(delay)
+        return original(self)
+
+    trainer_module.LocalTrainer.train_step = slow_step
+    print(f"one_model: throttled silo: +{delay:.3f}s before every train_step "
+          f"(photon_p2p from {Path(photon_p2p.__file__).parent})", flush=True)
+    from photon_p2p.cli import main
+
+    return main(argv)
+
+
+# ---- analysis (pure: records in, figures out) ------------------------------------------------------------
+def model_id(rec: dict) -> str:
+    """The global model a round record describes: the sha256 fingerprint, else the old float checksum."""
+    if rec.get("fingerprint"):
+        return str(rec["fingerprint"])
+    return f"{float(rec['global_checksum']):.4f}"
+
+
+def round_wait(rec: dict) -> float:
+    """Seconds this round spent waiting for others: matchmaking when a group formed, else all of averaging."""
+    phases = rec.get("phases") or {}
+    if not rec.get("solo") and "matchmaking" in phases:
+        return float(phases["matchmaking"])
+    return float(rec.get("averaging_s", 0.0))
+
+
+def _stats(xs: list[float]) -> dict[str, float | None]:
+    return {"median": round(statistics.median(xs), 3) if xs else None, "max": round(max(xs), 3) if xs else None}
+
+
+def analyze(silos: dict[int, list[dict]], wait_silos: list[int], alive_at_end: list[int]) -> dict[str, Any]:
+    """Figures of one run from each silo's round records (in file order)."""
+    flat = [(i, r) for i, recs in silos.items() for r in recs]
+    by_round: dict[int, dict[int, set[str]]] = {}
+    for i, r in flat:
+        by_round.setdefault(int(r["round"]), {}).setdefault(i, set()).add(model_id(r))
+    distinct = {rnd: len(set().union(*per.values())) for rnd, per in sorted(by_round.items())}
+    multi = [rnd for rnd, per in by_round.items() if len(per) >= 2]
+    final_round = max(multi) if multi else (max(by_round) if by_round else None)
+    splits = [{"round": rnd, "models": n, "silos": sorted(by_round[rnd]),
+               "next_round_models": distinct.get(rnd + 1),
+               "healed_next": (distinct[rnd + 1] == 1) if rnd + 1 in distinct else None}
+              for rnd, n in distinct.items() if n > 1]
+    waits = [round_wait(r) for i, r in flat if i in wait_silos]
+    avg_s = [float(r.get("averaging_s", 0.0)) for i, r in flat if i in wait_silos]
+    solo = [{"silo": i, "round": int(r["round"]), "reason": r.get("reason", "")} for i, r in flat if r.get("solo")]
+    last = {i: silos[i][-1] for i in alive_at_end if silos.get(i)}
+    return {
+        "peer_rounds": len(flat),
+        "grouped_rounds": sum(1 for _, r in flat if not r.get("solo")),
+        "participation": round(sum(1 for _, r in flat if not r.get("solo")) / len(flat), 4) if flat else None,
+        "solo": solo,
+        "solo_reasons": dict(Counter(s["reason"] for s in solo)),
+        "healed_rounds": sum(1 for _, r in flat if r.get("healed")),
+        "group_sizes": dict(Counter(str(r.get("group_size")) for _, r in flat)),
+        "distinct_by_round": {str(k): v for k, v in distinct.items()},
+        "max_distinct": max(distinct.values()) if distinct else None,
+        "final_round": final_round,
+        "final_distinct": distinct.get(final_round) if final_round is not None else None,
+        "final_silos": len(by_round.get(final_round, {})) if final_round is not None else 0,
+        "end_models": len({model_id(r) for r in last.values()}) if last else None,
+        "end_rounds": {str(i): int(r["round"]) for i, r in last.items()},
+        "splits": splits,
+        "wait_s": _stats(waits),
+        "averaging_s": _stats(avg_s),
+        "final_val_ppl": {str(i): next((float(r["val_ppl"]) for r in reversed(recs) if "val_ppl" in r), None)
+                          for i, recs in silos.items()},
+        "round_records": {str(i): len(recs) for i, recs in silos.items()},
+    }
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line (SIGKILL mid-write)
+                continue
+    return out
+
+
+def log_tail(path: Path, n: int = 6) -> list[str]:
+    if not path.is_file():
+        return []
+    return [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()][-n:]
+
+
+# ---- running ---------------------------------------------------------------------------------------------
+def code_tree(code: str) -> Path:
+    if code == "new":
+        return REPO
+    if not (BEFORE_TREE / "photon_p2p" / "cli.py").is_file():
+        print(f"one_model: git worktree add {BEFORE_TREE} {BEFORE_COMMIT}", flush=True)
+        subprocess.run(["git", "worktree", "add", str(BEFORE_TREE), BEFORE_COMMIT], cwd=REPO, check=True)
+    return BEFORE_TREE
+
+
+def provenance(code: str, tree: Path) -> dict[str, Any]:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=tree, capture_output=True, text=True).stdout.strip()
+
+    return {"code": code, "tree": str(tree), "commit": git("rev-parse", "--short", "HEAD"),
+            "photon_p2p_dirty": bool(git("status", "--porcelain", "photon_p2p"))}
+
+
+def prepare_val(corpus: Path, cache: Path) -> Path:
+    """One shared held-out set: the val split (last 1% of each file) of the full corpus, else of the embedded one."""
+    if (cache / "manifest.json").is_file():
+        return cache
+    files = [corpus / f"{s}.txt" for s in SOURCES]
+    if not all(f.is_file() for f in files):
+        import lzma
+
+        src = cache.parent / "embedded-txt"
+        src.mkdir(parents=True, exist_ok=True)
+        for s in SOURCES:
+            with lzma.open(REPO / "photon_p2p" / "assets" / "corpus" / f"{s}.txt.xz", "rb") as f:
+                (src / f"{s}.txt").write_bytes(f.read())
+        files = [src / f"{s}.txt" for s in SOURCES]
+    print(f"one_model: preparing the shared validation set into {cache}", flush=True)
+    subprocess.run([sys.executable, "-m", "photon_p2p.cli", "prepare-data", "--input", *map(str, files),
+                    "--out", str(cache), "--no-progress"], cwd=REPO, check=True)
+    return cache
+
+
+def measure_step_s(cache: Path) -> float:
+    """Median seconds of one tiny train_step on 1 thread (the throttled silo sleeps this much per step)."""
+    path = cache / "step_time.json"
+    if path.is_file():
+        return float(json.loads(path.read_text())["step_s"])
+    code = ("import json,statistics,time,sys\n"
+            "from photon_p2p.config import load_config\n"
+            "from photon_p2p.data.embedded import ensure_default_dataset\n"
+            "from photon_p2p.train.trainer import build_trainer\n"
+            "cfg = load_config(['tiny'], ['train.threads=1'])\n"
+            "tr = build_trainer(cfg, str(ensure_default_dataset(sys.argv[1], ['shakespeare'], progress=False)))\n"
+            "[tr.train_step() for _ in range(3)]\n"
+            "ts = []\n"
+            "for _ in range(15):\n"
+            "    t0 = time.perf_counter(); tr.train_step(); ts.append(time.perf_counter() - t0)\n"
+            "print(json.dumps({'step_s': statistics.median(ts), 'min': min(ts), 'max': max(ts)}))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(cache / "steptime-data")], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(out + "\n")
+    return float(json.loads(out)["step_s"])
+
+
+class Swarm:
+    """The silos of one scenario run: start, watch, signal, stop."""
+
+    def __init__(self, name: str, code: str, tree: Path, out: Path, val_dir: Path, delay: float) -> None:
+        self.name, self.code, self.tree, self.out, self.val_dir, self.delay = name, code, tree, out, val_dir, delay
+        self.spec = SCENARIOS[name]
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.maddrs: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self.t0 = time.monotonic()
+
+    def cmd(self, i: int) -> list[str]:
+        s = self.spec
+        args = ["run", "--config", "tiny", "--no-progress", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+                "--run-dir", str(self.out / f"peer-{i}"), "--run-id", f"one-model-{self.name}-{self.code}",
+                "--set", f"name=silo-{i}", "--set", "train.threads=1",
+                "--set", f"data.sources=[{SOURCES[i % len(SOURCES)]}]", "--set", f"data.val_dir={self.val_dir}",
+                "--set", f"federation.rounds={s['rounds']}"]
+        for o in s.get("overrides", []) + s.get("bad", {}).get(i, []):
+            args += ["--set", o]
+        if i > 0:
+            args += ["--initial-peers", self.maddrs[0]]
+        if i in s.get("throttled", []):
+            return [sys.executable, str(REPO / "bench" / "one_model.py"), "--throttled-peer", f"{self.delay:.4f}",
+                    "--", *args]
+        return [sys.executable, "-m", "photon_p2p.cli", *args]
+
+    def start(self, i: int) -> None:
+        d = self.out / f"peer-{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(self.tree))
+        cmd = self.cmd(i)
+        (d / "command.txt").write_text(" ".join(cmd) + "\n")
+        with (d / "peer.log").open("w") as log:
+            # Own session per silo: signals go to the whole group (hivemind's averager/DHT child and p2pd too).
+            self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                             cwd=self.tree, env=env)
+        if i == 0:
+            sys.path.insert(0, str(REPO / "peers"))
+            from local_swarm import PeerStartError, wait_for_address
+
+            try:
+                self.maddrs = wait_for_address(self.procs[0], d, timeout=120)
+            except PeerStartError as e:
+                raise BenchError(f"{self.name}/{self.code}: {e}") from None
+
+    def rounds_done(self) -> dict[int, int]:
+        return {i: sum(1 for r in read_records(self.out / f"peer-{i}") if r.get("kind") == "round")
+                for i in self.procs}
+
+    def signal_group(self, i: int, sig: signal.Signals, what: str) -> None:
+        try:
+            os.killpg(self.procs[i].pid, sig)
+        except ProcessLookupError:
+            pass
+        self.event(f"{what} silo-{i}")
+
+    def event(self, what: str) -> None:
+        e = {"t": round(time.monotonic() - self.t0, 1), "what": what, "round_records": self.rounds_done()}
+        self.events.append(e)
+        print(f"  [{self.name}/{self.code} t={e['t']:.0f}s] {what}; round records {e['round_records']}", flush=True)
+
+    def run(self, cap: float) -> None:
+        s = self.spec
+        for i in range(s["peers"]):
+            self.start(i)
+        self.event(f"started {s['peers']} silos")
+        fired, frozen_at, seen, capped = False, None, 0, False
+        try:
+            while any(p.poll() is None for p in self.procs.values()):
+                time.sleep(1.0)
+                lines = [ln for ln in (self.out / "peer-0" / "peer.log").read_text(errors="replace").splitlines()
+                         if ln.startswith("round ")]
+                for ln in lines[seen:]:
+                    print(f"  [{self.name}/{self.code} silo-0] {ln}", flush=True)
+                seen = len(lines)
+                if "kill" in s:  # churn
+                    done = max(self.rounds_done().values())
+                    if not fired and done >= s["event_after"]:
+                        fired = True
+                        self.signal_group(s["kill"], signal.SIGKILL, "SIGKILL")
+                        self.signal_group(s["freeze"], signal.SIGSTOP, "SIGSTOP")
+                        frozen_at = time.monotonic()
+                        self.start(s["join"])
+                        self.event(f"started silo-{s['join']} (joins)")
+                    if frozen_at and time.monotonic() - frozen_at >= s["freeze_s"]:
+                        self.signal_group(s["freeze"], signal.SIGCONT, "SIGCONT")
+                        frozen_at = None
+                    if done >= s["stop_after"] and frozen_at is None:
+                        self.event(f"fastest silo has {done} round records: stopping")
+                        break
+                if time.monotonic() - self.t0 > cap:
+                    capped = True
+                    self.event(f"wall-clock cap {cap:.0f}s: stopping")
+                    break
+        finally:
+            if frozen_at:
+                self.signal_group(s["freeze"], signal.SIGCONT, "SIGCONT")
+            self.stop_all()
+        self.capped = capped
+
+    def stop_all(self) -> None:
+        sys.path.insert(0, str(REPO / "peers"))
+        from local_swarm import stop_all
+
+        stop_all(list(self.procs.values()))
+
+
+def summarize(sw: Swarm, wall_s: float, step_s: float) -> dict[str, Any]:
+    s = sw.spec
+    silos = {i: [r for r in read_records(sw.out / f"peer-{i}") if r.get("kind") == "round"]
+             for i in sorted(sw.procs)}
+    codes = {i: p.returncode for i, p in sw.procs.items()}
+    killed = {s["kill"]} if "kill" in s else set()
+    # Alive at the end: not SIGKILLed by us, and did not exit with an error before we stopped the run.
+    alive = [i for i in silos if i not in killed and codes[i] in (0, -signal.SIGTERM, -signal.SIGKILL)]
+    excluded = set(s.get("throttled", [])) | set(s.get("bad", {}))
+    result = analyze(silos, [i for i in silos if i not in excluded], alive)
+    key = "fingerprint" if sw.code == "new" else "global_checksum"
+    wrong = [i for i, recs in silos.items() if any(key not in r for r in recs)]
+    per_silo = {}
+    for i in silos:
+        recs = read_records(sw.out / f"peer-{i}")
+        log = sw.out / f"peer-{i}" / "peer.log"
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        per_silo[str(i)] = {
+            "source": SOURCES[i % len(SOURCES)], "exit_code": codes[i],
+            "role": ("throttled" if i in s.get("throttled", []) else "bad (lr50)" if i in s.get("bad", {})
+                     else "killed" if i in killed else "frozen 30s" if i == s.get("freeze")
+                     else "joined late" if i == s.get("join") else "honest"),
+            "round_records": len(silos[i]),
+            "last_round": int(silos[i][-1]["round"]) if silos[i] else None,
+            "steps": int(silos[i][-1]["step"]) if silos[i] else None,
+            "rollbacks": sum(1 for r in recs if r.get("kind") == "rollback"),
+            "syncs": [{"round": r.get("round"), "reason": r.get("reason")} for r in recs if r.get("kind") == "sync"],
+            "diverged_lines": [ln for ln in text.splitlines() if "diverged" in ln][-3:],
+            "log_tail": log_tail(log),
+        }
+    return {"scenario": sw.name, "machine": "CPU-2", **provenance(sw.code, sw.tree),
+            "command": "python " + " ".join(sys.argv), "spec": {k: v for k, v in s.items()},
+            "throttle_delay_s": sw.delay if s.get("throttled") else None, "step_s_1thread": step_s,
+            "wall_s": round(wall_s, 1), "capped": sw.capped, "events": sw.events,
+            "version_check": "ok" if not wrong else f"records without {key!r} in silos {wrong}",
+            "alive_at_end": alive, "silos": per_silo, **result}
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+def _f(x: Any, fmt: str = "{:.2f}") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isnan(x):
+        return "nan"
+    return fmt.format(x)
+
+
+def honest_ppl(r: dict) -> float | None:
+    """Mean final val ppl of silos 0 and 1 (the silos that are honest in lr50 and its baseline)."""
+    xs = [r["final_val_ppl"].get(k) for k in ("0", "1")]
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def markdown(results: dict[tuple[str, str], dict]) -> str:
+    lines = ["| scenario | code | peer-rounds | participation | solo (reasons) | max / final distinct models "
+             "(silos at final) | end models | fast silos' wait s median / max | averaging s median / max | "
+             "final val ppl per silo | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (name, code), r in sorted(results.items(), key=lambda kv: (ALL_SCENARIOS.index(kv[0][0]),
+                                                                  ALL_CODES.index(kv[0][1]))):
+        reasons = ", ".join(f"{k or '?'} ×{v}" for k, v in r["solo_reasons"].items())
+        ppl = " / ".join(_f(v, "{:.1f}") for v in r["final_val_ppl"].values())
+        lines.append(
+            f"| {name} | {code} ({r['commit']}) | {r['peer_rounds']} | {_f(r['participation'], '{:.3f}')} | "
+            f"{len(r['solo'])}{' (' + reasons + ')' if reasons else ''} | {r['max_distinct']} / "
+            f"{r['final_distinct']} (round {r['final_round']}, {r['final_silos']} silos) | {r['end_models']} | "
+            f"{_f(r['wait_s']['median'])} / {_f(r['wait_s']['max'])} | "
+            f"{_f(r['averaging_s']['median'])} / {_f(r['averaging_s']['max'])} | {ppl} | {r['wall_s']:.0f} |")
+    for code in ALL_CODES:
+        bad, base = results.get(("lr50", code)), results.get(("three", code))
+        if bad:
+            b = bad["silos"]["2"]
+            hb, h0 = honest_ppl(bad), honest_ppl(base) if base else None
+            ratio = hb / h0 if hb is not None and h0 else None
+            lines.append(f"\nlr50 ({code}): honest silos' final val ppl {_f(hb)} with the lr=50 silo vs {_f(h0)} "
+                         f"without (`three`, {code}): ratio **{_f(ratio, '{:.3f}')}**. Bad silo: exit code "
+                         f"{b['exit_code']}, {b['rollbacks']} rollbacks, {b['round_records']} round records; "
+                         f"last log line: `{(b['log_tail'] or [''])[-1]}`")
+    for code in ALL_CODES:
+        r = results.get(("churn", code))
+        if r:
+            sp = ", ".join(f"{s['round']} ({s['models']} models, silos {s['silos']}; next round "
+                           f"{'healed' if s['healed_next'] else 'not healed' if s['healed_next'] is False else 'absent'})"
+                           for s in r["splits"]) or "none"
+            lines.append(f"\nchurn ({code}): rounds with > 1 model: {sp}")
+    return "\n".join(lines)
+
+
+def load_results(results: Path) -> dict[tuple[str, str], dict]:
+    out = {}
+    for name in ALL_SCENARIOS:
+        for code in ALL_CODES:
+            p = results / f"{name}-{code}.json"
+            if p.is_file():
+                out[(name, code)] = json.loads(p.read_text())
+    return out
+
+
+# ---- main ------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", nargs="+", choices=ALL_SCENARIOS, default=ALL_SCENARIOS)
+    ap.add_argument("--code", nargs="+", choices=ALL_CODES, default=ALL_CODES)
+    ap.add_argument("--force", action="store_true", help="re-run scenarios whose JSON already exists")
+    ap.add_argument("--report-only", action="store_true", help="print the table from the existing JSONs")
+    ap.add_argument("--cap", type=float, default=900.0, help="wall-clock cap per scenario run (seconds)")
+    ap.add_argument("--throttle-delay", type=float, default=0.0,
+                    help="seconds the throttled silo sleeps per step (0 = one measured tiny step on 1 thread)")
+    ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
+    ap.add_argument("--out", default=str(REPO / "runs" / "one-model"))
+    ap.add_argument("--results", default=str(REPO / "bench" / "results" / "one_model"))
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--throttled-peer"]:
+        if len(argv) < 3 or argv[2] != "--":
+            raise BenchError("usage: one_model.py --throttled-peer DELAY -- <photon-peer args>")
+        return throttled_peer(float(argv[1]), argv[3:])
+    args = parse_args(argv)
+    results, out = Path(args.results), Path(args.out)
+    results.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        todo = [(c, n) for c in args.code for n in args.scenarios
+                if args.force or not (results / f"{n}-{c}.json").is_file()]
+        if todo:
+            val_dir = prepare_val(Path(args.corpus), out / "val")
+            step_s = measure_step_s(out)
+            delay = args.throttle_delay or step_s
+            print(f"one_model: tiny step on 1 thread {step_s:.3f}s; throttled silo sleeps {delay:.3f}s/step",
+                  flush=True)
+        for code, name in todo:
+            tree = code_tree(code)
+            run_dir = out / code / name
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)  # daemons resume from checkpoints: start clean
+            print(f"one_model: {name} / {code} ({tree})", flush=True)
+            sw = Swarm(name, code, tree, run_dir, val_dir, delay)
+            t0 = time.monotonic()
+            sw.run(args.cap)
+            result = summarize(sw, time.monotonic() - t0, step_s)
+            (results / f"{name}-{code}.json").write_text(json.dumps(result, indent=1) + "\n")
+            print(f"one_model: {name} / {code} done in {result['wall_s']:.0f}s: participation "
+                  f"{result['participation']}, max distinct models {result['max_distinct']}", flush=True)
+    table = markdown(load_results(results))
+    (results / "table.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        sys.exit(f"one_model: {e}")
+    except KeyboardInterrupt:
+        sys.exit("one_model: interrupted")
