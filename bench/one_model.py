@@ -19,8 +19,10 @@ shared validation set, data.val_dir = the val split of ../shared/corpus, prepare
              everything once the fastest silo has 12 round records (or at --cap seconds)
   lr50       3 silos, 8 rounds, silo 2 with train.lr=50 and train.grad_clip=0; the baseline is `three` of the
              same code version (identical training, same shared val set)
-Versions: --code new runs this working tree; --code before runs commit e4a7636 from a git worktree at
-/tmp/photon-before (created if absent), with PYTHONPATH and cwd pointing at that tree.
+Versions: --code new runs this working tree (or, with --new-ref REF, commit REF from a git worktree at
+/tmp/photon-new-REF: a fixed code version while the working tree is being edited); --code before runs commit
+e4a7636 from a git worktree at /tmp/photon-before. Worktrees are created if absent; every silo runs with
+PYTHONPATH and cwd pointing at its version's tree.
 
 Per scenario and version it writes RESULTS/<scenario>-<code>.json (skipped next time unless --force) and prints
 a markdown table (also RESULTS/table.md). Metrics, from every silo's RUN_DIR/metrics.jsonl round records:
@@ -168,13 +170,14 @@ def log_tail(path: Path, n: int = 6) -> list[str]:
 
 
 # ---- running ---------------------------------------------------------------------------------------------
-def code_tree(code: str) -> Path:
-    if code == "new":
+def code_tree(code: str, new_ref: str | None) -> Path:
+    if code == "new" and not new_ref:
         return REPO
-    if not (BEFORE_TREE / "photon_p2p" / "cli.py").is_file():
-        print(f"one_model: git worktree add {BEFORE_TREE} {BEFORE_COMMIT}", flush=True)
-        subprocess.run(["git", "worktree", "add", str(BEFORE_TREE), BEFORE_COMMIT], cwd=REPO, check=True)
-    return BEFORE_TREE
+    ref, tree = (new_ref, Path(f"/tmp/photon-new-{new_ref}")) if code == "new" else (BEFORE_COMMIT, BEFORE_TREE)
+    if not (tree / "photon_p2p" / "cli.py").is_file():
+        print(f"one_model: git worktree add --detach {tree} {ref}", flush=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], cwd=REPO, check=True)
+    return tree
 
 
 def provenance(code: str, tree: Path) -> dict[str, Any]:
@@ -182,7 +185,7 @@ def provenance(code: str, tree: Path) -> dict[str, Any]:
         return subprocess.run(["git", *a], cwd=tree, capture_output=True, text=True).stdout.strip()
 
     return {"code": code, "tree": str(tree), "commit": git("rev-parse", "--short", "HEAD"),
-            "photon_p2p_dirty": bool(git("status", "--porcelain", "photon_p2p"))}
+            "photon_p2p_changes": git("status", "--porcelain", "photon_p2p").splitlines()}
 
 
 def prepare_val(corpus: Path, cache: Path) -> Path:
@@ -238,6 +241,8 @@ class Swarm:
         self.maddrs: list[str] = []
         self.events: list[dict[str, Any]] = []
         self.t0 = time.monotonic()
+        self.capped = False
+        self.provenance = provenance(code, tree)  # at the start: the code the silos import
 
     def cmd(self, i: int) -> list[str]:
         s = self.spec
@@ -366,7 +371,7 @@ def summarize(sw: Swarm, wall_s: float, step_s: float) -> dict[str, Any]:
             "diverged_lines": [ln for ln in text.splitlines() if "diverged" in ln][-3:],
             "log_tail": log_tail(log),
         }
-    return {"scenario": sw.name, "machine": "CPU-2", **provenance(sw.code, sw.tree),
+    return {"scenario": sw.name, "machine": "CPU-2", **sw.provenance,
             "command": "python " + " ".join(sys.argv), "spec": {k: v for k, v in s.items()},
             "throttle_delay_s": sw.delay if s.get("throttled") else None, "step_s_1thread": step_s,
             "wall_s": round(wall_s, 1), "capped": sw.capped, "events": sw.events,
@@ -440,6 +445,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", nargs="+", choices=ALL_SCENARIOS, default=ALL_SCENARIOS)
     ap.add_argument("--code", nargs="+", choices=ALL_CODES, default=ALL_CODES)
+    ap.add_argument("--new-ref", default="",
+                    help="run --code new from this commit (a git worktree) instead of the working tree")
     ap.add_argument("--force", action="store_true", help="re-run scenarios whose JSON already exists")
     ap.add_argument("--report-only", action="store_true", help="print the table from the existing JSONs")
     ap.add_argument("--cap", type=float, default=900.0, help="wall-clock cap per scenario run (seconds)")
@@ -470,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"one_model: tiny step on 1 thread {step_s:.3f}s; throttled silo sleeps {delay:.3f}s/step",
                   flush=True)
         for code, name in todo:
-            tree = code_tree(code)
+            tree = code_tree(code, args.new_ref)
             run_dir = out / code / name
             if run_dir.exists():
                 import shutil

@@ -97,6 +97,9 @@ class FederationConfig:
     target_group_size: int = 8
     min_group_size: int = 2
     matchmaking_time: float = 5.0  # seconds spent gathering a group before all-reduce
+    # a group that knows the round's live members waits up to this long for one that has not arrived (it starts
+    # as soon as all have joined, so this costs time only when a member is really missing)
+    straggler_wait: float = 15.0
     allreduce_timeout: float = 60.0
     round_deadline: float = 120.0  # max seconds to wait for averaging; then the round goes solo
     compression: str = "none"  # none | fp16 | scaled-fp16 | uint8 | blockwise8
@@ -284,6 +287,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.eval_batch_size' must be >= 0, got {t.eval_batch_size}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("config key 'data.val_fraction' must be in [0, 1)")
+    if f.straggler_wait < 0:
+        raise ConfigError(f"config key 'federation.straggler_wait' must be >= 0, got {f.straggler_wait}")
     if f.max_rollbacks < 1:
         raise ConfigError(f"config key 'federation.max_rollbacks' must be >= 1, got {f.max_rollbacks}")
     if f.divergence_loss < 0:

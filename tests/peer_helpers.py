@@ -157,7 +157,13 @@ def _peer_main(spec: dict[str, Any]) -> None:
             deltas = make_tensors(shapes, cmd["seed"])
             if cmd.get("announce_traffic"):  # tells the test when the all-reduce has begun moving data
                 threading.Thread(target=_announce_traffic, args=(avg, emit), daemon=True).start()
-            res = avg.average(deltas, cmd["round"], weight=cmd["weight"], fingerprint=cmd.get("fingerprint", ""))
+            plan = None
+            if "members" in cmd:  # the round's live peers: one group, or rows then columns (groups.py)
+                from photon_p2p.federation.groups import plan_groups
+
+                plan = plan_groups(cmd["members"], avg.peer_id, cmd["target"])
+            res = avg.average(deltas, cmd["round"], weight=cmd["weight"], fingerprint=cmd.get("fingerprint", ""),
+                              plan=plan)
             torch.save(deltas, cmd["out"])
             emit(event="averaged", **res.__dict__, finite=all(bool(torch.isfinite(d).all()) for d in deltas))
         elif cmd["cmd"] == "load_state":

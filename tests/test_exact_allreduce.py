@@ -60,3 +60,26 @@ def test_models_differ_reads_the_gathered_fingerprints():
     assert models_differ({"a": {"fingerprint": "x"}, "b": {"fingerprint": "y"}})
     assert not models_differ({"a": {"fingerprint": ""}, "b": {"fingerprint": "y"}})  # unknown is not a split
     assert not models_differ({"a": {}, "b": "garbage"})
+
+
+def test_grid_plans_cover_every_row_in_every_column():
+    from photon_p2p.federation.groups import plan_groups
+
+    for n in range(1, 40):
+        for target in (2, 3, 4, 8):
+            ids = [f"p{i:02d}" for i in range(n)]
+            plans = [plan_groups(ids, me, target) for me in ids]
+            if n <= target:
+                assert all(p.stages == 1 for p in plans)
+                continue
+            rows: dict[int, list] = {}
+            cols: dict[int, list] = {}
+            for p in plans:
+                rows.setdefault(p.row, []).append(p)
+                cols.setdefault(p.column, []).append(p)
+            assert all(len(r) <= target for r in rows.values())
+            assert all(len(r) == plans[0].row_size(k) for k, r in rows.items())
+            for c, members in cols.items():
+                assert len(members) == plans[0].column_size(c)
+                # exactly one member of every row carries that row's weight into each column
+                assert sorted(p.row for p in members if p.designated) == list(range(plans[0].rows))

@@ -194,3 +194,27 @@ def test_a_group_holding_two_models_averages_weights_and_leaves_on_one(spawn, tm
             for got, exp, first_t in zip(tensors, expected, after[0]):
                 torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
                 assert torch.equal(got, first_t)
+
+
+@pytest.mark.timeout(150)
+def test_more_peers_than_the_group_size_still_end_on_one_model(spawn, tmp_path):
+    # 4 live peers, groups of at most 2: rows {0,2} {1,3} average, then columns {0,1} {2,3} average the row
+    # means. Every peer must hold exactly the global weighted mean, the same bytes on all four.
+    fed = {"target_group_size": 2, "min_group_size": 2, "compression": "blockwise8"}
+    peers = spawn.swarm(4, {"shapes": SHAPES, "averagers": {"main": fed}})
+    members = [p.ready["peer_id"] for p in peers]
+    weights, seeds = [1.0, 2.0, 3.0, 4.0], [71, 72, 73, 74]
+    outs = [tmp_path / f"grid{i}.pt" for i in range(4)]
+    for p, w, s, out in zip(peers, weights, seeds, outs):
+        p.send(cmd="average", round=3, weight=w, seed=s, out=str(out), members=members, target=2)
+    results = [p.expect("averaged", 60) for p in peers]
+    after = [torch.load(out) for out in outs]
+    expected = weighted_mean(weights, seeds)
+    for res in results:
+        assert not res["solo"] and res["group_size"] == 4 and res["weight_total"] == pytest.approx(10.0), res
+        assert len(res["peers"]) == 3  # its row partner and its column partner, besides itself
+    if all(r["partial"] == 0 and not r["reason"] for r in results):
+        for tensors in after:
+            for got, exp, first_t in zip(tensors, expected, after[0]):
+                assert float((got - exp).norm() / exp.norm()) < 0.03  # two 8-bit stages
+                assert torch.equal(got, first_t)  # both columns computed the very same bytes

@@ -5,6 +5,8 @@ Every touch of hivemind's private internals lives here (and nowhere else), check
   so members end on different bytes (always with a lossy codec, by rounding even without one). Our reducers
   compress each averaged part ONCE and send every member those same bytes; members (the reducer included)
   adopt the decoded average as is. After a successful round every member holds bit-identical tensors.
+- ``OrderedPartReducer``: a reducer sums its senders' parts in a canonical order (the "rank" each member
+  gathers), not in arrival order, so two groups given the same inputs compute the same bytes (groups.py).
 - Healing: when a group's gathered fingerprints differ, the members hold different global models; that round
   the averager turns Δ = θ_global − θ_local into θ_local in place and averages weights losslessly, so the group
   leaves the round on one model.
@@ -28,10 +30,12 @@ import hivemind
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AllReduceRunner
-from hivemind.averaging.partition import BannedException
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
+from hivemind.averaging.partition import BannedException, TensorPartReducer
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, deserialize_torch_tensor
 from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.p2p import PeerID
 from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 
 from photon_p2p.federation import FederationError
@@ -134,12 +138,19 @@ class ProcessAverager(DecentralizedAverager):
         self._clock.stamp("group_assembled")
         self._report = {"failed_fraction": 0.0, "failed_peers": [], "healed": False}
         try:
-            if self._global_tensors is not None and models_differ(self._peek_gathered(group_info)):
+            gathered = self._peek_gathered(group_info)
+            self._ranks = [_rank(gathered.get(p), str(p)) for p in group_info.peer_ids]
+            mine = gathered.get(self.peer_id, {}) if isinstance(gathered.get(self.peer_id), dict) else {}
+            weights_mode = models_differ(gathered) or any(isinstance(g, dict) and g.get("weights")
+                                                          for g in gathered.values())
+            if weights_mode and (self._global_tensors is not None or mine.get("weights")):
                 # Members hold different global models: averaging updates would keep them apart forever.
-                # Average the local weights themselves (θ_local = θ_global − Δ), lossless, for this round.
-                with self.lock_averaged_tensors:
-                    for buf, g in zip(self._averaged_tensors, self._global_tensors):
-                        buf.neg_().add_(g)
+                # Average the local weights themselves (θ_local = θ_global − Δ), lossless, for this round
+                # (a buffer that already holds weights, from a healed first stage, is sent as it is).
+                if not mine.get("weights"):
+                    with self.lock_averaged_tensors:
+                        for buf, g in zip(self._averaged_tensors, self._global_tensors):
+                            buf.neg_().add_(g)
                 kwargs["compression"] = CountingCompression(NoCompression(), self._counter)
                 self._report["healed"] = True
             gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
@@ -158,7 +169,8 @@ class ProcessAverager(DecentralizedAverager):
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
         runner = ExactAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
-                                      group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+                                      group_id=group_id, ordered_peer_ids=group_info.peer_ids,
+                                      ranks=getattr(self, "_ranks", None), **kwargs)
         assert group_id in self._running_groups, "group was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
         async for tensor, average in azip(as_aiter(*tensors), runner):
@@ -183,8 +195,14 @@ class ExactAllReduceRunner(AllReduceRunner):
     and the reducers that failed are listed in ``failed_reducers``.
     """
 
-    def __init__(self, *args, compression: CompressionBase = NoCompression(), **kwargs) -> None:
+    def __init__(self, *args, compression: CompressionBase = NoCompression(), ranks: list | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, compression=compression, **kwargs)
+        # Sum senders in the order of their gathered rank (then peer id): the same inputs, the same bytes.
+        by_peer = dict(zip(self.ordered_peer_ids, ranks or [str(p) for p in self.ordered_peer_ids]))
+        order = sorted(range(len(self.sender_peer_ids)), key=lambda i: by_peer.get(self.sender_peer_ids[i], ""))
+        shapes = tuple(part.shape for part in self.parts_for_local_averaging)
+        self.tensor_part_reducer = OrderedPartReducer(shapes, len(self.sender_peer_ids), order)
         # Encode results without counting (bytes are counted per message actually sent, below).
         self._codec = compression.inner if isinstance(compression, CountingCompression) else compression
         self._counter = compression.counter if isinstance(compression, CountingCompression) else None
@@ -216,6 +234,10 @@ class ExactAllReduceRunner(AllReduceRunner):
         sender_index = self.sender_peer_ids.index(peer_id)
         loop = asyncio.get_event_loop()
         for part_index, part in enumerate(self.parts_for_local_averaging):
+            # Our own contribution goes through the codec like every remote one: two groups fed the same
+            # inputs must compute the same bytes whichever member happens to reduce a part (groups.py).
+            info = CompressionInfo.from_tensor(part, key=part_index)
+            part = await loop.run_in_executor(None, lambda: self._codec.extract(self._codec.compress(part, info)))
             averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part,
                                                                      weight=self.weight)
             message = await self._encoded_average(part_index, averaged)
@@ -242,6 +264,76 @@ class ExactAllReduceRunner(AllReduceRunner):
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+class RoundTracker(ProgressTracker):
+    """hivemind's ProgressTracker that also remembers which peers reported which epoch (= round) last fetch,
+    so that every peer derives the same list of a round's live members (groups.py) from the same records."""
+
+    members: dict[str, int] = {}
+
+    def _parse_swarm_progress_data(self, metadata):
+        members: dict[str, int] = {}
+        if isinstance(metadata, dict):
+            for entry in metadata.values():
+                try:
+                    record = LocalTrainingProgress.parse_obj(entry.value)
+                    members[PeerID(record.peer_id).to_base58()] = int(record.epoch)
+                except Exception:  # hivemind's own parser skips nothing; a malformed entry just is no member
+                    continue
+        self.members = members
+        return super()._parse_swarm_progress_data(metadata)
+
+
+def _rank(gathered: Any, peer_id: str) -> tuple:
+    """A member's place in the canonical summation order: its gathered rank, then its peer id."""
+    rank = gathered.get("rank", 0) if isinstance(gathered, dict) else 0
+    return (rank if isinstance(rank, int) else 0, peer_id)
+
+
+class OrderedPartReducer(TensorPartReducer):
+    """hivemind's part reducer, but parts are summed in a fixed sender order once all have arrived.
+
+    Zero-weight contributions are skipped: a zero-weight sender only receives the average.
+    """
+
+    def __init__(self, part_shapes, num_senders: int, order: list[int]) -> None:
+        self.order, self._pending = list(order), {}
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        self._pending = {}
+        super().reset_accumulators()
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        assert 0 <= sender_index < self.num_senders and 0 <= part_index < self.num_parts
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.finished.is_set():
+                raise AllreduceException("attempted to aggregate a part in a finalized reducer")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self._pending[sender_index] = (tensor_part, float(weight))
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await future
+
+    def check_current_part_finished(self) -> None:
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            for index in self.order:
+                part, weight = self._pending.get(index, (None, 0.0))
+                if part is not None and weight != 0.0:
+                    self.accumulator.add_(part, alpha=weight)
+                    self.denominator += weight
+            self.current_part_future.set_result(self.accumulator.div_(self.denominator))
+            self.reset_accumulators()
 
 
 def live_group_target(dht: DHT, run_id: str, me: str, target: int, min_size: int, timeout: float) -> int:

@@ -36,12 +36,19 @@ from photon_p2p.federation.averager_process import (
     live_group_target,
 )
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, make_compression
+from photon_p2p.federation.groups import GroupPlan
 from photon_p2p.federation.network import lifeline
 
 log = logging.getLogger("photon_p2p.federation")
 # hivemind logs every failed matchmaking attempt as an ERROR; our retry loop reports outcomes itself.
 logging.getLogger("hivemind.averaging.averager").setLevel(logging.CRITICAL)
-ROUND_BITS = 32  # the round number, in binary, is the matchmaking group key
+ROUND_BITS = 32  # the round number, in binary, is the matchmaking group key (then 2 bits of stage, 16 of group)
+
+
+def group_bits(round_no: int, stage: int = 0, index: int = 0) -> str:
+    """The matchmaking key of a round's group: round, stage (0 one group, 1 rows, 2 columns), row/column."""
+    bits = format(round_no % 2**ROUND_BITS, f"0{ROUND_BITS}b")
+    return bits if stage == 0 else bits + format(stage, "02b") + format(index % 2**16, "016b")
 
 
 @dataclass
@@ -122,12 +129,47 @@ class PseudoGradientAverager:
     # ---- averaging ---------------------------------------------------------------------------------------
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float,
                 stop: threading.Event | None = None, fingerprint: str = "",
-                live_target: int | None = None) -> RoundResult:
+                live_target: int | None = None, plan: GroupPlan | None = None) -> RoundResult:
         """All-reduce ``deltas`` (weighted by ``weight``, e.g. tokens) with peers at ``round_no``, within
-        federation.round_deadline. On success the group's weighted mean (the same bytes on every member) is
-        written into ``deltas`` in place; if ``result.healed`` it is the mean of the members' local weights
-        instead. Otherwise they are left untouched and the result is solo with a reason. ``live_target``: the
-        group size at which to start at once (every live peer of this round), instead of asking the DHT."""
+        federation.round_deadline per stage. On success the swarm's weighted mean (the same bytes on every
+        member) is written into ``deltas`` in place; if ``result.healed`` it is the mean of the members' local
+        weights instead. Otherwise they are left untouched and the result is solo with a reason.
+        ``plan``: the round's live peers (groups.py): one group of all of them, or rows then columns when
+        they outnumber target_group_size. ``live_target``: without a plan, the group size to start at."""
+        if plan is None or plan.stages == 1:
+            target = plan.n if plan is not None else live_target
+            return self._average_stage(deltas, round_no, max(float(weight), 1e-6), stop, fingerprint, target, 0, 0)
+        first = self._average_stage(deltas, round_no, max(float(weight), 1e-6), stop, fingerprint,
+                                    plan.row_size(), 1, plan.row, rank=plan.row)
+        if first.solo:
+            return first
+        # Column: the first member of each row carries the row's weight, any other member only listens.
+        second = self._average_stage(deltas, round_no, first.weight_total if plan.designated else 0.0, stop,
+                                     fingerprint, plan.column_size(), 2, plan.column,
+                                     rank=plan.row if plan.designated else plan.rows + plan.row,
+                                     weights=first.healed)
+        merged_phases = {f"rows_{k}": v for k, v in first.phases.items()}
+        merged_phases.update({f"columns_{k}": v for k, v in second.phases.items()})
+        merged_phases["matchmaking"] = first.phases.get("matchmaking", 0.0) + second.phases.get("matchmaking", 0.0)
+        if second.solo:
+            # The row's mean is in place (the same bytes across the row); rows now differ, and the next round's
+            # groups see two fingerprints and heal. Better than throwing the row's averaging away.
+            first.reason = f"second stage failed ({second.reason}): rows diverge until the next group heals"
+            first.phases = merged_phases
+            return first
+        return RoundResult(round_no, False, plan.n, sorted(set(first.peers) | set(second.peers)),
+                           second.weight_total, first.seconds + second.seconds,
+                           first.bytes_sent + second.bytes_sent, first.bytes_received + second.bytes_received,
+                           "; ".join(r for r in (first.reason, second.reason) if r),
+                           partial=max(first.partial, second.partial),
+                           failed_peers=sorted(set(first.failed_peers) | set(second.failed_peers)),
+                           healed=second.healed, fingerprints={**first.fingerprints, **second.fingerprints},
+                           phases=merged_phases)
+
+    def _average_stage(self, deltas: list[torch.Tensor], round_no: int, weight: float,
+                       stop: threading.Event | None, fingerprint: str, target: int | None, stage: int, index: int,
+                       rank: int = 0, weights: bool = False) -> RoundResult:
+        """One matchmaking + all-reduce under the key (round, stage, index); see average()."""
         t0, (sent0, recv0), codec0 = time.monotonic(), self.counter.snapshot(), self.counter.codec_seconds()
         deadline, phases = t0 + self.fed.round_deadline, {}
 
@@ -143,16 +185,18 @@ class PseudoGradientAverager:
             raise FederationError("average() got tensors whose shapes differ from the averager's templates")
         if not self._averager.is_alive():
             return result(True, "averager process is not running")
-        weight = max(float(weight), 1e-6)  # hivemind divides by the group's total weight
+        gather = {"round": int(round_no), "stage": stage, "weight": weight, "client": self.client_mode,
+                  "fingerprint": fingerprint, "rank": int(rank), "weights": bool(weights)}
         try:
-            gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, fingerprint,
-                                              live_target)
+            gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, gather, target,
+                                              group_bits(round_no, stage, index))
         finally:
             self._share_state(priority=round_no + 1)
         if gathered is None:
             return result(True, reason)
         report = gathered.pop(REPORT_KEY, None) or {}
-        mismatched = {p: g for p, g in gathered.items() if not isinstance(g, dict) or g.get("round") != round_no}
+        mismatched = {p: g for p, g in gathered.items()
+                      if not isinstance(g, dict) or g.get("round") != round_no or g.get("stage", 0) != stage}
         if mismatched:
             log.warning("round %d: discarded a group with peers at other rounds: %s", round_no,
                         {p: (g.get("round") if isinstance(g, dict) else g) for p, g in mismatched.items()})
@@ -181,8 +225,8 @@ class PseudoGradientAverager:
                       healed=bool(report.get("healed")), fingerprints=fingerprints)
 
     def _run_step(self, deltas: list[torch.Tensor], round_no: int, weight: float, deadline: float,
-                  stop: threading.Event | None, phases: dict[str, float], fingerprint: str,
-                  live_target: int | None) -> tuple[dict[str, dict] | None, str]:
+                  stop: threading.Event | None, phases: dict[str, float], gather: dict,
+                  live_target: int | None, bits: str) -> tuple[dict[str, dict] | None, str]:
         """Matchmake and all-reduce until success or the deadline: (gathered metadata by peer, "") or (None, why)."""
         t_copy = time.monotonic()
         if not self._lock(deadline):
@@ -194,19 +238,22 @@ class PseudoGradientAverager:
             self._averager.lock_averaged_tensors.release()
             phases["copy_in"] = time.monotonic() - t_copy
         t_match, target = time.time(), self.fed.target_group_size  # wall clock: the averager process stamps in it too
-        if live_target is not None:
-            target = max(self.fed.min_group_size, min(target, live_target))
+        if live_target is not None:  # every live peer of this group (past target_group_size only for columns)
+            target = max(self.fed.min_group_size, live_target)
         elif self.tuning.cap_group_to_live_peers:
             target = live_group_target(self.dht, self.fed.run_id, self.peer_id, target, self.fed.min_group_size,
                                        timeout=min(2.0, self.fed.matchmaking_time / 2))
-        gather = {"round": int(round_no), "weight": weight, "client": self.client_mode, "fingerprint": fingerprint}
-        bits = format(round_no % 2**ROUND_BITS, f"0{ROUND_BITS}b")
         reason = "no group found"
         while True:
             self.clock.reset()
             remaining = deadline - time.monotonic()
-            offset = self.fed.matchmaking_time * (1 + 0.25 * random.random())  # jitter: leaders change each round
-            if remaining < offset + 0.5:
+            # A group that knows its members (live_target) waits up to straggler_wait for one that is late; it
+            # starts the moment all have joined, so the wait only costs time when a member really is missing.
+            wait = max(self.fed.matchmaking_time, self.fed.straggler_wait if live_target is not None else 0.0)
+            offset = wait * (1 + 0.25 * random.random())  # jitter: leaders change each round
+            if live_target is not None:
+                offset = min(offset, remaining - self.fed.matchmaking_time)
+            if remaining < offset + 0.5 or offset < self.fed.matchmaking_time:
                 return None, reason
             # Retries are ours, not hivemind's: after a group forms hivemind shifts the group key, and a retry
             # must use this round's key again.

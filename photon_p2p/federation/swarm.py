@@ -13,11 +13,12 @@ from typing import Callable, Protocol
 
 import numpy as np
 import torch
-from hivemind.optim.progress_tracker import ProgressTracker
 
 from photon_p2p.config import Config
 from photon_p2p.federation import FederationError
+from photon_p2p.federation.averager_process import RoundTracker
 from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
+from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.network import parse_multiaddrs, start_dht, visible_maddrs
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
@@ -73,7 +74,7 @@ class SwarmClock:
     def __init__(self, dht, run_id: str, tokens_per_peer: int, *, client_mode: bool, private_key,
                  expiration: float) -> None:
         self.tokens_per_peer = int(tokens_per_peer)
-        self.tracker = ProgressTracker(dht, f"{run_id}_clock", self.tokens_per_peer, client_mode=client_mode,
+        self.tracker = RoundTracker(dht, f"{run_id}_clock", self.tokens_per_peer, client_mode=client_mode,
                                        private_key=private_key, metadata_expiration=expiration,
                                        min_refresh_period=0.25, max_refresh_period=2.0,
                                        default_refresh_period=1.0, start=True)
@@ -93,6 +94,10 @@ class SwarmClock:
     @property
     def peers(self) -> int:
         return int(self.tracker.global_progress.num_peers)
+
+    def members(self, round_no: int) -> list[str]:
+        """Peers whose latest progress record is for ``round_no`` (the round's live members)."""
+        return [p for p, epoch in dict(self.tracker.members).items() if epoch == round_no]
 
     def shutdown(self) -> None:
         self.tracker.shutdown(timeout=5.0)
@@ -163,10 +168,17 @@ class HivemindSwarm:
 
     # ---- averaging and state -----------------------------------------------------------------------------
     def average(self, deltas, round_no, weight, *, stop, fingerprint, live_target) -> RoundResult:
-        if live_target is None and self.clock is not None and self.clock.peers > 1:
-            live_target = self.clock.peers
+        """Average with every live peer of this round: one group, or rows then columns (groups.py) when they
+        outnumber target_group_size. Members come from the clock's records (or heartbeats with a fixed H)."""
+        if self.clock is not None:
+            members = self.clock.members(round_no)
+        else:
+            members = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
+        plan = plan_groups(members, self.peer_id, self.cfg.federation.target_group_size) if members else None
+        if plan is not None and plan.n < 2:
+            plan = None  # nobody else reported this round yet: fall back to the live-peer count
         return self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
-                                     live_target=live_target)
+                                     live_target=live_target, plan=plan)
 
     def load_state(self, timeout: float, progress: bool):
         return self.averager.load_state(timeout=timeout, progress=progress)
