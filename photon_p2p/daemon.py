@@ -20,9 +20,10 @@ from photon_p2p.federation import FederationError
 from photon_p2p.federation.averaging import RoundResult
 from photon_p2p.federation.compression import roundtrip
 from photon_p2p.federation.network import parse_multiaddrs
-from photon_p2p.federation.outer import OuterOptimizer
-from photon_p2p.federation.swarm import Swarm, check_state, fingerprint
+from photon_p2p.federation.swarm import Swarm, check_state
+from photon_p2p.global_state import GlobalState
 from photon_p2p.metrics import MetricsLogger
+from photon_p2p.peer_report import banner, heartbeat_record, log_round
 from photon_p2p.train.solo import resolve_data_dir, restore_trainer, trainer_checkpoint
 from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
 
@@ -31,11 +32,11 @@ MAX_ROUND_FACTOR = 4  # a round's local phase never exceeds this many times H in
 SwarmFactory = Callable[[Config, list, Callable, int], Swarm]
 
 
-def hivemind_swarm(cfg: Config, global_params: list[torch.Tensor], state: Callable, tokens_per_step: int) -> Swarm:
+def hivemind_swarm(cfg: Config, weights: list[torch.Tensor], state: Callable, tokens_per_step: int) -> Swarm:
     """The real federation (imported lazily: fake-swarm tests never start hivemind)."""
     from photon_p2p.federation.swarm import HivemindSwarm
 
-    return HivemindSwarm(cfg, global_params, state, tokens_per_step)
+    return HivemindSwarm(cfg, weights, state, tokens_per_step)
 
 
 class PeerDaemon:
@@ -50,20 +51,16 @@ class PeerDaemon:
         self.cfg, self.progress, self.make_swarm = cfg, progress, make_swarm
         self.stop = stop or threading.Event()
         self.run_dir = Path(cfg.run_dir)
-        self.round = 0
-        self.round_steps = 0  # inner steps already taken in the current round (resumable mid-round)
-        self.round_tokens = 0
+        self.round_steps = 0  # inner steps taken in the current round (resumable mid-round)
+        self.round_tokens = 0  # this silo's weight: tokens since its last averaged round (missed rounds fold in)
         self.last_result: RoundResult | None = None
         self.last_eval: dict[str, float] = {}
         self.tokens_per_s = 0.0
         self.bytes_sent = self.bytes_received = 0
         self.started_at = time.time()
         self.finished = self.grouped = 0  # rounds finished by this process, and those spent in a group
-        self.rollbacks = 0  # consecutive non-finite/diverged local phases (the guard stops at max_rollbacks)
+        self.rollbacks = 0  # consecutive rollbacks (the non-finite guard stops at max_rollbacks)
         self.compute_s = 0.0
-        self._fingerprint: str | None = None
-        # Joiners read the shared state from hivemind's thread while the loop may be mid outer step.
-        self.state_lock = threading.Lock()
 
     # ---- state -------------------------------------------------------------------------------------------
     def _setup_training(self) -> None:
@@ -73,105 +70,44 @@ class PeerDaemon:
         data_dir = resolve_data_dir(cfg, self.run_dir, self.progress)
         # Peers draw different windows: the data seed is mixed with this silo's name.
         self.trainer: LocalTrainer = build_trainer(cfg, str(data_dir), peer=cfg.name)
-        self.params = [p for p in self.trainer.model.parameters()]
-        self.global_params = [p.detach().clone() for p in self.params]
-        f = cfg.federation
-        self.outer = OuterOptimizer(self.global_params, f.outer_optimizer, f.outer_lr, f.outer_momentum)
-        self.residual = [torch.zeros_like(p) for p in self.global_params] if f.error_feedback else None
+        self.state = GlobalState(list(self.trainer.model.parameters()), cfg.federation)
         self.metrics = MetricsLogger(self.run_dir)
-        self.resumed = False
-        if checkpoint_path(self.run_dir).exists():
-            self._restore(load_checkpoint(self.run_dir))
-            self.resumed = True
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        restore_trainer(self.trainer, state)
-        fed = state.get("federation", {})
-        if "global_model" in state:
-            named = dict(self.trainer.model.named_parameters())
-            for name, g in zip(named, self.global_params):
-                g.copy_(state["global_model"][name])
-        if "outer" in fed:
-            self.outer.load_state_dict(fed["outer"])
-        if self.residual is not None and fed.get("residual") is not None:
-            for r, saved in zip(self.residual, fed["residual"]):
-                r.copy_(saved)
-        self.round = int(fed.get("round", 0))
-        self._global_changed()
-        self.round_steps = int(fed.get("round_steps", 0))
-        self.round_tokens = int(fed.get("round_tokens", 0))
+        self.resumed = checkpoint_path(self.run_dir).exists()
+        if self.resumed:
+            saved = load_checkpoint(self.run_dir)
+            restore_trainer(self.trainer, saved)
+            fed = saved.get("federation", {})
+            names = [n for n, _ in self.trainer.model.named_parameters()]
+            weights = [saved["global_model"][n] for n in names] if "global_model" in saved else None
+            self.state.load_state_dict(fed, weights)
+            self.round_steps = int(fed.get("round_steps", 0))
+            self.round_tokens = int(fed.get("round_tokens", 0))
 
     def _checkpoint(self) -> None:
         names = [n for n, _ in self.trainer.model.named_parameters()]
         global_model = dict(self.trainer.model.state_dict())
-        global_model.update({n: g for n, g in zip(names, self.global_params)})
-        fed = {"round": self.round, "round_steps": self.round_steps, "round_tokens": self.round_tokens,
-               "outer": self.outer.state_dict(), "residual": self.residual}
+        global_model.update(dict(zip(names, self.state.weights)))
+        fed = {**self.state.state_dict(), "round_steps": self.round_steps, "round_tokens": self.round_tokens}
         save_checkpoint(self.run_dir, trainer_checkpoint(self.trainer, self.cfg, global_model=global_model,
                                                          federation=fed))
 
-    def shared_state(self) -> tuple[dict, list[torch.Tensor]]:
-        """What a joining peer downloads: the global model and outer optimizer state at a round boundary."""
-        with self.state_lock:
-            return self._shared_state_locked()
-
-    def _shared_state_locked(self) -> tuple[dict, list[torch.Tensor]]:
-        outer = self.outer.state_tensors()
-        tensors = [g.detach().clone() for g in self.global_params] + outer
-        if not all(bool(torch.isfinite(t).all()) for t in tensors):
-            raise FederationError("refusing to serve a non-finite state")  # hivemind fails that request
-        meta = {"round": self.round, "run_id": self.cfg.federation.run_id, "n_params": len(self.global_params),
-                # the schedule position at the round boundary, where the shared global weights belong
-                "inner_step": self.trainer.step - self.round_steps, "version": __version__,
-                "fingerprint": self.fingerprint()}
-        return meta, tensors
-
-    def _adopt_state(self, meta: dict, tensors: list[torch.Tensor], carry_local: bool = False) -> None:
-        n = len(self.global_params)
-        if int(meta.get("n_params", -1)) != n or len(tensors) < n:
-            raise FederationError("the swarm's model does not match this peer's config (different model shape)")
-        for g, t in zip(self.global_params, tensors[:n]):
-            if g.shape != t.shape:
-                raise FederationError(f"the swarm's model has a tensor of shape {tuple(t.shape)} where this "
-                                      f"config has {tuple(g.shape)}")
-        with torch.no_grad(), self.state_lock:
-            for g, p, t in zip(self.global_params, self.params, tensors[:n]):
-                if carry_local:
-                    p.add_(t - g)  # θ_local ← θ_new − Δ_own: our un-averaged work rides on the swarm's model
-                else:
-                    p.copy_(t)
-                g.copy_(t)
-            self.outer.load_state_tensors(tensors[n:])
-            self.round = int(meta["round"])
-            self._global_changed()
-        if not carry_local:
-            self.round_steps = self.round_tokens = 0
-        # The schedule follows the swarm: a joiner does not re-run warmup at the peak learning rate.
-        self.trainer.step = max(self.trainer.step, int(meta.get("inner_step", 0)))
+    @property
+    def round(self) -> int:
+        return self.state.round
 
     def fingerprint(self) -> str:
-        """sha256 of the global state (weights + outer buffers): equal on two peers iff they hold one model."""
-        if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.global_params + self.outer.state_tensors())
-        return self._fingerprint
+        return self.state.fingerprint()
 
-    def _global_changed(self) -> None:
-        self._fingerprint = None
+    def shared_state(self) -> tuple[dict, list[torch.Tensor]]:
+        """What a joining peer downloads: the global model and outer optimizer state at a round boundary."""
+        # the schedule position at the round boundary, where the shared global weights belong
+        return self.state.serve(run_id=self.cfg.federation.run_id, version=__version__,
+                                inner_step=self.trainer.step - self.round_steps)
+
+    def heartbeat(self) -> dict[str, Any]:
+        return heartbeat_record(self)
 
     # ---- the loop ----------------------------------------------------------------------------------------
-    def heartbeat(self) -> dict[str, Any]:
-        res = self.last_result
-        return {
-            "round": self.round, "local_step": self.trainer.step, "tokens": self.trainer.tokens,
-            "loss": _finite(self.trainer.last_loss), "val_ppl": _finite(self.last_eval.get("val_ppl", math.nan)),
-            "tokens_per_s": float(self.tokens_per_s), "compression": self.cfg.federation.compression,
-            "group_size": res.group_size if res else 0, "averaging_s": float(res.seconds) if res else 0.0,
-            "bytes_sent": int(self.bytes_sent), "bytes_received": int(self.bytes_received),
-            "client_mode": bool(self.cfg.network.client_mode), "version": __version__,
-            "started_at": float(self.started_at), "maddrs": self.swarm.maddrs,
-            "fingerprint": self.fingerprint(), "participation": self.grouped / max(1, self.finished),
-        }
-
     def _local_phase(self, rate: Throughput) -> None:
         """Inner steps until the round ends: H steps (round_clock: steps), or when the swarm's collective progress
         says so (round_clock: swarm), or a token/time budget, or 4·H steps at most."""
@@ -223,52 +159,28 @@ class PeerDaemon:
         if self.rollbacks >= limit:
             raise FederationError(f"local training diverged {self.rollbacks} times in a row ({why}); this peer "
                                   "sent nothing bad to the swarm. Check train.lr and train.grad_clip")
-        with torch.no_grad():
-            for p, g in zip(self.params, self.global_params):
-                p.copy_(g)
+        self.state.reset_local()
         self.trainer.reset_optimizer_state()
         self.round_steps = self.round_tokens = 0
 
-    def _pseudo_gradient(self) -> list[torch.Tensor] | None:
-        """Δ = θ_global − θ_local (+ the error-feedback residual); None (after a rollback) if it is not finite."""
-        with torch.no_grad():
-            deltas = [g - p.detach() for g, p in zip(self.global_params, self.params)]
-            if self.residual is not None:
-                for d, r in zip(deltas, self.residual):
-                    d.add_(r)
-        if not all(bool(torch.isfinite(d).all()) for d in deltas):
-            self._roll_back("the pseudo-gradient is not finite")
-            return None
-        return deltas
-
     def _average_and_step(self) -> RoundResult | None:
         f = self.cfg.federation
-        deltas = self._pseudo_gradient()
-        if deltas is None:
+        deltas = self.state.pseudo_gradient()
+        if not all(bool(torch.isfinite(d).all()) for d in deltas):
+            self._roll_back("the pseudo-gradient is not finite")  # never sent
             return None
-        sent = [d.clone() for d in deltas] if self.residual is not None else None
+        sent = [d.clone() for d in deltas] if self.state.residual is not None else None
         result = self.swarm.average(deltas, self.round, weight=float(max(1, self.round_tokens)), stop=self.stop,
                                     fingerprint=self.fingerprint(), live_target=None)
         if result.solo:
             if result.reason != "stopped":
                 self._missed_round(result)
             return result
-        with torch.no_grad(), self.state_lock:
-            if self.residual is not None:
-                # Error feedback: what compression dropped of our Δ is sent again next round.
-                for r, d in zip(self.residual, sent):
-                    r.copy_(d - roundtrip(f.compression, d))
-            if result.healed:
-                # The group held different models: it averaged local weights. One model again, fresh momentum.
-                for g, avg in zip(self.global_params, deltas):
-                    g.copy_(avg)
-                self.outer.load_state_tensors([])
-            else:
-                self.outer.step(deltas)
-            for p, g in zip(self.params, self.global_params):
-                p.copy_(g)
-            self.round += 1
-            self._global_changed()
+        if sent is not None:  # error feedback: what compression dropped of our Δ is sent again next round
+            for r, d in zip(self.state.residual, sent):
+                r.copy_(d - roundtrip(f.compression, d))
+        # healed: the group held different models and averaged local weights; one model again, fresh momentum
+        self.state.apply(deltas, healed=result.healed)
         self.round_steps = self.round_tokens = 0
         self.grouped += 1
         if f.inner_state == "reset":
@@ -281,20 +193,15 @@ class PeerDaemon:
         else move to the next round on the same global weights, like every other peer that missed this one."""
         others = self.swarm.peers()
         if not others:
-            deltas = [g - p.detach() for g, p in zip(self.global_params, self.params)]
-            with torch.no_grad(), self.state_lock:
-                self.outer.step(deltas)
-                for p, g in zip(self.params, self.global_params):
-                    p.copy_(g)
-                self.round += 1
-                self._global_changed()
+            self.state.apply(self.state.pseudo_gradient())
             self.round_steps = self.round_tokens = 0
             return
         newest = max(p["round"] for p in others)
+        self.round_steps = 0  # a new round's steps; round_tokens keeps the folded work's weight
         if newest > self.round and self._sync_from_swarm(f"swarm is at round {newest}, this peer at {self.round}",
                                                          carry_local=True):
             return
-        self.round += 1
+        self.state.skip_round()
         print(f"photon-peer: round {self.round - 1} missed ({result.reason}); its local work is folded into "
               f"round {self.round}", flush=True)
 
@@ -314,13 +221,16 @@ class PeerDaemon:
             meta, tensors = got
             if int(meta.get("round", -1)) < self.round:
                 return False  # never go back to an older state than our own
-            why = check_state(meta, tensors[:len(self.global_params)] + tensors[len(self.global_params):],
-                              self.swarm.peers())
+            why = check_state(meta, tensors, self.swarm.peers())
             if why:
                 print(f"photon-peer: refused the swarm state for round {meta.get('round')}: {why}", flush=True)
                 self.metrics.log("refused_state", round=int(meta.get("round", -1)), reason=why)
                 continue
-            self._adopt_state(meta, tensors, carry_local)
+            self.state.adopt(meta, tensors, carry_local)
+            if not carry_local:
+                self.round_steps = self.round_tokens = 0
+            # The schedule follows the swarm: a joiner does not re-run warmup at the peak learning rate.
+            self.trainer.step = max(self.trainer.step, int(meta.get("inner_step", 0)))
             self.metrics.log("sync", round=self.round, reason=reason, fingerprint=self.fingerprint())
             print(f"photon-peer: synced with the swarm at round {self.round} (model {self.fingerprint()[:8]})",
                   flush=True)
@@ -348,9 +258,9 @@ class PeerDaemon:
         parse_multiaddrs(net.host_maddrs, "--host-maddrs")
         parse_multiaddrs(net.announce_maddrs, "--announce-maddrs")
         self._setup_training()
-        self.swarm = self.make_swarm(self.cfg, self.global_params, self.shared_state, self.trainer.tokens_per_step)
+        self.swarm = self.make_swarm(self.cfg, self.state.weights, self.shared_state, self.trainer.tokens_per_step)
         try:
-            self._banner()
+            print(banner(self.cfg, self.swarm), flush=True)
             # Scripts (peers/local_swarm.py, tests) read the join address from here instead of scraping stdout.
             (self.run_dir / "peer.json").write_text(json.dumps(
                 {"peer_id": self.swarm.peer_id, "maddrs": self.swarm.maddrs, "pid": os.getpid(),
@@ -387,7 +297,7 @@ class PeerDaemon:
             if (eval_rounds and self.round % eval_rounds == 0 and self.round != round_before) \
                     or self.finished == f.rounds:
                 evaluated = self.last_eval = self._evaluate_global()
-            self._log_round(result, round_before, evaluated)
+            log_round(self, result, round_before, evaluated)
             self._checkpoint()
             self.swarm.publish_now()
         self._checkpoint()
@@ -398,47 +308,10 @@ class PeerDaemon:
     def _evaluate_global(self) -> dict[str, float]:
         """Validation of the global weights (what the swarm shares), even while local work is carried over."""
         with torch.no_grad():
-            local = [p.detach().clone() for p in self.params]
-            for p, g in zip(self.params, self.global_params):
-                p.copy_(g)
+            local = [p.detach().clone() for p in self.state.params]
+            self.state.reset_local()
             try:
                 return self.trainer.evaluate()
             finally:
-                for p, keep in zip(self.params, local):
+                for p, keep in zip(self.state.params, local):
                     p.copy_(keep)
-
-    def _log_round(self, r: RoundResult, averaged_round: int, evaluated: dict[str, float]) -> None:
-        fields = {"round": self.round, "averaged_round": averaged_round, "step": self.trainer.step,
-                  "tokens": self.trainer.tokens, "loss": self.trainer.last_loss, "solo": r.solo,
-                  "group_size": r.group_size, "peers": r.peers, "averaging_s": r.seconds,
-                  "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received, "reason": r.reason,
-                  "partial": r.partial, "phases": r.phases, "healed": r.healed,
-                  "group_models": len(set(r.fingerprints.values()) - {""}), "compute_s": self.compute_s,
-                  "wait_s": r.phases.get("matchmaking", 0.0), "fingerprint": self.fingerprint(),
-                  "participation": self.grouped / max(1, self.finished), **evaluated}
-        self.metrics.log("round", **fields)
-        if evaluated:
-            self.metrics.log("eval", step=self.trainer.step, tokens=self.trainer.tokens, round=self.round,
-                             **evaluated)
-        how = "solo (" + r.reason + ")" if r.solo else f"group of {r.group_size}"
-        if r.healed:
-            how += f" (healed a split: {fields['group_models']} models in the group averaged weights)"
-        if r.reason and not r.solo:
-            how += f" ({r.reason})"
-        ppl = f", val ppl {evaluated['val_ppl']:.2f}" if evaluated else ""
-        print(f"round {self.round}: {how}, model {self.fingerprint()[:8]}, loss {self.trainer.last_loss:.4f}{ppl}, "
-              f"averaging {r.seconds:.2f}s, "
-              f"sent {r.bytes_sent / 1e6:.2f} MB, received {r.bytes_received / 1e6:.2f} MB", flush=True)
-
-    def _banner(self) -> None:
-        lines = ["=" * 78, f"photon-peer {__version__}  run '{self.cfg.federation.run_id}'  "
-                 f"peer {self.swarm.peer_id}", "To join this swarm from another silo, run:"]
-        lines += [f"  photon-peer run --config CONFIG --initial-peers {m}" for m in self.swarm.maddrs[:3]]
-        if self.cfg.network.client_mode:
-            lines.append("(client mode: this peer cannot be used as a bootstrap address)")
-        lines.append("=" * 78)
-        print("\n".join(lines), flush=True)
-
-
-def _finite(x: float) -> float:
-    return float(x) if x is not None and math.isfinite(x) else -1.0

@@ -80,7 +80,7 @@ def test_group_rounds_leave_every_member_on_the_same_bytes(tmp_path, kjv_data):
     for d in daemons:
         assert out[d.cfg.name]["participation"] == 1.0
         assert all(not r["solo"] and r["group_size"] == 3 for r in rounds(d))
-        assert d.fingerprint() == fingerprint(d.global_params + d.outer.state_tensors())
+        assert d.fingerprint() == fingerprint(d.state.weights + d.state.outer.state_tensors())
         assert d.heartbeat()["fingerprint"] == d.fingerprint()
 
 
@@ -137,7 +137,7 @@ def test_a_diverging_silo_rolls_back_never_sends_and_stops(tmp_path, kjv_data):
     assert [r for r in read_metrics(bad.run_dir) if r["kind"] == "rollback"]
     assert not rounds(bad)  # it never finished a round, so it never sent a pseudo-gradient
     for d in honest:
-        assert all(bool(torch.isfinite(g).all()) for g in d.global_params)
+        assert all(bool(torch.isfinite(g).all()) for g in d.state.weights)
         assert all("bad" not in r["peers"] for r in rounds(d))
     assert out["a"]["fingerprint"] == out["b"]["fingerprint"]
 

@@ -250,3 +250,19 @@ def test_a_diverging_silo_poisons_no_one(swarm):
     assert a.rounds()[-1]["fingerprint"] == b.rounds()[-1]["fingerprint"]
     for name, t in load_checkpoint(a.run_dir)["global_model"].items():
         assert bool(torch.isfinite(t).all()), name
+
+
+@pytest.mark.slow
+def test_more_silos_than_the_group_size_hold_one_model(swarm):
+    # 4 silos, groups of at most 2: rows then columns (federation/groups.py) leave all four on the same bytes,
+    # where disjoint pairs averaging pseudo-gradients would drift apart for good.
+    common = {"federation.rounds": 3, "federation.min_group_size": 2, "federation.target_group_size": 2}
+    a = swarm.start("g-a", extra=common)
+    addr = a.address()
+    others = [swarm.start(f"g-{n}", initial=[addr], extra=common) for n in "bcd"]
+    for p in (a, *others):
+        assert p.wait(240) == 0, p.log()[-3000:]
+    finals = {p.rounds()[-1]["fingerprint"] for p in (a, *others)}
+    assert len(finals) == 1, [p.rounds() for p in (a, *others)]
+    grouped = [r for p in (a, *others) for r in p.rounds() if not r["solo"]]
+    assert any(r["group_size"] == 4 and len(r["peers"]) == 3 for r in grouped)  # a two-stage round happened

@@ -1,0 +1,130 @@
+"""GlobalState: the model every silo shares (global weights, outer optimizer, round), fingerprinted and served."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from photon_p2p.config import FederationConfig
+from photon_p2p.federation import FederationError
+from photon_p2p.federation.outer import OuterOptimizer
+from photon_p2p.federation.swarm import fingerprint
+
+
+class GlobalState:
+    """θ_global, the outer optimizer and the round, next to the silo's live local parameters ``params``.
+
+    Every change goes through a method here, under ``lock`` (hivemind serves joiners from another thread) and
+    drops the cached fingerprint, so what a peer reports always describes what it holds.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], fed: FederationConfig) -> None:
+        self.params = list(params)
+        self.weights = [p.detach().clone() for p in self.params]
+        self.outer = OuterOptimizer(self.weights, fed.outer_optimizer, fed.outer_lr, fed.outer_momentum)
+        self.residual = [torch.zeros_like(w) for w in self.weights] if fed.error_feedback else None
+        self.round = 0
+        self.lock = threading.Lock()
+        self._fingerprint: str | None = None
+
+    # ---- identity ----------------------------------------------------------------------------------------
+    def tensors(self) -> list[torch.Tensor]:
+        """What is shared and fingerprinted: the weights, then the outer optimizer's buffers."""
+        return self.weights + self.outer.state_tensors()
+
+    def fingerprint(self) -> str:
+        """sha256 of the global state: equal on two peers iff they hold one model (momentum included)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.tensors())
+        return self._fingerprint
+
+    def _changed(self) -> None:
+        self._fingerprint = None
+
+    # ---- the round ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def pseudo_gradient(self) -> list[torch.Tensor]:
+        """Δ = θ_global − θ_local, plus the error-feedback residual of earlier rounds."""
+        deltas = [w - p.detach() for w, p in zip(self.weights, self.params)]
+        if self.residual is not None:
+            for d, r in zip(deltas, self.residual):
+                d.add_(r)
+        return deltas
+
+    @torch.no_grad()
+    def apply(self, mean: list[torch.Tensor], healed: bool = False) -> None:
+        """End a round: the outer step with the mean Δ, or (healed) adopt the mean local weights and restart the
+        outer momentum, so a group that held several models leaves on one. The local model restarts from it."""
+        with self.lock:
+            if healed:
+                for w, avg in zip(self.weights, mean):
+                    w.copy_(avg)
+                self.outer.load_state_tensors([])
+            else:
+                self.outer.step(mean)
+            self.reset_local()
+            self.round += 1
+            self._changed()
+
+    @torch.no_grad()
+    def reset_local(self) -> None:
+        """θ_local ← θ_global (a new round, or a rollback after a bad step)."""
+        for p, w in zip(self.params, self.weights):
+            p.copy_(w)
+
+    @torch.no_grad()
+    def skip_round(self) -> None:
+        """A round no group averaged: same global weights, next round number; the local work is kept."""
+        with self.lock:
+            self.round += 1
+
+    # ---- sharing -----------------------------------------------------------------------------------------
+    def serve(self, **meta: Any) -> tuple[dict, list[torch.Tensor]]:
+        """What a joining peer downloads; a non-finite state is never served."""
+        with self.lock:
+            tensors = [t.detach().clone() for t in self.tensors()]
+            if not all(bool(torch.isfinite(t).all()) for t in tensors):
+                raise FederationError("refusing to serve a non-finite state")  # hivemind fails that request
+            return {"round": self.round, "n_params": len(self.weights), "fingerprint": self.fingerprint(),
+                    **meta}, tensors
+
+    @torch.no_grad()
+    def adopt(self, meta: dict, tensors: list[torch.Tensor], carry_local: bool = False) -> None:
+        """Take a downloaded state; ``carry_local`` keeps this silo's un-averaged progress on top of it
+        (θ_local ← θ_new − Δ_own), to be averaged in the next round."""
+        n = len(self.weights)
+        if int(meta.get("n_params", -1)) != n or len(tensors) < n:
+            raise FederationError("the swarm's model does not match this peer's config (different model shape)")
+        for w, t in zip(self.weights, tensors[:n]):
+            if w.shape != t.shape:
+                raise FederationError(f"the swarm's model has a tensor of shape {tuple(t.shape)} where this "
+                                      f"config has {tuple(w.shape)}")
+        with self.lock:
+            for w, p, t in zip(self.weights, self.params, tensors[:n]):
+                if carry_local:
+                    p.add_(t - w)
+                else:
+                    p.copy_(t)
+                w.copy_(t)
+            self.outer.load_state_tensors(tensors[n:])
+            self.round = int(meta["round"])
+            self._changed()
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "outer": self.outer.state_dict(), "residual": self.residual}
+
+    @torch.no_grad()
+    def load_state_dict(self, fed: dict[str, Any], weights: list[torch.Tensor] | None) -> None:
+        if weights is not None:
+            for w, saved in zip(self.weights, weights):
+                w.copy_(saved)
+        if "outer" in fed:
+            self.outer.load_state_dict(fed["outer"])
+        if self.residual is not None and fed.get("residual") is not None:
+            for r, saved in zip(self.residual, fed["residual"]):
+                r.copy_(saved)
+        self.round = int(fed.get("round", 0))
+        self._changed()
