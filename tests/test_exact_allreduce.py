@@ -12,7 +12,7 @@ from photon_p2p.federation.averager_process import ExactAllReduceRunner, models_
 from photon_p2p.federation.compression import make_compression
 
 
-async def _allreduce(tensors_by_peer, weights, codec_name: str, part_size_bytes: int = 4096):
+async def _allreduce(tensors_by_peer, weights, codec_name: str, part_size_bytes: int = 4096, ranks=None):
     p2ps = [await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])]
     maddrs = await p2ps[0].get_visible_maddrs()
     p2ps += await asyncio.gather(*[P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -24,7 +24,8 @@ async def _allreduce(tensors_by_peer, weights, codec_name: str, part_size_bytes:
             runner = ExactAllReduceRunner(p2p=p2p, servicer_type=ExactAllReduceRunner, prefix=None, group_id=b"g",
                                           tensors=tensors, weight=weight, ordered_peer_ids=peers,
                                           peer_fractions=(1.0,) * len(peers),
-                                          compression=make_compression(codec_name), part_size_bytes=part_size_bytes)
+                                          compression=make_compression(codec_name), part_size_bytes=part_size_bytes,
+                                          ranks=[(r, "") for r in ranks] if ranks else None)
             await runner.add_p2p_handlers(p2p)
             runners.append(runner)
 
@@ -53,6 +54,18 @@ def test_every_member_gets_the_same_bytes(codec, tolerance):
             assert torch.equal(a, b)  # bit-identical, whatever the codec
     for got, exp in zip(results[0], expected):
         assert float((got.reshape(exp.shape) - exp).norm() / exp.norm()) < tolerance
+
+
+@pytest.mark.timeout(90)
+def test_zero_weight_members_only_listen_and_order_fixes_the_bytes():
+    # A column of the two-stage scheme: members carry their row mean with the row's weight, or weight 0.
+    g = torch.Generator().manual_seed(1)
+    a, b, c = ([torch.randn(5000, generator=g)] for _ in range(3))
+    got = asyncio.run(_allreduce([a, [t.clone() for t in b], c], [2.0, 0.0, 3.0], "blockwise8", ranks=[1, 9, 0]))
+    for member in got[1:]:
+        assert torch.equal(member[0], got[0][0])
+    expected = (2 * a[0] + 3 * c[0]) / 5
+    assert float((got[0][0] - expected).norm() / expected.norm()) < 0.03
 
 
 def test_models_differ_reads_the_gathered_fingerprints():
