@@ -266,22 +266,26 @@ class ExactAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
+def progress_members(metadata: Any) -> dict[str, int]:
+    """{peer id: round} from the clock's DHT value (ProgressTracker's records; the epoch is our round)."""
+    members: dict[str, int] = {}
+    if isinstance(metadata, dict):
+        for entry in metadata.values():
+            try:
+                record = LocalTrainingProgress.parse_obj(entry.value)
+                members[PeerID(record.peer_id).to_base58()] = int(record.epoch)
+            except Exception:  # a malformed or foreign entry is simply no member
+                continue
+    return members
+
+
 class RoundTracker(ProgressTracker):
-    """hivemind's ProgressTracker that also remembers which peers reported which epoch (= round) last fetch,
-    so that every peer derives the same list of a round's live members (groups.py) from the same records."""
+    """hivemind's ProgressTracker that also remembers which peers reported which epoch (= round) last fetch."""
 
     members: dict[str, int] = {}
 
     def _parse_swarm_progress_data(self, metadata):
-        members: dict[str, int] = {}
-        if isinstance(metadata, dict):
-            for entry in metadata.values():
-                try:
-                    record = LocalTrainingProgress.parse_obj(entry.value)
-                    members[PeerID(record.peer_id).to_base58()] = int(record.epoch)
-                except Exception:  # hivemind's own parser skips nothing; a malformed entry just is no member
-                    continue
-        self.members = members
+        self.members = progress_members(metadata)
         return super()._parse_swarm_progress_data(metadata)
 
 

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import hivemind
 import torch
@@ -129,13 +130,17 @@ class PseudoGradientAverager:
     # ---- averaging ---------------------------------------------------------------------------------------
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float,
                 stop: threading.Event | None = None, fingerprint: str = "",
-                live_target: int | None = None, plan: GroupPlan | None = None) -> RoundResult:
+                live_target: int | None = None, plan: GroupPlan | None = None,
+                give_up: Callable[[], bool] | None = None) -> RoundResult:
         """All-reduce ``deltas`` (weighted by ``weight``, e.g. tokens) with peers at ``round_no``, within
         federation.round_deadline per stage. On success the swarm's weighted mean (the same bytes on every
         member) is written into ``deltas`` in place; if ``result.healed`` it is the mean of the members' local
         weights instead. Otherwise they are left untouched and the result is solo with a reason.
         ``plan``: the round's live peers (groups.py): one group of all of them, or rows then columns when
-        they outnumber target_group_size. ``live_target``: without a plan, the group size to start at."""
+        they outnumber target_group_size. ``live_target``: without a plan, the group size to start at.
+        ``give_up``: polled while waiting for a group; True (e.g. the swarm has moved past this round) ends the
+        wait at once, so a late peer catches up instead of waiting out straggler_wait for nobody."""
+        self._give_up = give_up or (lambda: False)
         if plan is None or plan.stages == 1:
             target = plan.n if plan is not None else live_target
             return self._average_stage(deltas, round_no, max(float(weight), 1e-6), stop, fingerprint, target, 0, 0)
@@ -262,7 +267,13 @@ class PseudoGradientAverager:
             if control is None:
                 return None, "averager process is not responding"
             try:
+                next_check = time.monotonic() + 1.0
                 while not control.done() and time.monotonic() < deadline and not (stop and stop.is_set()):
+                    if time.monotonic() >= next_check and control.stage.name == "LOOKING_FOR_GROUP":
+                        next_check = time.monotonic() + 1.0
+                        if self._give_up():
+                            control.cancel()
+                            return None, "the swarm finished this round without this peer"
                     try:
                         control.result(timeout=0.2)
                     except Exception:

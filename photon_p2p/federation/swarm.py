@@ -16,7 +16,7 @@ import torch
 
 from photon_p2p.config import Config
 from photon_p2p.federation import FederationError
-from photon_p2p.federation.averager_process import RoundTracker
+from photon_p2p.federation.averager_process import RoundTracker, progress_members
 from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
 from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.network import parse_multiaddrs, start_dht, visible_maddrs
@@ -95,9 +95,25 @@ class SwarmClock:
     def peers(self) -> int:
         return int(self.tracker.global_progress.num_peers)
 
-    def members(self, round_no: int) -> list[str]:
-        """Peers whose latest progress record is for ``round_no`` (the round's live members)."""
-        return [p for p, epoch in dict(self.tracker.members).items() if epoch == round_no]
+    @property
+    def swarm_round(self) -> int:
+        """The newest round any (non-client) peer reports, as of the tracker's last fetch."""
+        return int(self.tracker.global_progress.epoch)
+
+    def members(self, round_no: int, timeout: float) -> list[str]:
+        """Peers whose latest progress record is for ``round_no``: the round's live members.
+
+        Read fresh from the DHT when the round ends (every peer reads at about the same moment, so all derive
+        the same list); the tracker's last periodic fetch is the fallback if the read times out.
+        """
+        future = self.tracker.dht.get(self.tracker.training_progress_key, latest=True, return_future=True)
+        try:
+            found = future.result(timeout=timeout)
+            members = progress_members(found.value if found is not None else None)
+        except Exception:  # no fresh answer: the tracker's view is seconds old at most
+            future.cancel()
+            members = dict(self.tracker.members)
+        return [p for p, epoch in members.items() if epoch == round_no]
 
     def shutdown(self) -> None:
         self.tracker.shutdown(timeout=5.0)
@@ -170,15 +186,18 @@ class HivemindSwarm:
     def average(self, deltas, round_no, weight, *, stop, fingerprint, live_target) -> RoundResult:
         """Average with every live peer of this round: one group, or rows then columns (groups.py) when they
         outnumber target_group_size. Members come from the clock's records (or heartbeats with a fixed H)."""
+        members: list[str] = []
         if self.clock is not None:
-            members = self.clock.members(round_no)
-        else:
+            members = self.clock.members(round_no, timeout=self.cfg.network.request_timeout)
+        if len(set(members) - {self.peer_id}) == 0:  # no clock, or it has not seen anyone else yet: heartbeats
             members = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
         plan = plan_groups(members, self.peer_id, self.cfg.federation.target_group_size) if members else None
         if plan is not None and plan.n < 2:
             plan = None  # nobody else reported this round yet: fall back to the live-peer count
+        clock = self.clock
         return self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
-                                     live_target=live_target, plan=plan)
+                                     live_target=live_target, plan=plan,
+                                     give_up=(lambda: clock.swarm_round > round_no) if clock is not None else None)
 
     def load_state(self, timeout: float, progress: bool):
         return self.averager.load_state(timeout=timeout, progress=progress)
