@@ -105,7 +105,7 @@ class PseudoGradientAverager:
             client_mode=self.client_mode, declare_state_period=max(10.0, fed.record_ttl / 3),
             # A joiner serves state only once it has some (load_state or a round); the first peer at once.
             allow_state_sharing=not self.client_mode and not net.initial_peers,
-            part_size_bytes=tuning.part_size_bytes, shutdown_timeout=5.0, state_provider=state_provider,
+            part_size_bytes=tuning.part_size_bytes, shutdown_timeout=3.0, state_provider=state_provider,
             counter=self.counter, clock=self.clock, threads=tuning.averager_threads,
             global_tensors=[g.share_memory_() for g in global_tensors] if global_tensors is not None else None)
         self._start(float(net.bootstrap_timeout))

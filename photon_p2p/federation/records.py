@@ -196,7 +196,9 @@ class HeartbeatPublisher(threading.Thread):
         if self.is_alive():
             self.join(timeout if timeout is not None else self.request_timeout + 1)
         if self.published:
-            self.publish(state="left")
+            # Leaving must be quick (a stopping peer promises to be gone within seconds): a short deadline; if
+            # the store misses it, readers see the record go stale instead.
+            self.publish(state="left", timeout=min(self.request_timeout, 3.0))
 
     def newest_round(self, timeout: Optional[float] = None) -> Optional[int]:
         """The highest round in other peers' fresh, running records; None if there are none or on a timeout."""
@@ -219,8 +221,9 @@ class HeartbeatPublisher(threading.Thread):
         return make_record(snap, peer_id=self.peer_id, run_id=self.run_id, time=get_dht_time(),
                            interval=float(self.interval))
 
-    def publish(self, state: Optional[str] = None) -> bool:
+    def publish(self, state: Optional[str] = None, timeout: Optional[float] = None) -> bool:
         """Store one record with a deadline; failures are logged, never raised (a heartbeat must not kill training)."""
+        timeout = self.request_timeout if timeout is None else timeout
         with self._lock:
             stores: list = []
             try:
@@ -235,13 +238,13 @@ class HeartbeatPublisher(threading.Thread):
                                    return_future=True),
                     self.dht.store(RUNS_KEY, record.time, expiration, subkey=self.run_id, return_future=True),
                 ]
-                deadline = time.monotonic() + self.request_timeout
-                ok = stores[0].result(timeout=self.request_timeout)
+                deadline = time.monotonic() + timeout
+                ok = stores[0].result(timeout=timeout)
                 stores[1].result(timeout=max(0.0, deadline - time.monotonic()))
             except concurrent.futures.TimeoutError:
                 for future in stores:
                     future.cancel()
-                log.warning("heartbeat not stored within %.1fs (request_timeout)", self.request_timeout)
+                log.warning("heartbeat not stored within %.1fs", timeout)
                 return False
             except Exception as e:  # a bad snapshot or a DHT hiccup: log it and try again next interval
                 log.warning("heartbeat not published: %s", e)

@@ -83,6 +83,10 @@ class SwarmClock:
         self.tracker.report_local_progress(round_no, int(tokens))
 
     def ready(self, round_no: int) -> bool:
+        # Only a view fetched since this round began counts: a joiner's or a resumed peer's older view may say
+        # the round is long over (an ETA in the past) when the swarm is still mid-round.
+        if not self.tracker.fetched_global_progress_this_epoch.is_set():
+            return False
         peers = max(1, self.tracker.global_progress.num_peers)
         self.tracker.target_batch_size = self.tokens_per_peer * peers  # every peer derives it from the same records
         return self.tracker.ready_to_update_epoch
@@ -116,7 +120,7 @@ class SwarmClock:
         return [p for p, epoch in members.items() if epoch == round_no]
 
     def shutdown(self) -> None:
-        self.tracker.shutdown(timeout=5.0)
+        self.tracker.shutdown(timeout=2.0)  # its final store does not block
 
 
 class HivemindSwarm:
