@@ -17,8 +17,10 @@ shared validation set, data.val_dir = the val split of ../shared/corpus, prepare
   churn      4 silos, rounds=0, heartbeat_interval=5, record_ttl=15; once the fastest silo has 2 round records:
              SIGKILL silo 3's process group, SIGSTOP silo 2's for 30 s (then SIGCONT), start silo 4; stop
              everything once the fastest silo has 12 round records (or at --cap seconds)
-  lr50       3 silos, 8 rounds, silo 2 with train.lr=50 and train.grad_clip=0; the baseline is `three` of the
-             same code version (identical training, same shared val set)
+  lr50       3 silos, 8 rounds, silo 2 with train.lr=50 and train.grad_clip=0; baselines of the same code version:
+             `three` (the same run with silo 2 honest) and `two` (silos 0 and 1 alone: what is left if the bad
+             silo contributes nothing, so the damage it does shows apart from the loss of its data and compute)
+  two        2 silos (shakespeare, kjv), 8 rounds: lr50's honest silos without silo 2
 Versions: --code new runs this working tree (or, with --new-ref REF, commit REF from a git worktree at
 /tmp/photon-new-REF: a fixed code version while the working tree is being edited); --code before runs commit
 e4a7636 from a git worktree at /tmp/photon-before. Worktrees are created if absent; every silo runs with
@@ -29,11 +31,15 @@ a markdown table (also RESULTS/table.md). Metrics, from every silo's RUN_DIR/met
   participation  non-solo round records / all round records, over all silos
   models         at each round value, the number of distinct fingerprints among the silos' records with that
                  round (new: sha256 `fingerprint`; before: `global_checksum` rounded to 4 decimals): the max over
-                 rounds, and at the final round (the highest round value reported by >= 2 silos)
+                 rounds, and at the final round (the highest round value reported by >= 2 silos); in brackets
+                 [≈n] where it differs: old checksums within 0.01 counted as one model (members of one old group
+                 end ~1e-6 apart, float rounding rather than a different history)
   end models     distinct fingerprints among the last records of the silos alive at the end
   wait           per round of the non-throttled honest silos: phases.matchmaking (= wait_s in the new code)
                  when the round formed a group, else the whole averaging_s (a solo round waited all of it)
-  splits         round values with > 1 fingerprints, and whether the next round value was back to 1
+  splits         round values with > 1 fingerprints, and whether the silos that held different models hold one
+                 at the next round value ("not comparable" when that round does not show both sides)
+--report-only recomputes these figures from the run dirs (when present) and rewrites the JSONs.
 """
 
 from __future__ import annotations
@@ -55,12 +61,14 @@ REPO = Path(__file__).resolve().parent.parent
 BEFORE_COMMIT = "e4a7636"
 BEFORE_TREE = Path("/tmp/photon-before")
 SOURCES = ["shakespeare", "kjv", "brown"]
-ALL_SCENARIOS = ["three", "throttled", "lr50", "churn"]
+CHECKSUM_TOL = 0.01  # old float checksums (sums of ~1.9M weights) this close are one model up to float rounding
+ALL_SCENARIOS = ["three", "throttled", "lr50", "churn", "two"]
 ALL_CODES = ["new", "before"]
 SCENARIOS: dict[str, dict[str, Any]] = {
     "three": {"peers": 3, "rounds": 8},
     "throttled": {"peers": 4, "rounds": 6, "throttled": [3]},
     "lr50": {"peers": 3, "rounds": 8, "bad": {2: ["train.lr=50", "train.grad_clip=0"]}},
+    "two": {"peers": 2, "rounds": 8},
     "churn": {"peers": 4, "rounds": 0, "overrides": ["federation.heartbeat_interval=5", "federation.record_ttl=15"],
               "kill": 3, "freeze": 2, "freeze_s": 30.0, "join": 4, "event_after": 2, "stop_after": 12},
 }
@@ -110,23 +118,67 @@ def _stats(xs: list[float]) -> dict[str, float | None]:
     return {"median": round(statistics.median(xs), 3) if xs else None, "max": round(max(xs), 3) if xs else None}
 
 
+def model_classes(recs: list[dict], coarse: bool = False) -> list[int]:
+    """One class id per record: the same id for the same global model. ``coarse``: the old float checksums within
+    CHECKSUM_TOL of each other are one class (members of one old group end a few 1e-6 apart: float rounding,
+    not a different history); sha256 fingerprints are always compared exactly."""
+    if not coarse or all(r.get("fingerprint") for r in recs):
+        ids: dict[str, int] = {}
+        return [ids.setdefault(model_id(r), len(ids)) for r in recs]
+    values = [float(r["global_checksum"]) for r in recs]
+    out = [-1] * len(recs)  # every NaN checksum (a NaN model) is one class: -1
+    cls, prev = 0, None
+    for k in sorted((k for k, v in enumerate(values) if not math.isnan(v)), key=values.__getitem__):
+        if prev is not None and values[k] - prev > CHECKSUM_TOL:
+            cls += 1
+        out[k], prev = cls, values[k]
+    return out
+
+
+def count_models(recs: list[dict], coarse: bool = False) -> int:
+    """Distinct global models among ``recs`` (see model_classes)."""
+    return len(set(model_classes(recs, coarse)))
+
+
+def _splits(by_round: dict[int, list[tuple[int, dict]]], coarse: bool) -> tuple[dict[int, int], list[dict]]:
+    """Distinct models per round value, and the rounds with more than one. A split is healed at the next round
+    when the silos that held different models hold one model there; None when the next round does not show
+    silos from both sides of the split (a silo skipped that round value, left, or the run was stopped)."""
+    distinct, per_silo = {}, {}
+    for rnd, recs in by_round.items():
+        classes = model_classes([r for _, r in recs], coarse)
+        distinct[rnd] = len(set(classes))
+        per_silo[rnd] = {i: c for (i, _), c in zip(recs, classes)}  # a silo's last record at that round
+    splits = []
+    for rnd, n in distinct.items():
+        if n < 2:
+            continue
+        nxt = per_silo.get(rnd + 1, {})
+        common = [i for i in per_silo[rnd] if i in nxt]
+        healed = None
+        if len({per_silo[rnd][i] for i in common}) >= 2:
+            healed = len({nxt[i] for i in common}) == 1
+        splits.append({"round": rnd, "models": n, "silos": sorted(per_silo[rnd]),
+                       "next_round_models": distinct.get(rnd + 1), "next_round_silos": sorted(nxt),
+                       "healed_next": healed})
+    return distinct, splits
+
+
 def analyze(silos: dict[int, list[dict]], wait_silos: list[int], alive_at_end: list[int]) -> dict[str, Any]:
     """Figures of one run from each silo's round records (in file order)."""
     flat = [(i, r) for i, recs in silos.items() for r in recs]
-    by_round: dict[int, dict[int, set[str]]] = {}
+    by_round: dict[int, list[tuple[int, dict]]] = {}
     for i, r in flat:
-        by_round.setdefault(int(r["round"]), {}).setdefault(i, set()).add(model_id(r))
-    distinct = {rnd: len(set().union(*per.values())) for rnd, per in sorted(by_round.items())}
-    multi = [rnd for rnd, per in by_round.items() if len(per) >= 2]
+        by_round.setdefault(int(r["round"]), []).append((i, r))
+    by_round = dict(sorted(by_round.items()))
+    distinct, splits = _splits(by_round, coarse=False)
+    coarse, splits_coarse = _splits(by_round, coarse=True)
+    multi = [rnd for rnd, recs in by_round.items() if len({i for i, _ in recs}) >= 2]
     final_round = max(multi) if multi else (max(by_round) if by_round else None)
-    splits = [{"round": rnd, "models": n, "silos": sorted(by_round[rnd]),
-               "next_round_models": distinct.get(rnd + 1),
-               "healed_next": (distinct[rnd + 1] == 1) if rnd + 1 in distinct else None}
-              for rnd, n in distinct.items() if n > 1]
     waits = [round_wait(r) for i, r in flat if i in wait_silos]
     avg_s = [float(r.get("averaging_s", 0.0)) for i, r in flat if i in wait_silos]
     solo = [{"silo": i, "round": int(r["round"]), "reason": r.get("reason", "")} for i, r in flat if r.get("solo")]
-    last = {i: silos[i][-1] for i in alive_at_end if silos.get(i)}
+    last = [silos[i][-1] for i in alive_at_end if silos.get(i)]
     return {
         "peer_rounds": len(flat),
         "grouped_rounds": sum(1 for _, r in flat if not r.get("solo")),
@@ -136,13 +188,18 @@ def analyze(silos: dict[int, list[dict]], wait_silos: list[int], alive_at_end: l
         "healed_rounds": sum(1 for _, r in flat if r.get("healed")),
         "group_sizes": dict(Counter(str(r.get("group_size")) for _, r in flat)),
         "distinct_by_round": {str(k): v for k, v in distinct.items()},
+        "distinct_by_round_coarse": {str(k): v for k, v in coarse.items()},
         "max_distinct": max(distinct.values()) if distinct else None,
+        "max_distinct_coarse": max(coarse.values()) if coarse else None,
         "final_round": final_round,
         "final_distinct": distinct.get(final_round) if final_round is not None else None,
-        "final_silos": len(by_round.get(final_round, {})) if final_round is not None else 0,
-        "end_models": len({model_id(r) for r in last.values()}) if last else None,
-        "end_rounds": {str(i): int(r["round"]) for i, r in last.items()},
+        "final_distinct_coarse": coarse.get(final_round) if final_round is not None else None,
+        "final_silos": len({i for i, _ in by_round.get(final_round, [])}) if final_round is not None else 0,
+        "end_models": count_models(last) if last else None,
+        "end_models_coarse": count_models(last, coarse=True) if last else None,
+        "end_rounds": {str(i): int(silos[i][-1]["round"]) for i in alive_at_end if silos.get(i)},
         "splits": splits,
+        "splits_coarse": splits_coarse,
         "wait_s": _stats(waits),
         "averaging_s": _stats(avg_s),
         "final_val_ppl": {str(i): next((float(r["val_ppl"]) for r in reversed(recs) if "val_ppl" in r), None)
@@ -341,6 +398,20 @@ class Swarm:
         stop_all(list(self.procs.values()))
 
 
+def wait_silos(spec: dict, silos: dict[int, Any]) -> list[int]:
+    """The silos whose waiting is measured: not the throttled one, not the bad one."""
+    return [i for i in silos if i not in set(spec.get("throttled", [])) | set(spec.get("bad", {}))]
+
+
+def reanalyze(result: dict, run_dir: Path) -> dict:
+    """Recompute the figures of a stored result from its run dir (keeps exit codes, events and wall time)."""
+    n = len(result["silos"])
+    silos = {i: [r for r in read_records(run_dir / f"peer-{i}") if r.get("kind") == "round"] for i in range(n)}
+    if not any(silos.values()):
+        return result
+    return {**result, **analyze(silos, wait_silos(result["spec"], silos), result["alive_at_end"])}
+
+
 def summarize(sw: Swarm, wall_s: float, step_s: float) -> dict[str, Any]:
     s = sw.spec
     silos = {i: [r for r in read_records(sw.out / f"peer-{i}") if r.get("kind") == "round"]
@@ -349,8 +420,7 @@ def summarize(sw: Swarm, wall_s: float, step_s: float) -> dict[str, Any]:
     killed = {s["kill"]} if "kill" in s else set()
     # Alive at the end: not SIGKILLed by us, and did not exit with an error before we stopped the run.
     alive = [i for i in silos if i not in killed and codes[i] in (0, -signal.SIGTERM, -signal.SIGKILL)]
-    excluded = set(s.get("throttled", [])) | set(s.get("bad", {}))
-    result = analyze(silos, [i for i in silos if i not in excluded], alive)
+    result = analyze(silos, wait_silos(s, silos), alive)
     key = "fingerprint" if sw.code == "new" else "global_checksum"
     wrong = [i for i, recs in silos.items() if any(key not in r for r in recs)]
     per_silo = {}
@@ -395,6 +465,18 @@ def honest_ppl(r: dict) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _healed(s: dict) -> str:
+    if s["healed_next"] is None:
+        return f"not comparable: next round has silos {s.get('next_round_silos', '?')}"
+    return "healed" if s["healed_next"] else f"not healed ({s['next_round_models']} models)"
+
+
+def _pair(r: dict, key: str) -> str:
+    """A model count, with the count up to float rounding in brackets where it differs (old checksums)."""
+    strict, coarse = r.get(key), r.get(key + "_coarse", r.get(key))
+    return f"{strict}" if strict == coarse else f"{strict} [≈{coarse}]"
+
+
 def markdown(results: dict[tuple[str, str], dict]) -> str:
     lines = ["| scenario | code | peer-rounds | participation | solo (reasons) | max / final distinct models "
              "(silos at final) | end models | fast silos' wait s median / max | averaging s median / max | "
@@ -406,37 +488,50 @@ def markdown(results: dict[tuple[str, str], dict]) -> str:
         ppl = " / ".join(_f(v, "{:.1f}") for v in r["final_val_ppl"].values())
         lines.append(
             f"| {name} | {code} ({r['commit']}) | {r['peer_rounds']} | {_f(r['participation'], '{:.3f}')} | "
-            f"{len(r['solo'])}{' (' + reasons + ')' if reasons else ''} | {r['max_distinct']} / "
-            f"{r['final_distinct']} (round {r['final_round']}, {r['final_silos']} silos) | {r['end_models']} | "
+            f"{len(r['solo'])}{' (' + reasons + ')' if reasons else ''} | {_pair(r, 'max_distinct')} / "
+            f"{_pair(r, 'final_distinct')} (round {r['final_round']}, {r['final_silos']} silos) | "
+            f"{_pair(r, 'end_models')} | "
             f"{_f(r['wait_s']['median'])} / {_f(r['wait_s']['max'])} | "
             f"{_f(r['averaging_s']['median'])} / {_f(r['averaging_s']['max'])} | {ppl} | {r['wall_s']:.0f} |")
     for code in ALL_CODES:
-        bad, base = results.get(("lr50", code)), results.get(("three", code))
+        bad = results.get(("lr50", code))
         if bad:
-            b = bad["silos"]["2"]
-            hb, h0 = honest_ppl(bad), honest_ppl(base) if base else None
-            ratio = hb / h0 if hb is not None and h0 else None
-            lines.append(f"\nlr50 ({code}): honest silos' final val ppl {_f(hb)} with the lr=50 silo vs {_f(h0)} "
-                         f"without (`three`, {code}): ratio **{_f(ratio, '{:.3f}')}**. Bad silo: exit code "
-                         f"{b['exit_code']}, {b['rollbacks']} rollbacks, {b['round_records']} round records; "
-                         f"last log line: `{(b['log_tail'] or [''])[-1]}`")
+            b, hb = bad["silos"]["2"], honest_ppl(bad)
+            parts = []
+            for base_name, what in (("three", "silo 2 honest"), ("two", "silos 0 and 1 alone")):
+                base = results.get((base_name, code))
+                h0 = honest_ppl(base) if base else None
+                ratio = hb / h0 if hb is not None and h0 else None
+                parts.append(f"vs {_f(h0)} in `{base_name}` ({what}): ratio **{_f(ratio, '{:.3f}')}**")
+            lines.append(f"\nlr50 ({code}): honest silos' final val ppl {_f(hb)} with the lr=50 silo, "
+                         f"{'; '.join(parts)}. Bad silo: exit code {b['exit_code']}, {b['rollbacks']} rollbacks, "
+                         f"{b['round_records']} round records; last log line: `{(b['log_tail'] or [''])[-1]}`")
     for code in ALL_CODES:
         r = results.get(("churn", code))
         if r:
             sp = ", ".join(f"{s['round']} ({s['models']} models, silos {s['silos']}; next round "
-                           f"{'healed' if s['healed_next'] else 'not healed' if s['healed_next'] is False else 'absent'})"
+                           f"{_healed(s)})"
                            for s in r["splits"]) or "none"
             lines.append(f"\nchurn ({code}): rounds with > 1 model: {sp}")
+            if r.get("splits_coarse") != r["splits"]:
+                spc = ", ".join(f"{s['round']} ({s['models']}; next "
+                                f"{_healed(s)})"
+                                for s in r.get("splits_coarse", [])) or "none"
+                lines.append(f"churn ({code}), up to float rounding (checksums within {CHECKSUM_TOL}): {spc}")
     return "\n".join(lines)
 
 
-def load_results(results: Path) -> dict[tuple[str, str], dict]:
+def load_results(results: Path, out_dir: Path | None = None) -> dict[tuple[str, str], dict]:
+    """Stored results; with ``out_dir``, their figures are recomputed from the run dirs and stored again."""
     out = {}
     for name in ALL_SCENARIOS:
         for code in ALL_CODES:
             p = results / f"{name}-{code}.json"
             if p.is_file():
                 out[(name, code)] = json.loads(p.read_text())
+                if out_dir is not None and (out_dir / code / name).is_dir():
+                    out[(name, code)] = reanalyze(out[(name, code)], out_dir / code / name)
+                    p.write_text(json.dumps(out[(name, code)], indent=1) + "\n")
     return out
 
 
@@ -448,7 +543,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--new-ref", default="",
                     help="run --code new from this commit (a git worktree) instead of the working tree")
     ap.add_argument("--force", action="store_true", help="re-run scenarios whose JSON already exists")
-    ap.add_argument("--report-only", action="store_true", help="print the table from the existing JSONs")
+    ap.add_argument("--report-only", action="store_true",
+                    help="recompute the figures of the existing JSONs from their run dirs and print the table")
     ap.add_argument("--cap", type=float, default=900.0, help="wall-clock cap per scenario run (seconds)")
     ap.add_argument("--throttle-delay", type=float, default=0.0,
                     help="seconds the throttled silo sleeps per step (0 = one measured tiny step on 1 thread)")
@@ -491,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             (results / f"{name}-{code}.json").write_text(json.dumps(result, indent=1) + "\n")
             print(f"one_model: {name} / {code} done in {result['wall_s']:.0f}s: participation "
                   f"{result['participation']}, max distinct models {result['max_distinct']}", flush=True)
-    table = markdown(load_results(results))
+    table = markdown(load_results(results, out if args.report_only else None))
     (results / "table.md").write_text(table + "\n")
     print(table)
     return 0

@@ -56,9 +56,17 @@ def test_one_model_figures_from_round_records():
     assert r["peer_rounds"] == 8 and r["participation"] == 0.875
     assert r["distinct_by_round"] == {"1": 1, "2": 3, "3": 1} and r["max_distinct"] == 3
     assert r["final_round"] == 3 and r["final_distinct"] == 1 and r["end_models"] == 1
-    assert r["splits"] == [{"round": 2, "models": 3, "silos": [0, 1, 2], "next_round_models": 1, "healed_next": True}]
+    assert r["splits"] == [{"round": 2, "models": 3, "silos": [0, 1, 2], "next_round_models": 1,
+                            "next_round_silos": [0, 1], "healed_next": True}]
+    # a split whose sides are not both seen at the next round is not called healed
+    pairs = one_model.analyze({0: [rec(1, new("a")), rec(2, new("c"))], 1: [rec(1, new("a")), rec(2, new("c"))],
+                               2: [rec(1, new("b"))]}, wait_silos=[], alive_at_end=[0, 1])
+    assert pairs["splits"][0]["healed_next"] is None
     assert r["wait_s"] == {"median": 1.0, "max": 30.0}  # a solo round waited its whole averaging time
     assert r["solo_reasons"] == {"deadline": 1} and r["final_val_ppl"]["0"] == 9.0
     # the old code's float checksum is compared to 4 decimals
     assert one_model.model_id(old(1.00001)) == one_model.model_id(old(1.0)) != one_model.model_id(old(1.001))
+    # ... and, up to float rounding, members of one old group (a few 1e-6 apart) hold one model
+    assert one_model.count_models([old(5.00004), old(5.00006)]) == 2
+    assert one_model.count_models([old(5.00004), old(5.00006), old(7.0)], coarse=True) == 2
     assert one_model.parse_args(["--scenarios", "three", "lr50", "--code", "new"]).scenarios == ["three", "lr50"]
