@@ -97,9 +97,10 @@ class FederationConfig:
     target_group_size: int = 8
     min_group_size: int = 2
     matchmaking_time: float = 5.0  # seconds spent gathering a group before all-reduce
-    # a group that knows the round's live members waits up to this long for one that has not arrived (it starts
-    # as soon as all have joined, so this costs time only when a member is really missing)
-    straggler_wait: float = 15.0
+    # >0: a group that knows the round's live members declares this long a wait for one that has not arrived
+    # (0 = matchmaking_time). Measured (BENCHMARKS.md, one model): 15 s lowered participation from 1.0 to 0.875,
+    # because hivemind's matchmaking can split into sub-groups that only merge at their declared deadline.
+    straggler_wait: float = 0.0
     allreduce_timeout: float = 60.0
     round_deadline: float = 120.0  # max seconds to wait for averaging; then the round goes solo
     compression: str = "none"  # none | fp16 | scaled-fp16 | uint8 | blockwise8
