@@ -5,7 +5,9 @@ Usage:  python peers/local_swarm.py [--peers 3] [--config tiny] [--rounds 8] [--
 
 Peer 0 starts the swarm; the others join through its multiaddr. Each silo trains on one source of the
 embedded corpus (shakespeare, kjv, brown, ...): a non-IID split. Ctrl-C (or the end of the rounds) stops every
-peer cleanly; each peer's log is RUN_DIR/peer-i/peer.log.
+peer cleanly; each peer's log is RUN_DIR/peer-i/peer.log. At the end it writes RUN_DIR/metrics.png (every silo's
+loss and perplexity curves) and prints a summary: rounds each silo averaged in, its last validation perplexity,
+and whether all silos hold one model (the same fingerprint at the same round).
 """
 
 from __future__ import annotations
@@ -90,6 +92,20 @@ def follow(run_dirs: list[Path], offsets: list[int]) -> None:
                 print(f"[silo-{i}] {line}", flush=True)
 
 
+def report(run_dirs: list[Path], out: Path) -> bool:
+    """The swarm at the end: one PNG of every silo's curves and a short summary; True if all hold one model."""
+    from photon_p2p.metrics import MetricsError, format_swarm_summary, one_model, plot_run, silo_summary
+
+    silos = [silo_summary(d) for d in run_dirs]
+    print("local_swarm: summary\n" + format_swarm_summary(silos), flush=True)
+    try:
+        png = plot_run([d for d in run_dirs if (d / "metrics.jsonl").is_file()], out / "metrics.png")
+        print(f"local_swarm: every silo's curves are in {png}")
+    except (MetricsError, OSError) as e:  # a swarm stopped before its first logged step has nothing to plot
+        print(f"local_swarm: no plot ({e})")
+    return one_model(silos)[0]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", type=int, default=3)
@@ -129,7 +145,9 @@ def main() -> int:
     failed = [i for i, c in enumerate(codes) if c not in (0, -signal.SIGTERM)] if not stopping["now"] else []
     for i in failed:
         print(f"local_swarm: silo-{i} exited with {codes[i]} (see {run_dirs[i]}/peer.log)", file=sys.stderr)
-    print(f"local_swarm: done; plot with: photon-peer plot {' '.join(map(str, run_dirs))}")
+    if run_dirs:
+        report(run_dirs, Path(args.out))
+        print(f"local_swarm: done; sample the swarm's model: photon-peer sample {run_dirs[0]} --prompt 'And the'")
     return 1 if failed else 0
 
 

@@ -10,15 +10,17 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+# Exception types that mean "the user gave bad input": printed as one line, never as a traceback.
+USER_ERRORS = {"photon_p2p.config": "ConfigError", "photon_p2p.data": "DataError",
+               "photon_p2p.checkpoint": "CheckpointError", "photon_p2p.federation": "FederationError",
+               "photon_p2p.metrics": "MetricsError"}
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean 'the user gave bad input': printed as one line, never as a traceback."""
-    from photon_p2p.checkpoint import CheckpointError
-    from photon_p2p.config import ConfigError
-    from photon_p2p.data import DataError
-
-    from photon_p2p.federation import FederationError
-
-    return ConfigError, DataError, CheckpointError, FederationError, FileNotFoundError
+    """The USER_ERRORS of modules already imported: one never loaded cannot have raised, and importing it here
+    (checkpoint.py pulls in torch) would add seconds before a config mistake is printed."""
+    loaded = [getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules]
+    return (*loaded, FileNotFoundError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -58,9 +60,9 @@ def _graceful_stop() -> threading.Event:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)  # before the heavy imports: a config mistake is reported at once
     from photon_p2p.train.solo import run_solo
 
-    cfg = _load_config(args)
     result = run_solo(cfg, stop=_graceful_stop(), progress=not args.no_progress)
     print(json.dumps({"run_dir": cfg.run_dir, **result}))
     return 0
@@ -79,41 +81,35 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from photon_p2p.data.loader import TokenDataset
-    from photon_p2p.train.solo import load_model_from_run
+    from photon_p2p.train.solo import default_data_dir, load_model_from_run
     from photon_p2p.train.trainer import LocalTrainer
 
     cfg, model, _ = load_model_from_run(args.run_dir)
     if args.batches:
         cfg.train.eval_batches = args.batches
-    data_dir = args.data or cfg.data.path or str(_default_data_dir(args.run_dir))
+    data_dir = args.data or cfg.data.path or str(default_data_dir(args.run_dir))
     val = TokenDataset(data_dir, "val")
     trainer = LocalTrainer(cfg, model, TokenDataset(data_dir, "train"), val)
     print(json.dumps(trainer.evaluate()))
     return 0
 
 
-def _default_data_dir(run_dir: str) -> Path:
-    candidates = sorted(Path(run_dir, "data").glob("*/manifest.json"))
-    if not candidates:
-        raise FileNotFoundError(f"no prepared data under {run_dir}/data; pass --data DIR")
-    return candidates[0].parent
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from photon_p2p.data.loader import TokenDataset
-    from photon_p2p.data.tokenizer import BUNDLED_TOKENIZER
     from photon_p2p.export import export_hf
-    from photon_p2p.train.solo import load_model_from_run
+    from photon_p2p.train.solo import load_model_from_run, run_tokenizer_path
 
     cfg, model, _ = load_model_from_run(args.run_dir)
-    tokenizer = args.tokenizer
-    if not tokenizer:
-        try:
-            tokenizer = str(TokenDataset(cfg.data.path or _default_data_dir(args.run_dir)).tokenizer_path)
-        except (FileNotFoundError, ValueError):
-            tokenizer = str(BUNDLED_TOKENIZER)
+    tokenizer = args.tokenizer or str(run_tokenizer_path(cfg, args.run_dir))
     out = export_hf(model.state_dict(), cfg.model, tokenizer, args.out)
     print(f"exported LlamaForCausalLM to {out}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from photon_p2p.sample import sample_run
+
+    print(sample_run(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_k=args.top_k, seed=args.seed, tokenizer=args.tokenizer, device=args.device))
     return 0
 
 
@@ -133,8 +129,6 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from photon_p2p.daemon import PeerDaemon
-
     extra = []
     for flag, key in (("initial_peers", "network.initial_peers"), ("host_maddrs", "network.host_maddrs"),
                       ("announce_maddrs", "network.announce_maddrs")):
@@ -146,26 +140,32 @@ def cmd_run(args: argparse.Namespace) -> int:
             extra.append(f"{key}={json.dumps(getattr(args, flag))}")
     if args.client_mode:
         extra.append("network.client_mode=true")
-    cfg = _load_config(args, extra)
+    cfg = _load_config(args, extra)  # every check (identity file, addresses, ranges) before hivemind is imported
+    from photon_p2p.daemon import PeerDaemon
+
     result = PeerDaemon(cfg, stop=_graceful_stop(), progress=not args.no_progress).run()
     print(json.dumps({"run_dir": cfg.run_dir, **result}))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from photon_p2p.config import NetworkConfig
-    from photon_p2p.status import run_status
+    from photon_p2p.config import NetworkConfig, validate_network
 
     net = NetworkConfig(initial_peers=args.initial_peers, bootstrap_timeout=args.timeout)
+    validate_network(net)
+    from photon_p2p.status import run_status
+
     return run_status(net, args.run_id, as_json=args.json, watch=args.watch)
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from photon_p2p.bootstrap import run_bootstrap
-    from photon_p2p.config import NetworkConfig
+    from photon_p2p.config import NetworkConfig, validate_network
 
     net = NetworkConfig(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
                         announce_maddrs=args.announce_maddrs, identity_path=args.identity or "")
+    validate_network(net)  # a garbage identity file or address fails here, not inside p2pd
+    from photon_p2p.bootstrap import run_bootstrap
+
     return run_bootstrap(net, stop=_graceful_stop())
 
 
@@ -200,6 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", help="tokenizer.json to ship (default: the one the data was prepared with)")
     commands["export"] = cmd_export
+
+    p = sub.add_parser("sample", help="generate text from a run's checkpoint (a federated run: the swarm's model)")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", "-p", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (always the most likely token)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one the run's data was prepared with)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    commands["sample"] = cmd_sample
 
     p = sub.add_parser("plot", help="PNG of training loss and validation perplexity")
     p.add_argument("run_dir", nargs="+")

@@ -1,4 +1,4 @@
-"""One dataclass config tree: YAML preset -> overlays (``extends:``) -> ``--set section.key=value`` overrides.
+"""One dataclass config tree: YAML preset -> overlays (``extends:``) -> ``--set key=value`` overrides -> validate.
 
 Unknown keys and wrong types are errors (``ConfigError``) that name the offending key, so a typo in a
 silo's overlay fails loudly instead of silently training with a default.
@@ -7,15 +7,23 @@ silo's overlay fails loudly instead of silently training with a default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import importlib.util
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
-REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets ship inside the package (a wheel has no repo around it); top-level configs/ holds byte-identical
+# copies for users to copy and edit (tests/test_config.py checks that they never drift apart).
+PRESET_DIR: Traversable = importlib.resources.files("photon_p2p") / "configs"
+ConfigSource = Union[Path, Traversable]
 
 
 class ConfigError(ValueError):
@@ -133,6 +141,14 @@ class NetworkConfig:
 
 
 @dataclass
+class ObserveConfig:
+    """Optional exporters (photon_p2p/observe.py): a Prometheus endpoint and a TensorBoard event sink."""
+
+    prometheus_port: int = 0  # serve /metrics on this port (0 = off); needs prometheus_client
+    tensorboard_dir: str = ""  # write every metrics.jsonl record as TensorBoard scalars here ("" = off)
+
+
+@dataclass
 class Config:
     """The whole tree; ``name`` and ``run_dir`` describe the run itself."""
 
@@ -143,6 +159,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -197,35 +214,58 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, key, value)
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A path to a YAML file, or the name of a preset in configs/ (e.g. ``tiny``)."""
-    path = Path(name_or_path)
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package (``tiny``, ``photon-125m``, ...)."""
+    return sorted(f.name[:-5] for f in PRESET_DIR.iterdir() if f.name.endswith(".yaml"))
+
+
+def _preset(name: str) -> Traversable | None:
+    """The shipped preset a bare name (``tiny`` or ``tiny.yaml``, no directory) stands for, if any."""
+    if not name or "/" in name or "\\" in name:
+        return None
+    stem = name[:-5] if name.endswith(".yaml") else name
+    preset = PRESET_DIR / f"{stem}.yaml"
+    return preset if preset.is_file() else None
+
+
+def resolve_config_path(name_or_path: str) -> ConfigSource:
+    """A path to a YAML file, or the name of a preset shipped in photon_p2p/configs/ (e.g. ``tiny``)."""
+    path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    preset = REPO_CONFIG_DIR / f"{name_or_path}.yaml"
-    if preset.is_file() and path.suffix not in (".yaml", ".yml"):
+    preset = _preset(name_or_path)
+    if preset is not None:
         return preset
-    raise ConfigError(f"config file not found: {name_or_path}")
+    raise ConfigError(f"config file not found: {name_or_path} (presets: {', '.join(preset_names())})")
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
-    """The chain of YAML documents for ``path``: its ``extends:`` parents first, then itself."""
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"config 'extends' cycle at {path}")
+def _extends_target(src: ConfigSource, parent: str) -> ConfigSource:
+    """``extends:`` is relative to the file that says it; a bare name also finds a preset."""
+    if isinstance(src, Path):
+        candidate = Path(parent).expanduser()
+        candidate = candidate if candidate.is_absolute() else src.parent / candidate
+        if candidate.is_file():
+            return candidate
+    return resolve_config_path(parent)
+
+
+def _read_yaml(src: ConfigSource, seen: tuple[str, ...] = ()) -> list[dict]:
+    """The chain of YAML documents for ``src``: its ``extends:`` parents first, then itself."""
+    key = str(src.resolve()) if isinstance(src, Path) else str(src)
+    if key in seen:
+        raise ConfigError(f"config 'extends' cycle at {key}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(src.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {key} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {key} cannot be read: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must contain a mapping at the top level")
+        raise ConfigError(f"config file {key} must contain a mapping at the top level")
     chain: list[dict] = []
     parent = data.pop("extends", None)
     if parent is not None:
-        parent_path = Path(parent) if Path(parent).is_absolute() else path.parent / parent
-        if not parent_path.is_file():
-            parent_path = resolve_config_path(str(parent))
-        chain.extend(_read_yaml(parent_path, seen + (path,)))
+        chain.extend(_read_yaml(_extends_target(src, str(parent)), seen + (key,)))
     chain.append(data)
     return chain
 
@@ -268,9 +308,60 @@ def load_config(paths: list[str] | tuple[str, ...] = (), overrides: list[str] | 
     return cfg
 
 
+# The allowed range of every numeric key a user can set (floats must also be finite). tests/test_config.py fails
+# when a numeric key is added to the tree without a range here, so every value is checked before anything starts.
+RANGES: dict[str, str] = {
+    "model.vocab_size": ">= 1", "model.d_model": ">= 1", "model.n_layers": ">= 1", "model.n_heads": ">= 1",
+    "model.n_kv_heads": ">= 1", "model.ffn_hidden": ">= 1", "model.multiple_of": ">= 1", "model.seq_len": ">= 1",
+    "model.rope_theta": "> 0", "model.norm_eps": "> 0", "model.init_std": "> 0",
+    "data.val_fraction": "in [0, 1)", "data.seed": ">= 0",
+    "train.batch_size": ">= 1", "train.grad_accum": ">= 1", "train.lr": "> 0", "train.min_lr_ratio": "in [0, 1]",
+    "train.warmup_steps": ">= 0", "train.max_steps": ">= 1", "train.weight_decay": ">= 0",
+    "train.beta1": "in [0, 1)", "train.beta2": "in [0, 1)", "train.eps": "> 0", "train.grad_clip": ">= 0",
+    "train.eval_every": ">= 0", "train.eval_batches": ">= 1", "train.eval_batch_size": ">= 0",
+    "train.checkpoint_every": ">= 1", "train.log_every": ">= 1", "train.threads": ">= 0", "train.seed": ">= 0",
+    "federation.rounds": ">= 0", "federation.local_steps": ">= 1", "federation.round_token_budget": ">= 0",
+    "federation.round_time_budget": ">= 0", "federation.target_group_size": ">= 1",
+    "federation.min_group_size": ">= 1", "federation.matchmaking_time": "> 0", "federation.straggler_wait": ">= 0",
+    "federation.allreduce_timeout": "> 0", "federation.round_deadline": "> 0", "federation.outer_lr": "> 0",
+    "federation.outer_momentum": "in [0, 1)", "federation.state_sync_timeout": "> 0",
+    "federation.heartbeat_interval": "> 0", "federation.record_ttl": "> 0", "federation.max_rollbacks": ">= 1",
+    "federation.divergence_loss": ">= 0",
+    "network.bootstrap_timeout": "> 0", "network.request_timeout": "> 0",
+    "observe.prometheus_port": "in [0, 65535]",
+}
+_RANGE_TESTS: dict[str, Callable[[float], bool]] = {
+    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 65535]": lambda v: 0 <= v <= 65535,
+}
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single type check cannot express."""
-    m, t, f = cfg.model, cfg.train, cfg.federation
+    """Every rule a config must pass, checked once before anything starts (data preparation, the DHT, the
+    averager), so a mistake is a one-line ConfigError instead of a traceback minutes into a run."""
+    for key, spec in RANGES.items():
+        value = _get(cfg, key)
+        if value is None:
+            continue  # Optional keys (n_kv_heads, ffn_hidden): None means "derive it"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+        if not _RANGE_TESTS[spec](value):
+            raise ConfigError(f"config key '{key}' must be {spec}, got {value!r}")
+    for key, choices in CHOICES.items():  # again: a Config built in code never went through _merge
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
+    for key in ("name", "run_dir"):
+        if not str(_get(cfg, key)).strip():
+            raise ConfigError(f"config key '{key}' must not be empty")
+    m, t = cfg.model, cfg.train
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     if (m.d_model // m.n_heads) % 2:
@@ -279,24 +370,109 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
-    for key, value in (("train.batch_size", t.batch_size), ("train.max_steps", t.max_steps),
-                       ("model.seq_len", m.seq_len), ("federation.local_steps", f.local_steps),
-                       ("federation.target_group_size", f.target_group_size)):
-        if value < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
-    if t.eval_batch_size < 0:
-        raise ConfigError(f"config key 'train.eval_batch_size' must be >= 0, got {t.eval_batch_size}")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError("config key 'data.val_fraction' must be in [0, 1)")
-    if f.straggler_wait < 0:
-        raise ConfigError(f"config key 'federation.straggler_wait' must be >= 0, got {f.straggler_wait}")
-    if f.max_rollbacks < 1:
-        raise ConfigError(f"config key 'federation.max_rollbacks' must be >= 1, got {f.max_rollbacks}")
-    if f.divergence_loss < 0:
-        raise ConfigError(f"config key 'federation.divergence_loss' must be >= 0, got {f.divergence_loss}")
-    if f.min_group_size < 1 or f.min_group_size > f.target_group_size:
-        raise ConfigError("federation.min_group_size must be in [1, federation.target_group_size]")
+    if not _DEVICE.fullmatch(t.device):
+        raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _validate_federation(cfg.federation)
+    validate_network(cfg.network)
+    _validate_observe(cfg.observe)
 
+
+def _validate_federation(f: FederationConfig) -> None:
+    # The same rules the averager and the heartbeat publisher enforce once they start (they keep theirs as a
+    # last line of defence); here they fail before data preparation and the DHT.
+    if not f.run_id or "." in f.run_id:
+        raise ConfigError(f"config key 'federation.run_id' must be non-empty and contain no '.', got {f.run_id!r}")
+    if f.min_group_size > f.target_group_size:
+        raise ConfigError(f"federation.min_group_size ({f.min_group_size}) must be <= federation.target_group_size "
+                          f"({f.target_group_size})")
+    margin = f.matchmaking_time * 1.25 + 0.5
+    if f.round_deadline <= margin:
+        raise ConfigError(f"federation.round_deadline ({f.round_deadline:g}s) must exceed 1.25 x "
+                          f"federation.matchmaking_time + 0.5s (= {margin:g}s): a group needs time to form")
+    if f.record_ttl <= f.heartbeat_interval:
+        raise ConfigError(f"federation.record_ttl ({f.record_ttl:g}s) must exceed federation.heartbeat_interval "
+                          f"({f.heartbeat_interval:g}s), or live peers expire between two heartbeats")
+    if f.compression == "blockwise8" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("federation.compression 'blockwise8' needs bitsandbytes (pip install bitsandbytes)")
+
+
+def validate_network(net: NetworkConfig) -> None:
+    """Addresses parse as multiaddrs (initial peers with /p2p/<id>, announced ones with an explicit port) and an
+    existing identity file is a private key; also used by `bootstrap` and `status`, which have no full config."""
+    import multiaddr  # light (no hivemind); imported here so that config-only tools do not pay for it
+
+    for key, addrs in (("network.initial_peers", net.initial_peers), ("network.host_maddrs", net.host_maddrs),
+                       ("network.announce_maddrs", net.announce_maddrs)):
+        where = f"{key} / --{key.split('.')[1].replace('_', '-')}"  # the config key and its command-line flag
+        for text in addrs:
+            try:
+                maddr = multiaddr.Multiaddr(text.strip())
+                names = [p.name for p in maddr.protocols()]
+            except Exception as e:  # the library raises several types; any of them means "not an address"
+                reason = str(e).split("\n")[0].split(" (string:")[0]
+                reason = reason.split("': ", 1)[-1] or type(e).__name__  # "Invalid MultiAddr 'x': <why>" -> why
+                raise ConfigError(f"invalid multiaddr in {where}: {text!r} ({reason})") from None
+            if key == "network.initial_peers" and "p2p" not in names:
+                raise ConfigError(f"invalid multiaddr in {where}: {text!r} (missing /p2p/<peer id>: copy the full "
+                                  "address a running peer prints)")
+            if key == "network.announce_maddrs":
+                ports = [maddr.value_for_protocol(proto) for proto in ("tcp", "udp") if proto in names]
+                if not ports or any(str(port) == "0" for port in ports):
+                    raise ConfigError(f"invalid multiaddr in {where}: {text!r} (needs an explicit, non-zero port: "
+                                      "the one other peers dial)")
+    if net.identity_path:
+        check_identity_file(net.identity_path)
+
+
+def check_identity_file(path: str) -> None:
+    """A missing identity file is fine (hivemind creates one); an existing one must be a libp2p private key, or
+    p2pd fails deep inside the DHT start with a protobuf message that names no file."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return
+    where = f"identity file {p} (network.identity_path / --identity)"
+    if not p.is_file():
+        raise ConfigError(f"{where} is not a file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read: {e.strerror}") from None
+    if not _is_private_key(data):
+        raise ConfigError(f"{where} is not a private key: point it at a key file a peer wrote, or at a path that "
+                          "does not exist yet to create a new identity there")
+
+
+def _is_private_key(data: bytes) -> bool:
+    # hivemind's protobuf module (it imports hivemind, so only when an identity file exists: the peer is about to
+    # start hivemind anyway). An empty file parses as an empty message, so the key bytes are checked too.
+    from hivemind.proto import crypto_pb2
+
+    try:
+        key = crypto_pb2.PrivateKey.FromString(data)
+    except Exception:  # google.protobuf DecodeError, or RuntimeWarning-style errors from the C++ parser
+        return False
+    if not key.data or key.key_type not in crypto_pb2.KeyType.values():
+        return False
+    if key.key_type == crypto_pb2.KeyType.RSA:  # the kind hivemind writes: DER that p2pd will unmarshal
+        try:
+            from cryptography.hazmat.primitives.serialization import load_der_private_key
+        except ImportError:
+            return True
+        try:
+            load_der_private_key(key.data, password=None)
+        except Exception:  # ValueError/TypeError/UnsupportedAlgorithm: not a key p2pd can load either
+            return False
+    return True
+
+
+def _validate_observe(o: ObserveConfig) -> None:
+    # Optional packages are checked here, not when the exporter starts after data preparation and the DHT.
+    if o.prometheus_port and importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError("observe.prometheus_port is set but prometheus_client is not installed "
+                          "(pip install prometheus_client)")
+    if o.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("observe.tensorboard_dir is set but the tensorboard package is not installed "
+                          "(pip install 'photon_p2p[tensorboard]')")
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)

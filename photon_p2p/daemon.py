@@ -23,6 +23,7 @@ from photon_p2p.federation.network import parse_multiaddrs
 from photon_p2p.federation.swarm import Swarm, check_state
 from photon_p2p.global_state import GlobalState
 from photon_p2p.metrics import MetricsLogger
+from photon_p2p.observe import start_exporters
 from photon_p2p.peer_report import banner, heartbeat_record, log_round
 from photon_p2p.train.solo import resolve_data_dir, restore_trainer, trainer_checkpoint
 from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
@@ -259,6 +260,7 @@ class PeerDaemon:
         parse_multiaddrs(net.announce_maddrs, "--announce-maddrs")
         self._setup_training()
         self.swarm = self.make_swarm(self.cfg, self.state.weights, self.shared_state, self.trainer.tokens_per_step)
+        exporters = start_exporters(self.cfg, self.heartbeat, self.run_dir)  # optional Prometheus / TensorBoard
         try:
             print(banner(self.cfg, self.swarm), flush=True)
             # Scripts (peers/local_swarm.py, tests) read the join address from here instead of scraping stdout.
@@ -269,6 +271,7 @@ class PeerDaemon:
             self.swarm.start(self.heartbeat)
             return self._loop()
         finally:
+            exporters.close()
             self.swarm.shutdown()
 
     def _loop(self) -> dict[str, Any]:

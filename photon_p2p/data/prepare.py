@@ -10,17 +10,16 @@ import json
 import lzma
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from photon_p2p.data import DataError
 from photon_p2p.data.tokenizer import eos_id, load_tokenizer, resolve_tokenizer_path, tokenizer_sha256
+from photon_p2p.progress import Progress
 
 MANIFEST_FORMAT = 1
 _SUFFIXES = {f".{kind}{z}": kind for kind in ("txt", "jsonl") for z in ("", ".gz", ".xz")} | {".parquet": "parquet"}
@@ -251,8 +250,9 @@ def _tokenize(plan: list[tuple[Path, int, int, bool]], tok: Tokenizer, eos: int,
     docs = {"train": 0, "val": 0}
     dtype = writers["train"].dtype
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast (no offsets) needs tokenizers>=0.20
-    with tqdm(total=sum(p[1] for p in plan), unit="doc", desc="tokenizing", file=sys.stderr,
-              disable=not progress, dynamic_ncols=True) as bar:
+    total = sum(p[1] for p in plan)
+    # Off a terminal: about ten lines for the whole preparation, not one per batch.
+    with Progress(total, "tokenizing", unit="doc", enabled=progress, every=max(1, total // 10)) as bar:
         for f, n, n_val, split_stream in plan:
             index, file_tokens = 0, 0
             for batch in _batches(iter_documents(f)):

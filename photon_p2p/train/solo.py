@@ -7,12 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from photon_p2p.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from photon_p2p.config import Config, dump_yaml, to_dict
+from photon_p2p.data import DataError
 from photon_p2p.data.embedded import ensure_default_dataset
+from photon_p2p.data.loader import TokenDataset
+from photon_p2p.data.tokenizer import BUNDLED_TOKENIZER
 from photon_p2p.metrics import MetricsLogger
+from photon_p2p.observe import start_exporters
+from photon_p2p.progress import Progress
 from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
 
 
@@ -50,25 +54,32 @@ def run_solo(cfg: Config, stop: threading.Event | None = None, progress: bool = 
     rate = Throughput()
     rate.tokens0 = trainer.tokens
     last_eval: dict[str, float] = {}
-    bar = tqdm(total=t.max_steps, initial=trainer.step, desc=cfg.name, unit="step", disable=not progress,
-               dynamic_ncols=True)
-    while trainer.step < t.max_steps and not stop.is_set():
-        loss = trainer.train_step()
-        bar.update(1)
-        step = trainer.step
-        if step % t.log_every == 0 or step == t.max_steps:
-            tps = rate.update(trainer.tokens)
-            metrics.log("step", step=step, tokens=trainer.tokens, loss=loss,
-                        lr=trainer.optimizer.param_groups[0]["lr"], tokens_per_s=tps)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-            last_eval = trainer.evaluate()
-            if last_eval:
-                metrics.log("eval", step=step, tokens=trainer.tokens, **last_eval)
-                bar.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, ppl {last_eval['val_ppl']:.2f}")
-        if step % t.checkpoint_every == 0:
-            save_checkpoint(run_dir, trainer_checkpoint(trainer, cfg))
-    bar.close()
+    tokens_per_s = 0.0
+
+    def snapshot() -> dict[str, Any]:  # what observe.prometheus_port serves (the daemon serves its heartbeat)
+        return {"round": 0, "local_step": trainer.step, "tokens": trainer.tokens, "loss": trainer.last_loss,
+                "val_ppl": last_eval.get("val_ppl", -1.0), "tokens_per_s": tokens_per_s}
+
+    # Off a terminal the bar becomes one plain line per log_every steps (see progress.py).
+    bar = Progress(t.max_steps, cfg.name, initial=trainer.step, enabled=progress, every=t.log_every)
+    with start_exporters(cfg, snapshot, run_dir):
+        while trainer.step < t.max_steps and not stop.is_set():
+            loss = trainer.train_step()
+            step = trainer.step
+            if step % t.log_every == 0 or step == t.max_steps:
+                tokens_per_s = rate.update(trainer.tokens)
+                metrics.log("step", step=step, tokens=trainer.tokens, loss=loss,
+                            lr=trainer.optimizer.param_groups[0]["lr"], tokens_per_s=tokens_per_s)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.update(1)  # after the postfix, so a plain line carries this step's loss
+            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+                last_eval = trainer.evaluate()
+                if last_eval:
+                    metrics.log("eval", step=step, tokens=trainer.tokens, **last_eval)
+                    bar.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, ppl {last_eval['val_ppl']:.2f}")
+            if step % t.checkpoint_every == 0:
+                save_checkpoint(run_dir, trainer_checkpoint(trainer, cfg))
+        bar.close()
     # Always leave a checkpoint of where we stopped, so an interrupted run resumes exactly.
     save_checkpoint(run_dir, trainer_checkpoint(trainer, cfg))
     return {"step": trainer.step, "tokens": trainer.tokens, "loss": trainer.last_loss, **last_eval}
@@ -84,3 +95,19 @@ def load_model_from_run(run_dir: str | Path) -> tuple[Config, torch.nn.Module, d
     model = Transformer(cfg.model)
     model.load_state_dict(state.get("global_model", state["model"]))
     return cfg, model, state
+
+
+def default_data_dir(run_dir: str | Path) -> Path:
+    """The data a run prepared for itself (the embedded default) under RUN_DIR/data."""
+    candidates = sorted(Path(run_dir, "data").glob("*/manifest.json"))
+    if not candidates:
+        raise FileNotFoundError(f"no prepared data under {run_dir}/data; pass --data DIR")
+    return candidates[0].parent
+
+
+def run_tokenizer_path(cfg: Config, run_dir: str | Path) -> Path:
+    """The tokenizer a run's data was prepared with; the bundled one when that data is gone."""
+    try:
+        return TokenDataset(cfg.data.path or default_data_dir(run_dir)).tokenizer_path
+    except (FileNotFoundError, DataError):
+        return BUNDLED_TOKENIZER

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from photon_p2p.config import Config
+from photon_p2p.config import Config, ConfigError
 from photon_p2p.data import DataError
 from photon_p2p.data.loader import BatchSampler, TokenDataset, eval_batches, read_manifest
 from photon_p2p.data.tokenizer import tokenizer_sha256
@@ -134,8 +134,8 @@ def build_trainer(cfg: Config, data_dir: str, peer: str | int = 0) -> LocalTrain
     """Model + datasets + trainer for a prepared data directory; validation is optional."""
     train_data = TokenDataset(data_dir, "train")
     if train_data.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the data's tokenizer has {train_data.vocab_size} tokens but model.vocab_size is "
-                         f"{cfg.model.vocab_size}; raise model.vocab_size")
+        raise ConfigError(f"the data's tokenizer has {train_data.vocab_size} tokens but model.vocab_size is "
+                          f"{cfg.model.vocab_size}; raise model.vocab_size")
     if cfg.data.val_dir:
         val_data: TokenDataset | None = shared_val_data(data_dir, cfg.data.val_dir)
     else:
