@@ -140,19 +140,20 @@ class PseudoGradientAverager:
         they outnumber target_group_size. ``live_target``: without a plan, the group size to start at.
         ``give_up``: polled while waiting for a group; True (e.g. the swarm has moved past this round) ends the
         wait at once, so a late peer catches up instead of waiting out straggler_wait for nobody."""
-        self._give_up = give_up or (lambda: False)
+        give_up = give_up or (lambda: False)
         if plan is None or plan.stages == 1:
             target = plan.n if plan is not None else live_target
-            return self._average_stage(deltas, round_no, max(float(weight), 1e-6), stop, fingerprint, target, 0, 0)
+            return self._average_stage(deltas, round_no, max(float(weight), 1e-6), stop, fingerprint, target, 0, 0,
+                                       give_up=give_up)
         first = self._average_stage(deltas, round_no, max(float(weight), 1e-6), stop, fingerprint,
-                                    plan.row_size(), 1, plan.row, rank=plan.row)
+                                    plan.row_size(), 1, plan.row, rank=plan.row, give_up=give_up)
         if first.solo:
             return first
         # Column: the first member of each row carries the row's weight, any other member only listens.
         second = self._average_stage(deltas, round_no, first.weight_total if plan.designated else 0.0, stop,
                                      fingerprint, plan.column_size(), 2, plan.column,
                                      rank=plan.row if plan.designated else plan.rows + plan.row,
-                                     weights=first.healed)
+                                     weights=first.healed, give_up=give_up)
         merged_phases = {f"rows_{k}": v for k, v in first.phases.items()}
         merged_phases.update({f"columns_{k}": v for k, v in second.phases.items()})
         merged_phases["matchmaking"] = first.phases.get("matchmaking", 0.0) + second.phases.get("matchmaking", 0.0)
@@ -173,7 +174,8 @@ class PseudoGradientAverager:
 
     def _average_stage(self, deltas: list[torch.Tensor], round_no: int, weight: float,
                        stop: threading.Event | None, fingerprint: str, target: int | None, stage: int, index: int,
-                       rank: int = 0, weights: bool = False) -> RoundResult:
+                       rank: int = 0, weights: bool = False,
+                       give_up: Callable[[], bool] = lambda: False) -> RoundResult:
         """One matchmaking + all-reduce under the key (round, stage, index); see average()."""
         t0, (sent0, recv0), codec0 = time.monotonic(), self.counter.snapshot(), self.counter.codec_seconds()
         deadline, phases = t0 + self.fed.round_deadline, {}
@@ -194,7 +196,7 @@ class PseudoGradientAverager:
                   "fingerprint": fingerprint, "rank": int(rank), "weights": bool(weights)}
         try:
             gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, gather, target,
-                                              group_bits(round_no, stage, index))
+                                              group_bits(round_no, stage, index), give_up)
         finally:
             self._share_state(priority=round_no + 1)
         if gathered is None:
@@ -231,7 +233,8 @@ class PseudoGradientAverager:
 
     def _run_step(self, deltas: list[torch.Tensor], round_no: int, weight: float, deadline: float,
                   stop: threading.Event | None, phases: dict[str, float], gather: dict,
-                  live_target: int | None, bits: str) -> tuple[dict[str, dict] | None, str]:
+                  live_target: int | None, bits: str,
+                  give_up: Callable[[], bool]) -> tuple[dict[str, dict] | None, str]:
         """Matchmake and all-reduce until success or the deadline: (gathered metadata by peer, "") or (None, why)."""
         t_copy = time.monotonic()
         if not self._lock(deadline):
@@ -271,7 +274,7 @@ class PseudoGradientAverager:
                 while not control.done() and time.monotonic() < deadline and not (stop and stop.is_set()):
                     if time.monotonic() >= next_check and control.stage.name == "LOOKING_FOR_GROUP":
                         next_check = time.monotonic() + 1.0
-                        if self._give_up():
+                        if give_up():
                             control.cancel()
                             return None, "the swarm finished this round without this peer"
                     try:

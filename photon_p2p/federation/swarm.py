@@ -11,7 +11,6 @@ import hashlib
 import logging
 from typing import Callable, Protocol
 
-import numpy as np
 import torch
 
 from photon_p2p.config import Config
@@ -246,6 +245,3 @@ def check_state(meta: dict, tensors: list[torch.Tensor], peers: list[dict]) -> s
             return (f"its fingerprint {actual[:8]} differs from the {reported.count(majority)} live peer(s) at "
                     f"round {meta.get('round')} holding {majority[:8]}")
     return ""
-
-
-_ = np  # numpy backs tensor.numpy() above; imported explicitly so a missing numpy fails at import time
