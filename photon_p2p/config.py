@@ -123,6 +123,13 @@ class FederationConfig:
     record_ttl: float = 90.0
     max_rollbacks: int = 3  # non-finite guard: stop after this many rollbacks in a row
     divergence_loss: float = 0.0  # a local loss above this is treated as diverged (0 = 2·ln(vocab_size))
+    # Each reducer bounds any one sender's influence on its part (federation/robust.py): clip (chunk norm and
+    # weight to clip_multiplier x their median; one pass), centered_clip (CenteredClip from the coordinate median,
+    # clip_iterations passes) or off (plain mean). clip and centered_clip drop a non-finite chunk. Every peer of a
+    # run should use the same setting: each reducer applies its own to its part.
+    robust_aggregation: str = "clip"
+    clip_multiplier: float = 2.0
+    clip_iterations: int = 3
 
 
 @dataclass
@@ -167,6 +174,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federation.outer_optimizer": ("fedavg", "fedmom", "nesterov"),
     "federation.inner_state": ("keep", "reset"),
     "federation.round_clock": ("swarm", "steps"),
+    "federation.robust_aggregation": ("off", "clip", "centered_clip"),
     "train.precision": ("auto", "bf16", "fp32"),
 }
 
@@ -326,13 +334,14 @@ RANGES: dict[str, str] = {
     "federation.allreduce_timeout": "> 0", "federation.round_deadline": "> 0", "federation.outer_lr": "> 0",
     "federation.outer_momentum": "in [0, 1)", "federation.state_sync_timeout": "> 0",
     "federation.heartbeat_interval": "> 0", "federation.record_ttl": "> 0", "federation.max_rollbacks": ">= 1",
-    "federation.divergence_loss": ">= 0",
+    "federation.divergence_loss": ">= 0", "federation.clip_multiplier": "in [1, 1000]",
+    "federation.clip_iterations": "in [1, 100]",
     "network.bootstrap_timeout": "> 0", "network.request_timeout": "> 0",
     "observe.prometheus_port": "in [0, 65535]",
 }
 _RANGE_TESTS: dict[str, Callable[[float], bool]] = {
     "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
-    "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 65535]": lambda v: 0 <= v <= 65535,
+    "in [0, 1)": lambda v: 0 <= v < 1, "in [1, 1000]": lambda v: 1 <= v <= 1000, "in [1, 100]": lambda v: 1 <= v <= 100, "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 65535]": lambda v: 0 <= v <= 65535,
 }
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 

@@ -8,6 +8,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ from photon_p2p.federation import FederationError
 from photon_p2p.federation.averaging import RoundResult
 from photon_p2p.federation.compression import roundtrip
 from photon_p2p.federation.network import parse_multiaddrs
+from photon_p2p.federation.records import CLIP_WINDOW
 from photon_p2p.federation.swarm import Swarm, check_state
 from photon_p2p.global_state import GlobalState
 from photon_p2p.metrics import MetricsLogger
@@ -55,6 +57,7 @@ class PeerDaemon:
         self.round_steps = 0  # inner steps taken in the current round (resumable mid-round)
         self.round_tokens = 0  # this silo's weight: tokens since its last averaged round (missed rounds fold in)
         self.last_result: RoundResult | None = None
+        self.clip_history: deque[dict[str, float]] = deque(maxlen=CLIP_WINDOW)  # robust aggregation, heartbeat
         self.last_eval: dict[str, float] = {}
         self.tokens_per_s = 0.0
         self.bytes_sent = self.bytes_received = 0

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from photon_p2p import __version__
 from photon_p2p.config import Config
 from photon_p2p.federation.averaging import RoundResult
+from photon_p2p.federation.records import MAX_CLIPPED
 
 if TYPE_CHECKING:  # the daemon imports this module; only its type is needed here
     from photon_p2p.daemon import PeerDaemon
@@ -29,7 +30,32 @@ def heartbeat_record(d: PeerDaemon) -> dict[str, Any]:
         "client_mode": bool(d.cfg.network.client_mode), "version": __version__,
         "started_at": float(d.started_at), "maddrs": d.swarm.maddrs,
         "fingerprint": d.fingerprint(), "participation": d.grouped / max(1, d.finished),
+        "clipped": clip_summary(d.clip_history),
     }
+
+
+def clip_summary(history: Any) -> dict[str, dict[str, Any]]:
+    """{sender: {"rounds": n, "factor": f}} over the rounds in ``history`` (each a RoundResult.clipped map): in how
+    many of them this peer, as a reducer, clipped or dropped that sender, and the smallest factor it applied."""
+    out: dict[str, dict[str, Any]] = {}
+    for clipped in history:
+        for peer, factor in clipped.items():
+            seen = out.setdefault(str(peer), {"rounds": 0, "factor": 1.0})
+            seen["rounds"] += 1
+            seen["factor"] = float(min(seen["factor"], max(0.0, min(1.0, float(factor)))))
+    worst = sorted(out, key=lambda p: (-out[p]["rounds"], out[p]["factor"], p))[:MAX_CLIPPED]
+    return {p: out[p] for p in worst}
+
+
+def clip_text(clipped: dict[str, float]) -> str:
+    """'clipped ..abc x0.0001, dropped ..def' for the round line ("" when nobody was bounded)."""
+    parts = [f"dropped {_tail(p)} (non-finite)" if f == 0 else f"clipped {_tail(p)} x{f:.2g}"
+             for p, f in sorted(clipped.items(), key=lambda kv: (kv[1], kv[0]))]
+    return ", ".join(parts)
+
+
+def _tail(peer_id: str) -> str:
+    return peer_id if len(peer_id) <= 14 else ".." + peer_id[-12:]
 
 
 def log_round(d: PeerDaemon, r: RoundResult, averaged_round: int, evaluated: dict[str, float]) -> None:
@@ -41,7 +67,9 @@ def log_round(d: PeerDaemon, r: RoundResult, averaged_round: int, evaluated: dic
               "partial": r.partial, "phases": r.phases, "healed": r.healed,
               "group_models": len(set(r.fingerprints.values()) - {""}), "compute_s": d.compute_s,
               "wait_s": r.phases.get("matchmaking", 0.0), "fingerprint": d.fingerprint(),
-              "participation": d.grouped / max(1, d.finished), **evaluated}
+              "participation": d.grouped / max(1, d.finished), "clipped": r.clipped, **evaluated}
+    if not r.solo:
+        d.clip_history.append(dict(r.clipped))  # a deque of the last CLIP_WINDOW grouped rounds
     d.metrics.log("round", **fields)
     if evaluated:
         d.metrics.log("eval", step=d.trainer.step, tokens=d.trainer.tokens, round=d.round, **evaluated)
@@ -50,6 +78,8 @@ def log_round(d: PeerDaemon, r: RoundResult, averaged_round: int, evaluated: dic
         how += f" (healed a split: {fields['group_models']} models in the group averaged weights)"
     if r.reason and not r.solo:
         how += f" ({r.reason})"
+    if r.clipped:
+        how += f" (robust: {clip_text(r.clipped)})"
     ppl = f", val ppl {evaluated['val_ppl']:.2f}" if evaluated else ""
     print(f"round {d.round}: {how}, model {d.fingerprint()[:8]}, loss {d.trainer.last_loss:.4f}{ppl}, "
           f"averaging {r.seconds:.2f}s, sent {r.bytes_sent / 1e6:.2f} MB, received {r.bytes_received / 1e6:.2f} MB",

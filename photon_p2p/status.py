@@ -42,6 +42,31 @@ def _consistency(live: list[dict], newest: int) -> dict[str, Any]:
     }
 
 
+CLIP_FLAG_ROUNDS = 3  # a peer clipped in this many of a reporter's last rounds gets a warning line
+
+
+def _clipping(rows: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per sender: what the *other* peers' heartbeats say their reducers did to it (robust aggregation).
+
+    ``rounds``: the most rounds (of a reporter's window) in which one reporter clipped or dropped it; ``factor``:
+    the smallest share of its contribution any reporter kept; ``reporters``: who reported it. A reporter is one
+    reducer of one part: several independent reporters are stronger evidence than one (which may itself lie)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["status"] != "live":
+            continue
+        for peer, c in (r.get("clipped") or {}).items():
+            if peer == r["peer_id"]:
+                continue
+            s = seen.setdefault(peer, {"rounds": 0, "factor": 1.0, "reporters": []})
+            s["rounds"] = max(s["rounds"], int(c["rounds"]))
+            s["factor"] = min(s["factor"], float(c["factor"]))
+            s["reporters"].append(r["peer_id"])
+    for s in seen.values():
+        s["reporters"].sort()
+    return seen
+
+
 def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[float] = None,
                    reached: str = "") -> dict:
     """Swarm summary and one row per peer (live first, then by round) from the DHT records of ``run_id``.
@@ -64,6 +89,9 @@ def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[
     for r in rows:
         r["lag"] = max(0, newest - r["round"])
     rows.sort(key=lambda r: (_ORDER[r["status"]], -r["round"], r["peer_id"]))
+    clipping = _clipping(rows)
+    for r in rows:
+        r["clipped_by_others"] = clipping.get(r["peer_id"])
     summary = {
         "live_peers": len(live),
         "stale_peers": sum(r["status"] == "stale" for r in rows),
@@ -75,6 +103,7 @@ def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[
         "median_val_ppl": _median([r["val_ppl"] for r in live]),
         "median_participation": _median([r["participation"] for r in live]),
         **_consistency(live, newest),
+        "clipped_peers": sorted(p for p, c in clipping.items() if c["rounds"] >= CLIP_FLAG_ROUNDS),
     }
     status = {"run_id": run_id, "time": time.time(), "reached": reached, "summary": summary, "peers": rows}
     if not rows:
@@ -180,11 +209,19 @@ def render_table(status: dict) -> str:
         lines.append(model_line)
     if status.get("message"):
         lines.append(status["message"])
-    table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "MODEL", "PART", "TOKENS", "TOK/S", "LOSS", "VAL PPL",
-              "LAST SEEN")]
     for r in rows:
+        c = r.get("clipped_by_others")
+        if r["peer_id"] in s.get("clipped_peers", []) and c:
+            lines.append(f"CLIPPED: peer {_short_id(r['peer_id'])} was clipped or dropped by {len(c['reporters'])} "
+                         f"reducer(s) in up to {c['rounds']} of their last rounds (smallest share kept "
+                         f"{c['factor']:.2g}): its updates are far from the others'; check it")
+    table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "MODEL", "PART", "CLIPPED", "TOKENS", "TOK/S", "LOSS",
+              "VAL PPL", "LAST SEEN")]
+    for r in rows:
+        c = r.get("clipped_by_others")
         table.append((_short_id(r["peer_id"]) + ("" if r["verified"] else "?"), _address(r), r["status"],
                       str(r["round"]), str(r["lag"]), _short_model(r["fingerprint"]), f"{r['participation']:.0%}",
+                      f"{c['rounds']}x{len(c['reporters'])}" if c else "-",
                       _count(r["tokens"]), f"{r['tokens_per_s']:,.0f}", _num(r["loss"], ".4f"),
                       _num(r["val_ppl"], ".2f"), _ago(r["last_seen"]) + " ago"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]

@@ -41,6 +41,7 @@ from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic
 from photon_p2p.federation.records import is_live, read_records
+from photon_p2p.federation.robust import RobustSettings, reduce_part
 
 PINNED_HIVEMIND = "1.1.12"
 if hivemind.__version__ != PINNED_HIVEMIND:
@@ -100,8 +101,10 @@ class ProcessAverager(DecentralizedAverager):
     """hivemind's averager with our state for joiners, byte counting and phase stamps in its own process."""
 
     def __init__(self, *args, state_provider: StateProvider, counter: ByteCounter, clock: PhaseClock,
-                 threads: int | None, global_tensors: Sequence[torch.Tensor] | None = None, **kwargs) -> None:
+                 threads: int | None, global_tensors: Sequence[torch.Tensor] | None = None,
+                 robust: RobustSettings = RobustSettings(mode="off"), **kwargs) -> None:
         self._state_provider, self._counter, self._clock, self._threads = state_provider, counter, clock, threads
+        self._robust = robust
         # The caller's global weights in shared memory (read here only in a healing round, under the tensor lock).
         self._global_tensors = list(global_tensors) if global_tensors is not None else None
         self._report: dict[str, Any] = {}
@@ -136,7 +139,7 @@ class ProcessAverager(DecentralizedAverager):
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         self._clock.stamp("group_assembled")
-        self._report = {"failed_fraction": 0.0, "failed_peers": [], "healed": False}
+        self._report = {"failed_fraction": 0.0, "failed_peers": [], "healed": False, "clipped": {}}
         try:
             gathered = self._peek_gathered(group_info)
             self._ranks = [_rank(gathered.get(p), str(p)) for p in group_info.peer_ids]
@@ -170,7 +173,7 @@ class ProcessAverager(DecentralizedAverager):
         group_id = group_info.group_id if group_id is None else group_id
         runner = ExactAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                       group_id=group_id, ordered_peer_ids=group_info.peer_ids,
-                                      ranks=getattr(self, "_ranks", None), **kwargs)
+                                      ranks=getattr(self, "_ranks", None), robust=self._robust, **kwargs)
         assert group_id in self._running_groups, "group was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
         async for tensor, average in azip(as_aiter(*tensors), runner):
@@ -178,6 +181,7 @@ class ProcessAverager(DecentralizedAverager):
         container = runner.tensor_part_container
         self._report["failed_fraction"] = container.failed_size / max(1, container.total_size)
         self._report["failed_peers"] = sorted(str(p) for p in runner.failed_reducers)
+        self._report["clipped"] = runner.clipped()  # what this peer, as a reducer, had to bound
 
 
 def models_differ(gathered: dict[Any, Any]) -> bool:
@@ -196,19 +200,24 @@ class ExactAllReduceRunner(AllReduceRunner):
     """
 
     def __init__(self, *args, compression: CompressionBase = NoCompression(), ranks: list | None = None,
-                 **kwargs) -> None:
+                 robust: RobustSettings = RobustSettings(mode="off"), **kwargs) -> None:
         super().__init__(*args, compression=compression, **kwargs)
         # Sum senders in the order of their gathered rank (then peer id): the same inputs, the same bytes.
         by_peer = dict(zip(self.ordered_peer_ids, ranks or [str(p) for p in self.ordered_peer_ids]))
         order = sorted(range(len(self.sender_peer_ids)), key=lambda i: by_peer.get(self.sender_peer_ids[i], ""))
         shapes = tuple(part.shape for part in self.parts_for_local_averaging)
-        self.tensor_part_reducer = OrderedPartReducer(shapes, len(self.sender_peer_ids), order)
+        self.tensor_part_reducer = OrderedPartReducer(shapes, len(self.sender_peer_ids), order, robust)
         # Encode results without counting (bytes are counted per message actually sent, below).
         self._codec = compression.inner if isinstance(compression, CountingCompression) else compression
         self._counter = compression.counter if isinstance(compression, CountingCompression) else None
         self._encoded: dict[int, asyncio.Future] = {}
         self._fetched: dict[int, int] = {}
         self.failed_reducers: list = []
+
+    def clipped(self) -> dict[str, float]:
+        """{sender peer id: smallest share of its contribution this reducer kept} for the senders it clipped or
+        dropped (0.0 = dropped as non-finite); empty when everyone was within bounds."""
+        return {str(self.sender_peer_ids[i]): f for i, f in self.tensor_part_reducer.factors.items()}
 
     async def _encoded_average(self, part_index: int, averaged: torch.Tensor) -> runtime_pb2.Tensor:
         """The averaged part, compressed once; every caller gets the very same message."""
@@ -298,11 +307,14 @@ def _rank(gathered: Any, peer_id: str) -> tuple:
 class OrderedPartReducer(TensorPartReducer):
     """hivemind's part reducer, but parts are summed in a fixed sender order once all have arrived.
 
-    Zero-weight contributions are skipped: a zero-weight sender only receives the average.
+    Zero-weight contributions are skipped: a zero-weight sender only receives the average. With ``robust`` on,
+    each sender's influence on the part is bounded and non-finite chunks are dropped (robust.py).
     """
 
-    def __init__(self, part_shapes, num_senders: int, order: list[int]) -> None:
-        self.order, self._pending = list(order), {}
+    def __init__(self, part_shapes, num_senders: int, order: list[int],
+                 robust: RobustSettings = RobustSettings(mode="off")) -> None:
+        self.order, self._pending, self.robust = list(order), {}, robust
+        self.factors: dict[int, float] = {}  # sender index -> smallest share of its contribution kept (robust.py)
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
@@ -331,12 +343,15 @@ class OrderedPartReducer(TensorPartReducer):
     def check_current_part_finished(self) -> None:
         assert self.current_part_accumulated_from <= self.num_current_senders
         if self.current_part_accumulated_from == self.num_current_senders:
-            for index in self.order:
-                part, weight = self._pending.get(index, (None, 0.0))
-                if part is not None and weight != 0.0:
-                    self.accumulator.add_(part, alpha=weight)
-                    self.denominator += weight
-            self.current_part_future.set_result(self.accumulator.div_(self.denominator))
+            parts = [self._pending.get(i, (None, 0.0))[0] for i in range(self.num_senders)]
+            weights = [self._pending.get(i, (None, 0.0))[1] for i in range(self.num_senders)]
+            try:
+                averaged, factors = reduce_part(parts, weights, self.order, self.robust)
+            except ValueError:  # every sender had weight 0: hivemind's reducer divides by zero here too
+                averaged, factors = self.accumulator.div_(self.denominator), {}
+            for index, factor in factors.items():
+                self.factors[index] = min(factor, self.factors.get(index, 1.0))
+            self.current_part_future.set_result(averaged)
             self.reset_accumulators()
 
 

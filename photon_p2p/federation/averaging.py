@@ -39,6 +39,7 @@ from photon_p2p.federation.averager_process import (
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, make_compression
 from photon_p2p.federation.groups import GroupPlan
 from photon_p2p.federation.network import lifeline
+from photon_p2p.federation.robust import RobustSettings, merge_factors
 
 log = logging.getLogger("photon_p2p.federation")
 # hivemind logs every failed matchmaking attempt as an ERROR; our retry loop reports outcomes itself.
@@ -73,6 +74,9 @@ class RoundResult:
     # (result to this process), write_back (checks + copy out); codec: compress/extract time summed over the
     # averager's threads (it overlaps the all-reduce). Empty phases were not reached.
     phases: dict[str, float] = field(default_factory=dict)
+    # clipped: {sender: smallest share of its contribution kept} for the senders that THIS peer, as a reducer of
+    # its part(s), clipped (0 < f < 1) or dropped as non-finite (0.0); robust.py. Each reducer sees only its part.
+    clipped: dict[str, float] = field(default_factory=dict)
 
 
 class PseudoGradientAverager:
@@ -107,7 +111,8 @@ class PseudoGradientAverager:
             allow_state_sharing=not self.client_mode and not net.initial_peers,
             part_size_bytes=tuning.part_size_bytes, shutdown_timeout=3.0, state_provider=state_provider,
             counter=self.counter, clock=self.clock, threads=tuning.averager_threads,
-            global_tensors=[g.share_memory_() for g in global_tensors] if global_tensors is not None else None)
+            global_tensors=[g.share_memory_() for g in global_tensors] if global_tensors is not None else None,
+            robust=RobustSettings(fed.robust_aggregation, fed.clip_multiplier, fed.clip_iterations))
         self._start(float(net.bootstrap_timeout))
         self._closed = False
 
@@ -170,7 +175,7 @@ class PseudoGradientAverager:
                            partial=max(first.partial, second.partial),
                            failed_peers=sorted(set(first.failed_peers) | set(second.failed_peers)),
                            healed=second.healed, fingerprints={**first.fingerprints, **second.fingerprints},
-                           phases=merged_phases)
+                           phases=merged_phases, clipped=merge_factors(dict(first.clipped), second.clipped))
 
     def _average_stage(self, deltas: list[torch.Tensor], round_no: int, weight: float,
                        stop: threading.Event | None, fingerprint: str, target: int | None, stage: int, index: int,
@@ -227,9 +232,10 @@ class PseudoGradientAverager:
             reason = f"partial: {fraction:.1%} of values not averaged (left unchanged)"
             log.warning("round %d: %s (reducer(s) that failed: %s)", round_no, reason, ", ".join(failed) or "?")
         fingerprints = {p: str(g.get("fingerprint", "")) for p, g in gathered.items()}
+        clipped = {str(p): float(f) for p, f in dict(report.get("clipped") or {}).items()}
         self.counter.wait_quiet(limit=max(0.0, min(1.0, deadline - time.monotonic())))
         return result(False, reason, gathered, partial=fraction, failed_peers=failed,
-                      healed=bool(report.get("healed")), fingerprints=fingerprints)
+                      healed=bool(report.get("healed")), fingerprints=fingerprints, clipped=clipped)
 
     def _run_step(self, deltas: list[torch.Tensor], round_no: int, weight: float, deadline: float,
                   stop: threading.Event | None, phases: dict[str, float], gather: dict,

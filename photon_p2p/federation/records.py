@@ -20,7 +20,7 @@ from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, Schem
 from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
-from pydantic.v1 import BaseModel, StrictBool, StrictFloat, confloat, conint, conlist, constr
+from pydantic.v1 import BaseModel, StrictBool, StrictFloat, confloat, conint, conlist, constr, validator
 
 log = logging.getLogger("photon_p2p.records")
 
@@ -30,6 +30,17 @@ _PUBLIC_KEY_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
 _Str = constr(strict=True, max_length=256)
 _Count = conint(ge=0, strict=True)
 _NonNeg = confloat(ge=0.0, strict=True)
+
+
+CLIP_WINDOW = 10  # heartbeats count the clipping a peer observed over its last this many rounds
+MAX_CLIPPED = 64  # senders named in one heartbeat's clipped map
+
+
+class ClipSeen(BaseModel):
+    """What one reducer saw of one sender: rounds it clipped/dropped it (of the last CLIP_WINDOW), worst factor."""
+
+    rounds: conint(ge=0, le=CLIP_WINDOW, strict=True)
+    factor: confloat(ge=0.0, le=1.0, strict=True)  # smallest share of the sender's contribution kept; 0 = dropped
 
 
 class PeerRecord(BaseModel):
@@ -58,6 +69,15 @@ class PeerRecord(BaseModel):
     # Swarm consistency: peers at the same round with different fingerprints hold different models (a split).
     fingerprint: constr(strict=True, max_length=64)  # hex sha256 of weights + outer optimizer state; "" = unknown
     participation: confloat(ge=0.0, le=1.0, strict=True)  # share of finished rounds averaged in a group, not solo
+    # Robust aggregation (federation/robust.py): senders this peer, as a reducer, clipped or dropped lately.
+    # Optional (default empty) so that records of peers without it still parse.
+    clipped: Dict[constr(strict=True, max_length=128), ClipSeen] = {}
+
+    @validator("clipped")
+    def _few_clipped(cls, value):  # noqa: N805 (pydantic validators are class methods)
+        if len(value) > MAX_CLIPPED:
+            raise ValueError(f"at most {MAX_CLIPPED} clipped senders per record")
+        return value
 
 
 class HeartbeatSchema(BaseModel):

@@ -1,0 +1,131 @@
+"""Robust reduction of one all-reduce part (federation/robust.py) and how it is reported: fast, in-process."""
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from photon_p2p.federation.averager_process import OrderedPartReducer
+from photon_p2p.federation.robust import FACTOR_STEP, RobustSettings, merge_factors, reduce_part
+from photon_p2p.peer_report import clip_summary, clip_text
+
+CLIP, CENTERED, OFF = RobustSettings("clip", 2.0), RobustSettings("centered_clip", 2.0, 3), RobustSettings("off")
+
+
+def honest(n: int = 4, size: int = 1000, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(size, generator=g)
+    return [base + 0.3 * torch.randn(size, generator=g) for _ in range(n)]
+
+
+def plain_mean(parts, weights):
+    return sum(p * w for p, w in zip(parts, weights)) / sum(weights)
+
+
+@pytest.mark.parametrize("settings", [CLIP, CENTERED])
+def test_honest_inputs_are_left_alone_or_nearly(settings):
+    parts, weights = honest(), [1.0, 2.0, 1.5, 1.0]
+    avg, factors = reduce_part(parts, weights, [0, 1, 2, 3], settings)
+    assert factors == {}
+    assert torch.allclose(avg, plain_mean(parts, weights), atol=1e-5)
+
+
+def test_clip_without_clipping_is_bit_identical_to_the_plain_mean():
+    parts, weights = honest(), [3.0, 1.0, 2.0, 5.0]
+    off, _ = reduce_part(parts, weights, [2, 0, 3, 1], OFF)
+    clip, factors = reduce_part(parts, weights, [2, 0, 3, 1], CLIP)
+    assert factors == {} and torch.equal(off, clip)
+
+
+@pytest.mark.parametrize("settings", [CLIP, CENTERED])
+def test_a_scaled_sender_is_clipped_and_its_factor_reported(settings):
+    parts = honest()
+    parts[2] = parts[2] * 1e4
+    avg, factors = reduce_part(parts, [1.0] * 4, [0, 1, 2, 3], settings)
+    assert set(factors) == {2} and 0 < factors[2] < 1e-3
+    honest_mean = plain_mean([parts[0], parts[1], parts[3]], [1.0] * 3)
+    # bounded: the attacker moves the average by at most multiplier x a median-sized chunk / n
+    assert float((avg - honest_mean).norm()) < 2.0 * float(honest_mean.norm())
+    assert float(avg.norm()) < 3 * float(honest_mean.norm())
+
+
+def test_clip_factor_is_the_ratio_to_the_median_norm():
+    parts = [torch.ones(4), torch.ones(4) * 1.1, torch.ones(4) * 0.9, torch.ones(4) * 10.0]
+    _, factors = reduce_part(parts, [1.0] * 4, [0, 1, 2, 3], RobustSettings("clip", 2.0))
+    # lower median of the norms (1.8, 2.0, 2.2, 20) is 2.0: the limit is 4.0, the big chunk keeps 4/20
+    assert math.isclose(factors[3], 0.2, abs_tol=2 * FACTOR_STEP)
+
+
+def test_a_huge_declared_weight_is_capped():
+    parts = honest()
+    avg, factors = reduce_part(parts, [1.0, 1.0, 1.0, 1e9], [0, 1, 2, 3], CLIP)
+    assert set(factors) == {3} and factors[3] < 1e-8
+    assert torch.allclose(avg, plain_mean(parts, [1.0, 1.0, 1.0, 4.0]), atol=1e-5)  # WEIGHT_CAP x the median
+
+
+@pytest.mark.parametrize("settings", [CLIP, CENTERED])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_chunk_is_dropped_not_the_round(settings, bad):
+    parts = honest()
+    parts[1] = parts[1].clone()
+    parts[1][7] = bad
+    avg, factors = reduce_part(parts, [1.0] * 4, [0, 1, 2, 3], settings)
+    assert factors == {1: 0.0}
+    assert bool(torch.isfinite(avg).all())
+    assert torch.allclose(avg, plain_mean([parts[0], parts[2], parts[3]], [1.0] * 3), atol=1e-5)
+
+
+def test_off_keeps_the_old_behaviour_non_finite_spreads():
+    parts = honest()
+    parts[0] = parts[0] * float("nan")
+    avg, factors = reduce_part(parts, [1.0] * 4, [0, 1, 2, 3], OFF)
+    assert factors == {} and not bool(torch.isfinite(avg).all())
+
+
+def test_zero_weight_senders_only_listen():
+    parts = honest()
+    parts[3] = parts[3] * 1e6
+    avg, factors = reduce_part(parts, [1.0, 1.0, 1.0, 0.0], [0, 1, 2, 3], CLIP)
+    assert factors == {}
+    assert torch.allclose(avg, plain_mean(parts[:3], [1.0] * 3), atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [CLIP, CENTERED])
+def test_the_result_is_a_pure_function_of_inputs_and_order(settings):
+    """Same chunks, same order: the same bytes (what lets one encoding go to every member and two groups agree)."""
+    parts = honest(5)
+    parts[4] = parts[4] * -300
+    a, fa = reduce_part([p.clone() for p in parts], [1.0, 2.0, 3.0, 1.0, 1.0], [4, 3, 2, 1, 0], settings)
+    b, fb = reduce_part([p.clone() for p in parts], [1.0, 2.0, 3.0, 1.0, 1.0], [4, 3, 2, 1, 0], settings)
+    assert torch.equal(a, b) and fa == fb
+
+
+def test_two_of_four_colluding_senders_stay_bounded_by_the_lower_median():
+    parts = honest()
+    parts[0], parts[1] = parts[0] * 1e4, parts[1] * 1e4
+    avg, factors = reduce_part(parts, [1.0] * 4, [0, 1, 2, 3], CLIP)
+    assert set(factors) == {0, 1}
+    assert float(avg.norm()) <= 2.0 * max(float(parts[2].norm()), float(parts[3].norm())) + 1e-3
+
+
+def test_the_part_reducer_reports_factors_by_sender_and_sends_one_average():
+    parts = honest(3, size=8)
+    parts[1] = parts[1] * 1e4
+
+    async def all_senders():
+        reducer = OrderedPartReducer((torch.Size([8]),), 3, [2, 0, 1], RobustSettings("clip", 2.0))
+        got = await asyncio.gather(*(reducer.accumulate_part(i, 0, parts[i], weight=1.0) for i in range(3)))
+        return reducer, got
+
+    reducer, results = asyncio.run(all_senders())
+    assert all(r is results[0] for r in results)  # one tensor, encoded once for every member
+    assert set(reducer.factors) == {1} and reducer.factors[1] < 1e-3
+
+
+def test_report_helpers():
+    assert merge_factors({"a": 0.5}, {"a": 0.1, "b": 0.0}) == {"a": 0.1, "b": 0.0}
+    summary = clip_summary([{"a": 0.5}, {}, {"a": 0.1, "b": 0.0}])
+    assert summary == {"a": {"rounds": 2, "factor": 0.1}, "b": {"rounds": 1, "factor": 0.0}}
+    assert clip_text({"QmAAAAAAAAAAAAAAAAAAAAxyz": 0.0001, "b": 0.0}) == \
+        "dropped b (non-finite), clipped ..AAAAAAAAAxyz x0.0001"
