@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Trust: does robust aggregation keep the honest silos' model when one or two silos misbehave, and what does it
+cost an honest swarm? Side by side in one run, 4 silos on the tiny preset (127.0.0.1, train.threads=1).
+
+Usage:
+  flock /tmp/photon-bench.lock python bench/trust.py                      # every scenario, then the table
+  flock /tmp/photon-bench.lock python bench/trust.py --scenarios honest-off scaled
+  python bench/trust.py --report-only                                     # re-print the table
+  python bench/trust.py --micro                                           # reducer cost in-process only
+  (internal) python bench/trust.py --bad-peer scale:1e4 -- run --config tiny ...   # an adversarial silo
+
+Scenarios (federation.rounds=R, local_steps=H, from --rounds/--local-steps; one shared validation set as in
+bench/one_model.py; silo i trains on corpus source i mod 3):
+  honest-off   4 honest silos, federation.robust_aggregation=off (the plain mean: the baseline)
+  honest       4 honest silos, robust_aggregation=clip (the default)
+  lr50         silo 3 with train.lr=50 and train.grad_clip=0 (the daemon's non-finite guard already keeps its
+               Δ out; robust aggregation would drop a non-finite chunk too)
+  scaled       silo 3 sends its Δ × 1e4
+  noise        silo 3 sends Gaussian noise with the norm of its honest Δ (per tensor)
+  collude      silos 2 and 3 both send their Δ × 1e4 (two of four: the lower median is still honest)
+  scaled-off   silo 3 sends Δ × 1e4 with robust_aggregation=off (what the defence buys)
+The adversarial silos run this script's --bad-peer wrapper: it monkeypatches PseudoGradientAverager.average to
+change the Δ before it is sent, then runs photon_p2p.cli (the attack lives here, not in the product).
+
+Figures (bench/results/trust/<scenario>.json, table.md): final val ppl of the honest silos (they hold one model;
+the mean over them), its ratio to honest-off; averaging_s median of the honest silos and its ratio to honest-off;
+which silos the honest peers' round records report as clipped/dropped, and the smallest factor.
+--micro: seconds per reduce_part call (4 senders × 2 MiB parts, fp32) for off / clip / centered_clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import one_model  # noqa: E402  (bench/ is not a package)
+
+REPO = one_model.REPO
+SCALE = ["scale:1e4"]
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "honest-off": {"robust": "off"},
+    "honest": {"robust": "clip"},
+    "lr50": {"robust": "clip", "bad": {3: ["train.lr=50", "train.grad_clip=0"]}},
+    "scaled": {"robust": "clip", "attack": {3: "scale:1e4"}},
+    "noise": {"robust": "clip", "attack": {3: "noise"}},
+    "collude": {"robust": "clip", "attack": {2: "scale:1e4", 3: "scale:1e4"}},
+    "scaled-off": {"robust": "off", "attack": {3: "scale:1e4"}},
+}
+ORDER = list(SCENARIOS)
+
+
+# ---- the adversarial silo (runs inside the silo's own process) -------------------------------------------
+def bad_peer(attack: str, argv: list[str]) -> int:
+    """Run `photon-peer ARGV`, changing every Δ before it is sent: ``scale:F`` multiplies it by F, ``noise``
+    replaces each tensor by Gaussian noise of the same norm."""
+    import torch
+
+    from photon_p2p.federation import averaging
+
+    original = averaging.PseudoGradientAverager.average
+
+    def tampered(self, deltas, *args, **kwargs):  # noqa: ANN001, ANN202
+        with torch.no_grad():
+            for d in deltas:
+                if attack.startswith("scale:"):
+                    d.mul_(float(attack.split(":", 1)[1]))
+                elif attack == "noise":
+                    norm = float(d.norm())
+                    noise = torch.randn_like(d)
+                    d.copy_(noise * (norm / max(float(noise.norm()), 1e-12)))
+        return original(self, deltas, *args, **kwargs)
+
+    averaging.PseudoGradientAverager.average = tampered
+    print(f"trust: adversarial silo: {attack} on every Δ before it is sent", flush=True)
+    from photon_p2p.cli import main
+
+    return main(argv)
+
+
+# ---- running ---------------------------------------------------------------------------------------------
+class TrustSwarm(one_model.Swarm):
+    """one_model's swarm of 4 silos with robust_aggregation set and the adversarial silos wrapped."""
+
+    def __init__(self, name: str, out: Path, val_dir: Path, rounds: int, local_steps: int) -> None:
+        spec = SCENARIOS[name]
+        one_model.SCENARIOS[f"trust-{name}"] = {
+            "peers": 4, "rounds": rounds, "bad": spec.get("bad", {}),
+            "overrides": [f"federation.robust_aggregation={spec['robust']}", f"federation.local_steps={local_steps}",
+                          "train.eval_every=0", "federation.round_clock=steps"]}
+        super().__init__(f"trust-{name}", "new", REPO, out, val_dir, 0.0)
+        self.attack = spec.get("attack", {})
+
+    def cmd(self, i: int) -> list[str]:
+        cmd = super().cmd(i)
+        if i in self.attack:
+            return [sys.executable, str(Path(__file__).resolve()), "--bad-peer", self.attack[i], "--", *cmd[3:]]
+        return cmd
+
+
+def summarize(name: str, sw: TrustSwarm, wall_s: float) -> dict[str, Any]:
+    spec = SCENARIOS[name]
+    bad = set(spec.get("bad", {})) | set(spec.get("attack", {}))
+    recs = {i: [r for r in one_model.read_records(sw.out / f"peer-{i}") if r.get("kind") == "round"]
+            for i in sorted(sw.procs)}
+    honest = [i for i in recs if i not in bad]
+    analysis = one_model.analyze(recs, honest, [i for i in recs if sw.procs[i].returncode in (0, -15, -9)])
+    ppl = [analysis["final_val_ppl"].get(str(i)) for i in honest]
+    ppl = [p for p in ppl if p is not None]
+    ids = {}
+    for i in recs:
+        log = (sw.out / f"peer-{i}" / "peer.log")
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        for ln in text.splitlines():
+            if "peer " in ln and "run '" in ln:
+                ids[i] = ln.split("peer ")[-1].strip()
+                break
+    by_id = {v: k for k, v in ids.items()}
+    clipped: dict[str, dict[str, Any]] = {}
+    for i in honest:
+        for r in recs[i]:
+            for peer, f in (r.get("clipped") or {}).items():
+                key = f"silo {by_id[peer]}" if peer in by_id else peer
+                c = clipped.setdefault(key, {"rounds": set(), "factor": 1.0, "reporters": set()})
+                c["rounds"].add(int(r["round"]))
+                c["factor"] = min(c["factor"], float(f))
+                c["reporters"].add(i)
+    clipped_out = {k: {"rounds": sorted(v["rounds"]), "factor": v["factor"], "reporters": sorted(v["reporters"])}
+                   for k, v in sorted(clipped.items())}
+    allreduce = [float(r["phases"]["allreduce"]) for i in honest for r in recs[i]
+                 if not r.get("solo") and "allreduce" in (r.get("phases") or {})]
+    return {"scenario": name, "spec": spec,
+            "allreduce_s": {"median": round(statistics.median(allreduce), 4) if allreduce else None,
+                            "n": len(allreduce)}, "command": "python " + " ".join(sys.argv), **sw.provenance,
+            "wall_s": round(wall_s, 1), "capped": sw.capped, "honest_silos": honest, "bad_silos": sorted(bad),
+            "exit_codes": {str(i): p.returncode for i, p in sw.procs.items()},
+            "honest_val_ppl": statistics.mean(ppl) if ppl else None, "clipped_reported": clipped_out,
+            "rollbacks": {str(i): sum(1 for r in one_model.read_records(sw.out / f"peer-{i}")
+                                      if r.get("kind") == "rollback") for i in recs},
+            **{k: analysis[k] for k in ("participation", "solo_reasons", "max_distinct", "final_distinct",
+                                        "end_models", "averaging_s", "final_val_ppl", "round_records")}}
+
+
+# ---- micro benchmark of the reducer ----------------------------------------------------------------------
+def micro(repeats: int = 20) -> dict[str, Any]:
+    import torch
+
+    from photon_p2p.federation.robust import RobustSettings, reduce_part
+
+    torch.set_num_threads(1)  # the averager process reduces on one thread (averager_process.TUNED)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2**19, generator=g)  # 2 MiB of fp32: one part at the default part_size_bytes
+    parts = [base + 0.3 * torch.randn(2**19, generator=g) for _ in range(4)]
+    out = {}
+    for mode in ("off", "clip", "centered_clip"):
+        s = RobustSettings(mode, 2.0, 3)
+        reduce_part(parts, [1.0] * 4, [0, 1, 2, 3], s)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            reduce_part(parts, [1.0] * 4, [0, 1, 2, 3], s)
+            ts.append(time.perf_counter() - t0)
+        out[mode] = round(statistics.median(ts) * 1e3, 3)
+    return {"ms_per_part_4_senders_2MiB": out}
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+def _f(x: Any, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def markdown(results: dict[str, dict], micro_result: dict | None) -> str:
+    base = results.get("honest-off", {})
+    b_ppl, b_avg = base.get("honest_val_ppl"), (base.get("allreduce_s") or {}).get("median")
+    lines = ["| scenario | robust | bad silos | honest silos' final val ppl | ratio to honest-off | "
+             "all-reduce s median (honest, phases.allreduce) | ratio | participation | models at end | clipped/dropped as reported "
+             "by honest reducers (rounds, smallest factor) | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ORDER:
+        r = results.get(name)
+        if not r:
+            continue
+        ppl, avg = r["honest_val_ppl"], (r.get("allreduce_s") or {}).get("median")
+        clip = "; ".join(f"{k}: {len(v['rounds'])} rounds, ×{v['factor']:.2g}"
+                         for k, v in r["clipped_reported"].items()) or "none"
+        lines.append(f"| {name} | {r['spec']['robust']} | {r['bad_silos'] or '-'} | {_f(ppl)} | "
+                     f"{_f(ppl / b_ppl if ppl and b_ppl else None, '{:.3f}')} | {_f(avg, '{:.3f}')} | "
+                     f"{_f(avg / b_avg if avg and b_avg else None, '{:.2f}')} | {_f(r['participation'], '{:.3f}')} | "
+                     f"{r['end_models']} | {clip} | {r['wall_s']:.0f} |")
+    if micro_result:
+        m = micro_result["ms_per_part_4_senders_2MiB"]
+        lines.append(f"\nReducer cost in-process (one 2 MiB fp32 part, 4 senders, 1 thread, median ms): "
+                     + ", ".join(f"{k} {v}" for k, v in m.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--bad-peer"]:
+        if len(argv) < 3 or argv[2] != "--":
+            raise one_model.BenchError("usage: trust.py --bad-peer ATTACK -- <photon-peer args>")
+        return bad_peer(argv[1], argv[3:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", nargs="+", choices=ORDER, default=ORDER)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--local-steps", type=int, default=16)
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--micro", action="store_true", help="only the in-process reducer cost")
+    ap.add_argument("--cap", type=float, default=300.0, help="wall-clock cap per scenario (seconds)")
+    ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
+    ap.add_argument("--out", default=str(REPO / "runs" / "trust"))
+    ap.add_argument("--results", default=str(REPO / "bench" / "results" / "trust"))
+    args = ap.parse_args(argv)
+    results, out = Path(args.results), Path(args.out)
+    results.mkdir(parents=True, exist_ok=True)
+    micro_path = results / "micro.json"
+    if args.micro or not args.report_only:
+        micro_path.write_text(json.dumps(micro(), indent=1) + "\n")
+    if not args.report_only and not args.micro:
+        val_dir = one_model.prepare_val(Path(args.corpus), out / "val")
+        for name in args.scenarios:
+            if not args.force and (results / f"{name}.json").is_file():
+                continue
+            run_dir = out / name
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # daemons resume from checkpoints: start clean
+            print(f"trust: {name}", flush=True)
+            sw = TrustSwarm(name, run_dir, val_dir, args.rounds, args.local_steps)
+            t0 = time.monotonic()
+            sw.run(args.cap)
+            result = summarize(name, sw, time.monotonic() - t0)
+            (results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+            print(f"trust: {name} done in {result['wall_s']:.0f}s: honest val ppl {result['honest_val_ppl']}, "
+                  f"clipped {result['clipped_reported']}", flush=True)
+    loaded = {n: json.loads((results / f"{n}.json").read_text()) for n in ORDER if (results / f"{n}.json").is_file()}
+    micro_result = json.loads(micro_path.read_text()) if micro_path.is_file() else None
+    table = markdown(loaded, micro_result)
+    (results / "table.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except one_model.BenchError as e:
+        sys.exit(f"trust: {e}")
+    except KeyboardInterrupt:
+        sys.exit("trust: interrupted")
