@@ -12,7 +12,9 @@ from photon_p2p.federation.averager_process import ExactAllReduceRunner, models_
 from photon_p2p.federation.compression import make_compression
 
 
-async def _allreduce(tensors_by_peer, weights, codec_name: str, part_size_bytes: int = 4096, ranks=None):
+async def _allreduce(tensors_by_peer, weights, codec_name: str, part_size_bytes: int = 4096, ranks=None,
+                     robust=None, claims=None, evil: dict | None = None, runners_out: list | None = None):
+    """``evil``: {member index: factor}: that member, as a reducer, scales every average it returns."""
     p2ps = [await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])]
     maddrs = await p2ps[0].get_visible_maddrs()
     p2ps += await asyncio.gather(*[P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -25,7 +27,12 @@ async def _allreduce(tensors_by_peer, weights, codec_name: str, part_size_bytes:
                                           tensors=tensors, weight=weight, ordered_peer_ids=peers,
                                           peer_fractions=(1.0,) * len(peers),
                                           compression=make_compression(codec_name), part_size_bytes=part_size_bytes,
-                                          ranks=[(r, "") for r in ranks] if ranks else None)
+                                          ranks=[(r, "") for r in ranks] if ranks else None,
+                                          **({"robust": robust} if robust else {}),
+                                          **({"claims": claims} if claims else {}))
+            if evil and len(runners) in evil:
+                honest_encode, factor = runner._encoded_average, evil[len(runners)]
+                runner._encoded_average = lambda i, avg, enc=honest_encode, f=factor: enc(i, avg * f)
             await runner.add_p2p_handlers(p2p)
             runners.append(runner)
 
@@ -35,6 +42,8 @@ async def _allreduce(tensors_by_peer, weights, codec_name: str, part_size_bytes:
                 out.append(averaged.clone())
             return out
 
+        if runners_out is not None:
+            runners_out.extend(runners)
         return await asyncio.wait_for(asyncio.gather(*map(run, runners)), 60)
     finally:
         await asyncio.gather(*(p.shutdown() for p in p2ps))
@@ -96,3 +105,50 @@ def test_grid_plans_cover_every_row_in_every_column():
                 assert len(members) == plans[0].column_size(c)
                 # exactly one member of every row carries that row's weight into each column
                 assert sorted(p.row for p in members if p.designated) == list(range(plans[0].rows))
+
+
+def _norms(tensors_by_peer):
+    return [float(torch.cat([t.flatten() for t in ts]).norm()) for ts in tensors_by_peer]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("codec", ["none", "blockwise8"])
+def test_robust_reducers_clip_a_scaled_member_and_members_stay_bit_identical(codec):
+    from photon_p2p.federation.robust import RobustSettings
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(6000, generator=g)
+    tensors = [[base + 0.3 * torch.randn(6000, generator=g)] for _ in range(4)]
+    honest = sum(t[0] for t in tensors[:3]) / 3
+    tensors[3] = [tensors[3][0] * 1e4]
+    runners = []
+    got = asyncio.run(_allreduce(tensors, [1.0] * 4, codec, robust=RobustSettings("clip", 2.0),
+                                 claims=_norms(tensors), runners_out=runners))
+    for member in got[1:]:
+        assert torch.equal(member[0], got[0][0])
+    assert float((got[0][0] - honest).norm()) < float(honest.norm())  # bounded: not 2500 x the honest mean
+    bad = str(runners[0].ordered_peer_ids[3])
+    for r in runners:  # every reducer saw the scaled chunk of its part and says so
+        assert set(r.clipped()) == {bad} and r.clipped()[bad] < 1e-3, r.clipped()
+        assert r.rejected() == []
+
+
+@pytest.mark.timeout(90)
+def test_a_reducer_that_inflates_its_average_is_rejected_alike_by_every_member():
+    from photon_p2p.federation.robust import RobustSettings
+
+    g = torch.Generator().manual_seed(3)
+    tensors = [[torch.randn(6000, generator=g)] for _ in range(3)]
+    expected = sum(t[0] for t in tensors) / 3
+    runners = []
+    got = asyncio.run(_allreduce([[t.clone() for t in ts] for ts in tensors], [1.0] * 3, "none",
+                                 robust=RobustSettings("clip", 2.0), claims=_norms(tensors), evil={2: 1e3},
+                                 runners_out=runners))
+    for member in got[1:]:
+        assert torch.equal(member[0], got[0][0])  # one verdict, one model
+    evil = str(runners[0].ordered_peer_ids[2])
+    assert [r.rejected() for r in runners] == [[evil]] * 3
+    out = got[0][0]
+    zeroed = out == 0
+    assert 0.2 < float(zeroed.float().mean()) < 0.5  # the evil reducer's share, no update there
+    torch.testing.assert_close(out[~zeroed], expected[~zeroed])

@@ -129,3 +129,27 @@ def test_report_helpers():
     assert summary == {"a": {"rounds": 2, "factor": 0.1}, "b": {"rounds": 1, "factor": 0.0}}
     assert clip_text({"QmAAAAAAAAAAAAAAAAAAAAxyz": 0.0001, "b": 0.0}) == \
         "dropped b (non-finite), clipped ..AAAAAAAAAxyz x0.0001"
+
+
+def test_claim_budget_caps_a_sender_to_its_declared_norm_across_parts():
+    from photon_p2p.federation.robust import CLAIM_SLACK, ClaimBudget
+
+    budget = ClaimBudget([5.0, None])
+    first, f1 = budget.cap(0, torch.full((4,), 2.0))  # norm 4: within 5.25
+    second, f2 = budget.cap(0, torch.full((4,), 2.0))  # another 4: only sqrt(5.25² − 16) ≈ 3.4 left
+    assert f1 == 1.0 and torch.equal(first, torch.full((4,), 2.0))
+    assert 0.8 < f2 < 0.9 and math.isclose(float(second.norm()), math.sqrt((CLAIM_SLACK * 5) ** 2 - 16), rel_tol=1e-4)
+    assert budget.cap(1, torch.full((4,), 1e6))[1] == 1.0  # no claim: not capped here
+
+
+def test_reducer_check_rejects_a_reducer_beyond_the_claims_and_everything_after():
+    from photon_p2p.federation.robust import ReducerCheck
+
+    check = ReducerCheck([3.0, 4.0])  # bound: (1.1 x 1.05)² x 25
+    assert check.accept(0, torch.full((4,), 2.0))  # 16
+    assert check.accept(1, torch.full((4,), 2.5))
+    assert check.accept(0, torch.full((4,), 2.0))  # 32 <= 33.35
+    assert not check.accept(0, torch.full((4,), 1.0))  # 36 > 33.35: rejected
+    assert not check.accept(0, torch.zeros(4))  # and every later part of that reducer
+    assert check.accept(1, torch.zeros(4)) and not check.accept(1, torch.tensor([float("nan")]))
+    assert check.rejected == {0, 1}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import math
 import multiprocessing as mp
 import threading
 import time
@@ -41,7 +42,7 @@ from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic
 from photon_p2p.federation.records import is_live, read_records
-from photon_p2p.federation.robust import RobustSettings, reduce_part
+from photon_p2p.federation.robust import ClaimBudget, ReducerCheck, RobustSettings, reduce_part
 
 PINNED_HIVEMIND = "1.1.12"
 if hivemind.__version__ != PINNED_HIVEMIND:
@@ -139,7 +140,8 @@ class ProcessAverager(DecentralizedAverager):
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         self._clock.stamp("group_assembled")
-        self._report = {"failed_fraction": 0.0, "failed_peers": [], "healed": False, "clipped": {}}
+        self._report = {"failed_fraction": 0.0, "failed_peers": [], "healed": False, "clipped": {}, "rejected": []}
+        self._claims = None
         try:
             gathered = self._peek_gathered(group_info)
             self._ranks = [_rank(gathered.get(p), str(p)) for p in group_info.peer_ids]
@@ -156,6 +158,13 @@ class ProcessAverager(DecentralizedAverager):
                             buf.neg_().add_(g)
                 kwargs["compression"] = CountingCompression(NoCompression(), self._counter)
                 self._report["healed"] = True
+            # Declared Δ norms (robust.ClaimBudget/ReducerCheck); not in a healing round (the tensors are weights).
+            norms = [gathered.get(p, {}).get("norm") if isinstance(gathered.get(p), dict) else None
+                     for p in group_info.peer_ids]
+            # A member that declares no valid norm gets a claim of 0: its chunks count for nothing (and it is
+            # reported), rather than one member switching the check off for the whole group.
+            claims = [n if isinstance(n, float) and math.isfinite(n) and n >= 0 else 0.0 for n in norms]
+            self._claims = None if self._report["healed"] or weights_mode else claims
             gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
             return {**gathered, REPORT_KEY: dict(self._report)}
         finally:
@@ -173,7 +182,8 @@ class ProcessAverager(DecentralizedAverager):
         group_id = group_info.group_id if group_id is None else group_id
         runner = ExactAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                       group_id=group_id, ordered_peer_ids=group_info.peer_ids,
-                                      ranks=getattr(self, "_ranks", None), robust=self._robust, **kwargs)
+                                      ranks=getattr(self, "_ranks", None), robust=self._robust,
+                                      claims=getattr(self, "_claims", None), **kwargs)
         assert group_id in self._running_groups, "group was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
         async for tensor, average in azip(as_aiter(*tensors), runner):
@@ -182,6 +192,7 @@ class ProcessAverager(DecentralizedAverager):
         self._report["failed_fraction"] = container.failed_size / max(1, container.total_size)
         self._report["failed_peers"] = sorted(str(p) for p in runner.failed_reducers)
         self._report["clipped"] = runner.clipped()  # what this peer, as a reducer, had to bound
+        self._report["rejected"] = runner.rejected()  # reducers whose averages broke the bound (zeroed)
 
 
 def models_differ(gathered: dict[Any, Any]) -> bool:
@@ -200,13 +211,28 @@ class ExactAllReduceRunner(AllReduceRunner):
     """
 
     def __init__(self, *args, compression: CompressionBase = NoCompression(), ranks: list | None = None,
-                 robust: RobustSettings = RobustSettings(mode="off"), **kwargs) -> None:
+                 robust: RobustSettings = RobustSettings(mode="off"), claims: list[float] | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, compression=compression, **kwargs)
         # Sum senders in the order of their gathered rank (then peer id): the same inputs, the same bytes.
         by_peer = dict(zip(self.ordered_peer_ids, ranks or [str(p) for p in self.ordered_peer_ids]))
         order = sorted(range(len(self.sender_peer_ids)), key=lambda i: by_peer.get(self.sender_peer_ids[i], ""))
         shapes = tuple(part.shape for part in self.parts_for_local_averaging)
-        self.tensor_part_reducer = OrderedPartReducer(shapes, len(self.sender_peer_ids), order, robust)
+        by_index = dict(zip(self.ordered_peer_ids, claims)) if claims is not None else {}
+        sender_claims = [by_index.get(p) for p in self.sender_peer_ids] if claims is not None else None
+        self.tensor_part_reducer = OrderedPartReducer(shapes, len(self.sender_peer_ids), order, robust,
+                                                      sender_claims)
+        # Check every reducer's averages against the senders' claims (robust.ReducerCheck): a part beyond the
+        # bound is replaced by zeros (no update), the same on every member, and the reducer is reported.
+        self.check = ReducerCheck(claims) if claims is not None and robust.mode != "off" else None
+        register = self.tensor_part_container.register_processed_part
+
+        def checked(peer_index: int, part_index: int, part: torch.Tensor) -> None:
+            if self.check is not None and not self.check.accept(peer_index, part):
+                part = torch.zeros_like(part)
+            register(peer_index, part_index, part)
+
+        self.tensor_part_container.register_processed_part = checked
         # Encode results without counting (bytes are counted per message actually sent, below).
         self._codec = compression.inner if isinstance(compression, CountingCompression) else compression
         self._counter = compression.counter if isinstance(compression, CountingCompression) else None
@@ -218,6 +244,10 @@ class ExactAllReduceRunner(AllReduceRunner):
         """{sender peer id: smallest share of its contribution this reducer kept} for the senders it clipped or
         dropped (0.0 = dropped as non-finite); empty when everyone was within bounds."""
         return {str(self.sender_peer_ids[i]): f for i, f in self.tensor_part_reducer.factors.items()}
+
+    def rejected(self) -> list[str]:
+        """Reducers whose returned averages exceeded what their senders' declared norms allow."""
+        return sorted(str(self.ordered_peer_ids[i]) for i in (self.check.rejected if self.check else ()))
 
     async def _encoded_average(self, part_index: int, averaged: torch.Tensor) -> runtime_pb2.Tensor:
         """The averaged part, compressed once; every caller gets the very same message."""
@@ -312,8 +342,9 @@ class OrderedPartReducer(TensorPartReducer):
     """
 
     def __init__(self, part_shapes, num_senders: int, order: list[int],
-                 robust: RobustSettings = RobustSettings(mode="off")) -> None:
+                 robust: RobustSettings = RobustSettings(mode="off"), claims: list[float | None] | None = None) -> None:
         self.order, self._pending, self.robust = list(order), {}, robust
+        self._budget = ClaimBudget(claims) if claims is not None and robust.mode != "off" else None
         self.factors: dict[int, float] = {}  # sender index -> smallest share of its contribution kept (robust.py)
         super().__init__(part_shapes, num_senders)
 
@@ -345,6 +376,11 @@ class OrderedPartReducer(TensorPartReducer):
         if self.current_part_accumulated_from == self.num_current_senders:
             parts = [self._pending.get(i, (None, 0.0))[0] for i in range(self.num_senders)]
             weights = [self._pending.get(i, (None, 0.0))[1] for i in range(self.num_senders)]
+            for i, part in enumerate(parts):
+                if part is not None and self._budget is not None:  # no sender exceeds its own declared norm
+                    parts[i], factor = self._budget.cap(i, part)
+                    if factor < 1.0:
+                        self.factors[i] = min(factor, self.factors.get(i, 1.0))
             try:
                 averaged, factors = reduce_part(parts, weights, self.order, self.robust)
             except ValueError:  # every sender had weight 0: hivemind's reducer divides by zero here too

@@ -10,6 +10,7 @@ success, so a failed, late or mismatched round leaves the caller's Δ untouched.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import signal
 import threading
@@ -77,6 +78,9 @@ class RoundResult:
     # clipped: {sender: smallest share of its contribution kept} for the senders that THIS peer, as a reducer of
     # its part(s), clipped (0 < f < 1) or dropped as non-finite (0.0); robust.py. Each reducer sees only its part.
     clipped: dict[str, float] = field(default_factory=dict)
+    # rejected: reducers whose returned averages were larger than the senders' declared norms allow (robust.py
+    # ReducerCheck); their parts were zeroed (no update there) by every member alike.
+    rejected: list[str] = field(default_factory=list)
 
 
 class PseudoGradientAverager:
@@ -175,7 +179,8 @@ class PseudoGradientAverager:
                            partial=max(first.partial, second.partial),
                            failed_peers=sorted(set(first.failed_peers) | set(second.failed_peers)),
                            healed=second.healed, fingerprints={**first.fingerprints, **second.fingerprints},
-                           phases=merged_phases, clipped=merge_factors(dict(first.clipped), second.clipped))
+                           phases=merged_phases, clipped=merge_factors(dict(first.clipped), second.clipped),
+                           rejected=sorted(set(first.rejected) | set(second.rejected)))
 
     def _average_stage(self, deltas: list[torch.Tensor], round_no: int, weight: float,
                        stop: threading.Event | None, fingerprint: str, target: int | None, stage: int, index: int,
@@ -197,8 +202,11 @@ class PseudoGradientAverager:
             raise FederationError("average() got tensors whose shapes differ from the averager's templates")
         if not self._averager.is_alive():
             return result(True, "averager process is not running")
+        # norm: the L2 norm of what we send, which bounds what any reducer may return (robust.ReducerCheck)
+        norm = math.sqrt(sum(float(torch.linalg.vector_norm(d.detach().float())) ** 2 for d in deltas))
         gather = {"round": int(round_no), "stage": stage, "weight": weight, "client": self.client_mode,
-                  "fingerprint": fingerprint, "rank": int(rank), "weights": bool(weights)}
+                  "fingerprint": fingerprint, "rank": int(rank), "weights": bool(weights),
+                  "norm": norm if math.isfinite(norm) else -1.0}
         try:
             gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, gather, target,
                                               group_bits(round_no, stage, index), give_up)
@@ -233,9 +241,15 @@ class PseudoGradientAverager:
             log.warning("round %d: %s (reducer(s) that failed: %s)", round_no, reason, ", ".join(failed) or "?")
         fingerprints = {p: str(g.get("fingerprint", "")) for p, g in gathered.items()}
         clipped = {str(p): float(f) for p, f in dict(report.get("clipped") or {}).items()}
+        rejected = [str(p) for p in report.get("rejected") or []]
+        if rejected:
+            why = f"reducer(s) {', '.join(rejected)} returned averages beyond the senders' bounds (zeroed)"
+            reason = f"{reason}; {why}" if reason else why
+            log.warning("round %d: %s", round_no, why)
         self.counter.wait_quiet(limit=max(0.0, min(1.0, deadline - time.monotonic())))
         return result(False, reason, gathered, partial=fraction, failed_peers=failed,
-                      healed=bool(report.get("healed")), fingerprints=fingerprints, clipped=clipped)
+                      healed=bool(report.get("healed")), fingerprints=fingerprints, clipped=clipped,
+                      rejected=rejected)
 
     def _run_step(self, deltas: list[torch.Tensor], round_no: int, weight: float, deadline: float,
                   stop: threading.Event | None, phases: dict[str, float], gather: dict,

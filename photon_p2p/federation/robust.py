@@ -118,3 +118,56 @@ def merge_factors(into: dict[str, float], new: dict[str, float]) -> dict[str, fl
     for peer, f in new.items():
         into[peer] = min(float(f), into.get(peer, 1.0))
     return into
+
+
+# ---- what one member can check of the reducers (a malicious reducer) ----------------------------------------
+# Every member declares the L2 norm of the Δ it sends (gathered metadata, "norm"). An honest reducer caps each
+# sender's chunks so that, summed over the reducer's parts, their squared norms stay within the sender's claim
+# (times CLAIM_SLACK for codec error). Every mode's average of a part is a convex combination of (capped) chunks
+# (and, in centered_clip, of the coordinate median, itself within sqrt(sum of squares)), so the squared norm of
+# all the parts one reducer returns is at most CLAIM_SLACK² Σ_i claim_i²; members allow CHECK_SLACK more for the
+# codec applied to the average. A reducer that returns more is provably not following the protocol.
+CLAIM_SLACK = 1.05
+CHECK_SLACK = 1.1
+
+
+class ClaimBudget:
+    """A reducer's per-sender budget of squared norm across its parts (the sender's claimed Δ norm, squared)."""
+
+    def __init__(self, claims: list[float | None]) -> None:
+        self.left = [None if c is None else (CLAIM_SLACK * float(c)) ** 2 for c in claims]
+
+    def cap(self, index: int, part: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``part`` scaled down to the sender's remaining budget (and the factor); non-finite parts pass through
+        (the robust reduction drops them)."""
+        left = self.left[index]
+        if left is None:
+            return part, 1.0
+        sq = float(part.double().pow(2).sum())
+        if not (sq == sq and sq != float("inf")):
+            return part, 1.0
+        factor = 1.0 if sq <= left else _factor(sq ** 0.5, max(0.0, left) ** 0.5)
+        self.left[index] = left - sq * factor * factor
+        return (part if factor == 1.0 else part * factor), factor
+
+
+class ReducerCheck:
+    """A member's check of the averages it receives, per reducer: all members see the same bytes and the same
+    claims, so honest members reach the same verdict, and reject (zero) the same parts."""
+
+    def __init__(self, claims: list[float]) -> None:
+        self.bound = (CHECK_SLACK * CLAIM_SLACK) ** 2 * sum(float(c) ** 2 for c in claims)
+        self.used: dict[int, float] = {}
+        self.rejected: set[int] = set()
+
+    def accept(self, reducer: int, part: torch.Tensor) -> bool:
+        """Whether to keep this part (parts of one reducer come in order); once a reducer exceeds the bound, its
+        remaining parts are rejected too."""
+        if reducer in self.rejected:
+            return False
+        sq = float(part.double().pow(2).sum())
+        self.used[reducer] = self.used.get(reducer, 0.0) + sq
+        if not (self.used[reducer] <= self.bound):  # also catches nan/inf
+            self.rejected.add(reducer)
+            return False
+        return True
