@@ -67,7 +67,8 @@ def log_round(d: PeerDaemon, r: RoundResult, averaged_round: int, evaluated: dic
               "partial": r.partial, "phases": r.phases, "healed": r.healed,
               "group_models": len(set(r.fingerprints.values()) - {""}), "compute_s": d.compute_s,
               "wait_s": r.phases.get("matchmaking", 0.0), "fingerprint": d.fingerprint(),
-              "participation": d.grouped / max(1, d.finished), "clipped": r.clipped, **evaluated}
+              "participation": d.grouped / max(1, d.finished), "clipped": r.clipped, "rejected": r.rejected,
+              **evaluated}
     if not r.solo:
         d.clip_history.append(dict(r.clipped))  # a deque of the last CLIP_WINDOW grouped rounds
     d.metrics.log("round", **fields)

@@ -135,7 +135,8 @@ def values(i: int) -> dict:
     return {"round": 10 + i, "local_step": 100 * (10 + i), "tokens": 1000 * (i + 1), "loss": 3.0 + i,
             "val_ppl": 20.0 + i, "tokens_per_s": 100.0 * (i + 1), "compression": "fp16", "group_size": 3,
             "averaging_s": 0.5, "bytes_sent": 10 * i, "bytes_received": 20 * i, "client_mode": False,
-            "version": "0.1.0", "fingerprint": fingerprint(f"round {10 + i}"), "participation": 1.0 - 0.25 * (i % 4)}
+            "version": "0.1.0", "fingerprint": fingerprint(f"round {10 + i}"), "participation": 1.0 - 0.25 * (i % 4),
+            "clipped": {}}
 
 
 def start_bootstrap(procs: list) -> tuple[subprocess.Popen, str]:

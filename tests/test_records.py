@@ -29,7 +29,7 @@ from photon_p2p.federation.records import (  # noqa: E402
 SNAP = {"round": 3, "local_step": 30, "tokens": 4096, "loss": 2.5, "val_ppl": 12, "tokens_per_s": 100,
         "compression": "fp16", "group_size": 2, "averaging_s": 1, "bytes_sent": 10, "bytes_received": 20,
         "client_mode": 0, "version": "0.1.0", "maddrs": ["/ip4/127.0.0.1/tcp/1/p2p/QmX"],
-        "fingerprint": "ab" * 32, "participation": 1}
+        "fingerprint": "ab" * 32, "participation": 1, "clipped": {}}
 KNOWN = dict(peer_id="QmX", run_id="r", time=100, interval=1, started_at=50)
 
 
@@ -251,3 +251,16 @@ def test_newest_round_counts_only_other_fresh_running_peers():
     dht.hang = True
     t0 = time.monotonic()
     assert pub.newest_round() is None and time.monotonic() - t0 < 2
+
+
+def test_clipped_map_is_validated_and_required():
+    check = SchemaValidator(HeartbeatSchema, prefix="r")
+    good = make_record({**SNAP, "clipped": {"QmBad": {"rounds": 3, "factor": 0.0001}}}, **KNOWN).dict()
+    assert good["clipped"] == {"QmBad": {"rounds": 3, "factor": 0.0001}}
+    assert check.validate(_dht_record("r", b"[owner:k]", good))
+    old = dict(good)
+    del old["clipped"]  # like fingerprint and participation: a record without it is refused
+    assert not check.validate(_dht_record("r", b"[owner:k]", old))
+    for bad in ({"QmBad": {"rounds": 11, "factor": 0.5}}, {"QmBad": {"rounds": 1, "factor": 1.5}},
+                {"QmBad": {"rounds": 1}}, {f"Qm{i}": {"rounds": 1, "factor": 0.5} for i in range(65)}):
+        assert not check.validate(_dht_record("r", b"[owner:k]", {**good, "clipped": bad}))

@@ -291,3 +291,23 @@ def test_watch_refreshes_until_ctrl_c_and_leaves_no_processes(swarm):
         assert group_gone_within(proc.pid, 5), "status left its DHT process or p2pd behind"
     finally:
         reap(procs)
+
+
+def test_a_peer_that_keeps_being_clipped_is_flagged():
+    bad = peer(2)
+    status = collect_status(fake_swarm([
+        {"round": 7, "clipped": {bad: {"rounds": 4, "factor": 0.0002}}},
+        {"round": 7, "clipped": {bad: {"rounds": 3, "factor": 0.001}, peer(0): {"rounds": 1, "factor": 0.9}}},
+        {"round": 7, "clipped": {bad: {"rounds": 9, "factor": 0.5}}},  # its own word about itself is ignored
+    ]), RUN, 1.0)
+    assert status["summary"]["clipped_peers"] == [bad]
+    row = {r["peer_id"]: r for r in status["peers"]}
+    assert row[bad]["clipped_by_others"] == {"rounds": 4, "factor": 0.0002, "reporters": [peer(0), peer(1)]}
+    assert row[peer(0)]["clipped_by_others"]["rounds"] == 1 and row[peer(1)]["clipped_by_others"] is None
+    text = render_table(status)
+    assert f"CLIPPED: peer ..{bad[-12:]} was clipped or dropped by 2 reducer(s) in up to 4" in text
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
+    assert lines[header].split()[7] == "CLIPPED"
+    cells = {line.split()[0]: line.split()[7] for line in lines[header + 1:] if line.startswith("..")}
+    assert cells[f"..{bad[-12:]}?"] == "4x2" and cells[f"..{peer(1)[-12:]}?"] == "-"

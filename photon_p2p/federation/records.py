@@ -70,8 +70,7 @@ class PeerRecord(BaseModel):
     fingerprint: constr(strict=True, max_length=64)  # hex sha256 of weights + outer optimizer state; "" = unknown
     participation: confloat(ge=0.0, le=1.0, strict=True)  # share of finished rounds averaged in a group, not solo
     # Robust aggregation (federation/robust.py): senders this peer, as a reducer, clipped or dropped lately.
-    # Optional (default empty) so that records of peers without it still parse.
-    clipped: Dict[constr(strict=True, max_length=128), ClipSeen] = {}
+    clipped: Dict[constr(strict=True, max_length=128), ClipSeen]
 
     @validator("clipped")
     def _few_clipped(cls, value):  # noqa: N805 (pydantic validators are class methods)
