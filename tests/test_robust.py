@@ -153,3 +153,10 @@ def test_reducer_check_rejects_a_reducer_beyond_the_claims_and_everything_after(
     assert not check.accept(0, torch.zeros(4))  # and every later part of that reducer
     assert check.accept(1, torch.zeros(4)) and not check.accept(1, torch.tensor([float("nan")]))
     assert check.rejected == {0, 1}
+
+
+def test_a_huge_declared_norm_is_capped_so_it_cannot_loosen_the_check():
+    from photon_p2p.federation.robust import CLAIM_CAP, cap_claims
+
+    assert cap_claims([1.0, 1.2, 0.9, 1e9]) == [1.0, 1.2, 0.9, CLAIM_CAP * 1.0]
+    assert cap_claims([1.0, 1.1]) == [1.0, 1.1] and cap_claims([]) == []

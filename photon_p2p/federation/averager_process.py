@@ -42,7 +42,7 @@ from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic
 from photon_p2p.federation.records import is_live, read_records
-from photon_p2p.federation.robust import ClaimBudget, ReducerCheck, RobustSettings, reduce_part
+from photon_p2p.federation.robust import ClaimBudget, ReducerCheck, RobustSettings, cap_claims, reduce_part
 
 PINNED_HIVEMIND = "1.1.12"
 if hivemind.__version__ != PINNED_HIVEMIND:
@@ -164,7 +164,7 @@ class ProcessAverager(DecentralizedAverager):
             # A member that declares no valid norm gets a claim of 0: its chunks count for nothing (and it is
             # reported), rather than one member switching the check off for the whole group.
             claims = [n if isinstance(n, float) and math.isfinite(n) and n >= 0 else 0.0 for n in norms]
-            self._claims = None if self._report["healed"] or weights_mode else claims
+            self._claims = None if self._report["healed"] or weights_mode else cap_claims(claims)
             gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
             return {**gathered, REPORT_KEY: dict(self._report)}
         finally:

@@ -129,6 +129,16 @@ def merge_factors(into: dict[str, float], new: dict[str, float]) -> dict[str, fl
 # codec applied to the average. A reducer that returns more is provably not following the protocol.
 CLAIM_SLACK = 1.05
 CHECK_SLACK = 1.1
+CLAIM_CAP = 4.0  # a declared norm counts up to this many times the (lower) median declared norm
+
+
+def cap_claims(claims: list[float]) -> list[float]:
+    """Declared norms, each capped at CLAIM_CAP × their lower median: a member declaring a huge norm would
+    otherwise loosen every reducer's bound (and its own chunks' cap). Same inputs on every member, same caps."""
+    if not claims:
+        return []
+    limit = CLAIM_CAP * _lower_median(torch.tensor(claims, dtype=torch.float64))
+    return [min(float(c), limit) for c in claims]
 
 
 class ClaimBudget:
