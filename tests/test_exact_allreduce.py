@@ -128,9 +128,11 @@ def test_robust_reducers_clip_a_scaled_member_and_members_stay_bit_identical(cod
         assert torch.equal(member[0], got[0][0])
     assert float((got[0][0] - honest).norm()) < float(honest.norm())  # bounded: not 2500 x the honest mean
     bad = str(runners[0].ordered_peer_ids[3])
-    for r in runners:  # every reducer saw the scaled chunk of its part and says so
+    reducing = [r for i, r in enumerate(runners) if r.tensor_part_container.num_parts_by_peer[i] > 0]
+    assert len(reducing) >= 2
+    for r in reducing:  # every reducer saw the scaled chunk of its part and says so
         assert set(r.clipped()) == {bad} and r.clipped()[bad] < 1e-3, r.clipped()
-        assert r.rejected() == []
+    assert all(r.rejected() == [] for r in runners)
 
 
 @pytest.mark.timeout(90)
