@@ -4,28 +4,28 @@ cost an honest swarm? Side by side in one run, 4 silos on the tiny preset (127.0
 
 Usage:
   flock /tmp/photon-bench.lock python bench/trust.py                      # every scenario, then the table
-  flock /tmp/photon-bench.lock python bench/trust.py --scenarios honest-off scaled
+  flock /tmp/photon-bench.lock python bench/trust.py --scenarios honest-none scaled
   python bench/trust.py --report-only                                     # re-print the table
   python bench/trust.py --micro                                           # reducer cost in-process only
   (internal) python bench/trust.py --bad-peer scale:1e4 -- run --config tiny ...   # an adversarial silo
 
 Scenarios (federation.rounds=R, local_steps=H, from --rounds/--local-steps; one shared validation set as in
 bench/one_model.py; silo i trains on corpus source i mod 3):
-  honest-off   4 honest silos, federation.robust_aggregation=off (the plain mean: the baseline)
+  honest-none   4 honest silos, federation.robust_aggregation=off (the plain mean: the baseline)
   honest       4 honest silos, robust_aggregation=clip (the default)
   lr50         silo 3 with train.lr=50 and train.grad_clip=0 (the daemon's non-finite guard already keeps its
                Δ out; robust aggregation would drop a non-finite chunk too)
   scaled       silo 3 sends its Δ × 1e4
   noise        silo 3 sends Gaussian noise with the norm of its honest Δ (per tensor)
   collude      silos 2 and 3 both send their Δ × 1e4 (two of four: the lower median is still honest)
-  scaled-off   silo 3 sends Δ × 1e4 with robust_aggregation=off (what the defence buys)
+  scaled-none   silo 3 sends Δ × 1e4 with robust_aggregation=off (what the defence buys)
 The adversarial silos run this script's --bad-peer wrapper: it monkeypatches PseudoGradientAverager.average to
 change the Δ before it is sent, then runs photon_p2p.cli (the attack lives here, not in the product).
 
 Figures (bench/results/trust/<scenario>.json, table.md): final val ppl of the honest silos (they hold one model;
-the mean over them), its ratio to honest-off; averaging_s median of the honest silos and its ratio to honest-off;
+the mean over them), its ratio to honest-none; averaging_s median of the honest silos and its ratio to honest-none;
 which silos the honest peers' round records report as clipped/dropped, and the smallest factor.
---micro: seconds per reduce_part call (4 senders × 2 MiB parts, fp32) for off / clip / centered_clip.
+--micro: seconds per reduce_part call (4 senders × 2 MiB parts, fp32) for none / clip / centered_clip.
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ import one_model  # noqa: E402  (bench/ is not a package)
 REPO = one_model.REPO
 SCALE = ["scale:1e4"]
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "honest-off": {"robust": "off"},
+    "honest-none": {"robust": "none"},
     "honest": {"robust": "clip"},
     "lr50": {"robust": "clip", "bad": {3: ["train.lr=50", "train.grad_clip=0"]}},
     "scaled": {"robust": "clip", "attack": {3: "scale:1e4"}},
     "noise": {"robust": "clip", "attack": {3: "noise"}},
     "collude": {"robust": "clip", "attack": {2: "scale:1e4", 3: "scale:1e4"}},
-    "scaled-off": {"robust": "off", "attack": {3: "scale:1e4"}},
+    "scaled-none": {"robust": "none", "attack": {3: "scale:1e4"}},
 }
 ORDER = list(SCENARIOS)
 
@@ -158,7 +158,7 @@ def micro(repeats: int = 20) -> dict[str, Any]:
     base = torch.randn(2**19, generator=g)  # 2 MiB of fp32: one part at the default part_size_bytes
     parts = [base + 0.3 * torch.randn(2**19, generator=g) for _ in range(4)]
     out = {}
-    for mode in ("off", "clip", "centered_clip"):
+    for mode in ("none", "clip", "centered_clip"):
         s = RobustSettings(mode, 2.0, 3)
         reduce_part(parts, [1.0] * 4, [0, 1, 2, 3], s)
         ts = []
@@ -176,9 +176,9 @@ def _f(x: Any, fmt: str = "{:.2f}") -> str:
 
 
 def markdown(results: dict[str, dict], micro_result: dict | None) -> str:
-    base = results.get("honest-off", {})
+    base = results.get("honest-none", {})
     b_ppl, b_avg = base.get("honest_val_ppl"), (base.get("allreduce_s") or {}).get("median")
-    lines = ["| scenario | robust | bad silos | honest silos' final val ppl | ratio to honest-off | "
+    lines = ["| scenario | robust | bad silos | honest silos' final val ppl | ratio to honest-none | "
              "all-reduce s median (honest, phases.allreduce) | ratio | participation | models at end | clipped/dropped as reported "
              "by honest reducers (rounds, smallest factor) | wall s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -125,7 +125,7 @@ class FederationConfig:
     divergence_loss: float = 0.0  # a local loss above this is treated as diverged (0 = 2·ln(vocab_size))
     # Each reducer bounds any one sender's influence on its part (federation/robust.py): clip (chunk norm and
     # weight to clip_multiplier x their median; one pass), centered_clip (CenteredClip from the coordinate median,
-    # clip_iterations passes) or off (plain mean). clip and centered_clip drop a non-finite chunk. Every peer of a
+    # clip_iterations passes) or none (plain mean). clip and centered_clip drop a non-finite chunk. Every peer of a
     # run should use the same setting: each reducer applies its own to its part.
     robust_aggregation: str = "clip"
     clip_multiplier: float = 2.0
@@ -174,7 +174,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federation.outer_optimizer": ("fedavg", "fedmom", "nesterov"),
     "federation.inner_state": ("keep", "reset"),
     "federation.round_clock": ("swarm", "steps"),
-    "federation.robust_aggregation": ("off", "clip", "centered_clip"),
+    "federation.robust_aggregation": ("none", "clip", "centered_clip"),
     "train.precision": ("auto", "bf16", "fp32"),
 }
 

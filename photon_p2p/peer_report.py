@@ -48,8 +48,9 @@ def clip_summary(history: Any) -> dict[str, dict[str, Any]]:
 
 
 def clip_text(clipped: dict[str, float]) -> str:
-    """'clipped ..abc x0.0001, dropped ..def' for the round line ("" when nobody was bounded)."""
-    parts = [f"dropped {_tail(p)} (non-finite)" if f == 0 else f"clipped {_tail(p)} x{f:.2g}"
+    """'clipped ..abc x0.0001, dropped ..def' for the round line ("" when nobody was bounded); dropped: a chunk
+    with a non-finite value, or one past what its sender declared (federation/robust.py)."""
+    parts = [f"dropped {_tail(p)}" if f == 0 else f"clipped {_tail(p)} x{f:.2g}"
              for p, f in sorted(clipped.items(), key=lambda kv: (kv[1], kv[0]))]
     return ", ".join(parts)
 

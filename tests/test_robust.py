@@ -10,7 +10,7 @@ from photon_p2p.federation.averager_process import OrderedPartReducer
 from photon_p2p.federation.robust import FACTOR_STEP, RobustSettings, merge_factors, reduce_part
 from photon_p2p.peer_report import clip_summary, clip_text
 
-CLIP, CENTERED, OFF = RobustSettings("clip", 2.0), RobustSettings("centered_clip", 2.0, 3), RobustSettings("off")
+CLIP, CENTERED, OFF = RobustSettings("clip", 2.0), RobustSettings("centered_clip", 2.0, 3), RobustSettings("none")
 
 
 def honest(n: int = 4, size: int = 1000, seed: int = 0) -> list[torch.Tensor]:
@@ -128,7 +128,7 @@ def test_report_helpers():
     summary = clip_summary([{"a": 0.5}, {}, {"a": 0.1, "b": 0.0}])
     assert summary == {"a": {"rounds": 2, "factor": 0.1}, "b": {"rounds": 1, "factor": 0.0}}
     assert clip_text({"QmAAAAAAAAAAAAAAAAAAAAxyz": 0.0001, "b": 0.0}) == \
-        "dropped b (non-finite), clipped ..AAAAAAAAAxyz x0.0001"
+        "dropped b, clipped ..AAAAAAAAAxyz x0.0001"
 
 
 def test_claim_budget_caps_a_sender_to_its_declared_norm_across_parts():

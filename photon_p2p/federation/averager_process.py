@@ -103,7 +103,7 @@ class ProcessAverager(DecentralizedAverager):
 
     def __init__(self, *args, state_provider: StateProvider, counter: ByteCounter, clock: PhaseClock,
                  threads: int | None, global_tensors: Sequence[torch.Tensor] | None = None,
-                 robust: RobustSettings = RobustSettings(mode="off"), **kwargs) -> None:
+                 robust: RobustSettings = RobustSettings(mode="none"), **kwargs) -> None:
         self._state_provider, self._counter, self._clock, self._threads = state_provider, counter, clock, threads
         self._robust = robust
         # The caller's global weights in shared memory (read here only in a healing round, under the tensor lock).
@@ -211,7 +211,7 @@ class ExactAllReduceRunner(AllReduceRunner):
     """
 
     def __init__(self, *args, compression: CompressionBase = NoCompression(), ranks: list | None = None,
-                 robust: RobustSettings = RobustSettings(mode="off"), claims: list[float] | None = None,
+                 robust: RobustSettings = RobustSettings(mode="none"), claims: list[float] | None = None,
                  **kwargs) -> None:
         super().__init__(*args, compression=compression, **kwargs)
         # Sum senders in the order of their gathered rank (then peer id): the same inputs, the same bytes.
@@ -224,7 +224,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                                                       sender_claims)
         # Check every reducer's averages against the senders' claims (robust.ReducerCheck): a part beyond the
         # bound is replaced by zeros (no update), the same on every member, and the reducer is reported.
-        self.check = ReducerCheck(claims) if claims is not None and robust.mode != "off" else None
+        self.check = ReducerCheck(claims) if claims is not None and robust.mode != "none" else None
         register = self.tensor_part_container.register_processed_part
 
         def checked(peer_index: int, part_index: int, part: torch.Tensor) -> None:
@@ -242,7 +242,7 @@ class ExactAllReduceRunner(AllReduceRunner):
 
     def clipped(self) -> dict[str, float]:
         """{sender peer id: smallest share of its contribution this reducer kept} for the senders it clipped or
-        dropped (0.0 = dropped as non-finite); empty when everyone was within bounds."""
+        dropped (0.0 = dropped: non-finite, or past its declared norm); empty when everyone was within bounds."""
         return {str(self.sender_peer_ids[i]): f for i, f in self.tensor_part_reducer.factors.items()}
 
     def rejected(self) -> list[str]:
@@ -342,9 +342,9 @@ class OrderedPartReducer(TensorPartReducer):
     """
 
     def __init__(self, part_shapes, num_senders: int, order: list[int],
-                 robust: RobustSettings = RobustSettings(mode="off"), claims: list[float | None] | None = None) -> None:
+                 robust: RobustSettings = RobustSettings(mode="none"), claims: list[float | None] | None = None) -> None:
         self.order, self._pending, self.robust = list(order), {}, robust
-        self._budget = ClaimBudget(claims) if claims is not None and robust.mode != "off" else None
+        self._budget = ClaimBudget(claims) if claims is not None and robust.mode != "none" else None
         self.factors: dict[int, float] = {}  # sender index -> smallest share of its contribution kept (robust.py)
         super().__init__(part_shapes, num_senders)
 

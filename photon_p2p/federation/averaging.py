@@ -76,7 +76,7 @@ class RoundResult:
     # averager's threads (it overlaps the all-reduce). Empty phases were not reached.
     phases: dict[str, float] = field(default_factory=dict)
     # clipped: {sender: smallest share of its contribution kept} for the senders that THIS peer, as a reducer of
-    # its part(s), clipped (0 < f < 1) or dropped as non-finite (0.0); robust.py. Each reducer sees only its part.
+    # its part(s), clipped (0 < f < 1) or dropped (0.0: non-finite, or past its declared norm); robust.py.
     clipped: dict[str, float] = field(default_factory=dict)
     # rejected: reducers whose returned averages were larger than the senders' declared norms allow (robust.py
     # ReducerCheck); their parts were zeroed (no update there) by every member alike.

@@ -8,7 +8,7 @@ Byzantine Robust Optimization"; Gorbunov et al. 2021 "Secure Distributed Trainin
   sender's weight to WEIGHT_CAP × the median weight (weights are self-declared token counts). One pass.
 - ``centered_clip``: start from the coordinate-wise (lower) median, then ``iterations`` times move towards the
   weighted mean of the deviations, each deviation clipped to ``multiplier`` × the median deviation norm.
-- ``off``: the plain weighted mean (a non-finite chunk then makes the whole part non-finite, as before).
+- ``none``: the plain weighted mean (a non-finite chunk then makes the whole part non-finite, as before).
 
 In ``clip`` and ``centered_clip`` a chunk with a non-finite value is dropped (weight 0). The result is a pure
 function of the chunks, their weights and the canonical sender order, so the reducer computes it once and every
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("off", "clip", "centered_clip")
+MODES = ("none", "clip", "centered_clip")
 # A sender's declared weight (tokens) counts up to this many times the median weight: silos of different speeds
 # legitimately differ (round_clock: swarm), by less than this in our runs; a claim of 1e9 tokens does not.
 WEIGHT_CAP = 4.0
@@ -62,7 +62,7 @@ def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: l
     if not senders:
         raise ValueError("no sender contributed to this part")
     like = parts[senders[0]]
-    if settings.mode == "off":
+    if settings.mode == "none":
         acc, den = torch.zeros_like(like), 0.0
         for i in senders:
             acc.add_(parts[i], alpha=weights[i])
