@@ -178,10 +178,10 @@ def _f(x: Any, fmt: str = "{:.2f}") -> str:
 def markdown(results: dict[str, dict], micro_result: dict | None) -> str:
     base = results.get("honest-none", {})
     b_ppl, b_avg = base.get("honest_val_ppl"), (base.get("allreduce_s") or {}).get("median")
-    lines = ["| scenario | robust | bad silos | honest silos' final val ppl | ratio to honest-none | "
+    lines = ["| scenario | code | robust | bad silos | honest silos' final val ppl | ratio to honest-none | "
              "all-reduce s median (honest, phases.allreduce) | ratio | participation | models at end | clipped/dropped as reported "
              "by honest reducers (rounds, smallest factor) | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in ORDER:
         r = results.get(name)
         if not r:
@@ -189,7 +189,7 @@ def markdown(results: dict[str, dict], micro_result: dict | None) -> str:
         ppl, avg = r["honest_val_ppl"], (r.get("allreduce_s") or {}).get("median")
         clip = "; ".join(f"{k}: {len(v['rounds'])} rounds, ×{v['factor']:.2g}"
                          for k, v in r["clipped_reported"].items()) or "none"
-        lines.append(f"| {name} | {r['spec']['robust']} | {r['bad_silos'] or '-'} | {_f(ppl)} | "
+        lines.append(f"| {name} | {r.get('commit', '?')} | {r['spec']['robust']} | {r['bad_silos'] or '-'} | {_f(ppl)} | "
                      f"{_f(ppl / b_ppl if ppl and b_ppl else None, '{:.3f}')} | {_f(avg, '{:.3f}')} | "
                      f"{_f(avg / b_avg if avg and b_avg else None, '{:.2f}')} | {_f(r['participation'], '{:.3f}')} | "
                      f"{r['end_models']} | {clip} | {r['wall_s']:.0f} |")

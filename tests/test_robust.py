@@ -134,12 +134,24 @@ def test_report_helpers():
 def test_claim_budget_caps_a_sender_to_its_declared_norm_across_parts():
     from photon_p2p.federation.robust import CLAIM_SLACK, ClaimBudget
 
-    budget = ClaimBudget([5.0, None])
-    first, f1 = budget.cap(0, torch.full((4,), 2.0))  # norm 4: within 5.25
-    second, f2 = budget.cap(0, torch.full((4,), 2.0))  # another 4: only sqrt(5.25² − 16) ≈ 3.4 left
-    assert f1 == 1.0 and torch.equal(first, torch.full((4,), 2.0))
-    assert 0.8 < f2 < 0.9 and math.isclose(float(second.norm()), math.sqrt((CLAIM_SLACK * 5) ** 2 - 16), rel_tol=1e-4)
-    assert budget.cap(1, torch.full((4,), 1e6))[1] == 1.0  # no claim: not capped here
+    budget = ClaimBudget([5.0, None, 1.0])
+    parts = [torch.full((4,), 2.0), torch.full((4,), 30.0), torch.full((4,), 1.0)]
+    spent: dict[int, float] = {}
+    avg, factors = reduce_part(parts, [1.0] * 3, [0, 1, 2], RobustSettings("clip", 1000.0), budget.caps(), spent)
+    budget.spend(spent)
+    # sender 0 (norm 4) fits its claim 5.25; sender 2 (norm 2) counts with 1.05 at most; sender 1 has no claim
+    assert set(factors) == {2} and math.isclose(factors[2], CLAIM_SLACK / 2, rel_tol=1e-5)
+    assert math.isclose(budget.caps()[0], math.sqrt((CLAIM_SLACK * 5) ** 2 - 16), rel_tol=1e-6)
+    assert budget.caps()[1] is None and budget.caps()[2] < 1e-2  # spent, up to the factor grid
+    _, factors = reduce_part(parts, [1.0] * 3, [0, 1, 2], RobustSettings("clip", 1000.0), budget.caps())
+    assert 0.8 < factors[0] < 0.9 and factors[2] < 1e-2  # the rest of its budget; 2 has (almost) none left
+
+
+def test_a_sender_capped_to_nothing_does_not_drag_the_clipping_limit_down():
+    # a group of two: the scaled sender's budget is spent, but the limit still comes from the chunks as sent
+    parts = [torch.ones(4), torch.ones(4) * 1e4]
+    _, factors = reduce_part(parts, [1.0, 1.0], [0, 1], CLIP, caps=[None, 0.0])
+    assert factors == {1: 0.0}
 
 
 def test_reducer_check_rejects_a_reducer_beyond_the_claims_and_everything_after():

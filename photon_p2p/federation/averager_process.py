@@ -376,15 +376,14 @@ class OrderedPartReducer(TensorPartReducer):
         if self.current_part_accumulated_from == self.num_current_senders:
             parts = [self._pending.get(i, (None, 0.0))[0] for i in range(self.num_senders)]
             weights = [self._pending.get(i, (None, 0.0))[1] for i in range(self.num_senders)]
-            for i, part in enumerate(parts):
-                if part is not None and self._budget is not None:  # no sender exceeds its own declared norm
-                    parts[i], factor = self._budget.cap(i, part)
-                    if factor < 1.0:
-                        self.factors[i] = min(factor, self.factors.get(i, 1.0))
+            spent: dict[int, float] = {}  # no sender counts beyond its own declared norm (robust.ClaimBudget)
+            caps = self._budget.caps() if self._budget is not None else None
             try:
-                averaged, factors = reduce_part(parts, weights, self.order, self.robust)
+                averaged, factors = reduce_part(parts, weights, self.order, self.robust, caps, spent)
             except ValueError:  # every sender had weight 0: hivemind's reducer divides by zero here too
                 averaged, factors = self.accumulator.div_(self.denominator), {}
+            if self._budget is not None:
+                self._budget.spend(spent)
             for index, factor in factors.items():
                 self.factors[index] = min(factor, self.factors.get(index, 1.0))
             self.current_part_future.set_result(averaged)

@@ -51,13 +51,18 @@ def _factor(norm: float, limit: float) -> float:
 
 
 def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: list[int],
-                settings: RobustSettings) -> tuple[torch.Tensor, dict[int, float]]:
+                settings: RobustSettings, caps: list[float | None] | None = None,
+                spent: dict[int, float] | None = None) -> tuple[torch.Tensor, dict[int, float]]:
     """The (robust) weighted average of ``parts`` summed in ``order``, and {sender index: factor < 1}.
 
     A factor is how much of the sender's contribution the reduction kept (0: dropped as non-finite; in ``clip``
     the chunk's scale times its weight's; in ``centered_clip`` the scale of its deviation from the center).
     Senders with weight 0 or no part only receive the average. ``parts`` are never modified.
+    ``caps``: per sender, the largest norm its chunk may count with (ClaimBudget); the clipping threshold is
+    still taken from the chunks as sent, so a sender capped to nothing does not drag the others' limit down.
+    ``spent``: filled with each sender's squared norm as it counted (to charge its budget).
     """
+    spent = {} if spent is None else spent
     senders = [i for i in order if parts[i] is not None and weights[i] != 0.0]
     if not senders:
         raise ValueError("no sender contributed to this part")
@@ -86,7 +91,9 @@ def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: l
         limit = tau * _lower_median(torch.tensor([norms[i] for i in finite], dtype=torch.float64))
         acc, den = torch.zeros_like(like), 0.0
         for i in finite:
-            wf, cf = _factor(w[i], wcap), _factor(norms[i], limit)
+            cap = caps[i] if caps is not None and caps[i] is not None else float("inf")
+            wf, cf = _factor(w[i], wcap), _factor(norms[i], min(limit, cap))
+            spent[i] = (cf * norms[i]) ** 2
             weight = w[i] * wf
             acc.add_(parts[i], alpha=weight * cf)
             den += weight
@@ -94,6 +101,13 @@ def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: l
                 factors[i] = wf * cf
         return acc.div_(den), factors
     if settings.mode == "centered_clip":
+        parts = list(parts)
+        for i in finite:  # chunks beyond their sender's cap count as capped, center included
+            norm = float(torch.linalg.vector_norm(parts[i].double()))
+            f = _factor(norm, caps[i]) if caps is not None and caps[i] is not None else 1.0
+            if f < 1.0:
+                parts[i], factors[i] = parts[i] * f, f
+            spent[i] = (f * norm) ** 2
         stacked = torch.stack([parts[i] for i in finite])
         center = stacked.median(dim=0).values  # coordinate-wise lower median: a robust start
         den = sum(w[i] for i in finite)
@@ -108,7 +122,9 @@ def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: l
                 step.add_(dev, alpha=w[i] * cf / den)
                 last[i] = cf
             center = center + step
-        factors.update({i: f for i, f in last.items() if f < 1.0})
+        for i, f in last.items():
+            if f < 1.0:
+                factors[i] = min(f, factors.get(i, 1.0))
         return center, factors
     raise ValueError(f"unknown robust aggregation mode {settings.mode!r} (expected one of {', '.join(MODES)})")
 
@@ -147,18 +163,14 @@ class ClaimBudget:
     def __init__(self, claims: list[float | None]) -> None:
         self.left = [None if c is None else (CLAIM_SLACK * float(c)) ** 2 for c in claims]
 
-    def cap(self, index: int, part: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``part`` scaled down to the sender's remaining budget (and the factor); non-finite parts pass through
-        (the robust reduction drops them)."""
-        left = self.left[index]
-        if left is None:
-            return part, 1.0
-        sq = float(part.double().pow(2).sum())
-        if not (sq == sq and sq != float("inf")):
-            return part, 1.0
-        factor = 1.0 if sq <= left else _factor(sq ** 0.5, max(0.0, left) ** 0.5)
-        self.left[index] = left - sq * factor * factor
-        return (part if factor == 1.0 else part * factor), factor
+    def caps(self) -> list[float | None]:
+        """Per sender, the largest norm its next chunk may count with (None: no claim, no cap)."""
+        return [None if left is None else max(0.0, left) ** 0.5 for left in self.left]
+
+    def spend(self, spent: dict[int, float]) -> None:
+        for index, sq in spent.items():
+            if self.left[index] is not None:
+                self.left[index] -= sq
 
 
 class ReducerCheck:
