@@ -17,6 +17,7 @@ member receives the same bytes (averager_process.ExactAllReduceRunner).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,10 +75,13 @@ def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: l
             den += weights[i]
         return acc.div_(den), {}
     factors: dict[int, float] = {}
-    finite = []
+    finite, norms = [], {}
     for i in senders:
-        if bool(torch.isfinite(parts[i]).all()):
+        # One pass: nan/inf propagate into the norm; an overflow (values past ~1e19) is confirmed exactly.
+        norm = float(torch.linalg.vector_norm(parts[i]))
+        if math.isfinite(norm) or bool(torch.isfinite(parts[i]).all()):
             finite.append(i)
+            norms[i] = norm if math.isfinite(norm) else float(torch.linalg.vector_norm(parts[i].double()))
         else:
             factors[i] = 0.0
     if not finite:  # nothing usable: no update for this part (zeros, like a failed reducer's part)
@@ -87,7 +91,6 @@ def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: l
     if settings.mode == "clip":
         # Weights: a sender declaring 1e9 tokens would otherwise own the average even after its chunk is clipped.
         wcap = WEIGHT_CAP * _lower_median(torch.tensor([w[i] for i in finite], dtype=torch.float64))
-        norms = {i: float(torch.linalg.vector_norm(parts[i].double())) for i in finite}
         limit = tau * _lower_median(torch.tensor([norms[i] for i in finite], dtype=torch.float64))
         acc, den = torch.zeros_like(like), 0.0
         for i in finite:
@@ -103,7 +106,7 @@ def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: l
     if settings.mode == "centered_clip":
         parts = list(parts)
         for i in finite:  # chunks beyond their sender's cap count as capped, center included
-            norm = float(torch.linalg.vector_norm(parts[i].double()))
+            norm = norms[i]
             f = _factor(norm, caps[i]) if caps is not None and caps[i] is not None else 1.0
             if f < 1.0:
                 parts[i], factors[i] = parts[i] * f, f
@@ -111,14 +114,14 @@ def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: l
         stacked = torch.stack([parts[i] for i in finite])
         center = stacked.median(dim=0).values  # coordinate-wise lower median: a robust start
         den = sum(w[i] for i in finite)
-        dev0 = [float(torch.linalg.vector_norm((parts[i] - center).double())) for i in finite]
+        dev0 = [float(torch.linalg.vector_norm(parts[i] - center)) for i in finite]
         limit = tau * _lower_median(torch.tensor(dev0, dtype=torch.float64))
         last: dict[int, float] = {}
         for _ in range(max(1, int(settings.iterations))):
             step = torch.zeros_like(like)
             for i in finite:
                 dev = parts[i] - center
-                cf = _factor(float(torch.linalg.vector_norm(dev.double())), limit)
+                cf = _factor(float(torch.linalg.vector_norm(dev)), limit)
                 step.add_(dev, alpha=w[i] * cf / den)
                 last[i] = cf
             center = center + step
@@ -187,7 +190,7 @@ class ReducerCheck:
         remaining parts are rejected too."""
         if reducer in self.rejected:
             return False
-        sq = float(part.double().pow(2).sum())
+        sq = float(torch.linalg.vector_norm(part)) ** 2
         self.used[reducer] = self.used.get(reducer, 0.0) + sq
         if not (self.used[reducer] <= self.bound):  # also catches nan/inf
             self.rejected.add(reducer)
