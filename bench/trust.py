@@ -6,7 +6,7 @@ Usage:
   flock /tmp/photon-bench.lock python bench/trust.py                      # every scenario, then the table
   flock /tmp/photon-bench.lock python bench/trust.py --scenarios honest-none scaled
   python bench/trust.py --report-only                                     # re-print the table
-  python bench/trust.py --micro                                           # reducer cost in-process only
+  flock /tmp/photon-bench.lock python bench/trust.py --micro             # in-process costs only
   (internal) python bench/trust.py --bad-peer scale:1e4 -- run --config tiny ...   # an adversarial silo
 
 Scenarios (federation.rounds=R, local_steps=H, from --rounds/--local-steps; one shared validation set as in
@@ -25,7 +25,8 @@ change the Δ before it is sent, then runs photon_p2p.cli (the attack lives here
 Figures (bench/results/trust/<scenario>.json, table.md): final val ppl of the honest silos (they hold one model;
 the mean over them), its ratio to honest-none; averaging_s median of the honest silos and its ratio to honest-none;
 which silos the honest peers' round records report as clipped/dropped, and the smallest factor.
---micro: seconds per reduce_part call (4 senders × 2 MiB parts, fp32) for none / clip / centered_clip.
+--micro: ms per reduce_part call (4 senders × 2 MiB parts, fp32) for none / clip / centered_clip, and seconds
+per exact all-reduce round (4 members with real p2p daemons in one process, 8 and 100 MB, codec none) per mode.
 """
 
 from __future__ import annotations
@@ -170,6 +171,65 @@ def micro(repeats: int = 20) -> dict[str, Any]:
     return {"ms_per_part_4_senders_2MiB": out}
 
 
+# ---- the exact all-reduce with and without robust reduction, in one process ------------------------------
+def allreduce_cost(sizes: tuple[int, ...] = (2_000_000, 25_000_000), repeats: int = 3) -> dict[str, Any]:
+    """Seconds per ExactAllReduceRunner round, 4 members on 127.0.0.1 (real p2p daemons, one process, codec none,
+    2 MiB parts), per mode, modes interleaved; members declare their norms as the averager does."""
+    import asyncio
+
+    import torch
+    from hivemind.p2p import P2P
+
+    from photon_p2p.federation.averager_process import ExactAllReduceRunner
+    from photon_p2p.federation.compression import make_compression
+    from photon_p2p.federation.robust import RobustSettings
+
+    async def one_round(p2ps, tensors, mode: str, tag: bytes) -> float:
+        peers = [p.peer_id for p in p2ps]
+        claims = [float(t.norm()) for t in tensors]
+        runners = []
+        for p2p, t in zip(p2ps, tensors):
+            r = ExactAllReduceRunner(p2p=p2p, servicer_type=ExactAllReduceRunner, prefix=None, group_id=tag,
+                                     tensors=[t.clone()], weight=1.0, ordered_peer_ids=peers,
+                                     peer_fractions=(1.0,) * len(peers), compression=make_compression("none"),
+                                     part_size_bytes=2 * 2**20, robust=RobustSettings(mode, 2.0, 3), claims=claims)
+            await r.add_p2p_handlers(p2p)
+            runners.append(r)
+
+        async def run(r):
+            async for _ in r:
+                pass
+
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*map(run, runners)), 300)
+        return time.perf_counter() - t0
+
+    async def main() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for size in sizes:
+            p2ps = [await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])]
+            maddrs = await p2ps[0].get_visible_maddrs()
+            p2ps += [await P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"]) for _ in range(3)]
+            try:
+                g = torch.Generator().manual_seed(0)
+                base = torch.randn(size, generator=g)
+                tensors = [base + 0.3 * torch.randn(size, generator=g) for _ in range(4)]
+                times: dict[str, list[float]] = {m: [] for m in ("none", "clip", "centered_clip")}
+                for rep in range(repeats + 1):
+                    for k, mode in enumerate(times):
+                        t = await one_round(p2ps, tensors, mode, f"{size}-{rep}-{k}".encode())
+                        if rep:  # the first repetition warms up the daemons' connections
+                            times[mode].append(t)
+                out[f"{size * 4 / 1e6:.0f} MB"] = {m: round(statistics.median(ts), 3) for m, ts in times.items()}
+            finally:
+                for p in p2ps:
+                    await p.shutdown()
+        return out
+
+    torch.set_num_threads(1)
+    return {"s_per_round_4_members": asyncio.run(main())}
+
+
 # ---- report ----------------------------------------------------------------------------------------------
 def _f(x: Any, fmt: str = "{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
@@ -179,9 +239,9 @@ def markdown(results: dict[str, dict], micro_result: dict | None) -> str:
     base = results.get("honest-none", {})
     b_ppl, b_avg = base.get("honest_val_ppl"), (base.get("allreduce_s") or {}).get("median")
     lines = ["| scenario | code | robust | bad silos | honest silos' final val ppl | ratio to honest-none | "
-             "all-reduce s median (honest, phases.allreduce) | ratio | participation | models at end | clipped/dropped as reported "
+             "honest silos finished | all-reduce s median (honest, phases.allreduce) | ratio | participation | models at end | clipped/dropped as reported "
              "by honest reducers (rounds, smallest factor) | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in ORDER:
         r = results.get(name)
         if not r:
@@ -190,13 +250,18 @@ def markdown(results: dict[str, dict], micro_result: dict | None) -> str:
         clip = "; ".join(f"{k}: {len(v['rounds'])} rounds, ×{v['factor']:.2g}"
                          for k, v in r["clipped_reported"].items()) or "none"
         lines.append(f"| {name} | {r.get('commit', '?')} | {r['spec']['robust']} | {r['bad_silos'] or '-'} | {_f(ppl)} | "
-                     f"{_f(ppl / b_ppl if ppl and b_ppl else None, '{:.3f}')} | {_f(avg, '{:.3f}')} | "
+                     f"{_f(ppl / b_ppl if ppl and b_ppl else None, '{:.3f}')} | "
+                     f"{sum(r['exit_codes'][str(i)] == 0 for i in r['honest_silos'])}/{len(r['honest_silos'])} | "
+                     f"{_f(avg, '{:.3f}')} | "
                      f"{_f(avg / b_avg if avg and b_avg else None, '{:.2f}')} | {_f(r['participation'], '{:.3f}')} | "
                      f"{r['end_models']} | {clip} | {r['wall_s']:.0f} |")
     if micro_result:
         m = micro_result["ms_per_part_4_senders_2MiB"]
         lines.append(f"\nReducer cost in-process (one 2 MiB fp32 part, 4 senders, 1 thread, median ms): "
                      + ", ".join(f"{k} {v}" for k, v in m.items()))
+        for size, by_mode in micro_result.get("allreduce", {}).get("s_per_round_4_members", {}).items():
+            lines.append(f"Exact all-reduce, 4 members in one process, {size} of fp32 (median s per round): "
+                         + ", ".join(f"{k} {v} ({v / by_mode['none']:.2f}x)" for k, v in by_mode.items()))
     return "\n".join(lines)
 
 
@@ -212,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-steps", type=int, default=16)
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--micro", action="store_true", help="only the in-process reducer cost")
+    ap.add_argument("--micro", action="store_true",
+                    help="only the in-process costs: reduce_part per part, and exact all-reduce rounds per mode")
     ap.add_argument("--cap", type=float, default=300.0, help="wall-clock cap per scenario (seconds)")
     ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
     ap.add_argument("--out", default=str(REPO / "runs" / "trust"))
@@ -222,7 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     micro_path = results / "micro.json"
     if args.micro or not args.report_only:
-        micro_path.write_text(json.dumps(micro(), indent=1) + "\n")
+        figures = micro()
+        if args.micro:
+            figures["allreduce"] = allreduce_cost()
+        elif micro_path.is_file() and "allreduce" in json.loads(micro_path.read_text()):
+            figures["allreduce"] = json.loads(micro_path.read_text())["allreduce"]
+        micro_path.write_text(json.dumps(figures, indent=1) + "\n")
     if not args.report_only and not args.micro:
         val_dir = one_model.prepare_val(Path(args.corpus), out / "val")
         for name in args.scenarios:
