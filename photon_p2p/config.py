@@ -341,7 +341,8 @@ RANGES: dict[str, str] = {
 }
 _RANGE_TESTS: dict[str, Callable[[float], bool]] = {
     "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
-    "in [0, 1)": lambda v: 0 <= v < 1, "in [1, 1000]": lambda v: 1 <= v <= 1000, "in [1, 100]": lambda v: 1 <= v <= 100, "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 65535]": lambda v: 0 <= v <= 65535,
+    "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 65535]": lambda v: 0 <= v <= 65535,
+    "in [1, 1000]": lambda v: 1 <= v <= 1000, "in [1, 100]": lambda v: 1 <= v <= 100,
 }
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
