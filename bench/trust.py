@@ -239,7 +239,8 @@ def markdown(results: dict[str, dict], micro_result: dict | None) -> str:
     base = results.get("honest-none", {})
     b_ppl, b_avg = base.get("honest_val_ppl"), (base.get("allreduce_s") or {}).get("median")
     lines = ["| scenario | code | robust | bad silos | honest silos' final val ppl | ratio to honest-none | "
-             "honest silos finished | all-reduce s median (honest, phases.allreduce) | ratio | participation | models at end | clipped/dropped as reported "
+             "honest silos finished | all-reduce s median (honest, phases.allreduce) | ratio | participation | "
+             "models at end | clipped/dropped as reported "
              "by honest reducers (rounds, smallest factor) | wall s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in ORDER:
@@ -249,7 +250,8 @@ def markdown(results: dict[str, dict], micro_result: dict | None) -> str:
         ppl, avg = r["honest_val_ppl"], (r.get("allreduce_s") or {}).get("median")
         clip = "; ".join(f"{k}: {len(v['rounds'])} rounds, ×{v['factor']:.2g}"
                          for k, v in r["clipped_reported"].items()) or "none"
-        lines.append(f"| {name} | {r.get('commit', '?')} | {r['spec']['robust']} | {r['bad_silos'] or '-'} | {_f(ppl)} | "
+        lines.append(f"| {name} | {r.get('commit', '?')} | {r['spec']['robust']} | {r['bad_silos'] or '-'} | "
+                     f"{_f(ppl)} | "
                      f"{_f(ppl / b_ppl if ppl and b_ppl else None, '{:.3f}')} | "
                      f"{sum(r['exit_codes'][str(i)] == 0 for i in r['honest_silos'])}/{len(r['honest_silos'])} | "
                      f"{_f(avg, '{:.3f}')} | "

@@ -342,7 +342,8 @@ class OrderedPartReducer(TensorPartReducer):
     """
 
     def __init__(self, part_shapes, num_senders: int, order: list[int],
-                 robust: RobustSettings = RobustSettings(mode="none"), claims: list[float | None] | None = None) -> None:
+                 robust: RobustSettings = RobustSettings(mode="none"),
+                 claims: list[float | None] | None = None) -> None:
         self.order, self._pending, self.robust = list(order), {}, robust
         self._budget = ClaimBudget(claims) if claims is not None and robust.mode != "none" else None
         self.factors: dict[int, float] = {}  # sender index -> smallest share of its contribution kept (robust.py)
