@@ -201,7 +201,8 @@ def render_table(status: dict) -> str:
     s, rows = status["summary"], status["peers"]
     if not rows:
         text = status.get("message", f"no peers in run '{status['run_id']}'")
-        return text + ("\n" + admission_line(status["admission"]) if "admission" in status else "")
+        closed = status.get("admission", {}).get("closed")  # an open swarm without peers: nothing to add
+        return text + ("\n" + admission_line(status["admission"]) if closed else "")
     head = (f"run '{status['run_id']}': {s['live_peers']} live peer{'s' * (s['live_peers'] != 1)}, "
             f"global round {s['global_round']}, {_count(s['total_tokens'])} tokens, "
             f"{s['tokens_per_s']:,.0f} tokens/s, median loss {_num(s['median_loss'], '.4f')}, "
