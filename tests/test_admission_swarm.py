@@ -118,3 +118,33 @@ def test_status_hides_outsiders_and_revoked_peers(tmp_path, owner):
         assert peer_id[-12:] not in text and ", 0 admitted" in text, text
     finally:
         reap(procs)
+
+
+def test_daemons_in_a_closed_swarm(tmp_path, kjv_data, owner):
+    """`photon-peer run` end to end: two admitted silos average together, an outsider with the run id stays alone;
+    the banner says which kind of swarm each one is in."""
+    from swarm import Swarm
+
+    swarm = Swarm(tmp_path, kjv_data)
+    common = {"federation.rounds": 2, "federation.min_group_size": 2, "federation.round_clock": "steps"}
+
+    def closed_args(name: str) -> list[str]:
+        spec = admitted(tmp_path, owner, name)
+        return ["--identity", spec["net"]["identity_path"], "--swarm-owner-key", spec["owner_pub"],
+                "--token", spec["token"]]
+
+    try:
+        a = swarm.start("a", extra=common, args=closed_args("a"))
+        addr = a.address()
+        b = swarm.start("b", initial=[addr], extra=common, args=closed_args("b"))
+        outsider = swarm.start("o", initial=[addr], extra=common)
+        for p in (a, b, outsider):
+            assert p.wait(200) == 0, p.log()[-3000:]
+        for p in (a, b):
+            assert "closed swarm, owner key" in p.log(), p.log()[-3000:]
+            assert any(not r["solo"] and r["group_size"] == 2 for r in p.rounds()), p.rounds()
+        assert "OPEN swarm" in outsider.log()
+        assert all(r["solo"] for r in outsider.rounds()), outsider.rounds()
+        assert not outsider.records("sync")  # it never got the closed swarm's state
+    finally:
+        swarm.close()
