@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -177,3 +178,55 @@ def test_clock_records_of_outsiders_do_not_count():
     kept = admitted_progress(metadata, lambda p: p != peers[2])
     assert set(kept) == {signers[0].local_public_key, signers[1].local_public_key}
     assert admitted_progress(metadata, None) is metadata  # an open swarm: everything counts
+
+
+class KeyedDHT:
+    """Just enough of hivemind.DHT for SwarmAdmission: dictionary values per key, immediate futures."""
+
+    def __init__(self) -> None:
+        self.data: dict = {}
+
+    @staticmethod
+    def _done(value):
+        import concurrent.futures
+
+        future = concurrent.futures.Future()
+        future.set_result(value)
+        return future
+
+    def store(self, key, value, expiration_time, subkey=None, return_future=False):
+        self.data.setdefault(key, {})[subkey] = ValueWithExpiration(value, expiration_time)
+        return self._done(True)
+
+    def get(self, key, latest=False, return_future=False):
+        entries = self.data.get(key)
+        return self._done(ValueWithExpiration(dict(entries), time.time() + 60) if entries else None)
+
+
+def test_swarm_admission_publishes_reads_and_stops_a_revoked_peer(owner):
+    from photon_p2p.federation import FederationError
+    from photon_p2p.federation.admission import SwarmAdmission
+
+    dht, pub = KeyedDHT(), public_bytes(owner.public_key())
+    fp = AdmissionView(pub).fingerprint
+    with pytest.raises(FederationError, match="not valid for its peer id"):
+        SwarmAdmission(dht, pub, make_token(owner, OTHER, 600), PEER, 1.0, 90.0)
+    me = SwarmAdmission(dht, pub, make_token(owner, PEER, 600, now=time.time() - 5), PEER, 1.0, 90.0)
+    dht.store(admitted_key(fp), make_token(owner, OTHER, 600), time.time() + 60, subkey=OTHER)
+    view = me.refresh()
+    assert PEER in dht.data[admitted_key(fp)] and dht.data[admitted_key(fp)][PEER].expiration_time <= me.grant.until
+    assert view.admitted() == sorted([PEER, OTHER])
+    me.check_self()  # admitted: nothing to say
+    dht.store(revoked_key(fp), make_revocation(owner, PEER, 600), time.time() + 600, subkey=PEER)
+    me.refresh()
+    assert not me.allows(PEER) and me.allows(OTHER)
+    del dht.data[revoked_key(fp)][PEER]  # the node that held the revocation leaves: peers keep it and store it again
+    me._republished = -math.inf  # (once a minute)
+    me.refresh()
+    assert PEER in dht.data[revoked_key(fp)] and not me.allows(PEER)
+    with pytest.raises(FederationError, match="revoked this peer's admission"):
+        me.check_self()
+    expired = SwarmAdmission(KeyedDHT(), pub, make_token(owner, PEER, 600), PEER, 1.0, 90.0)
+    object.__setattr__(expired, "grant", verify(make_token(owner, PEER, 1, now=time.time() - 10), owner.public_key()))
+    with pytest.raises(FederationError, match="has expired"):
+        expired.check_self()
