@@ -13,7 +13,7 @@ from typing import Callable
 # Exception types that mean "the user gave bad input": printed as one line, never as a traceback.
 USER_ERRORS = {"photon_p2p.config": "ConfigError", "photon_p2p.data": "DataError",
                "photon_p2p.checkpoint": "CheckpointError", "photon_p2p.federation": "FederationError",
-               "photon_p2p.metrics": "MetricsError"}
+               "photon_p2p.metrics": "MetricsError", "photon_p2p.credentials": "CredentialError"}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -135,7 +135,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, flag):
             extra.append(f"{key}={json.dumps(getattr(args, flag))}")
     for flag, key in (("identity", "network.identity_path"), ("run_id", "federation.run_id"),
-                      ("data", "data.path")):
+                      ("data", "data.path"), ("swarm_owner_key", "federation.swarm_owner_key"),
+                      ("token", "federation.admission_token")):
         if getattr(args, flag):
             extra.append(f"{key}={json.dumps(getattr(args, flag))}")
     if args.client_mode:
@@ -155,7 +156,75 @@ def cmd_status(args: argparse.Namespace) -> int:
     validate_network(net)
     from photon_p2p.status import run_status
 
-    return run_status(net, args.run_id, as_json=args.json, watch=args.watch)
+    owner = None
+    if args.swarm_owner_key:
+        from photon_p2p.credentials import load_owner_public, public_bytes
+
+        owner = public_bytes(load_owner_public(args.swarm_owner_key))
+    return run_status(net, args.run_id, as_json=args.json, watch=args.watch, owner_public=owner)
+
+
+def cmd_swarm_key(args: argparse.Namespace) -> int:
+    from photon_p2p.credentials import create_owner_key
+
+    priv, pub, fp = create_owner_key(args.out)
+    print(f"swarm owner key {fp}: private {priv} (keep it off the peers), public {pub}\n"
+          f"peers run with --swarm-owner-key {pub}; admit each with: photon-peer admit --key {priv} "
+          "--peer-id PEER_ID -o PEER.token")
+    return 0
+
+
+def cmd_peer_id(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from photon_p2p.config import check_identity_file
+    from photon_p2p.credentials import create_identity, peer_id_of_identity
+
+    if Path(args.identity).expanduser().exists():
+        check_identity_file(args.identity)  # a file that is not a key: the same one-line error as `run`
+        print(peer_id_of_identity(args.identity))
+    else:
+        peer_id = create_identity(args.identity)
+        print(peer_id)
+        print(f"photon-peer: created identity {args.identity}", file=sys.stderr)
+    return 0
+
+
+def cmd_admit(args: argparse.Namespace) -> int:
+    from photon_p2p.credentials import check_peer_id, load_owner_private, make_token, parse_duration, verify
+
+    valid_for = parse_duration(args.expires)
+    check_peer_id(args.peer_id)
+    key = load_owner_private(args.key)
+    token = make_token(key, args.peer_id, valid_for)
+    grant = verify(token, key.public_key())
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        from photon_p2p.credentials import CredentialError
+
+        raise CredentialError(f"directory {out.parent} does not exist")
+    out.write_text(token + "\n")
+    import time
+
+    print(f"admitted {grant.peer_id} until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(grant.until))}: "
+          f"wrote {out} (the peer runs with --token {out})")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from photon_p2p.config import NetworkConfig, validate_network
+    from photon_p2p.credentials import check_peer_id, load_owner_private, make_revocation, parse_duration
+
+    valid_for = parse_duration(args.expires)
+    check_peer_id(args.peer_id)
+    key = load_owner_private(args.key)
+    net = NetworkConfig(initial_peers=args.initial_peers, bootstrap_timeout=args.timeout)
+    validate_network(net)
+    from photon_p2p.federation.admission import revoke_via
+
+    fp = revoke_via(net, make_revocation(key, args.peer_id, valid_for), key.public_key())
+    print(f"revoked {args.peer_id} in swarm {fp}: admitted peers refuse it from their next round on")
+    return 0
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -224,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared data dir (photon-peer prepare-data); default: embedded corpus")
     p.add_argument("--client-mode", action="store_true",
                    help="behind NAT: accept no incoming connections (still trains and averages)")
+    p.add_argument("--swarm-owner-key", metavar="PUB", help="closed swarm: the owner's public key file")
+    p.add_argument("--token", metavar="FILE", help="closed swarm: this peer's admission token (photon-peer admit)")
     commands["run"] = cmd_run
 
     p = sub.add_parser("status", help="show a swarm's peers from their DHT heartbeats (read-only)")
@@ -232,7 +303,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="refresh every SECONDS")
     p.add_argument("--timeout", type=float, default=20.0, help="seconds to reach the swarm")
+    p.add_argument("--swarm-owner-key", metavar="PUB",
+                   help="closed swarm: show only peers admitted by this owner key (and count them)")
     commands["status"] = cmd_status
+
+    p = sub.add_parser("swarm-key", help="create a swarm owner key (closes a swarm: only peers it admits join)")
+    p.add_argument("--out", "-o", required=True, metavar="FILE", help="private key file; the public key is FILE.pub")
+    commands["swarm-key"] = cmd_swarm_key
+
+    p = sub.add_parser("peer-id", help="print the peer id of an identity file (created if missing)")
+    p.add_argument("--identity", required=True, metavar="FILE")
+    commands["peer-id"] = cmd_peer_id
+
+    p = sub.add_parser("admit", help="sign an admission token for a peer id with the swarm owner key")
+    p.add_argument("--peer-id", required=True)
+    p.add_argument("--key", required=True, metavar="FILE", help="the owner's private key (photon-peer swarm-key)")
+    p.add_argument("--expires", default="30d", help="validity: e.g. 12h, 7d, 2w (default 30d)")
+    p.add_argument("--out", "-o", required=True, metavar="FILE", help="where to write the token")
+    commands["admit"] = cmd_admit
+
+    p = sub.add_parser("revoke", help="revoke a peer's admission: published to the swarm's DHT, in force next round")
+    p.add_argument("--peer-id", required=True)
+    p.add_argument("--key", required=True, metavar="FILE", help="the owner's private key")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
+    p.add_argument("--expires", default="365d", help="how long peers keep honouring it (default 365d; make it "
+                                                      "outlast the peer's tokens)")
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds to reach the swarm")
+    commands["revoke"] = cmd_revoke
 
     p = sub.add_parser("bootstrap", help="a DHT-only node (trains nothing): a stable entry point")
     p.add_argument("--identity", help="identity file (created if missing) for a stable peer id")

@@ -130,6 +130,10 @@ class FederationConfig:
     robust_aggregation: str = "clip"
     clip_multiplier: float = 2.0
     clip_iterations: int = 3
+    # A closed swarm (README "Closed swarms"): the owner's public key file (photon-peer swarm-key writes it). Only
+    # peers with a token it signed average, serve or get state, and publish records. "" = an open swarm.
+    swarm_owner_key: str = ""
+    admission_token: str = ""  # this peer's token file (photon-peer admit), bound to its --identity's peer id
 
 
 @dataclass
@@ -384,6 +388,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     _validate_federation(cfg.federation)
     validate_network(cfg.network)
+    _validate_admission(cfg.federation, cfg.network)
     _validate_observe(cfg.observe)
 
 
@@ -404,6 +409,31 @@ def _validate_federation(f: FederationConfig) -> None:
                           f"({f.heartbeat_interval:g}s), or live peers expire between two heartbeats")
     if f.compression == "blockwise8" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("federation.compression 'blockwise8' needs bitsandbytes (pip install bitsandbytes)")
+
+
+def _validate_admission(f: FederationConfig, net: NetworkConfig) -> None:
+    """A closed swarm needs the owner's key, a stable identity and this identity's valid token, checked here."""
+    if not f.swarm_owner_key:
+        if f.admission_token:
+            raise ConfigError("federation.admission_token (--token) is set but federation.swarm_owner_key "
+                              "(--swarm-owner-key) is not: a token means nothing without the owner key that signed it")
+        return
+    from photon_p2p.credentials import CredentialError, check_token, load_owner_public, peer_id_of_identity
+
+    try:
+        public = load_owner_public(f.swarm_owner_key)
+        if not net.identity_path:
+            raise ConfigError("a closed swarm (federation.swarm_owner_key) needs network.identity_path / --identity: "
+                              "the admission token is bound to the peer id that identity file keeps")
+        if not Path(net.identity_path).expanduser().exists():
+            raise ConfigError(f"identity file {net.identity_path} does not exist: create it with `photon-peer "
+                              f"peer-id --identity {net.identity_path}` and ask the owner to admit that peer id")
+        if not f.admission_token:
+            raise ConfigError("a closed swarm needs federation.admission_token / --token: the owner makes one with "
+                              f"`photon-peer admit --peer-id {peer_id_of_identity(net.identity_path)}`")
+        check_token(f.admission_token, public, peer_id_of_identity(net.identity_path))
+    except CredentialError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_network(net: NetworkConfig) -> None:

@@ -94,5 +94,8 @@ def banner(cfg: Config, swarm: Any) -> str:
     lines += [f"  photon-peer run --config CONFIG --initial-peers {m}" for m in swarm.maddrs[:3]]
     if cfg.network.client_mode:
         lines.append("(client mode: this peer cannot be used as a bootstrap address)")
+    admission = getattr(swarm, "admission_line", None)
+    lines.append(admission() if admission is not None else
+                 "OPEN swarm: anyone who can reach a peer can join (set federation.swarm_owner_key to close it)")
     lines.append("=" * 78)
     return "\n".join(lines)

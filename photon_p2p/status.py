@@ -65,10 +65,36 @@ def _clipping(rows: list[dict]) -> dict[str, dict[str, Any]]:
     for s in seen.values():
         s["reporters"].sort()
     return seen
+def _admission(rows: list[dict], dht: Any, owner_public: Optional[bytes], timeout: float) -> tuple[list, dict]:
+    """Closed swarm (``owner_public``): only rows of admitted peers, and what status says about admission."""
+    from photon_p2p.credentials import claimed_owner
+
+    if owner_public is None:
+        claimed = sorted({claimed_owner(r.get("admission", "")) for r in rows} - {""})
+        return rows, {"closed": False, "claimed_owners": claimed}
+    from photon_p2p.federation.admission import read_view
+
+    view = read_view(dht, owner_public, timeout)
+    for r in rows:  # a record carries its peer's token: a peer whose token store was slow still counts
+        view.add_token(r.get("admission", ""))
+    kept = [r for r in rows if r["verified"] and view.allows(r["peer_id"])]
+    return kept, {"closed": True, "owner": view.fingerprint, "admitted": len(view.admitted()),
+                  "hidden": len(rows) - len(kept), "revoked": sorted(view.revocations)}
+
+
+def admission_line(a: dict) -> str:
+    """One line on who may join: the open-swarm warning, or the owner key and how many peers it admits."""
+    if a.get("closed"):
+        line = f"closed swarm, owner key {a['owner']}, {a['admitted']} admitted"
+        return line + (f" ({a['hidden']} record(s) of non-admitted or revoked peers hidden)" if a["hidden"] else "")
+    if a.get("claimed_owners"):
+        return (f"records claim a closed swarm (owner key {', '.join(a['claimed_owners'])}); pass "
+                "--swarm-owner-key to verify them and hide non-admitted peers")
+    return "OPEN swarm: anyone who can reach a peer can join"
 
 
 def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[float] = None,
-                   reached: str = "") -> dict:
+                   reached: str = "", owner_public: Optional[bytes] = None) -> dict:
     """Swarm summary and one row per peer (live first, then by round) from the DHT records of ``run_id``.
 
     A peer is stale when its last heartbeat is older than ``stale_after`` seconds; by default 2.5 of its own
@@ -80,6 +106,10 @@ def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[
 
     try:
         rows = read_records(dht, run_id, timeout)
+    except concurrent.futures.TimeoutError:
+        raise FederationError(f"the swarm did not answer a DHT lookup within {timeout:g}s") from None
+    try:
+        rows, admission = _admission(rows, dht, owner_public, timeout)
     except concurrent.futures.TimeoutError:
         raise FederationError(f"the swarm did not answer a DHT lookup within {timeout:g}s") from None
     for r in rows:
@@ -105,7 +135,8 @@ def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[
         **_consistency(live, newest),
         "clipped_peers": sorted(p for p, c in clipping.items() if c["rounds"] >= CLIP_FLAG_ROUNDS),
     }
-    status = {"run_id": run_id, "time": time.time(), "reached": reached, "summary": summary, "peers": rows}
+    status = {"run_id": run_id, "time": time.time(), "reached": reached, "summary": summary, "peers": rows,
+              "admission": admission}
     if not rows:
         where = f" (the node at {reached} is reachable)" if reached else ""
         status["message"] = f"no peers have published heartbeats for run '{run_id}'{where}"
@@ -196,7 +227,9 @@ def render_table(status: dict) -> str:
     """Plain-text swarm summary and peer table (what `photon-peer status` prints)."""
     s, rows = status["summary"], status["peers"]
     if not rows:
-        return status.get("message", f"no peers in run '{status['run_id']}'")
+        text = status.get("message", f"no peers in run '{status['run_id']}'")
+        closed = status.get("admission", {}).get("closed")  # an open swarm without peers: nothing to add
+        return text + ("\n" + admission_line(status["admission"]) if closed else "")
     head = (f"run '{status['run_id']}': {s['live_peers']} live peer{'s' * (s['live_peers'] != 1)}, "
             f"global round {s['global_round']}, {_count(s['total_tokens'])} tokens, "
             f"{s['tokens_per_s']:,.0f} tokens/s, median loss {_num(s['median_loss'], '.4f')}, "
@@ -207,6 +240,8 @@ def render_table(status: dict) -> str:
     model_line = _model_line(s)
     if model_line:
         lines.append(model_line)
+    if "admission" in status:
+        lines.append(admission_line(status["admission"]))
     if status.get("message"):
         lines.append(status["message"])
     for r in rows:
@@ -233,7 +268,8 @@ def render_table(status: dict) -> str:
 
 
 def run_status(net: NetworkConfig, run_id: str, *, as_json: bool = False, watch: float = 0.0,
-               stale_after: Optional[float] = None, out: Optional[TextIO] = None) -> int:
+               stale_after: Optional[float] = None, out: Optional[TextIO] = None,
+               owner_public: Optional[bytes] = None) -> int:
     """Join the DHT as a client (never part of the swarm), print the status (every ``watch`` s), leave."""
     from photon_p2p.bootstrap import stop_dht
     from photon_p2p.federation import FederationError
@@ -254,7 +290,8 @@ def run_status(net: NetworkConfig, run_id: str, *, as_json: bool = False, watch:
         install_validators(dht, run_id)
         while True:
             try:
-                status = collect_status(dht, run_id, net.request_timeout, stale_after, reached=", ".join(initial))
+                status = collect_status(dht, run_id, net.request_timeout, stale_after, reached=", ".join(initial),
+                                        owner_public=owner_public)
                 text = json.dumps(status, indent=None if watch else 2) if as_json else render_table(status)
             except FederationError as e:
                 if not watch:

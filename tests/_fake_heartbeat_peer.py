@@ -149,9 +149,11 @@ def start_bootstrap(procs: list) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"bootstrap exited with {proc.wait()}")
 
 
-def start_peer(procs: list, tmp: Path, name: str, addr: str, vals: dict, ttl: float = 4.0) -> subprocess.Popen:
+def start_peer(procs: list, tmp: Path, name: str, addr: str, vals: dict, ttl: float = 4.0,
+               **extra: str) -> subprocess.Popen:
+    """``extra``: owner_pub and token (files) make it a closed swarm's peer."""
     cfg = {"initial_peers": [addr], "run_id": RUN, "values": vals, "interval": 1.0, "ttl": ttl,
-           "ready_file": str(tmp / f"{name}.json"), "identity": str(tmp / f"{name}.key")}
+           "ready_file": str(tmp / f"{name}.json"), "identity": str(tmp / f"{name}.key"), **extra}
     return spawn([str(Path(__file__)), json.dumps(cfg)], procs)
 
 
@@ -186,10 +188,17 @@ def main(cfg: dict) -> None:
         print(json.dumps(_forge(dht, cfg)), flush=True)
         dht.shutdown()
         return
-    owner = install_validators(dht, cfg["run_id"])
+    owner_public, token = None, ""
+    if cfg.get("owner_pub"):  # a closed swarm's peer: its token in every record, and published for the swarm
+        from photon_p2p.credentials import load_owner_public, public_bytes
+        from photon_p2p.federation.admission import SwarmAdmission
+
+        owner_public, token = public_bytes(load_owner_public(cfg["owner_pub"])), Path(cfg["token"]).read_text()
+        SwarmAdmission(dht, owner_public, token, dht.peer_id.to_base58(), 5.0, 600.0).publish()
+    owner = install_validators(dht, cfg["run_id"], owner_public=owner_public)
     snap = dict(cfg["values"])
     publisher = HeartbeatPublisher(dht, cfg["run_id"], lambda: snap, cfg["interval"], cfg["ttl"],
-                                   request_timeout=5.0, owner_key=owner)
+                                   request_timeout=5.0, owner_key=owner, admission=token.strip())
     deadline = time.monotonic() + 30
     while not publisher.publish():  # the first store can race the DHT's first contact with the swarm
         if time.monotonic() > deadline:

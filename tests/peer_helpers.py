@@ -141,18 +141,29 @@ def _peer_main(spec: dict[str, Any]) -> None:
     shapes = spec["shapes"]
     state = (spec.get("state_meta", {"round": 0}), make_tensors(shapes, spec.get("state_seed", 1000)))
     averagers = {}
+    owner, admission = None, None
+    if spec.get("owner_pub"):  # a closed swarm: "owner_pub" key file, "token" file, and net.identity_path set
+        from photon_p2p.credentials import load_owner_public, public_bytes
+        from photon_p2p.federation.admission import SwarmAdmission
+
+        owner = public_bytes(load_owner_public(spec["owner_pub"]))
+        admission = SwarmAdmission(dht, owner, Path(spec["token"]).read_text(), str(dht.peer_id),
+                                   net.request_timeout, 90.0)
+        admission.refresh()
     # "global_seed": this peer's global weights, shared with its averager so a split group can heal
     globals_ = make_tensors(shapes, spec["global_seed"]) if "global_seed" in spec else None
     for name, fed in spec.get("averagers", {"main": {}}).items():
         cfg = FederationConfig(**{**FAST_FED, "run_id": f"test-{name}", **fed})
         averagers[name] = PseudoGradientAverager(dht, make_tensors(shapes, 0), cfg, net, lambda: state,
-                                                 global_tensors=globals_)
+                                                 global_tensors=globals_, owner_public=owner)
     emit(event="ready", maddrs=visible_maddrs(dht), pid=os.getpid(), peer_id=str(dht.peer_id))
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "exit":
             break
         avg = averagers[cmd.get("averager", "main")]
+        if admission is not None:
+            admission.refresh()  # as the daemon does every round: republish our token, read revocations
         if cmd["cmd"] == "average":
             deltas = make_tensors(shapes, cmd["seed"])
             if cmd.get("announce_traffic"):  # tells the test when the all-reduce has begun moving data

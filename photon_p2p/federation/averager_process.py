@@ -7,6 +7,9 @@ Every touch of hivemind's private internals lives here (and nowhere else), check
   adopt the decoded average as is. After a successful round every member holds bit-identical tensors.
 - ``OrderedPartReducer``: a reducer sums its senders' parts in a canonical order (the "rank" each member
   gathers), not in arrival order, so two groups given the same inputs compute the same bytes (groups.py).
+- Admission (closed swarms, federation/admission.py): ``AdmissionGate`` holds the admitted set in this process;
+  join requests, all-reduce parts and state downloads from peers outside it are refused, and this peer neither
+  follows a leader outside it (``AdmittedMatchmaking``), downloads state from one, nor averages in a group with one.
 - Healing: when a group's gathered fingerprints differ, the members hold different global models; that round
   the averager turns Δ = θ_global − θ_local into θ_local in place and averages weights losslessly, so the group
   leaves the round on one model.
@@ -20,28 +23,35 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import math
 import multiprocessing as mp
+import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, Optional, Sequence, TypeVar
 
 import hivemind
+import hivemind.averaging.averager as _hivemind_averager
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
+from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import BannedException, TensorPartReducer
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, deserialize_torch_tensor
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
-from hivemind.p2p import PeerID
-from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.utils import MPFuture, ValueWithExpiration
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
+from hivemind.utils.streaming import combine_from_streaming
 
 from photon_p2p.federation import FederationError
+from photon_p2p.federation.admission import AdmissionView, read_view_async
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic
-from photon_p2p.federation.records import is_live, read_records
+from photon_p2p.federation.records import is_live, peer_id_of_owner, read_records
 from photon_p2p.federation.robust import ClaimBudget, ReducerCheck, RobustSettings, cap_claims, reduce_part
 
 PINNED_HIVEMIND = "1.1.12"
@@ -50,7 +60,9 @@ if hivemind.__version__ != PINNED_HIVEMIND:
     raise FederationError(f"photon_p2p needs hivemind=={PINNED_HIVEMIND} (found {hivemind.__version__}); "
                           f"pip install hivemind=={PINNED_HIVEMIND}")
 
+log = logging.getLogger("photon_p2p.federation")
 T = TypeVar("T")
+MISS_REFRESH_S = 1.0  # an unknown peer makes the gate re-read the admitted set, at most this often
 REPORT_KEY = "__photon_report__"  # the averager process's report rides back with the gathered metadata
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
 
@@ -98,14 +110,58 @@ class PhaseClock:
         return {name: float(self._stamps[i]) for i, name in enumerate(self.NAMES)}
 
 
+class AdmissionGate:
+    """The closed swarm's admitted set inside the averager process (its own DHT reads, its own event loop).
+
+    Re-read at the start of every step (so a revocation is in force by the next round's matchmaking) and when an
+    unknown peer knocks (a newly admitted joiner), at most every MISS_REFRESH_S.
+    """
+
+    def __init__(self, dht: DHT, owner_public: bytes, timeout: float) -> None:
+        self.dht, self.view, self.timeout = dht, AdmissionView(owner_public), timeout
+        self._lock: asyncio.Lock | None = None
+
+    async def refresh(self) -> None:
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            await read_view_async(self.dht, self.view, self.timeout)
+
+    async def allows(self, peer: Any) -> bool:
+        peer = str(peer)  # PeerID prints as base58
+        if self.view.allows(peer):
+            return True
+        if time.monotonic() - self.view.refreshed_at >= MISS_REFRESH_S:
+            await self.refresh()
+        allowed = self.view.allows(peer)
+        if not allowed:
+            log.info("refused peer %s: not admitted to this closed swarm", peer)
+        return allowed
+
+
+class AdmittedMatchmaking(Matchmaking):
+    """hivemind's matchmaking that never asks a non-admitted peer to lead it (nor follows one it is redirected to)."""
+
+    def __init__(self, *args, gate: AdmissionGate | None = None, **kwargs) -> None:
+        self.gate = gate
+        super().__init__(*args, **kwargs)
+
+    async def _request_join_group(self, leader: PeerID):
+        if self.gate is not None and not await self.gate.allows(leader):
+            return None  # as if the leader had rejected us: look for the next one
+        return await super()._request_join_group(leader)
+
+
 class ProcessAverager(DecentralizedAverager):
     """hivemind's averager with our state for joiners, byte counting and phase stamps in its own process."""
 
     def __init__(self, *args, state_provider: StateProvider, counter: ByteCounter, clock: PhaseClock,
                  threads: int | None, global_tensors: Sequence[torch.Tensor] | None = None,
-                 robust: RobustSettings = RobustSettings(mode="none"), **kwargs) -> None:
+                 robust: RobustSettings = RobustSettings(mode="none"), owner_public: bytes | None = None,
+                 **kwargs) -> None:
         self._state_provider, self._counter, self._clock, self._threads = state_provider, counter, clock, threads
         self._robust = robust
+        # A closed swarm's owner key; the gate itself is built in the averager process (it needs that event loop).
+        self._owner_public, self._gate = owner_public, None
         # The caller's global weights in shared memory (read here only in a healing round, under the tensor lock).
         self._global_tensors = list(global_tensors) if global_tensors is not None else None
         self._report: dict[str, Any] = {}
@@ -121,7 +177,79 @@ class ProcessAverager(DecentralizedAverager):
         if self._threads:
             torch.set_num_threads(self._threads)  # this process only: the caller's training keeps its threads
         warm_up_codec(self.allreduce_kwargs["compression"])
+        if self._owner_public is not None:
+            self._gate = AdmissionGate(self.dht, self._owner_public,
+                                       timeout=float(self.matchmaking_kwargs.get("request_timeout") or 5.0))
+        # hivemind builds its Matchmaking by this module-level name; this is our forked process, nobody else's.
+        _hivemind_averager.Matchmaking = AdmittedMatchmaking
+        self.matchmaking_kwargs["gate"] = self._gate
         super().run()
+
+    # ---- admission: every averaging RPC a peer can send us, and what we ask of others -----------------------
+    async def _admits(self, peer: Any) -> bool:
+        return self._gate is None or await self._gate.allows(peer)
+
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
+                             ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if not await self._admits(context.remote_id):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+                                 ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        if not await self._admits(context.remote_id):
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in super().rpc_aggregate_part(stream, context):
+            yield message
+
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest, context: P2PContext
+                                 ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if not await self._admits(context.remote_id):
+            return  # the same answer as a peer that does not share state: the joiner tries the next one
+        async for message in super().rpc_download_state(request, context):
+            yield message
+
+    async def _load_state_from_peers(self, future: MPFuture, timeout: Optional[float] = None):
+        """hivemind's state download, but only from admitted peers (a closed swarm), newest round first."""
+        if self._gate is None:
+            return await super()._load_state_from_peers(future, timeout=timeout)
+        chunk_timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+        try:
+            await self._gate.refresh()
+            key_manager = self._matchmaking.group_key_manager
+            found = await self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True, return_future=True)
+            priority = {PeerID(peer): (float(info.value), random.random())
+                        for peer, info in (found.value if found is not None else {}).items()
+                        if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))}
+            for peer in sorted(priority, key=priority.get, reverse=True):
+                if peer == self.peer_id:
+                    continue
+                if not await self._gate.allows(peer):
+                    continue  # a state from outside the swarm is never even downloaded
+                try:
+                    stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+                    stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+                    metadata, parts, tensors = None, [], []
+                    async for message in aiter_with_timeout(stream, timeout=chunk_timeout):
+                        if message.metadata:
+                            metadata = self.serializer.loads(message.metadata)
+                        if message.tensor_part.dtype and parts:
+                            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                            parts = []
+                        parts.append(message.tensor_part)
+                    if parts:
+                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    if metadata:
+                        future.set_result((metadata, tensors))
+                        return
+                except Exception as e:  # that peer failed: try the next one
+                    log.info("state download from %s failed: %r", peer, e)
+        finally:
+            if not future.done():
+                future.set_result(None)
 
     def set_target_group_size(self, size: int) -> None:
         """Group size at which a leader starts at once, from the next step on (hivemind fixes it at construction).
@@ -136,6 +264,8 @@ class ProcessAverager(DecentralizedAverager):
     # The stamps wrap hivemind's internal coroutines and pass every argument through unchanged.
     async def _step(self, *args, **kwargs):
         self._clock.stamp("step_received")
+        if self._gate is not None:
+            await self._gate.refresh()  # a peer revoked since the last round is out of this one
         return await super()._step(*args, **kwargs)
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
@@ -143,6 +273,10 @@ class ProcessAverager(DecentralizedAverager):
         self._report = {"failed_fraction": 0.0, "failed_peers": [], "healed": False, "clipped": {}, "rejected": []}
         self._claims = None
         try:
+            if self._gate is not None:
+                outsiders = [str(p) for p in group_info.peer_ids if not await self._gate.allows(p)]
+                if outsiders:  # a leader let in a peer we do not admit (e.g. revoked since its last read)
+                    raise AllreduceException(f"group has non-admitted peers: {', '.join(outsiders)}")
             gathered = self._peek_gathered(group_info)
             self._ranks = [_rank(gathered.get(p), str(p)) for p in group_info.peer_ids]
             mine = gathered.get(self.peer_id, {}) if isinstance(gathered.get(self.peer_id), dict) else {}
@@ -318,12 +452,32 @@ def progress_members(metadata: Any) -> dict[str, int]:
     return members
 
 
+def admitted_progress(metadata: Any, admits: Callable[[str], bool] | None) -> Any:
+    """The clock's DHT entries of admitted peers only (each signed by the peer it names); ``admits=None``: all."""
+    if admits is None or not isinstance(metadata, dict):
+        return metadata
+    kept = {}
+    for subkey, entry in metadata.items():
+        try:
+            peer = PeerID(LocalTrainingProgress.parse_obj(entry.value).peer_id).to_base58()
+        except Exception:
+            continue
+        if peer == peer_id_of_owner(subkey) and admits(peer):
+            kept[subkey] = entry
+    return kept
+
+
 class RoundTracker(ProgressTracker):
-    """hivemind's ProgressTracker that also remembers which peers reported which epoch (= round) last fetch."""
+    """hivemind's ProgressTracker that also remembers which peers reported which epoch (= round) last fetch.
+
+    In a closed swarm (``admits`` set) only admitted peers' progress counts towards the end of a round.
+    """
 
     members: dict[str, int] = {}
+    admits: Callable[[str], bool] | None = None
 
     def _parse_swarm_progress_data(self, metadata):
+        metadata = admitted_progress(metadata, self.admits)
         self.members = progress_members(metadata)
         return super()._parse_swarm_progress_data(metadata)
 

@@ -88,9 +88,11 @@ class PseudoGradientAverager:
 
     def __init__(self, dht: hivemind.DHT, templates: list[torch.Tensor], fed: FederationConfig,
                  net: NetworkConfig, state_provider: StateProvider, tuning: AveragerTuning = TUNED,
-                 global_tensors: list[torch.Tensor] | None = None) -> None:
+                 global_tensors: list[torch.Tensor] | None = None, owner_public: bytes | None = None) -> None:
         """``global_tensors``: the caller's global weights, moved to shared memory here so that a healing round
-        (members with different fingerprints) can average weights; without them a split group cannot heal."""
+        (members with different fingerprints) can average weights; without them a split group cannot heal.
+        ``owner_public``: a closed swarm's owner key (raw Ed25519 bytes): only admitted peers average, serve or
+        get state (federation/admission.py); None is an open swarm."""
         if not fed.run_id or "." in fed.run_id:
             raise FederationError(f"federation.run_id must be non-empty and contain no '.', got '{fed.run_id}'")
         if fed.round_deadline <= fed.matchmaking_time * 1.25 + 0.5:
@@ -116,7 +118,8 @@ class PseudoGradientAverager:
             part_size_bytes=tuning.part_size_bytes, shutdown_timeout=3.0, state_provider=state_provider,
             counter=self.counter, clock=self.clock, threads=tuning.averager_threads,
             global_tensors=[g.share_memory_() for g in global_tensors] if global_tensors is not None else None,
-            robust=RobustSettings(fed.robust_aggregation, fed.clip_multiplier, fed.clip_iterations))
+            robust=RobustSettings(fed.robust_aggregation, fed.clip_multiplier, fed.clip_iterations),
+            owner_public=owner_public)
         self._start(float(net.bootstrap_timeout))
         self._closed = False
 

@@ -70,13 +70,16 @@ class PeerRecord(BaseModel):
     fingerprint: constr(strict=True, max_length=64)  # hex sha256 of weights + outer optimizer state; "" = unknown
     participation: confloat(ge=0.0, le=1.0, strict=True)  # share of finished rounds averaged in a group, not solo
     # Robust aggregation (federation/robust.py): senders this peer, as a reducer, clipped or dropped lately.
-    clipped: Dict[constr(strict=True, max_length=128), ClipSeen]
+    clipped: Dict[constr(strict=True, max_length=128), ClipSeen] = {}  # optional: older peers' records validate
 
     @validator("clipped")
     def _few_clipped(cls, value):  # noqa: N805 (pydantic validators are class methods)
         if len(value) > MAX_CLIPPED:
             raise ValueError(f"at most {MAX_CLIPPED} clipped senders per record")
         return value
+    # Closed swarms: the peer's owner-signed admission token (credentials.py); "" in an open swarm. The DHT's
+    # AdmissionValidator checks it against the record's signer, so a record cannot borrow another peer's token.
+    admission: constr(strict=True, max_length=1024) = ""
 
 
 class HeartbeatSchema(BaseModel):
@@ -126,20 +129,25 @@ async def _installed_owner_key(_dht: DHT, node: Any) -> Optional[bytes]:
     return next((v.local_public_key for v in validators if isinstance(v, RSASignatureValidator)), None)
 
 
-def install_validators(dht: DHT, run_id: Optional[str], identity_path: Optional[str] = None) -> bytes:
+def install_validators(dht: DHT, run_id: Optional[str], identity_path: Optional[str] = None,
+                       owner_public: Optional[bytes] = None) -> bytes:
     """Make ``dht`` refuse unsigned or malformed heartbeats for ``run_id``; return the owner subkey it signs with.
 
     The signing key is the peer's libp2p identity when the DHT was started with one (``identity_path`` or the
     DHT's own), so readers can check that a record's peer id belongs to its signer ("verified"). Without an
     identity file p2pd keeps its key to itself and hivemind's per-process RSA key signs instead: records are
     still owner-protected, but the peer id inside them is only a claim. ``run_id=None`` installs the
-    signature check alone (bootstrap nodes: they store records for every run).
+    signature check alone (bootstrap nodes: they store records for every run). ``owner_public`` (a closed
+    swarm's owner key) adds the AdmissionValidator: heartbeats must carry their signer's admission token.
     """
+    from photon_p2p.federation.admission import validators_for
+
     path = identity_path if identity_path is not None else dht.kwargs.get("identity_path") or ""
     signer = RSASignatureValidator(load_identity_key(path) if path else None)
     validators: list = [signer]
     if run_id is not None:
         validators += [SchemaValidator(HeartbeatSchema, prefix=run_id), SchemaValidator(RunsSchema)]
+    validators += validators_for(owner_public, run_id)
     dht.add_validators(validators)
     return dht.run_coroutine(_installed_owner_key) or signer.local_public_key
 
@@ -178,12 +186,15 @@ class HeartbeatPublisher(threading.Thread):
     """Publishes ``snapshot()`` as this peer's signed record every ``interval`` s and on ``publish_now()``."""
 
     def __init__(self, dht: DHT, run_id: str, snapshot: Callable[[], dict], interval: float, ttl: float, *,
-                 request_timeout: float = 10.0, owner_key: Optional[bytes] = None) -> None:
+                 request_timeout: float = 10.0, owner_key: Optional[bytes] = None, admission: str = "",
+                 admission_until: float = math.inf) -> None:
         super().__init__(name=f"HeartbeatPublisher({run_id})", daemon=True)
         if ttl <= interval:
             log.warning("record_ttl %.1fs <= heartbeat_interval %.1fs: this peer will flicker in status", ttl, interval)
         self.dht, self.run_id, self.snapshot = dht, run_id, snapshot
         self.interval, self.ttl, self.request_timeout = interval, ttl, request_timeout
+        # a closed swarm's token rides in every record, which must not outlive it (the validator checks both)
+        self.admission, self.admission_until = admission, admission_until
         self.owner_key = owner_key or install_validators(dht, run_id)  # repeating it is harmless
         self.peer_id = dht.peer_id.to_base58()
         self.started_at = get_dht_time()
@@ -237,6 +248,8 @@ class HeartbeatPublisher(threading.Thread):
         snap.setdefault("started_at", self.started_at)
         if state is not None:
             snap["state"] = state
+        if self.admission:
+            snap["admission"] = self.admission
         return make_record(snap, peer_id=self.peer_id, run_id=self.run_id, time=get_dht_time(),
                            interval=float(self.interval))
 
@@ -252,6 +265,7 @@ class HeartbeatPublisher(threading.Thread):
                     expiration = max(self.last_expiration, record.time + min(self.ttl, self.interval))
                 # the DHT keeps the entry that expires last: a store must never expire before the previous one
                 expiration = max(expiration, self.last_expiration + 1e-3)
+                expiration = min(expiration, self.admission_until)
                 stores = [
                     self.dht.store(heartbeat_key(self.run_id), record.dict(), expiration, subkey=self.owner_key,
                                    return_future=True),

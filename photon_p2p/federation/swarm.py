@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import time
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 
 from photon_p2p.config import Config
+from photon_p2p.credentials import load_owner_public, public_bytes
 from photon_p2p.federation import FederationError
-from photon_p2p.federation.averager_process import RoundTracker, progress_members
+from photon_p2p.federation.admission import SwarmAdmission
+from photon_p2p.federation.averager_process import RoundTracker, admitted_progress, progress_members
 from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
 from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.network import parse_multiaddrs, start_dht, visible_maddrs
@@ -71,12 +76,14 @@ class SwarmClock:
     """
 
     def __init__(self, dht, run_id: str, tokens_per_peer: int, *, client_mode: bool, private_key,
-                 expiration: float) -> None:
-        self.tokens_per_peer = int(tokens_per_peer)
+                 expiration: float, admits: Callable[[str], bool] | None = None) -> None:
+        self.tokens_per_peer, self.admits = int(tokens_per_peer), admits
         self.tracker = RoundTracker(dht, f"{run_id}_clock", self.tokens_per_peer, client_mode=client_mode,
                                        private_key=private_key, metadata_expiration=expiration,
                                        min_refresh_period=0.25, max_refresh_period=2.0,
-                                       default_refresh_period=1.0, start=True)
+                                       default_refresh_period=1.0, start=False)
+        self.tracker.admits = admits  # a closed swarm: only admitted peers' progress ends a round
+        self.tracker.start()
 
     def report(self, round_no: int, tokens: int) -> None:
         self.tracker.report_local_progress(round_no, int(tokens))
@@ -112,7 +119,7 @@ class SwarmClock:
         future = self.tracker.dht.get(self.tracker.training_progress_key, latest=True, return_future=True)
         try:
             found = future.result(timeout=timeout)
-            members = progress_members(found.value if found is not None else None)
+            members = progress_members(admitted_progress(found.value if found is not None else None, self.admits))
         except Exception:  # no fresh answer: the tracker's view is seconds old at most
             future.cancel()
             members = dict(self.tracker.members)
@@ -134,17 +141,24 @@ class HivemindSwarm:
         self.averager: PseudoGradientAverager | None = None
         self.publisher: HeartbeatPublisher | None = None
         self.clock: SwarmClock | None = None
+        self.admission: SwarmAdmission | None = None  # None: an open swarm
         try:
             self.peer_id = str(self.dht.peer_id)
             self.maddrs = visible_maddrs(self.dht)
-            self.owner_key = install_validators(self.dht, f.run_id, net.identity_path or None)
+            owner = public_bytes(load_owner_public(f.swarm_owner_key)) if f.swarm_owner_key else None
+            self.owner_key = install_validators(self.dht, f.run_id, net.identity_path or None, owner_public=owner)
+            if owner is not None:
+                self.admission = SwarmAdmission(self.dht, owner, Path(f.admission_token).expanduser().read_text(),
+                                                self.peer_id, net.request_timeout, f.record_ttl)
+                self.admission.refresh()  # publishes our token: servers see a joiner before it asks for state
             self.averager = PseudoGradientAverager(self.dht, global_tensors, f, net, state_provider,
-                                                   global_tensors=global_tensors)
+                                                   global_tensors=global_tensors, owner_public=owner)
             if f.round_clock == "swarm":
                 key = load_identity_key(net.identity_path) if net.identity_path else None
                 self.clock = SwarmClock(self.dht, f.run_id, f.local_steps * tokens_per_step,
                                         client_mode=bool(net.client_mode), private_key=key,
-                                        expiration=f.record_ttl)
+                                        expiration=f.record_ttl,
+                                        admits=self.admission.allows if self.admission is not None else None)
         except BaseException:
             self.shutdown()
             raise
@@ -152,8 +166,11 @@ class HivemindSwarm:
     # ---- membership --------------------------------------------------------------------------------------
     def start(self, snapshot: Callable[[], dict]) -> None:
         f, net = self.cfg.federation, self.cfg.network
+        closed = self.admission is not None
         self.publisher = HeartbeatPublisher(self.dht, f.run_id, snapshot, f.heartbeat_interval, f.record_ttl,
-                                            request_timeout=net.request_timeout, owner_key=self.owner_key)
+                                            request_timeout=net.request_timeout, owner_key=self.owner_key,
+                                            admission=self.admission.token if closed else "",
+                                            admission_until=self.admission.grant.until if closed else math.inf)
         self.publisher.start()
 
     def check_run(self) -> None:
@@ -171,7 +188,20 @@ class HivemindSwarm:
         except Exception as e:  # no evidence is not an error: the caller treats it as "nobody else"
             log.debug("could not read heartbeats: %s", e)
             return []
-        return [r for r in rows if r["peer_id"] != self.peer_id and is_live(r)]
+        return [r for r in rows if r["peer_id"] != self.peer_id and is_live(r) and self._admits(r)]
+
+    def _admits(self, record: dict) -> bool:
+        # a revoked peer's records are still in the DHT (its token is valid): readers drop them
+        return self.admission is None or (record["verified"] and self.admission.allows(record["peer_id"]))
+
+    def admission_line(self) -> str:
+        """What the banner says about who may join."""
+        if self.admission is None:
+            return "OPEN swarm: anyone who can reach a peer can join (set federation.swarm_owner_key to close it)"
+        view = self.admission.view
+        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.admission.grant.until))
+        return (f"closed swarm, owner key {view.fingerprint}, {len(view.admitted())} admitted; "
+                f"this peer's token expires {until}")
 
     # ---- the round clock ---------------------------------------------------------------------------------
     def report_progress(self, round_no: int, tokens: int) -> None:
@@ -182,6 +212,9 @@ class HivemindSwarm:
         return self.clock.ready(round_no) if self.clock is not None else False
 
     def begin_round(self, round_no: int) -> None:
+        if self.admission is not None:  # every round: revocations take effect, and a revoked peer stops itself
+            self.admission.refresh()
+            self.admission.check_self()
         if self.clock is not None:
             self.clock.begin(round_no)
 
@@ -203,6 +236,8 @@ class HivemindSwarm:
                                      give_up=(lambda: clock.swarm_round > round_no) if clock is not None else None)
 
     def load_state(self, timeout: float, progress: bool):
+        if self.admission is not None:
+            self.admission.refresh()
         return self.averager.load_state(timeout=timeout, progress=progress)
 
     def publish_now(self) -> None:
