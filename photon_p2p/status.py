@@ -163,6 +163,11 @@ def _model_line(s: dict) -> str:
     return line + (f", {behind} behind" if behind else "")
 
 
+def _silo(row: dict) -> str:
+    """Ranks x device of the silo behind a peer, e.g. "2xcuda" ("?" for peers older than that field)."""
+    return f"{row.get('world_size', 1)}x{row.get('device') or '?'}"
+
+
 def render_table(status: dict) -> str:
     """Plain-text swarm summary and peer table (what `photon-peer status` prints)."""
     s, rows = status["summary"], status["peers"]
@@ -181,12 +186,12 @@ def render_table(status: dict) -> str:
     if status.get("message"):
         lines.append(status["message"])
     table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "MODEL", "PART", "TOKENS", "TOK/S", "LOSS", "VAL PPL",
-              "LAST SEEN")]
+              "SILO", "LAST SEEN")]
     for r in rows:
         table.append((_short_id(r["peer_id"]) + ("" if r["verified"] else "?"), _address(r), r["status"],
                       str(r["round"]), str(r["lag"]), _short_model(r["fingerprint"]), f"{r['participation']:.0%}",
                       _count(r["tokens"]), f"{r['tokens_per_s']:,.0f}", _num(r["loss"], ".4f"),
-                      _num(r["val_ppl"], ".2f"), _ago(r["last_seen"]) + " ago"))
+                      _num(r["val_ppl"], ".2f"), _silo(r), _ago(r["last_seen"]) + " ago"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines.append("")
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]

@@ -58,6 +58,9 @@ class PeerRecord(BaseModel):
     # Swarm consistency: peers at the same round with different fingerprints hold different models (a split).
     fingerprint: constr(strict=True, max_length=64)  # hex sha256 of weights + outer optimizer state; "" = unknown
     participation: confloat(ge=0.0, le=1.0, strict=True)  # share of finished rounds averaged in a group, not solo
+    # The silo behind this peer: how many ranks (torchrun) train it and on what ("cpu", "cuda"); older peers: 1, "".
+    world_size: conint(ge=1, strict=True) = 1
+    device: constr(strict=True, max_length=32) = ""
 
 
 class HeartbeatSchema(BaseModel):
@@ -132,7 +135,7 @@ def _finite(value: Any) -> Optional[float]:
 
 
 _FLOATS = {"tokens_per_s", "averaging_s", "started_at", "time", "interval", "participation"}
-_INTS = {"round", "local_step", "tokens", "group_size", "bytes_sent", "bytes_received"}
+_INTS = {"round", "local_step", "tokens", "group_size", "bytes_sent", "bytes_received", "world_size"}
 
 
 def make_record(snapshot: dict, **known: Any) -> PeerRecord:
