@@ -164,8 +164,9 @@ def _model_line(s: dict) -> str:
 
 
 def _silo(row: dict) -> str:
-    """Ranks x device of the silo behind a peer, e.g. "2xcuda" ("?" for peers older than that field)."""
-    return f"{row.get('world_size', 1)}x{row.get('device') or '?'}"
+    """Ranks x device of the silo behind a peer, e.g. "2xcuda" (just "1" for peers older than these fields)."""
+    n, device = row.get("world_size", 1), row.get("device", "")
+    return f"{n}x{device}" if device else str(n)
 
 
 def render_table(status: dict) -> str:

@@ -57,7 +57,7 @@ def parallelize(model: Transformer, t: TrainConfig, e: DistEnv, mode: str) -> to
     if mode == "ddp":
         ids = [e.device.index] if e.device.type == "cuda" else None
         # The model's only buffers are the rotary tables, derived from the config: nothing to broadcast per step.
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
