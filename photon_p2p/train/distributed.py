@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable
@@ -72,6 +73,7 @@ def init_distributed(t: TrainConfig) -> DistEnv:
                               f"`torchrun --nproc-per-node N $(which photon-peer) ...` or set train.parallel=auto")
         _ENV = DistEnv(device=device)
         return _ENV
+    _die_with_agent()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and t.parallel == "none":
@@ -84,6 +86,19 @@ def init_distributed(t: TrainConfig) -> DistEnv:
         dist.init_process_group(backend, timeout=timedelta(seconds=t.dist_timeout))
     _ENV = DistEnv(rank, world, local_rank, device, True)
     return _ENV
+
+
+def _die_with_agent() -> None:
+    """torchrun starts each rank in its own session, so a SIGKILLed agent (a crashed silo) would leave rank 0 in
+    the swarm and the followers waiting: each rank dies with its parent instead (Linux PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the agent died before the call above
+        os._exit(1)
 
 
 def shutdown() -> None:

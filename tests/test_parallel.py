@@ -1,0 +1,95 @@
+"""A silo of several ranks (`torchrun`, gloo on CPU): DDP and FSDP2 train step for step like one rank with the
+silo's whole batch, a checkpoint written by 2 ranks resumes on 1, and a 2-rank silo averages with a 1-rank silo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import CLI, cli_env, torchrun
+from photon_p2p.checkpoint import load_checkpoint
+from photon_p2p.metrics import read_metrics
+
+pytestmark = pytest.mark.timeout(300)
+
+# Constant learning rate (no warmup, no decay): a run stopped at step 3 and resumed to 6 follows the same
+# schedule as one run of 6 steps, so losses can be compared step for step across rank counts.
+COMMON = {"model.d_model": 64, "model.n_layers": 2, "model.n_heads": 2, "model.seq_len": 32,
+          "train.warmup_steps": 0, "train.min_lr_ratio": 1.0, "train.lr": 3e-3, "train.eval_every": 0,
+          "train.log_every": 1, "train.threads": 1, "train.checkpoint_every": 1000}
+
+
+def train(run_dir, data, *, batch: int, steps: int, nproc: int = 1, **extra) -> dict:
+    sets = {**COMMON, "data.path": str(data), "train.batch_size": batch, "train.max_steps": steps, **extra}
+    cmd = [*(torchrun(nproc) if nproc > 1 else CLI), "train", "--no-progress", "--run-dir", str(run_dir)]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "step"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, kjv_data):
+    """One rank, batch 8, 6 steps: what every silo layout below must reproduce."""
+    run = tmp_path_factory.mktemp("one-rank")
+    train(run, kjv_data, batch=8, steps=6)
+    return losses(run)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_rank_with_twice_the_batch_and_resume_on_one(tmp_path, kjv_data, reference, parallel):
+    extra = {"train.parallel": parallel}
+    if parallel == "fsdp":
+        extra["train.activation_checkpointing"] = "true"  # the code path a model too big for one device takes
+    result = train(tmp_path, kjv_data, batch=4, steps=3, nproc=2, **extra)
+    assert result["tokens"] == 3 * 8 * 32  # the silo's tokens: both ranks' batches
+    two = losses(tmp_path)
+    assert two == pytest.approx(reference[:3], abs=1e-4)
+    saved = load_checkpoint(tmp_path)
+    assert saved["trainer"]["world_size"] == 2
+    assert "layers.0.self_attn.q_proj.weight" in saved["trainer"]["optimizer"]["state"]  # keyed by name, unsharded
+    # the 2-rank checkpoint resumes on one rank with its whole batch, and carries on where the 2 ranks stopped
+    result = train(tmp_path, kjv_data, batch=8, steps=6)
+    assert result["step"] == 6
+    assert losses(tmp_path) == pytest.approx(reference, abs=1e-4)
+
+
+def test_parallel_without_torchrun_is_a_config_error(tmp_path, kjv_data):
+    cmd = [*CLI, "train", "--no-progress", "--run-dir", str(tmp_path), "--set", "train.parallel=fsdp",
+           "--set", f"data.path={kjv_data}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert out.returncode == 2
+    assert "torchrun" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_two_rank_silo_and_one_rank_silo_hold_one_model(tmp_path, kjv_data):
+    from swarm import Swarm
+
+    swarm = Swarm(tmp_path, kjv_data)
+    common = {"federation.round_clock": "steps", "federation.local_steps": 3, "federation.rounds": 2,
+              "federation.min_group_size": 2, "train.batch_size": 4, "train.dist_timeout": 120.0}
+    try:
+        big = swarm.start("silo-2ranks", extra=common, nproc=2)
+        small = swarm.start("silo-1rank", initial=[big.address(120)], extra=common)
+        for p in (big, small):
+            assert p.wait(240) == 0, p.log()[-3000:]
+    finally:
+        swarm.close()
+    assert "silo: 2 ranks on cpu, data parallel (DDP)" in big.log()
+    rounds = {p.name: p.rounds() for p in (big, small)}
+    for name, rs in rounds.items():
+        assert [r["solo"] for r in rs] == [False, False], (name, rs)
+    # one model: the same fingerprint, and byte-identical global weights in both checkpoints
+    assert rounds["silo-2ranks"][-1]["fingerprint"] == rounds["silo-1rank"][-1]["fingerprint"]
+    a, b = (load_checkpoint(p.run_dir)["global_model"] for p in (big, small))
+    assert all(a[k].equal(b[k]) for k in a)
+    # the 2-rank silo trained twice the tokens per step, and that is its weight in the average
+    assert load_checkpoint(big.run_dir)["trainer"]["tokens"] == 2 * load_checkpoint(small.run_dir)["trainer"]["tokens"]
