@@ -81,7 +81,7 @@ def test_gpu_throughput_smoke_runs_every_code_path_on_cpu(tmp_path):
     doc = json.loads(out.read_text())
     (row,) = doc["throughput"]
     assert row["config"] == "tiny" and row["trainer_tok_s"] > 0 and row["bare_tok_s"] > 0
-    assert row["ratio"] == round(row["trainer_tok_s"] / row["bare_tok_s"], 3) or row["ratio"] > 0
+    assert row["ratio"] > 0 and "trainer_peak_gib" in row and "bare_mfu" in row
     (probe,) = doc["fsdp_probe"]
     assert probe["status"] == "ok" and probe["parallel"] == "fsdp+ac" and probe["tok_s"] > 0
     assert doc["largest_fsdp_ac_preset"] == "tiny"
