@@ -93,3 +93,76 @@ def test_two_rank_silo_and_one_rank_silo_hold_one_model(tmp_path, kjv_data):
     assert all(a[k].equal(b[k]) for k in a)
     # the 2-rank silo trained twice the tokens per step, and that is its weight in the average
     assert load_checkpoint(big.run_dir)["trainer"]["tokens"] == 2 * load_checkpoint(small.run_dir)["trainer"]["tokens"]
+
+
+# ---- the daemon's rank sync, in-process swarm (tests/fake_swarm.py) --------------------------------------------
+
+def _daemon(run_dir: str, data: str, batch: int, out: str, parallel: str) -> None:
+    """A silo alone in a fake swarm: 2 rounds of 3 steps with one forced rollback (its 2nd step), evaluation of
+    the global weights and a checkpoint every round; rank 0 saves what it ends with."""
+    import torch
+
+    from fake_swarm import FakeNet, factory
+    from photon_p2p.config import load_config
+    from photon_p2p.daemon import PeerDaemon
+    from photon_p2p.train import distributed
+    from photon_p2p.train.solo import run_follower
+
+    sets = {**COMMON, "data.path": data, "run_dir": run_dir, "name": "silo", "train.batch_size": batch,
+            "train.eval_every": 3, "train.eval_batches": 2, "federation.round_clock": "steps",
+            "federation.local_steps": 3, "federation.rounds": 2, "train.dist_timeout": 120.0,
+            "train.eval_batch_size": 4, "train.parallel": parallel if batch == 4 else "auto"}
+    cfg = load_config(["tiny"], [f"{k}={v}" for k, v in sets.items()])
+    env = distributed.init_distributed(cfg.train)
+    try:
+        if env.follows:
+            run_follower(cfg, cfg.name)
+            return
+        calls = {"n": 0}
+        healthy = PeerDaemon._healthy
+
+        def once_unhealthy(self, loss: float) -> bool:
+            calls["n"] += 1
+            return calls["n"] != 2 and healthy(self, loss)
+
+        PeerDaemon._healthy = once_unhealthy
+        d = PeerDaemon(cfg, progress=False, make_swarm=factory(FakeNet(barrier_timeout=1.0), "silo"))
+        result = d.run()
+        torch.save({"result": result, "weights": d.state.weights, "parallel": d.trainer.parallel}, out)
+    finally:
+        distributed.shutdown()
+
+
+def _rank(rank: int, world: int, port: int, *args) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    _daemon(*args)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_followers_stay_in_lockstep_with_rank_0s_daemon(tmp_path, kjv_data, parallel):
+    """Rollback, round ends, evaluation of the global weights, checkpoints: a 2-rank silo (FSDP2: θ_local is
+    gathered from and pushed to shards) ends on the same global weights as a 1-rank silo with twice the batch."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    _daemon(str(tmp_path / "one"), str(kjv_data), 8, str(tmp_path / "one.pt"), parallel)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(2, port, str(tmp_path / "two"), str(kjv_data), 4, str(tmp_path / "two.pt"), parallel),
+             nprocs=2,
+             join=True)
+    one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("one", "two"))
+    assert two["parallel"] == parallel and one["parallel"] == "none"
+    assert one["result"]["round"] == two["result"]["round"] == 2
+    assert one["result"]["step"] == two["result"]["step"] == 8  # 2 steps rolled back, then 3 + 3
+    for a, b in zip(one["weights"], two["weights"]):
+        assert torch.allclose(a, b, atol=1e-5)
+    rollbacks = [r for r in read_metrics(tmp_path / "two") if r.get("kind") == "rollback"]
+    assert len(rollbacks) == 1
+    assert json.loads((tmp_path / "two" / "peer.json").read_text())["peer_id"] == "silo"

@@ -97,12 +97,24 @@ def _load_options(e: DistEnv) -> StateDictOptions:
     return StateDictOptions(full_state_dict=True, broadcast_from_rank0=e.initialized and e.world_size > 1)
 
 
+def _reshard(wrapped: torch.nn.Module) -> None:
+    """FSDP2 leaves the root's parameters unsharded after a forward without backward (an evaluation, a step whose
+    loss was refused); state-dict loads want the sharded (DTensor) ones, so reshard every FSDP module first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in wrapped.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def full_model_state(wrapped: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state on rank 0's host ({} on the others); a collective under torchrun."""
+    _reshard(wrapped)
     return get_model_state_dict(wrapped, options=_SAVE)
 
 
 def load_full_model_state(wrapped: torch.nn.Module, state: dict[str, torch.Tensor], e: DistEnv) -> None:
+    _reshard(wrapped)
     set_model_state_dict(wrapped, state if e.rank == 0 else {}, options=_load_options(e))
 
 
@@ -141,6 +153,10 @@ class LocalParams:
     def __init__(self, model: Transformer, wrapped: torch.nn.Module, e: DistEnv, mode: str) -> None:
         self.model, self.wrapped, self.env, self.mode = model, wrapped, e, mode
         self.names = [n for n, _ in model.named_parameters()]
+        # every state-dict key with the index of its parameter: a tied weight (lm_head = embed_tokens) is one
+        # parameter but two keys, and a full state dict load wants both
+        index = {id(p): i for i, p in enumerate(model.parameters())}
+        self.keys = {k: index[id(v)] for k, v in model.state_dict(keep_vars=True).items() if id(v) in index}
         # fsdp: the host copy is allocated by the first gather (GlobalState's construction pulls once)
         self.tensors: list[torch.Tensor] = [] if mode == "fsdp" else list(model.parameters())
 
@@ -168,7 +184,7 @@ class LocalParams:
     @torch.no_grad()
     def scatter(self) -> None:
         if self.mode == "fsdp":
-            state = dict(zip(self.names, self.tensors)) if self.env.rank == 0 else {}
+            state = {k: self.tensors[i] for k, i in self.keys.items()} if self.env.rank == 0 else {}
             load_full_model_state(self.wrapped, state, self.env)
         else:
             for p in self.model.parameters():
