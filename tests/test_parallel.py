@@ -166,3 +166,20 @@ def test_followers_stay_in_lockstep_with_rank_0s_daemon(tmp_path, kjv_data, para
     rollbacks = [r for r in read_metrics(tmp_path / "two") if r.get("kind") == "rollback"]
     assert len(rollbacks) == 1
     assert json.loads((tmp_path / "two" / "peer.json").read_text())["peer_id"] == "silo"
+
+
+def test_auto_picks_ddp_unless_the_model_would_not_fit():
+    import torch
+
+    from photon_p2p.config import Config, TrainConfig
+    from photon_p2p.model import Transformer
+    from photon_p2p.train.distributed import DistEnv
+    from photon_p2p.train.parallel import choose_parallel
+
+    model = Transformer(Config().model)
+    cpu2 = DistEnv(rank=0, world_size=2, initialized=True)
+    assert choose_parallel(TrainConfig(), model, DistEnv()) == "none"  # one process, not torchrun
+    assert choose_parallel(TrainConfig(), model, DistEnv(world_size=1, initialized=True)) == "none"
+    assert choose_parallel(TrainConfig(), model, cpu2) == "ddp"
+    assert choose_parallel(TrainConfig(parallel="fsdp"), model, cpu2) == "fsdp"
+    assert cpu2.device == torch.device("cpu") and cpu2.leads and not cpu2.follows

@@ -91,8 +91,8 @@ def init_distributed(t: TrainConfig) -> DistEnv:
 def _die_with_agent() -> None:
     """torchrun starts each rank in its own session, so a SIGKILLed agent (a crashed silo) would leave rank 0 in
     the swarm and the followers waiting: each rank dies with its parent instead (Linux PR_SET_PDEATHSIG)."""
-    if not sys.platform.startswith("linux"):
-        return
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return  # not torchrun's child (a script's own process group): its parent is no agent
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
