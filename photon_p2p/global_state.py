@@ -19,6 +19,8 @@ class GlobalState:
 
     Every change goes through a method here, under ``lock`` (hivemind serves joiners from another thread) and
     drops the cached fingerprint, so what a peer reports always describes what it holds.
+    In a torchrun silo the methods that read or write θ_local (pseudo_gradient, apply, reset_local, restore_local,
+    adopt) talk to the other ranks (collectives): call them from the thread that trains, never from a helper.
     """
 
     def __init__(self, params: list[torch.nn.Parameter] | Any, fed: FederationConfig) -> None:

@@ -183,3 +183,22 @@ def test_auto_picks_ddp_unless_the_model_would_not_fit():
     assert choose_parallel(TrainConfig(), model, cpu2) == "ddp"
     assert choose_parallel(TrainConfig(parallel="fsdp"), model, cpu2) == "fsdp"
     assert cpu2.device == torch.device("cpu") and cpu2.leads and not cpu2.follows
+
+
+def test_checkpoint_from_before_named_optimizer_state_still_resumes(kjv_data):
+    """Older checkpoints hold AdamW state by parameter position (optimizer.state_dict()); one rank still loads it."""
+    from photon_p2p.config import load_config
+    from photon_p2p.train.trainer import build_trainer
+
+    cfg = load_config(["tiny"], [f"{k}={v}" for k, v in {**COMMON, "train.batch_size": 2}.items()])
+    trainer = build_trainer(cfg, str(kjv_data))
+    trainer.train_step()
+    old = {"optimizer": trainer.optimizer.state_dict(), "step": 1, "tokens": 64, "sampler": {"cursor": 1}}
+    assert isinstance(next(iter(old["optimizer"]["state"])), int)
+    fresh = build_trainer(cfg, str(kjv_data))
+    fresh.load_state_dict(old)
+    assert fresh.step == 1 and fresh.sampler.cursor == 1
+    assert all(fresh.optimizer.state[p]["exp_avg"].equal(trainer.optimizer.state[q]["exp_avg"])
+               for p, q in zip(fresh.model.parameters(), trainer.model.parameters()))
+    named = fresh.state_dict()["optimizer"]
+    assert "embed_tokens.weight" in named["state"]  # what new checkpoints hold
