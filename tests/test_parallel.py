@@ -70,20 +70,22 @@ def test_parallel_without_torchrun_is_a_config_error(tmp_path, kjv_data):
 
 
 @pytest.mark.slow
-def test_two_rank_silo_and_one_rank_silo_hold_one_model(tmp_path, kjv_data):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_rank_silo_and_one_rank_silo_hold_one_model(tmp_path, kjv_data, parallel):
     from swarm import Swarm
 
     swarm = Swarm(tmp_path, kjv_data)
     common = {"federation.round_clock": "steps", "federation.local_steps": 3, "federation.rounds": 2,
               "federation.min_group_size": 2, "train.batch_size": 4, "train.dist_timeout": 120.0}
     try:
-        big = swarm.start("silo-2ranks", extra=common, nproc=2)
+        big = swarm.start("silo-2ranks", extra={**common, "train.parallel": parallel}, nproc=2)
         small = swarm.start("silo-1rank", initial=[big.address(120)], extra=common)
         for p in (big, small):
             assert p.wait(240) == 0, p.log()[-3000:]
     finally:
         swarm.close()
-    assert "silo: 2 ranks on cpu, data parallel (DDP)" in big.log()
+    how = {"ddp": "data parallel (DDP)", "fsdp": "sharded (FSDP2)"}[parallel]
+    assert f"silo: 2 ranks on cpu, {how}, 256 tokens per step" in big.log()
     rounds = {p.name: p.rounds() for p in (big, small)}
     for name, rs in rounds.items():
         assert [r["solo"] for r in rs] == [False, False], (name, rs)
