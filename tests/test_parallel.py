@@ -85,7 +85,7 @@ def test_two_rank_silo_and_one_rank_silo_hold_one_model(tmp_path, kjv_data, para
     finally:
         swarm.close()
     how = {"ddp": "data parallel (DDP)", "fsdp": "sharded (FSDP2)"}[parallel]
-    assert f"silo: 2 ranks on cpu, {how}, 256 tokens per step" in big.log()
+    assert f"silo: 2 ranks on cpu, {how}, 512 tokens per step" in big.log()  # 2 x 4 x 64
     rounds = {p.name: p.rounds() for p in (big, small)}
     for name, rs in rounds.items():
         assert [r["solo"] for r in rs] == [False, False], (name, rs)
