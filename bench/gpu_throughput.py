@@ -153,7 +153,7 @@ def fsdp_probe(presets: list[str], overrides: list[str], data_dir: str, steps: i
             row.update(status="ok", tok_s=round(trainer.tokens_per_step / s), peak_gib=_peak_gib(device),
                        mfu=_mfu(trainer.tokens_per_step / s, cfg), loss=round(trainer.last_loss, 4))
             del trainer
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             row.update(status="oom", peak_gib=_peak_gib(device))
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)

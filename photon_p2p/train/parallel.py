@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -56,10 +57,17 @@ def parallelize(model: Transformer, t: TrainConfig, e: DistEnv, mode: str) -> to
         checkpoint_blocks(model)
     if mode == "ddp":
         ids = [e.device.index] if e.device.type == "cuda" else None
-        # The model's only buffers are the rotary tables, derived from the config: nothing to broadcast per step.
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+        # The model's only buffers are the rotary tables, derived from the config: nothing to broadcast per step
+        # (torch 2.13 renamed the switch; setup.cfg allows torch >= 2.1).
+        ddp = torch.nn.parallel.DistributedDataParallel
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+            else "broadcast_buffers"
+        return ddp(model, device_ids=ids, **{no_sync: False})
     if mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:  # torch < 2.6 keeps FSDP2 under its former name
+            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
         bf16 = t.precision == "bf16" or (t.precision == "auto" and e.device.type == "cuda")
         # bf16 compute and all-gathers, fp32 gradient reduction and fp32 sharded master weights (torchtitan's policy)
@@ -100,7 +108,10 @@ def _load_options(e: DistEnv) -> StateDictOptions:
 def _reshard(wrapped: torch.nn.Module) -> None:
     """FSDP2 leaves the root's parameters unsharded after a forward without backward (an evaluation, a step whose
     loss was refused); state-dict loads want the sharded (DTensor) ones, so reshard every FSDP module first."""
-    from torch.distributed.fsdp import FSDPModule
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule
 
     for m in wrapped.modules():
         if isinstance(m, FSDPModule):
