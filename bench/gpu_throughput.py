@@ -92,7 +92,6 @@ def bare_loop(cfg, steps: int, warmup: int) -> tuple[float, float | None]:
 
     s = _timed(step, steps, warmup, device)
     peak = _peak_gib(device)
-    del model, opt, fwd
     return t.batch_size * cfg.model.seq_len / s, peak
 
 
