@@ -59,13 +59,30 @@ def _graceful_stop() -> threading.Event:
     return stop
 
 
+def _on_ranks(cfg, peer: str | int, lead: Callable[[], dict]) -> int:
+    """Under torchrun only rank 0 runs ``lead`` (the solo loop or the daemon: the swarm peer); the other ranks
+    follow it step for step (train/distributed.py). One process: just ``lead``."""
+    from photon_p2p.train import distributed
+
+    env = distributed.init_distributed(cfg.train)
+    try:
+        if env.follows:
+            from photon_p2p.train.solo import run_follower
+
+            run_follower(cfg, peer)
+            return 0
+        result = lead()
+    finally:
+        distributed.shutdown()  # rank 0 releases its followers even when it failed
+    print(json.dumps({"run_dir": cfg.run_dir, **result}))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)  # before the heavy imports: a config mistake is reported at once
     from photon_p2p.train.solo import run_solo
 
-    result = run_solo(cfg, stop=_graceful_stop(), progress=not args.no_progress)
-    print(json.dumps({"run_dir": cfg.run_dir, **result}))
-    return 0
+    return _on_ranks(cfg, 0, lambda: run_solo(cfg, stop=_graceful_stop(), progress=not args.no_progress))
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -144,9 +161,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args, extra)  # every check (identity file, addresses, ranges) before hivemind is imported
     from photon_p2p.daemon import PeerDaemon
 
-    result = PeerDaemon(cfg, stop=_graceful_stop(), progress=not args.no_progress).run()
-    print(json.dumps({"run_dir": cfg.run_dir, **result}))
-    return 0
+    # the daemon's data seed is the silo's name (PeerDaemon._setup_training): its followers draw the same windows
+    return _on_ranks(cfg, cfg.name, lambda: PeerDaemon(cfg, stop=_graceful_stop(),
+                                                        progress=not args.no_progress).run())
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -87,6 +87,13 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     threads: int = 0  # torch CPU threads (0 = torch's default)
     seed: int = 0
+    # Under torchrun (several ranks per silo, train/parallel.py): ddp replicates the model on every rank, fsdp
+    # shards parameters, gradients and AdamW state (FSDP2); auto = fsdp when the model with AdamW would not fit
+    # half a device, else ddp; none = one process (an error under torchrun with more than one rank).
+    # batch_size is per rank: a silo's step is batch_size x ranks sequences.
+    parallel: str = "auto"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    dist_timeout: float = 1800.0  # seconds a rank waits for the others (ranks idle while rank 0 averages)
 
 
 @dataclass
@@ -180,6 +187,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federation.round_clock": ("swarm", "steps"),
     "federation.robust_aggregation": ("none", "clip", "centered_clip"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.parallel": ("auto", "ddp", "fsdp", "none"),
 }
 
 
@@ -332,6 +340,7 @@ RANGES: dict[str, str] = {
     "train.beta1": "in [0, 1)", "train.beta2": "in [0, 1)", "train.eps": "> 0", "train.grad_clip": ">= 0",
     "train.eval_every": ">= 0", "train.eval_batches": ">= 1", "train.eval_batch_size": ">= 0",
     "train.checkpoint_every": ">= 1", "train.log_every": ">= 1", "train.threads": ">= 0", "train.seed": ">= 0",
+    "train.dist_timeout": "> 0",
     "federation.rounds": ">= 0", "federation.local_steps": ">= 1", "federation.round_token_budget": ">= 0",
     "federation.round_time_budget": ">= 0", "federation.target_group_size": ">= 1",
     "federation.min_group_size": ">= 1", "federation.matchmaking_time": "> 0", "federation.straggler_wait": ">= 0",

@@ -74,7 +74,8 @@ class PeerDaemon:
         data_dir = resolve_data_dir(cfg, self.run_dir, self.progress)
         # Peers draw different windows: the data seed is mixed with this silo's name.
         self.trainer: LocalTrainer = build_trainer(cfg, str(data_dir), peer=cfg.name)
-        self.state = GlobalState(list(self.trainer.model.parameters()), cfg.federation)
+        # torchrun silo: θ_local is synced with the other ranks (train/parallel.py); this process is rank 0
+        self.state = GlobalState(self.trainer.local_params(), cfg.federation)
         self.metrics = MetricsLogger(self.run_dir)
         self.resumed = checkpoint_path(self.run_dir).exists()
         if self.resumed:
@@ -89,7 +90,7 @@ class PeerDaemon:
 
     def _checkpoint(self) -> None:
         names = [n for n, _ in self.trainer.model.named_parameters()]
-        global_model = dict(self.trainer.model.state_dict())
+        global_model = dict(self.trainer.model_state_dict())  # gathered from every rank's shard (torchrun)
         global_model.update(dict(zip(names, self.state.weights)))
         fed = {**self.state.state_dict(), "round_steps": self.round_steps, "round_tokens": self.round_tokens}
         save_checkpoint(self.run_dir, trainer_checkpoint(self.trainer, self.cfg, global_model=global_model,
@@ -265,7 +266,7 @@ class PeerDaemon:
         self.swarm = self.make_swarm(self.cfg, self.state.weights, self.shared_state, self.trainer.tokens_per_step)
         exporters = start_exporters(self.cfg, self.heartbeat, self.run_dir)  # optional Prometheus / TensorBoard
         try:
-            print(banner(self.cfg, self.swarm), flush=True)
+            print(banner(self.cfg, self.swarm, self.trainer), flush=True)
             # Scripts (peers/local_swarm.py, tests) read the join address from here instead of scraping stdout.
             (self.run_dir / "peer.json").write_text(json.dumps(
                 {"peer_id": self.swarm.peer_id, "maddrs": self.swarm.maddrs, "pid": os.getpid(),
@@ -319,5 +320,4 @@ class PeerDaemon:
             try:
                 return self.trainer.evaluate()
             finally:
-                for p, keep in zip(self.state.params, local):
-                    p.copy_(keep)
+                self.state.restore_local(local)  # and on every rank of a torchrun silo

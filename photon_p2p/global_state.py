@@ -11,6 +11,7 @@ from photon_p2p.config import FederationConfig
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.outer import OuterOptimizer
 from photon_p2p.federation.swarm import fingerprint
+from photon_p2p.train.parallel import host_copy
 
 
 class GlobalState:
@@ -18,11 +19,17 @@ class GlobalState:
 
     Every change goes through a method here, under ``lock`` (hivemind serves joiners from another thread) and
     drops the cached fingerprint, so what a peer reports always describes what it holds.
+    In a torchrun silo the methods that read or write θ_local (pseudo_gradient, apply, reset_local, restore_local,
+    adopt) talk to the other ranks (collectives): call them from the thread that trains, never from a helper.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], fed: FederationConfig) -> None:
-        self.params = list(params)
-        self.weights = [p.detach().clone() for p in self.params]
+    def __init__(self, params: list[torch.nn.Parameter] | Any, fed: FederationConfig) -> None:
+        # On a silo of several ranks θ_local is a view (train/parallel.py LocalParams) that is pulled from the
+        # ranks before it is read and pushed to them after it is written; on one rank, the live parameters.
+        self.local = params if hasattr(params, "pull") else None
+        self.params = list(params.tensors if self.local is not None else params)
+        # The global copy (and so the averager's buffers) lives in host memory, pinned when CUDA exists.
+        self.weights = [host_copy(p) for p in self.params]
         self.outer = OuterOptimizer(self.weights, fed.outer_optimizer, fed.outer_lr, fed.outer_momentum)
         self.residual = [torch.zeros_like(w) for w in self.weights] if fed.error_feedback else None
         self.round = 0
@@ -47,7 +54,9 @@ class GlobalState:
     @torch.no_grad()
     def pseudo_gradient(self) -> list[torch.Tensor]:
         """Δ = θ_global − θ_local, plus the error-feedback residual of earlier rounds."""
-        deltas = [w - p.detach() for w, p in zip(self.weights, self.params)]
+        if self.local is not None:
+            self.local.pull()
+        deltas = [w - p.detach().to(w.device) for w, p in zip(self.weights, self.params)]
         if self.residual is not None:
             for d, r in zip(deltas, self.residual):
                 d.add_(r)
@@ -73,6 +82,18 @@ class GlobalState:
         """θ_local ← θ_global (a new round, or a rollback after a bad step)."""
         for p, w in zip(self.params, self.weights):
             p.copy_(w)
+        self._pushed()
+
+    @torch.no_grad()
+    def restore_local(self, tensors: list[torch.Tensor]) -> None:
+        """θ_local ← ``tensors`` (put back local work after evaluating the global weights)."""
+        for p, t in zip(self.params, tensors):
+            p.copy_(t)
+        self._pushed()
+
+    def _pushed(self) -> None:
+        if self.local is not None:
+            self.local.push()  # every rank of the silo now trains from these values
 
     @torch.no_grad()
     def skip_round(self) -> None:
@@ -101,13 +122,16 @@ class GlobalState:
             if w.shape != t.shape:
                 raise FederationError(f"the swarm's model has a tensor of shape {tuple(t.shape)} where this "
                                       f"config has {tuple(w.shape)}")
+        if carry_local and self.local is not None:
+            self.local.pull()
         with self.lock:
             for w, p, t in zip(self.weights, self.params, tensors[:n]):
                 if carry_local:
-                    p.add_(t - w)
+                    p.add_((t - w).to(p.device))
                 else:
                     p.copy_(t)
                 w.copy_(t)
+            self._pushed()
             self.outer.load_state_tensors(tensors[n:])
             self.round = int(meta["round"])
             self._changed()

@@ -31,6 +31,7 @@ def heartbeat_record(d: PeerDaemon) -> dict[str, Any]:
         "started_at": float(d.started_at), "maddrs": d.swarm.maddrs,
         "fingerprint": d.fingerprint(), "participation": d.grouped / max(1, d.finished),
         "clipped": clip_summary(d.clip_history),
+        "world_size": d.trainer.world_size, "device": d.trainer.device.type,
     }
 
 
@@ -88,8 +89,9 @@ def log_round(d: PeerDaemon, r: RoundResult, averaged_round: int, evaluated: dic
           flush=True)
 
 
-def banner(cfg: Config, swarm: Any) -> str:
+def banner(cfg: Config, swarm: Any, trainer: Any = None) -> str:
     lines = ["=" * 78, f"photon-peer {__version__}  run '{cfg.federation.run_id}'  peer {swarm.peer_id}",
+             *([silo_line(trainer)] if trainer is not None else []),
              "To join this swarm from another silo, run:"]
     lines += [f"  photon-peer run --config CONFIG --initial-peers {m}" for m in swarm.maddrs[:3]]
     if cfg.network.client_mode:
@@ -99,3 +101,11 @@ def banner(cfg: Config, swarm: Any) -> str:
                  "OPEN swarm: anyone who can reach a peer can join (set federation.swarm_owner_key to close it)")
     lines.append("=" * 78)
     return "\n".join(lines)
+
+
+def silo_line(trainer: Any) -> str:
+    """What trains behind this peer: ranks, device and how the model is spread over them."""
+    n = trainer.world_size
+    how = {"ddp": "data parallel (DDP)", "fsdp": "sharded (FSDP2)"}.get(trainer.parallel, "one process")
+    return (f"silo: {n} rank{'s' * (n != 1)} on {trainer.device.type}, {how}, "
+            f"{trainer.tokens_per_step:,} tokens per step (its averaging weight per step)")

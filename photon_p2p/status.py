@@ -223,6 +223,12 @@ def _model_line(s: dict) -> str:
     return line + (f", {behind} behind" if behind else "")
 
 
+def _silo(row: dict) -> str:
+    """Ranks x device of the silo behind a peer, e.g. "2xcuda" (just "1" for peers older than these fields)."""
+    n, device = row.get("world_size", 1), row.get("device", "")
+    return f"{n}x{device}" if device else str(n)
+
+
 def render_table(status: dict) -> str:
     """Plain-text swarm summary and peer table (what `photon-peer status` prints)."""
     s, rows = status["summary"], status["peers"]
@@ -251,14 +257,14 @@ def render_table(status: dict) -> str:
                          f"reducer(s) in up to {c['rounds']} of their last rounds (smallest share kept "
                          f"{c['factor']:.2g}): its updates are far from the others'; check it")
     table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "MODEL", "PART", "CLIPPED", "TOKENS", "TOK/S", "LOSS",
-              "VAL PPL", "LAST SEEN")]
+              "VAL PPL", "SILO", "LAST SEEN")]
     for r in rows:
         c = r.get("clipped_by_others")
         table.append((_short_id(r["peer_id"]) + ("" if r["verified"] else "?"), _address(r), r["status"],
                       str(r["round"]), str(r["lag"]), _short_model(r["fingerprint"]), f"{r['participation']:.0%}",
                       f"{c['rounds']}x{len(c['reporters'])}" if c else "-",
                       _count(r["tokens"]), f"{r['tokens_per_s']:,.0f}", _num(r["loss"], ".4f"),
-                      _num(r["val_ppl"], ".2f"), _ago(r["last_seen"]) + " ago"))
+                      _num(r["val_ppl"], ".2f"), _silo(r), _ago(r["last_seen"]) + " ago"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines.append("")
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]

@@ -36,3 +36,9 @@ def cli_env() -> dict[str, str]:
 
 
 CLI = [sys.executable, "-m", "photon_p2p.cli"]
+
+
+def torchrun(nproc: int) -> list[str]:
+    """`photon-peer` as a silo of ``nproc`` ranks on this machine (torchrun, gloo on CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "photon_p2p.cli"]

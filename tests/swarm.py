@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import CLI, cli_env, tiny_overrides
+from conftest import CLI, cli_env, tiny_overrides, torchrun
 from photon_p2p.metrics import read_metrics
 
 
@@ -64,7 +64,7 @@ class Swarm:
     peers: list[Peer] = field(default_factory=list)
 
     def start(self, name: str, *, initial: list[str] | None = None, extra: dict | None = None,
-              args: list[str] | None = None, cli: list[str] | None = None) -> Peer:
+              args: list[str] | None = None, cli: list[str] | None = None, nproc: int = 1) -> Peer:
         run_dir = self.root / name
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "peer.json").unlink(missing_ok=True)
@@ -73,7 +73,8 @@ class Swarm:
                      "federation.round_deadline": 25.0, "federation.allreduce_timeout": 10.0,
                      "federation.state_sync_timeout": 10.0, "federation.target_group_size": 4,
                      "network.bootstrap_timeout": 15.0, "train.eval_every": 10, **(extra or {})}
-        cmd = [*(cli or CLI), "run", "--no-progress", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+        launcher = cli or (torchrun(nproc) if nproc > 1 else CLI)
+        cmd = [*launcher, "run", "--no-progress", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
         for o in tiny_overrides(run_dir, **overrides):
             cmd += ["--set", o]
         if initial:

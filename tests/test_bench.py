@@ -70,3 +70,18 @@ def test_one_model_figures_from_round_records():
     assert one_model.count_models([old(5.00004), old(5.00006)]) == 2
     assert one_model.count_models([old(5.00004), old(5.00006), old(7.0)], coarse=True) == 2
     assert one_model.parse_args(["--scenarios", "three", "lr50", "--code", "new"]).scenarios == ["three", "lr50"]
+
+
+def test_gpu_throughput_smoke_runs_every_code_path_on_cpu(tmp_path):
+    """No GPU here: the tiny preset for 2 steps, trainer vs bare loop and the FSDP2 + activation checkpointing
+    probe on a 1-rank gloo group, so the GPU benchmark cannot rot while no GPU is lent."""
+    out = tmp_path / "smoke.json"
+    proc = run("bench/gpu_throughput.py", "--smoke", "--compile", "off", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    (row,) = doc["throughput"]
+    assert row["config"] == "tiny" and row["trainer_tok_s"] > 0 and row["bare_tok_s"] > 0
+    assert row["ratio"] > 0 and "trainer_peak_gib" in row and "bare_mfu" in row
+    (probe,) = doc["fsdp_probe"]
+    assert probe["status"] == "ok" and probe["parallel"] == "fsdp+ac" and probe["tok_s"] > 0
+    assert doc["largest_fsdp_ac_preset"] == "tiny"

@@ -311,3 +311,12 @@ def test_a_peer_that_keeps_being_clipped_is_flagged():
     assert lines[header].split()[7] == "CLIPPED"
     cells = {line.split()[0]: line.split()[7] for line in lines[header + 1:] if line.startswith("..")}
     assert cells[f"..{bad[-12:]}?"] == "4x2" and cells[f"..{peer(1)[-12:]}?"] == "-"
+def test_table_shows_each_silos_ranks_and_device():
+    """A torchrun silo reports world_size and device in its heartbeat; records from older peers have neither."""
+    status = collect_status(fake_swarm([{"world_size": 8, "device": "cuda"}, {}]), RUN, 1.0)
+    assert sorted((r["world_size"], r["device"]) for r in status["peers"]) == [(1, ""), (8, "cuda")]
+    lines = render_table(status).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
+    assert lines[header].split()[-3:] == ["SILO", "LAST", "SEEN"]
+    rows = {line.split()[0]: line.split() for line in lines[header + 1:] if line.startswith("..")}
+    assert rows["..aaaaaaaaaaaa?"][-3] == "8xcuda" and rows["..bbbbbbbbbbbb?"][-3] == "1"

@@ -90,10 +90,13 @@ class BatchSampler:
     needs just the integer cursor and different peers draw different data from the same shards."""
 
     def __init__(self, dataset: TokenDataset, seq_len: int, batch_size: int, seed: int,
-                 peer: str | int = 0) -> None:
+                 peer: str | int = 0, rank: int = 0, world: int = 1) -> None:
         if seq_len < 1 or batch_size < 1:
             raise DataError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
         self.dataset, self.seq_len, self.batch_size = dataset, seq_len, batch_size
+        # One of ``world`` ranks of a silo: batch k is rows [rank*b, (rank+1)*b) of the silo's batch k of world*b
+        # windows, so the silo's data is the same whatever its number of ranks (only this rank's rows are read).
+        self.rank, self.world = rank, world
         self.seed = seed % 2**64  # SeedSequence wants non-negative entropy
         self.peer = peer
         self._peer_hash = hash32(peer)
@@ -110,7 +113,8 @@ class BatchSampler:
     def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number ``k`` (a pure function of seed, peer and k); does not move the cursor."""
         rng = np.random.Generator(np.random.PCG64([self.seed, self._peer_hash, int(k)]))
-        flat = rng.integers(0, int(self._cum[-1]), size=self.batch_size, dtype=np.int64)
+        flat = rng.integers(0, int(self._cum[-1]), size=self.batch_size * self.world, dtype=np.int64)
+        flat = flat[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         shard_idx = np.searchsorted(self._cum, flat, side="right")
         offsets = flat - np.concatenate(([0], self._cum[:-1]))[shard_idx]
         window = np.arange(self.seq_len + 1, dtype=np.int64)

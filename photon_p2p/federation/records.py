@@ -80,6 +80,9 @@ class PeerRecord(BaseModel):
     # Closed swarms: the peer's owner-signed admission token (credentials.py); "" in an open swarm. The DHT's
     # AdmissionValidator checks it against the record's signer, so a record cannot borrow another peer's token.
     admission: constr(strict=True, max_length=1024) = ""
+    # The silo behind this peer: how many ranks (torchrun) train it and on what ("cpu", "cuda"); older peers: 1, "".
+    world_size: conint(ge=1, strict=True) = 1
+    device: constr(strict=True, max_length=32) = ""
 
 
 class HeartbeatSchema(BaseModel):
@@ -159,7 +162,7 @@ def _finite(value: Any) -> Optional[float]:
 
 
 _FLOATS = {"tokens_per_s", "averaging_s", "started_at", "time", "interval", "participation"}
-_INTS = {"round", "local_step", "tokens", "group_size", "bytes_sent", "bytes_received"}
+_INTS = {"round", "local_step", "tokens", "group_size", "bytes_sent", "bytes_received", "world_size"}
 
 
 def make_record(snapshot: dict, **known: Any) -> PeerRecord:

@@ -17,6 +17,7 @@ from photon_p2p.data.tokenizer import BUNDLED_TOKENIZER
 from photon_p2p.metrics import MetricsLogger
 from photon_p2p.observe import start_exporters
 from photon_p2p.progress import Progress
+from photon_p2p.train import distributed
 from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
 
 
@@ -24,19 +25,28 @@ def resolve_data_dir(cfg: Config, run_dir: Path, progress: bool = True) -> Path:
     """The prepared data dir named in the config, or the embedded default prepared into the run dir."""
     if cfg.data.path:
         return Path(cfg.data.path)
-    return ensure_default_dataset(run_dir / "data", sources=cfg.data.sources or None,
-                                  tokenizer=cfg.data.tokenizer or None, val_fraction=cfg.data.val_fraction,
-                                  progress=progress)
+    # Under torchrun rank 0 prepares it first; the others then find it (or, on another node, prepare their own).
+    return distributed.in_turn(lambda: ensure_default_dataset(
+        run_dir / "data", sources=cfg.data.sources or None, tokenizer=cfg.data.tokenizer or None,
+        val_fraction=cfg.data.val_fraction, progress=progress and distributed.env().rank == 0))
 
 
 def trainer_checkpoint(trainer: LocalTrainer, cfg: Config, **extra: Any) -> dict[str, Any]:
     """What a solo checkpoint holds; the daemon adds its global state and round on top."""
-    return {"config": to_dict(cfg), "model": trainer.model.state_dict(), "trainer": trainer.state_dict(), **extra}
+    return {"config": to_dict(cfg), "model": trainer.model_state_dict(), "trainer": trainer.state_dict(), **extra}
 
 
 def restore_trainer(trainer: LocalTrainer, state: dict[str, Any]) -> None:
-    trainer.model.load_state_dict(state["model"])
+    trainer.load_model_state_dict(state["model"])
     trainer.load_state_dict(state["trainer"])
+
+
+def run_follower(cfg: Config, peer: str | int) -> int:
+    """Ranks 1..N-1 of a torchrun silo (`train` and `run` alike): build the same trainer, then do what rank 0
+    announces until it stops (train/distributed.py). ``peer`` must be rank 0's data seed name."""
+    data_dir = resolve_data_dir(cfg, Path(cfg.run_dir), progress=False)
+    trainer = build_trainer(cfg, str(data_dir), peer=peer)
+    return distributed.follow(trainer.collectives)
 
 
 def run_solo(cfg: Config, stop: threading.Event | None = None, progress: bool = True) -> dict[str, float]:
