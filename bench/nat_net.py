@@ -195,6 +195,12 @@ class NatTestbed:
     def all_counters(self) -> list[dict[str, int]]:
         return [self.counters(i) for i in range(self.n)]
 
+    def masqueraded_packets(self, k: int) -> int:
+        """Packets NAT k's router has MASQUERADEd (proof that a volunteer's traffic went through its NAT)."""
+        out = subprocess.run(["ip", "netns", "exec", self.routers[k], "iptables", "-t", "nat", "-L", "POSTROUTING",
+                              "-v", "-x", "-n"], capture_output=True, text=True).stdout
+        return sum(int(line.split()[0]) for line in out.splitlines() if "MASQUERADE" in line)
+
 
 # ---- photon_p2p swarms in a NAT testbed -----------------------------------------------------------------------
 REPO = Path(__file__).resolve().parent.parent
@@ -243,12 +249,13 @@ def read_records(run_dir: Path) -> list[dict]:
 
 def run_swarm(tb: NatTestbed, out: Path, *, silos: list[int], volunteers: list[int], bootstrap: int,
               common: list[str], first: list[str], joiner: list[str], volunteer: list[str],
-              timeout: float = 300.0, poller: Any = None) -> dict[str, Any]:
+              timeout: float = 300.0, status_from: int | None = None, run_id: str = "") -> dict[str, Any]:
     """The first silo (it starts the model), the bootstrap node (connected to it), then every other silo and
     volunteer at once, each given only the bootstrap node's multiaddr; waits until every peer has exited (federation.rounds) or ``timeout``. Returns each peer's metrics records,
     start/end times and exit code. ``first``/``joiner``/``volunteer``: overrides on top of ``common``."""
     peers: dict[str, dict[str, Any]] = {}
     procs: list[subprocess.Popen] = []
+    status: dict[str, Any] = {}
     t0 = time.time()
     try:
         order = [(f"silo-{j}", i, "tiny", common + first if j == 0 else common + joiner)
@@ -268,14 +275,18 @@ def run_swarm(tb: NatTestbed, out: Path, *, silos: list[int], volunteers: list[i
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(p["proc"].poll() is None for p in peers.values()):
             time.sleep(0.5)
+        if status_from is not None:
+            st = tb.run(status_from, [sys.executable, "-m", "photon_p2p.cli", "status", "--initial-peers", baddr,
+                                      "--run-id", run_id, "--json", "--timeout", "20"], timeout=90)
+            status = {"rc": st.returncode, "stdout": st.stdout, "stderr": st.stderr[-2000:]}
     finally:
         stop_procs(procs)
-    result = {}
+    result: dict[str, Any] = {}
     for name, p in peers.items():
         result[name] = {"machine": p["machine"], "addr": p["addr"], "rc": p["proc"].returncode,
                         "started": p["started"], "records": read_records(p["dir"]),
                         "log_tail": (p["dir"] / "peer.log").read_text(errors="replace")[-3000:]}
-    result["_t0"] = t0
+    result["_t0"], result["_status"] = t0, status
     return result
 
 

@@ -26,7 +26,8 @@ def heartbeat_record(d: PeerDaemon) -> dict[str, Any]:
         "tokens_per_s": float(d.tokens_per_s), "compression": d.cfg.federation.compression,
         "group_size": res.group_size if res else 0, "averaging_s": float(res.seconds) if res else 0.0,
         "bytes_sent": int(d.bytes_sent), "bytes_received": int(d.bytes_received),
-        "client_mode": bool(d.cfg.network.client_mode), "version": __version__,
+        "client_mode": bool(d.cfg.network.client_mode), "connection": str(d.swarm.connection),
+        "version": __version__,
         "started_at": float(d.started_at), "maddrs": d.swarm.maddrs,
         "fingerprint": d.fingerprint(), "participation": d.grouped / max(1, d.finished),
     }

@@ -58,6 +58,9 @@ class PeerRecord(BaseModel):
     # Swarm consistency: peers at the same round with different fingerprints hold different models (a split).
     fingerprint: constr(strict=True, max_length=64)  # hex sha256 of weights + outer optimizer state; "" = unknown
     participation: confloat(ge=0.0, le=1.0, strict=True)  # share of finished rounds averaged in a group, not solo
+    # How it reaches the swarm: "direct", "client" (client mode: dials out only, e.g. behind NAT) or "relayed"
+    # (a libp2p circuit relay carries some of its connections); "" from peers older than this field.
+    connection: constr(strict=True, max_length=16) = ""
 
 
 class HeartbeatSchema(BaseModel):
