@@ -95,6 +95,10 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _mb(x: float | None) -> float | None:
+    return None if x is None else x / 1e6
+
+
 def _f(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -108,7 +112,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         for p in s["peers"]:
             lines.append(f"| {s['scenario']} | {p['peer']} | {p['role']} | {p['grouped']}/{p['rounds']} | "
                          f"{p['participation_from_round_2']:.2f} | {_f(p['averaging_s'], '.2f')} | "
-                         f"{_f(p['allreduce_s'], '.2f')} | {_f(p['payload_bytes_per_round'] and p['payload_bytes_per_round'] / 1e6, '.2f')} | "
+                         f"{_f(p['allreduce_s'], '.2f')} | {_f(_mb(p['payload_bytes_per_round']), '.2f')} | "
                          f"{p['wire_bytes'] / 1e6:.1f} | {'; '.join(p['reasons']) or '-'} |")
     lines += ["", "| scenario | bootstrap node's link MB | models at the last round | packets MASQUERADEd | seconds |",
               "|---|---|---|---|---|"]

@@ -226,7 +226,7 @@ def start_bootstrap(tb: NatTestbed, i: int, run_dir: Path, initial: list[str],
 
 def start_peer(tb: NatTestbed, i: int, run_dir: Path, name: str, initial: list[str], overrides: list[str],
                config: str = "tiny") -> subprocess.Popen:
-    """`photon-peer run` on machine i, joining through ``initial`` (none: it starts the run); log in RUN_DIR/peer.log."""
+    """`photon-peer run` on machine i, joining through ``initial`` (none: it starts the run); log in run_dir."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for f in ("peer.json", "metrics.jsonl", "checkpoint.pt"):
         (run_dir / f).unlink(missing_ok=True)
@@ -251,11 +251,13 @@ def run_swarm(tb: NatTestbed, out: Path, *, silos: list[int], volunteers: list[i
               common: list[str], first: list[str], joiner: list[str], volunteer: list[str],
               timeout: float = 300.0, status_from: int | None = None, run_id: str = "") -> dict[str, Any]:
     """The first silo (it starts the model), the bootstrap node (connected to it), then every other silo and
-    volunteer at once, each given only the bootstrap node's multiaddr; waits until every peer has exited (federation.rounds) or ``timeout``. Returns each peer's metrics records,
+    volunteer at once, each given only the bootstrap node's multiaddr; waits until every peer has exited
+    (federation.rounds) or ``timeout``. Returns each peer's metrics records,
     start/end times and exit code. ``first``/``joiner``/``volunteer``: overrides on top of ``common``."""
     peers: dict[str, dict[str, Any]] = {}
     procs: list[subprocess.Popen] = []
     status: dict[str, Any] = {}
+    baddr = ""
     t0 = time.time()
     try:
         order = [(f"silo-{j}", i, "tiny", common + first if j == 0 else common + joiner)
