@@ -252,8 +252,10 @@ def run_swarm(tb: NatTestbed, out: Path, *, silos: list[int], volunteers: list[i
               timeout: float = 300.0, status_from: int | None = None, run_id: str = "") -> dict[str, Any]:
     """The first silo (it starts the model), the bootstrap node (connected to it), then every other silo and
     volunteer at once, each given only the bootstrap node's multiaddr; waits until every peer has exited
-    (federation.rounds) or ``timeout``. Returns each peer's metrics records,
-    start/end times and exit code. ``first``/``joiner``/``volunteer``: overrides on top of ``common``."""
+    (federation.rounds) or ``timeout``. Returns each peer's metrics records, start time and exit code, and with
+    ``status_from`` `photon-peer status --json` of run ``run_id`` asked from that machine through the bootstrap
+    node once the peers are done (their last heartbeats) under "_status".
+    ``first``/``joiner``/``volunteer``: overrides on top of ``common``."""
     peers: dict[str, dict[str, Any]] = {}
     procs: list[subprocess.Popen] = []
     status: dict[str, Any] = {}
