@@ -174,7 +174,8 @@ def _address(row: dict) -> str:
         return "(client mode)"  # it accepts no connections: its listen address would mislead
     if not row["maddrs"]:
         return "-"
-    return row["maddrs"][0].split("/p2p/")[0]  # the peer id has its own column
+    relayed = "(relayed) " if row.get("connection") == "relayed" else ""  # reached through a circuit relay
+    return relayed + row["maddrs"][0].split("/p2p/")[0]  # the peer id has its own column
 
 
 def _short_id(peer_id: str) -> str:

@@ -33,6 +33,7 @@ class FakeNet:
 class FakeSwarm:
     def __init__(self, net: FakeNet, name: str, global_params, state_provider) -> None:
         self.net, self.peer_id, self.maddrs = net, name, [f"/fake/{name}"]
+        self.connection = "direct"
         self.global_params, self.state_provider = global_params, state_provider
         self.snapshot: Callable[[], dict] | None = None
         self.live = True

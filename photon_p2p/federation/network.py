@@ -121,6 +121,23 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     return sorted(addrs, key=lambda a: (a.startswith(("/ip4/127.", "/ip6/::1/")), a))
 
 
+async def _connection_addrs(_dht: hivemind.DHT, node) -> list[str]:
+    """(Runs inside the DHT process.) The remote multiaddrs of this peer's open libp2p connections."""
+    return [str(a) for info in await node.p2p.list_peers() for a in info.addrs]
+
+
+def connection_kind(dht: hivemind.DHT, client_mode: bool, timeout: float) -> str:
+    """How this peer is connected, from its open libp2p connections: "relayed" when any of them runs through a
+    circuit relay (/p2p-circuit), else "client" (client mode: outbound connections only), else "direct".
+    Returns "client"/"direct" from the configuration alone when p2pd does not answer within ``timeout``."""
+    fallback = "client" if client_mode else "direct"
+    try:
+        addrs = dht.run_coroutine(_connection_addrs, return_future=True).result(timeout=timeout)
+    except Exception:  # no answer in time (or the DHT is gone): say what the configuration implies
+        return fallback
+    return "relayed" if any("/p2p-circuit" in a for a in addrs) else fallback
+
+
 # ---- lifeline ---------------------------------------------------------------------------------------------
 
 @contextmanager

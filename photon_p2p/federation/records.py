@@ -83,6 +83,9 @@ class PeerRecord(BaseModel):
     # The silo behind this peer: how many ranks (torchrun) train it and on what ("cpu", "cuda"); older peers: 1, "".
     world_size: conint(ge=1, strict=True) = 1
     device: constr(strict=True, max_length=32) = ""
+    # How it reaches the swarm: "direct", "client" (client mode: dials out only, e.g. behind NAT) or "relayed"
+    # (a libp2p circuit relay carries some of its connections); "" from peers older than this field.
+    connection: constr(strict=True, max_length=16) = ""
 
 
 class HeartbeatSchema(BaseModel):

@@ -23,7 +23,7 @@ from photon_p2p.federation.admission import SwarmAdmission
 from photon_p2p.federation.averager_process import RoundTracker, admitted_progress, progress_members
 from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
 from photon_p2p.federation.groups import plan_groups
-from photon_p2p.federation.network import parse_multiaddrs, start_dht, visible_maddrs
+from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, visible_maddrs
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
     install_validators,
@@ -52,6 +52,7 @@ class Swarm(Protocol):
 
     peer_id: str
     maddrs: list[str]
+    connection: str  # "direct", "client" (client mode) or "relayed" (network.connection_kind)
 
     def start(self, snapshot: Callable[[], dict]) -> None: ...
     def check_run(self) -> None: ...
@@ -151,6 +152,7 @@ class HivemindSwarm:
                 self.admission = SwarmAdmission(self.dht, owner, Path(f.admission_token).expanduser().read_text(),
                                                 self.peer_id, net.request_timeout, f.record_ttl)
                 self.admission.refresh()  # publishes our token: servers see a joiner before it asks for state
+            self.connection = "client" if net.client_mode else "direct"  # refined from p2pd after each round
             self.averager = PseudoGradientAverager(self.dht, global_tensors, f, net, state_provider,
                                                    global_tensors=global_tensors, owner_public=owner)
             if f.round_clock == "swarm":
@@ -231,9 +233,12 @@ class HivemindSwarm:
         if plan is not None and plan.n < 2:
             plan = None  # nobody else reported this round yet: fall back to the live-peer count
         clock = self.clock
-        return self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
-                                     live_target=live_target, plan=plan,
-                                     give_up=(lambda: clock.swarm_round > round_no) if clock is not None else None)
+        result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
+                                       live_target=live_target, plan=plan,
+                                       give_up=(lambda: clock.swarm_round > round_no) if clock is not None else None)
+        self.connection = connection_kind(self.dht, bool(self.cfg.network.client_mode),
+                                          timeout=min(2.0, float(self.cfg.network.request_timeout)))
+        return result
 
     def load_state(self, timeout: float, progress: bool):
         if self.admission is not None:

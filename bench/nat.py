@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Volunteers behind NAT vs reachable silos: participation, averaging time and bytes on tbf-shaped links.
+
+Usage: python bench/nat.py [--rate-mbit 20] [--rounds 3] [--scenarios reachable nat_client nat_only_client
+                           nat_only_relay] [--out bench/results/nat]
+
+Real `photon-peer` daemons (the tiny preset, a small batch) in network namespaces (bench/nat_net.py): a public
+segment with a bootstrap node and the reachable silos, and volunteers each behind its own MASQUERADE router (no
+port forwarding). Every machine's uplink and each volunteer's downlink is shaped with tbf at --rate-mbit.
+Scenarios, each a fresh swarm of --rounds rounds, every peer given only the bootstrap multiaddr:
+
+  reachable        3 reachable silos (the baseline)
+  nat_client       2 reachable silos + 1 volunteer with peers/volunteer.yaml (client mode)
+  nat_only_client  1 reachable silo that leaves after round 1 + 2 volunteers behind different NATs, client mode:
+                   rounds >= 2 have no reachable peer
+  nat_only_relay   the same, volunteers not in client mode (use_relay + use_auto_relay: they must be dialled
+                   through a circuit relay, the bootstrap node being their trusted relay)
+
+Reported per role: participation (rounds averaged in a group / rounds finished), mean averaging seconds per round
+(matchmaking + all-reduce), daemon-counted payload bytes per round, and each machine's link bytes (veth counters,
+tx + rx, whole run): the bootstrap node's bytes beyond the baseline's are what relaying cost it.
+Needs root, iproute2 and iptables; prints "skipped: ..." and exits 0 otherwise. Writes OUT.json, OUT.md, OUT.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+from nat_net import NatTestbed, nat_unsupported_reason, run_swarm  # noqa: E402
+from netns import CounterPoller, install_signal_teardown  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SCENARIOS = {  # name: (reachable silos, volunteers, first silo leaves after round 1, volunteer overrides)
+    "reachable": (3, 0, False, []),
+    "nat_client": (2, 1, False, []),
+    "nat_only_client": (1, 2, True, []),
+    "nat_only_relay": (1, 2, True, ["network.client_mode=false", "network.use_relay=true",
+                                    "network.use_auto_relay=true"]),
+}
+
+
+def run_scenario(name: str, args: argparse.Namespace, data: str) -> dict[str, Any]:
+    n_silos, n_vol, first_leaves, vol_overrides = SCENARIOS[name]
+    run_id = f"nat-{name.replace('_', '-')}-{os.getpid()}"
+    common = [f"data.path={data}", f"federation.run_id={run_id}", f"federation.rounds={args.rounds}",
+              f"federation.local_steps={args.local_steps}", f"train.batch_size={args.batch_size}",
+              "train.threads=1", "train.eval_every=0", "train.max_steps=100000", "train.checkpoint_every=100000",
+              "federation.matchmaking_time=3", f"federation.round_deadline={args.round_deadline}",
+              f"federation.target_group_size={n_silos + n_vol}", "federation.min_group_size=2",
+              "federation.state_sync_timeout=60", "network.bootstrap_timeout=30"]
+    no_solo = ["federation.allow_solo_start=false"]
+    with NatTestbed(public=1 + n_silos, nats=n_vol, rate_mbit=args.rate_mbit) as tb:
+        with CounterPoller(tb, interval=0.5) as poller:
+            res = run_swarm(tb, Path(args.out).parent / "nat-runs" / name, silos=list(range(1, 1 + n_silos)),
+                            volunteers=[tb.volunteer(k) for k in range(n_vol)], bootstrap=0, common=common,
+                            first=["federation.rounds=1"] if first_leaves else [], joiner=no_solo,
+                            volunteer=no_solo + vol_overrides, timeout=args.scenario_timeout)
+        masq = [tb.masqueraded_packets(k) for k in range(n_vol)]
+    first, last = poller.samples[0][1], poller.samples[-1][1]
+    wire = [last[i]["tx_bytes"] + last[i]["rx_bytes"] - first[i]["tx_bytes"] - first[i]["rx_bytes"]
+            for i in range(len(first))]
+    peers = []
+    for pname, r in res.items():
+        if pname.startswith("_"):
+            continue
+        rounds = [x for x in r["records"] if x["kind"] == "round"]
+        late = [x for x in rounds if x["round"] >= 2]  # the rounds with no reachable peer in the nat_only ones
+        grouped = [x for x in rounds if not x["solo"]]
+        peers.append({"peer": pname, "role": "volunteer" if pname.startswith("volunteer") else "silo",
+                      "rc": r["rc"], "rounds": len(rounds), "grouped": len(grouped),
+                      "participation": len(grouped) / max(1, len(rounds)),
+                      "participation_from_round_2": sum(not x["solo"] for x in late) / max(1, len(late)),
+                      "averaging_s": _mean([x["averaging_s"] for x in grouped]),
+                      "allreduce_s": _mean([x["phases"].get("allreduce", 0.0) for x in grouped]),
+                      "payload_bytes_per_round": _mean([x["bytes_sent"] + x["bytes_received"] for x in grouped]),
+                      "wire_bytes": wire[r["machine"]], "reasons": sorted({x["reason"] for x in rounds} - {""}),
+                      "fingerprints": len({x["fingerprint"] for x in rounds[-1:]})})
+    finals = {p: [x for x in r["records"] if x["kind"] == "round"][-1:] for p, r in res.items()
+              if not p.startswith("_")}
+    at_end = {(x[0]["round"], x[0]["fingerprint"]) for x in finals.values() if x and x[0]["round"] == args.rounds}
+    return {"scenario": name, "silos": n_silos, "volunteers": n_vol, "peers": peers,
+            "bootstrap_wire_bytes": wire[0], "masqueraded_packets": masq,
+            "models_at_end": len(at_end), "seconds": round(time.time() - res["_t0"], 1)}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _mb(x: float | None) -> float | None:
+    return None if x is None else x / 1e6
+
+
+def _f(x: Any, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    lines = [f"`{command}` ({result['rate_mbit']:g} Mbit/s tbf on every uplink and NATed downlink, tiny preset, "
+             f"{result['rounds']} rounds of H={result['local_steps']}, batch {result['batch_size']})", "",
+             "| scenario | peer | role | participation | from round 2 | averaging s | all-reduce s | payload MB/round "
+             "| link MB (run) | why not averaged |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in result["scenarios"]:
+        for p in s["peers"]:
+            lines.append(f"| {s['scenario']} | {p['peer']} | {p['role']} | {p['grouped']}/{p['rounds']} | "
+                         f"{p['participation_from_round_2']:.2f} | {_f(p['averaging_s'], '.2f')} | "
+                         f"{_f(p['allreduce_s'], '.2f')} | {_f(_mb(p['payload_bytes_per_round']), '.2f')} | "
+                         f"{p['wire_bytes'] / 1e6:.1f} | {'; '.join(p['reasons']) or '-'} |")
+    lines += ["", "| scenario | bootstrap node's link MB | models at the last round | packets MASQUERADEd | seconds |",
+              "|---|---|---|---|---|"]
+    for s in result["scenarios"]:
+        lines.append(f"| {s['scenario']} | {s['bootstrap_wire_bytes'] / 1e6:.2f} | {s['models_at_end']} | "
+                     f"{s['masqueraded_packets']} | {s['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    labels, parts, colors = [], [], []
+    for s in result["scenarios"]:
+        for p in s["peers"]:
+            labels.append(f"{s['scenario']}\n{p['peer']}")
+            parts.append(p["participation"])
+            colors.append("tab:orange" if p["role"] == "volunteer" else "tab:blue")
+    ax.bar(range(len(parts)), parts, color=colors)
+    ax.set_xticks(range(len(parts)), labels, rotation=70, fontsize=6)
+    ax.set_ylabel("participation (rounds in a group)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("NATed volunteers (orange) vs reachable silos (blue)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate-mbit", type=float, default=20.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--local-steps", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--round-deadline", type=float, default=45.0)
+    ap.add_argument("--scenario-timeout", type=float, default=300.0)
+    ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    ap.add_argument("--data", default="runs/bench-data-nat", help="prepared data dir (made if missing)")
+    ap.add_argument("--out", default="bench/results/nat")
+    ap.add_argument("--replot", action="store_true", help="rewrite OUT.md and OUT.png from OUT.json")
+    args = ap.parse_args()
+    if args.replot:
+        return report.write_reports(Path(args.out), None, "nat", plot, markdown, lambda _: "python bench/nat.py")
+    why = nat_unsupported_reason()
+    if why:
+        print(f"skipped: {why}")
+        return 0
+    install_signal_teardown()
+    from comm_bytes import ensure_data
+
+    data = ensure_data(args.data)
+    result = {"rate_mbit": args.rate_mbit, "rounds": args.rounds, "local_steps": args.local_steps,
+              "batch_size": args.batch_size, "scenarios": [],
+              "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
+    for name in args.scenarios:
+        print(f"nat: scenario {name}", flush=True)
+        result["scenarios"].append(run_scenario(name, args, data))
+        print(json.dumps({k: v for k, v in result["scenarios"][-1].items()}, default=str)[:2000], flush=True)
+    return report.write_reports(Path(args.out), result, "nat", plot, markdown, lambda _: "python bench/nat.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Volunteers behind NAT, for real: network namespaces with MASQUERADE routers (bench/nat_net.py).
+
+The slow test needs root, network namespaces and iptables; it skips with a one-line reason elsewhere.
+The fast tests check what a peer says about its connection (heartbeat field, status column)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from photon_p2p.federation.network import connection_kind  # noqa: E402
+from photon_p2p.federation.records import make_record  # noqa: E402
+from photon_p2p.status import _address  # noqa: E402
+
+ROUNDS = 4
+
+
+class _DHT:
+    """Just enough of hivemind.DHT for connection_kind: run_coroutine answers with these remote addresses."""
+
+    def __init__(self, addrs: list[str] | None) -> None:
+        self.addrs = addrs
+
+    def run_coroutine(self, fn, return_future: bool = False) -> Future:
+        f: Future = Future()
+        if self.addrs is not None:
+            f.set_result(self.addrs)  # None: p2pd never answers
+        return f
+
+
+def test_connection_kind_from_open_connections():
+    relay = "/ip4/10.77.0.1/tcp/4001/p2p/12D3KooWRelay/p2p-circuit"
+    assert connection_kind(_DHT(["/ip4/10.77.0.2/tcp/1"]), client_mode=False, timeout=1) == "direct"
+    assert connection_kind(_DHT(["/ip4/10.77.0.2/tcp/1"]), client_mode=True, timeout=1) == "client"
+    assert connection_kind(_DHT(["/ip4/10.77.0.2/tcp/1", relay]), client_mode=False, timeout=1) == "relayed"
+    # p2pd silent: the configuration's answer, within the deadline
+    assert connection_kind(_DHT(None), client_mode=True, timeout=0.05) == "client"
+
+
+def test_heartbeat_carries_connection_and_status_shows_it():
+    snap = {"round": 1, "local_step": 5, "tokens": 10, "loss": 1.0, "val_ppl": 2.0, "tokens_per_s": 1.0,
+            "compression": "none", "group_size": 3, "averaging_s": 1.0, "bytes_sent": 1, "bytes_received": 1,
+            "client_mode": False, "version": "t", "maddrs": ["/ip4/10.0.0.5/tcp/7/p2p/QmX"], "fingerprint": "",
+            "participation": 1.0, "connection": "relayed"}
+    rec = make_record(snap, peer_id="QmX", run_id="r", time=1.0, interval=1.0, started_at=0.0)
+    assert rec.connection == "relayed"
+    assert _address(rec.dict()) == "(relayed) /ip4/10.0.0.5/tcp/7"
+    old = {k: v for k, v in snap.items() if k != "connection"}  # a peer from before the field: still valid
+    assert make_record(old, peer_id="QmX", run_id="r", time=1.0, interval=1.0, started_at=0.0).connection == ""
+
+
+@pytest.mark.slow
+def test_natted_volunteer_averages_every_round_and_ends_on_the_one_model(tmp_path, kjv_data):
+    from nat_net import NatTestbed, nat_unsupported_reason, run_swarm
+
+    why = nat_unsupported_reason()
+    if why:
+        pytest.skip(f"no NAT testbed here: {why}")
+    tiny = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=64", "train.batch_size=8",
+            "train.warmup_steps=5", "train.max_steps=1000", "train.eval_every=0", "train.log_every=5",
+            "train.threads=1"]
+    # min_group_size=3: a round cannot close without the volunteer, so 4 group rounds prove it took part in each
+    common = tiny + [f"data.path={kjv_data}", "federation.run_id=nattest", "federation.local_steps=5",
+                     f"federation.rounds={ROUNDS}", "federation.matchmaking_time=3", "federation.round_deadline=60",
+                     "federation.target_group_size=3", "federation.min_group_size=3",
+                     "federation.state_sync_timeout=60", "network.bootstrap_timeout=30"]
+    no_solo = ["federation.allow_solo_start=false"]
+    with NatTestbed(public=3, nats=1, rate_mbit=100) as tb:
+        res = run_swarm(tb, tmp_path, silos=[1, 2], volunteers=[tb.volunteer(0)], bootstrap=0, common=common,
+                        first=[], joiner=no_solo, volunteer=no_solo, timeout=400, status_from=0, run_id="nattest")
+        masqueraded = tb.masqueraded_packets(0)
+    peers = {name: r for name, r in res.items() if not name.startswith("_")}
+    assert set(peers) == {"silo-0", "silo-1", "volunteer-0"}
+    for name, r in peers.items():
+        assert r["rc"] == 0, f"{name} exited with {r['rc']}:\n{r['log_tail']}"
+    assert masqueraded > 0  # the volunteer's traffic really went out through its NAT
+    vol = peers["volunteer-0"]
+    assert [x for x in vol["records"] if x["kind"] == "sync"], "the volunteer did not download the swarm's state"
+    rounds = {name: [x for x in r["records"] if x["kind"] == "round"] for name, r in peers.items()}
+    for name, rs in rounds.items():
+        assert [x["round"] for x in rs] == list(range(1, ROUNDS + 1)), name
+        assert all(not x["solo"] and x["group_size"] == 3 for x in rs), (name, [(x["solo"], x["reason"]) for x in rs])
+        assert all(x["bytes_sent"] > 0 and x["bytes_received"] > 0 for x in rs), name
+    # every round, the same fingerprint on all three; the last one bit-identical
+    for i in range(ROUNDS):
+        assert len({rs[i]["fingerprint"] for rs in rounds.values()}) == 1, f"round {i + 1} differs"
+    # what `photon-peer status` says about each (their final heartbeats, asked from a public machine)
+    status = res["_status"]
+    assert status["rc"] == 0, status
+    rows = json.loads(status["stdout"])["peers"]
+    conn = {r["client_mode"]: r["connection"] for r in rows}
+    assert len(rows) == 3 and conn == {True: "client", False: "direct"}, rows
+    assert len({r["fingerprint"] for r in rows}) == 1 and {r["round"] for r in rows} == {ROUNDS}
