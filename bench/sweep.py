@@ -295,6 +295,33 @@ def table(done: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot(done: dict[str, dict[str, Any]], path: Path) -> None:
+    """Per budget: the curves (val ppl against tokens) of the best run of each side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({r["config"]["budget"] for r in done.values()})
+    if not budgets:
+        return
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.5), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for side in ("central", "fed-iid", "fed-noniid"):
+            recs = _best([r for r in done.values() if r["config"]["budget"] == budget and r["config"]["side"] == side
+                          and r.get("curve")], 1)
+            if recs:
+                xs, ys = zip(*recs[0]["curve"])
+                ax.plot([x / 1e6 for x in xs], ys, marker="o", ms=3,
+                        label=f"best {side} ({recs[0]['key'][:6]}): {recs[0]['final_ppl']:.1f}")
+        ax.set(title=f"budget {budget:g}x", xlabel="total training tokens (M)", ylabel="val ppl", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("bench/sweep.py: best run of each side per budget (tiny, shared held-out set, CPU-2)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
@@ -332,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     pending = sum(key_of(identity(c)) not in done for c in plan(done, args.stages, args.partial))
     text = table(done) + f"\n\n{len(done)} run(s) done; {pending} planned run(s) of the current stages pending.\n"
     (Path(args.results) / "sweep.md").write_text(text)
+    plot(done, Path(args.results) / "sweep.png")
     print(text)
     return 0
 

@@ -114,3 +114,15 @@ def test_spec_passes_the_recipe_to_the_peers(sweep, tmp_path):
     assert "train.batch_size=64" in central.overrides and "train.max_steps=1536" in central.overrides
     with pytest.raises(sweep.conv.BenchError, match="does not divide"):
         sweep.spec_of(sweep.make("fed-iid", "screen", {"H": 100}), data, args)
+
+
+def test_report_only_writes_table_and_plot_from_results(sweep, tmp_path):
+    results = tmp_path / "res"
+    calls: list = []
+    screen = sweep.plan({}, ["screen"], partial=False)[:4]
+    sweep.sweep(screen, results / "runs.jsonl", tmp_path / "r", make_fake(calls), lock=str(tmp_path / "l"),
+                log=lambda s: None)
+    assert sweep.main(["--report-only", "--results", str(results)]) == 0
+    md = (results / "sweep.md").read_text()
+    assert md.count("| central |") == 2 and "4 run(s) done" in md
+    assert (results / "sweep.png").stat().st_size > 10_000
