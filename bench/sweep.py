@@ -84,11 +84,19 @@ def identity(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- planning ---------------------------------------------------------------------------------------------
+# What the screen runs first after the three bases, as (side, index into its axes): the levers most likely to
+# move the gap, on IID first, with the centralized lr interleaved so both sides get tuned early.
+FIRST = [("fed-iid", 0), ("fed-iid", 2), ("central", 0), ("fed-iid", 3), ("fed-iid", 4), ("fed-noniid", 0),
+         ("fed-iid", 5), ("central", 1), ("fed-iid", 6), ("fed-noniid", 2), ("fed-noniid", 3)]
+
+
 def plan_screen() -> list[dict[str, Any]]:
     runs = [make("central", "screen", {}), make("fed-iid", "screen", {}), make("fed-noniid", "screen", {})]
-    runs += [make("central", "screen", p, axis) for axis, p in CENTRAL_AXES]
-    for side in ("fed-iid", "fed-noniid"):
-        runs += [make(side, "screen", p, axis) for axis, p in FED_AXES]
+    rest = [("central", i) for i in range(len(CENTRAL_AXES))]
+    rest += [(side, i) for side in ("fed-iid", "fed-noniid") for i in range(len(FED_AXES))]
+    for side, i in FIRST + [x for x in rest if x not in FIRST]:
+        axis, p = (CENTRAL_AXES if side == "central" else FED_AXES)[i]
+        runs.append(make(side, "screen", p, axis))
     return runs
 
 

@@ -85,17 +85,21 @@ def test_sweep_resumes_where_it_stopped_and_never_repeats_a_run(sweep, tmp_path)
 def test_lock_budget_stops_before_a_run_that_would_not_fit(sweep, tmp_path):
     results, lock = tmp_path / "runs.jsonl", str(tmp_path / "lock")
     screen = sweep.plan({}, ["screen"], partial=False)
-    # a centralized screen run already took 100 s of lock: that is the estimate for the next one of its kind
-    first = screen[0]
-    assert first["side"] == "central"
-    sweep.append(results, {"key": sweep.key_of(sweep.identity(first)), "config": sweep.identity(first),
-                           "stage": "screen", "axis": "base", "final_ppl": 120.0, "wall_s": 100.0, "lock_s": 100.0})
     calls: list = []
-    ran = sweep.sweep(screen, results, tmp_path / "r", make_fake(calls), lock=lock, lock_budget_s=50.0,
-                      log=lambda s: None)
-    # the two federated bases have no estimate yet and run; the next centralized run (~100 s) would not fit
-    assert ran == 2 and [c["side"] for c in calls] == ["fed-iid", "fed-noniid"]
-    assert len(sweep.load_done(results)) == 3
+    # nothing known yet: the first run starts (no estimate), then the budget of 0 s is spent
+    assert sweep.sweep(screen, results, tmp_path / "r", make_fake(calls), lock=lock, lock_budget_s=0.0,
+                       log=lambda s: None) == 1
+    # every base took 100 s of lock: that is the estimate for the next run of its side, which would not fit 50 s
+    for cfg in screen[1:3]:
+        sweep.append(results, {"key": sweep.key_of(sweep.identity(cfg)), "config": sweep.identity(cfg),
+                               "stage": "screen", "axis": "base", "final_ppl": 120.0, "wall_s": 100.0,
+                               "lock_s": 100.0})
+    said: list[str] = []
+    assert sweep.sweep(screen, results, tmp_path / "r", make_fake(calls), lock=lock, lock_budget_s=50.0,
+                       log=said.append) == 0
+    assert "the next run needs ~1.7 min" in said[-1] and len(calls) == 1
+    assert sweep.sweep(screen, results, tmp_path / "r", make_fake(calls), lock=lock, lock_budget_s=150.0,
+                       max_runs=2, log=lambda s: None) == 2
 
 
 def test_spec_passes_the_recipe_to_the_peers(sweep, tmp_path):
@@ -124,5 +128,5 @@ def test_report_only_writes_table_and_plot_from_results(sweep, tmp_path):
                 log=lambda s: None)
     assert sweep.main(["--report-only", "--results", str(results)]) == 0
     md = (results / "sweep.md").read_text()
-    assert md.count("| central |") == 2 and "4 run(s) done" in md
+    assert md.count("| central |") == 1 and md.count("| fed-iid |") == 2 and "4 run(s) done" in md
     assert (results / "sweep.png").stat().st_size > 10_000
