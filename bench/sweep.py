@@ -13,7 +13,7 @@ every key already there, so an interrupted sweep resumes at the first unfinished
 /tmp/photon-bench.lock (flock(2), the lock `flock /tmp/photon-bench.lock` takes) only while it runs.
 
 Stages (token budgets relative to convergence.py's 3.15 M = 384 steps x 64 sequences x 128 tokens):
-  screen  0.5x  one factor at a time around the tiny preset (outer optimizer and its lr/momentum, H, inner lr,
+  screen  1/3x  one factor at a time around the tiny preset (outer optimizer and its lr/momentum, H, inner lr,
                 warmup, inner-state policy; the centralized lr and warmup), IID first, then non-IID
   full    1x    per side (central, fed-iid, fed-noniid): the base, the best 2 of the screen, and (fed) the
                 combination of every screened value that beat the base on its axis
@@ -41,7 +41,8 @@ sys.path.insert(0, str(BENCH))
 import convergence as conv  # noqa: E402  (bench/ is not a package)
 
 BASE_STEPS, PEERS, SILO_BATCH = 384, 4, 16  # convergence.py's budget: 12 rounds x H 32 per silo, batch 16
-BUDGETS = {"screen": 0.5, "full": 1.0, "long": 4.0}
+# screen: a third of the tokens (128 steps per silo), so that every H in 8..64 divides it (16 to 2 rounds)
+BUDGETS = {"screen": 1 / 3, "full": 1.0, "long": 4.0}
 BASE_FED = {"H": 32, "lr": 3e-3, "warmup": 20, "inner_state": "keep", "outer": "fedavg", "outer_lr": 1.0,
             "momentum": 0.0, "schedule": "constant"}
 BASE_CENTRAL = {"lr": 3e-3, "warmup": 20}
@@ -66,6 +67,11 @@ CENTRAL_AXES: list[tuple[str, dict[str, Any]]] = [
     ("lr", {"lr": 6e-3}), ("lr", {"lr": 1.5e-3}), ("lr", {"lr": 1.2e-2}), ("warmup", {"warmup": 5}),
 ]
 LOCK = "/tmp/photon-bench.lock"
+
+
+def steps_of(budget: float) -> int:
+    """Inner steps per silo (= centralized steps) of a budget."""
+    return round(BASE_STEPS * budget)
 
 
 def key_of(cfg: dict[str, Any]) -> str:
@@ -177,7 +183,7 @@ def bench_lock(path: str) -> Iterator[float]:
 
 def spec_of(cfg: dict[str, Any], data: dict[str, Path], args: argparse.Namespace) -> conv.RunSpec:
     """convergence.py's RunSpec for a config: the same shared held-out set and eval windows for every run."""
-    p, steps = cfg["params"], int(BASE_STEPS * cfg["budget"])
+    p, steps = cfg["params"], steps_of(cfg["budget"])
     eval_every = 32  # inner steps between validations, whatever H (every round would tax small H)
     common = [f"data.val_dir={data['union']}", "train.eval_batch_size=16", f"train.eval_batches={args.eval_batches}",
               "train.checkpoint_every=1000000", f"train.lr={p['lr']}", f"train.warmup_steps={p['warmup']}",
@@ -286,8 +292,8 @@ def table(done: dict[str, dict[str, Any]]) -> str:
         central = [r["final_ppl"] for r in recs if r["config"]["side"] == "central" and r.get("final_ppl")]
         best_c = min(central) if central else None
         t_eq = min(r["wall_s"] for r in recs)
-        tokens = int(BASE_STEPS * budget) * PEERS * SILO_BATCH * 128
-        lines += [f"\n**Budget {budget:g}x ({tokens / 1e6:.2f} M tokens)**; equal wall-clock = {t_eq:.0f} s "
+        tokens = steps_of(budget) * PEERS * SILO_BATCH * 128
+        lines += [f"\n**Budget {budget:.3g}x ({tokens / 1e6:.2f} M tokens)**; equal wall-clock = {t_eq:.0f} s "
                   "(this budget's fastest run)\n",
                   "| key | side | varied | recipe | val ppl | / best central | ppl @ equal wall | wall (s) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -322,7 +328,7 @@ def plot(done: dict[str, dict[str, Any]], path: Path) -> None:
                 xs, ys = zip(*recs[0]["curve"])
                 ax.plot([x / 1e6 for x in xs], ys, marker="o", ms=3,
                         label=f"best {side} ({recs[0]['key'][:6]}): {recs[0]['final_ppl']:.1f}")
-        ax.set(title=f"budget {budget:g}x", xlabel="total training tokens (M)", ylabel="val ppl", yscale="log")
+        ax.set(title=f"budget {budget:.3g}x", xlabel="total training tokens (M)", ylabel="val ppl", yscale="log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle("bench/sweep.py: best run of each side per budget (tiny, shared held-out set, CPU-2)")

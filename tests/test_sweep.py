@@ -78,7 +78,7 @@ def test_sweep_resumes_where_it_stopped_and_never_repeats_a_run(sweep, tmp_path)
     assert len(long) == 6 and all(c["budget"] == 4.0 for c in long)  # the best two of each side
 
     table = sweep.table(sweep.load_done(results))
-    assert "Budget 0.5x" in table and "Budget 1x" in table and "(base)" in table
+    assert "Budget 0.333x" in table and "Budget 1x" in table and "(base)" in table
     assert table.count("| fed-iid |") == len([c for c in screen + full if c["side"] == "fed-iid"])
 
 
@@ -111,8 +111,8 @@ def test_spec_passes_the_recipe_to_the_peers(sweep, tmp_path):
                      "outer")
     spec = sweep.spec_of(cfg, data, args)
     assert spec.silo_data == [data["shakespeare"], data["kjv"], data["brown"], data["shakespeare"]]
-    for o in ("federation.local_steps=16", "federation.rounds=12", "federation.outer_optimizer=fedyogi",
-              "federation.outer_lr=0.01", "train.max_steps=192", f"data.val_dir={data['union']}"):
+    for o in ("federation.local_steps=16", "federation.rounds=8", "federation.outer_optimizer=fedyogi",
+              "federation.outer_lr=0.01", "train.max_steps=128", f"data.val_dir={data['union']}"):
         assert o in spec.overrides
     central = sweep.spec_of(sweep.make("central", "long", {"lr": 6e-3}), data, args)
     assert "train.batch_size=64" in central.overrides and "train.max_steps=1536" in central.overrides
