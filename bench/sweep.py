@@ -269,8 +269,11 @@ def sweep(runs: list[dict[str, Any]], results: Path, run_root: Path, run_fn: Run
 
 
 # ---- reporting --------------------------------------------------------------------------------------------
-def ppl_at(curve: list, x: float) -> float | None:
-    """Val ppl at ``x`` (tokens or seconds) on a curve of (x, ppl), linear in log-ppl; None outside it."""
+def ppl_at(curve: list, x: float, end: float | None = None) -> float | None:
+    """Val ppl at ``x`` (tokens or seconds) on a curve of (x, ppl), linear in log-ppl; None outside it, except
+    that up to ``end`` (the run's end) the last point holds: the run finished on that model."""
+    if curve and end is not None and curve[-1][0] <= x <= end:
+        return curve[-1][1]
     prev = None
     for cx, cp in curve:
         if cx >= x:
@@ -303,7 +306,7 @@ def table(done: dict[str, dict[str, Any]]) -> str:
             diff = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in p.items() if v != base[k]) or "(base)"
             ratio = f"{r['final_ppl'] / best_c:.3f}" if best_c and r.get("final_ppl") else "-"
-            eq = ppl_at(r.get("wall_curve", []), t_eq)
+            eq = ppl_at(r.get("wall_curve", []), t_eq, end=r["wall_s"])
             lines.append(f"| {r['key']} | {r['config']['side']} | {r['axis']} | {diff} | {r['final_ppl']:.2f} | "
                          f"{ratio} | {f'{eq:.1f}' if eq else '-'} | {r['wall_s']:.0f} |")
     return "\n".join(lines)

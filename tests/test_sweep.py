@@ -130,3 +130,10 @@ def test_report_only_writes_table_and_plot_from_results(sweep, tmp_path):
     md = (results / "sweep.md").read_text()
     assert md.count("| central |") == 1 and md.count("| fed-iid |") == 2 and "4 run(s) done" in md
     assert (results / "sweep.png").stat().st_size > 10_000
+
+
+def test_ppl_at_interpolates_in_log_ppl_and_holds_the_final_model(sweep):
+    curve = [(10.0, 400.0), (20.0, 100.0)]
+    assert sweep.ppl_at(curve, 15.0) == pytest.approx(200.0)  # geometric mean halfway
+    assert sweep.ppl_at(curve, 5.0) is None and sweep.ppl_at(curve, 25.0) is None
+    assert sweep.ppl_at(curve, 25.0, end=30.0) == 100.0 and sweep.ppl_at(curve, 31.0, end=30.0) is None
