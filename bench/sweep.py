@@ -345,6 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--partial", action="store_true", help="plan a stage from an incomplete previous stage")
     ap.add_argument("--lock-budget-min", type=float, default=45.0, help="stop before exceeding this much lock time")
     ap.add_argument("--max-runs", type=int, default=None)
+    ap.add_argument("--only", nargs="+", default=None, metavar="KEY", help="run only these planned keys")
     ap.add_argument("--list", action="store_true", help="print the plan (done / pending) and exit")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table from the results file")
     ap.add_argument("--central-threads", type=int, default=2)
@@ -362,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results) / "runs.jsonl"
     done = load_done(results)
     runs = plan(done, args.stages, args.partial)
+    if args.only:
+        unknown = set(args.only) - {key_of(identity(c)) for c in runs}
+        if unknown:
+            raise conv.BenchError(f"--only: {', '.join(sorted(unknown))} not in the plan (see --list)")
+        runs = [c for c in runs if key_of(identity(c)) in args.only]
     if args.list:
         for c in runs:
             k = key_of(identity(c))
