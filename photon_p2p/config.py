@@ -120,9 +120,14 @@ class FederationConfig:
     round_deadline: float = 120.0  # max seconds to wait for averaging; then the round goes solo
     compression: str = "none"  # none | fp16 | scaled-fp16 | uint8 | blockwise8
     error_feedback: bool = False
-    outer_optimizer: str = "fedavg"  # fedavg | fedmom | nesterov
+    outer_optimizer: str = "fedavg"  # fedavg | fedmom | nesterov | fedadam | fedyogi (federation/outer.py)
     outer_lr: float = 1.0
-    outer_momentum: float = 0.0
+    outer_momentum: float = 0.0  # fedmom/nesterov: μ; fedadam/fedyogi: β1
+    outer_beta2: float = 0.99  # fedadam/fedyogi: second-moment decay
+    outer_eps: float = 1.0e-3  # fedadam/fedyogi: τ, the adaptivity floor (Reddi et al. 2021)
+    outer_lr_schedule: str = "constant"  # constant | cosine (over federation.rounds, by global round number)
+    outer_warmup_rounds: int = 0  # linear outer-lr warmup over the first N global rounds
+    outer_min_lr_ratio: float = 0.0  # cosine: the outer lr ends at outer_lr x this
     inner_state: str = "keep"  # keep | reset: AdamW state across rounds
     state_sync_timeout: float = 60.0
     allow_solo_start: bool = True  # start from scratch if no peer can give state in time
@@ -182,7 +187,8 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "federation.compression": ("none", "fp16", "scaled-fp16", "uint8", "blockwise8"),
-    "federation.outer_optimizer": ("fedavg", "fedmom", "nesterov"),
+    "federation.outer_optimizer": ("fedavg", "fedmom", "nesterov", "fedadam", "fedyogi"),
+    "federation.outer_lr_schedule": ("constant", "cosine"),
     "federation.inner_state": ("keep", "reset"),
     "federation.round_clock": ("swarm", "steps"),
     "federation.robust_aggregation": ("none", "clip", "centered_clip"),
@@ -346,6 +352,8 @@ RANGES: dict[str, str] = {
     "federation.min_group_size": ">= 1", "federation.matchmaking_time": "> 0", "federation.straggler_wait": ">= 0",
     "federation.allreduce_timeout": "> 0", "federation.round_deadline": "> 0", "federation.outer_lr": "> 0",
     "federation.outer_momentum": "in [0, 1)", "federation.state_sync_timeout": "> 0",
+    "federation.outer_beta2": "in [0, 1)", "federation.outer_eps": "> 0", "federation.outer_warmup_rounds": ">= 0",
+    "federation.outer_min_lr_ratio": "in [0, 1]",
     "federation.heartbeat_interval": "> 0", "federation.record_ttl": "> 0", "federation.max_rollbacks": ">= 1",
     "federation.divergence_loss": ">= 0", "federation.clip_multiplier": "in [1, 1000]",
     "federation.clip_iterations": "in [1, 100]",
@@ -416,6 +424,8 @@ def _validate_federation(f: FederationConfig) -> None:
     if f.record_ttl <= f.heartbeat_interval:
         raise ConfigError(f"federation.record_ttl ({f.record_ttl:g}s) must exceed federation.heartbeat_interval "
                           f"({f.heartbeat_interval:g}s), or live peers expire between two heartbeats")
+    if f.outer_lr_schedule == "cosine" and f.rounds == 0:
+        raise ConfigError("federation.outer_lr_schedule 'cosine' needs federation.rounds > 0 (the schedule's length)")
     if f.compression == "blockwise8" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("federation.compression 'blockwise8' needs bitsandbytes (pip install bitsandbytes)")
 

@@ -30,9 +30,13 @@ class GlobalState:
         self.params = list(params.tensors if self.local is not None else params)
         # The global copy (and so the averager's buffers) lives in host memory, pinned when CUDA exists.
         self.weights = [host_copy(p) for p in self.params]
-        self.outer = OuterOptimizer(self.weights, fed.outer_optimizer, fed.outer_lr, fed.outer_momentum)
+        self.outer = OuterOptimizer(self.weights, fed.outer_optimizer, fed.outer_lr, fed.outer_momentum,
+                                    beta2=fed.outer_beta2, eps=fed.outer_eps, schedule=fed.outer_lr_schedule,
+                                    warmup_rounds=fed.outer_warmup_rounds, total_rounds=fed.rounds,
+                                    min_lr_ratio=fed.outer_min_lr_ratio)
         self.residual = [torch.zeros_like(w) for w in self.weights] if fed.error_feedback else None
         self.round = 0
+        self.last_outer_lr = 0.0  # the scheduled outer lr of the last outer step (0 before any), for round records
         self.lock = threading.Lock()
         self._fingerprint: str | None = None
 
@@ -72,7 +76,7 @@ class GlobalState:
                     w.copy_(avg)
                 self.outer.load_state_tensors([])
             else:
-                self.outer.step(mean)
+                self.last_outer_lr = self.outer.step(mean, self.round)  # the global round sets the outer lr
             self.reset_local()
             self.round += 1
             self._changed()

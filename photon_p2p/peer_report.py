@@ -70,6 +70,7 @@ def log_round(d: PeerDaemon, r: RoundResult, averaged_round: int, evaluated: dic
               "partial": r.partial, "phases": r.phases, "healed": r.healed,
               "group_models": len(set(r.fingerprints.values()) - {""}), "compute_s": d.compute_s,
               "wait_s": r.phases.get("matchmaking", 0.0), "fingerprint": d.fingerprint(),
+              "outer_lr": d.state.last_outer_lr,
               "participation": d.grouped / max(1, d.finished), "clipped": r.clipped, "rejected": r.rejected,
               **evaluated}
     if not r.solo:

@@ -111,12 +111,13 @@ def test_a_silo_that_misses_a_round_folds_its_work_and_is_back_next_round(tmp_pa
     assert len({out[d.cfg.name]["fingerprint"] for d in daemons}) == 1, out
 
 
-def test_a_split_swarm_heals_when_its_halves_meet(tmp_path, kjv_data):
+@pytest.mark.parametrize("outer", [{"federation.outer_optimizer": "nesterov", "federation.outer_lr": 0.7},
+                                   {"federation.outer_optimizer": "fedyogi", "federation.outer_lr": 0.01,
+                                    "federation.outer_lr_schedule": "cosine"}], ids=["nesterov", "fedyogi-cosine"])
+def test_a_split_swarm_heals_when_its_halves_meet(tmp_path, kjv_data, outer):
     halves = {"a": ["a", "b"], "b": ["a", "b"], "c": ["c", "d"], "d": ["c", "d"]}
     net = FakeNet(plan=lambda r, me: halves[me] if r == 0 else None)
-    daemons = [make_daemon(tmp_path, kjv_data, net, n, **{"train.seed": i, "federation.outer_optimizer": "nesterov",
-                                                           "federation.outer_lr": 0.7,
-                                                           "federation.outer_momentum": 0.9})
+    daemons = [make_daemon(tmp_path, kjv_data, net, n, **{"train.seed": i, "federation.outer_momentum": 0.9, **outer})
                for i, n in enumerate("abcd")]
     out = run_all(daemons)
     first = [rounds(d)[0] for d in daemons]
@@ -124,6 +125,11 @@ def test_a_split_swarm_heals_when_its_halves_meet(tmp_path, kjv_data):
     second = [rounds(d)[1] for d in daemons]
     assert all(r["healed"] and r["group_models"] == 2 for r in second), second
     assert len({out[d.cfg.name]["fingerprint"] for d in daemons}) == 1, out  # one model again, momentum included
+    f = daemons[0].cfg.federation  # every peer applied the schedule's lr of the global round it stepped
+    for d in daemons:
+        stepped = [r for r in rounds(d) if not r["healed"]]
+        assert [r["outer_lr"] for r in stepped] == [d.state.outer.lr_at(r["round"] - 1) for r in stepped]
+        assert all(r["outer_lr"] <= f.outer_lr for r in stepped)
 
 
 def test_a_diverging_silo_rolls_back_never_sends_and_stops(tmp_path, kjv_data):

@@ -1,0 +1,396 @@
+#!/usr/bin/env python
+"""Resumable coarse-to-fine sweep: the federated recipe (4 silos, IID and non-IID) against the centralized baseline.
+
+Usage:
+  python bench/sweep.py --corpus ../../shared/corpus --lock-budget-min 45   # resume; each run takes the lock
+  python bench/sweep.py --report-only                                         # rewrite the table from runs.jsonl
+  python bench/sweep.py --list                                                # what is planned, done, pending
+
+Every run is one of bench/convergence.py's runs (same code path: real `photon-peer run` daemons on 127.0.0.1 or
+one `photon-peer train`, the same held-out set and 8 x 16 validation windows), described by a config dict whose
+sha256 is its key. A finished run is appended to RESULTS/runs.jsonl (one JSON line, fsynced); re-running skips
+every key already there, so an interrupted sweep resumes at the first unfinished run. Each run holds
+/tmp/photon-bench.lock (flock(2), the lock `flock /tmp/photon-bench.lock` takes) only while it runs.
+
+Stages (token budgets relative to convergence.py's 3.15 M = 384 steps x 64 sequences x 128 tokens):
+  screen  1/3x  one factor at a time around the tiny preset (outer optimizer and its lr/momentum, H, inner lr,
+                warmup, inner-state policy; the centralized lr and warmup), IID first, then non-IID
+  full    1x    per side (central, fed-iid, fed-noniid): the base, the best 2 of the screen, and (fed) the
+                combination of every screened value that beat the base on its axis
+  long    4x    the best 2 of each side in the full stage
+A stage is planned from the previous one once that is complete (or, with --partial, from what it has so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import convergence as conv  # noqa: E402  (bench/ is not a package)
+
+BASE_STEPS, PEERS, SILO_BATCH = 384, 4, 16  # convergence.py's budget: 12 rounds x H 32 per silo, batch 16
+# screen: a third of the tokens (128 steps per silo), so that every H in 8..64 divides it (16 to 2 rounds)
+BUDGETS = {"screen": 1 / 3, "full": 1.0, "long": 4.0}
+BASE_FED = {"H": 32, "lr": 3e-3, "warmup": 20, "inner_state": "keep", "outer": "fedavg", "outer_lr": 1.0,
+            "momentum": 0.0, "schedule": "constant"}
+BASE_CENTRAL = {"lr": 3e-3, "warmup": 20}
+# One factor at a time, in the order they run (most informative first): each entry changes the base.
+FED_AXES: list[tuple[str, dict[str, Any]]] = [
+    ("H", {"H": 8}), ("H", {"H": 16}),
+    ("outer", {"outer": "nesterov", "outer_lr": 0.7, "momentum": 0.7}),  # Photon's Nesterov defaults
+    ("outer", {"outer": "fedadam", "outer_lr": 1e-2, "momentum": 0.9}),
+    ("inner_lr", {"lr": 6e-3}),
+    ("outer", {"outer": "fedavg", "outer_lr": 1.3}),
+    ("inner_state", {"inner_state": "reset"}),
+    ("outer", {"outer": "fedyogi", "outer_lr": 1e-2, "momentum": 0.9}),
+    ("outer", {"outer": "fedmom", "outer_lr": 1.0, "momentum": 0.5}),
+    ("outer", {"outer": "nesterov", "outer_lr": 0.7, "momentum": 0.9}),  # DiLoCo's
+    ("outer", {"outer": "fedadam", "outer_lr": 3e-3, "momentum": 0.9}),
+    ("outer", {"outer": "fedavg", "outer_lr": 1.0, "schedule": "cosine"}),
+    ("H", {"H": 64}),
+    ("inner_lr", {"lr": 1.5e-3}),
+    ("warmup", {"warmup": 5}), ("warmup", {"warmup": 50}),
+]
+CENTRAL_AXES: list[tuple[str, dict[str, Any]]] = [
+    ("lr", {"lr": 6e-3}), ("lr", {"lr": 1.5e-3}), ("lr", {"lr": 1.2e-2}), ("warmup", {"warmup": 5}),
+]
+LOCK = "/tmp/photon-bench.lock"
+
+
+def steps_of(budget: float) -> int:
+    """Inner steps per silo (= centralized steps) of a budget."""
+    return round(BASE_STEPS * budget)
+
+
+def key_of(cfg: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def make(side: str, stage: str, params: dict[str, Any], axis: str = "base") -> dict[str, Any]:
+    """A run's config: its side (central | fed-iid | fed-noniid), token budget and recipe. ``axis`` is only a
+    label (what the screen varied) and stays out of the key, so the same recipe is one run however it was found."""
+    base = BASE_CENTRAL if side == "central" else BASE_FED
+    return {"side": side, "budget": BUDGETS[stage], "params": base | params, "stage": stage, "axis": axis}
+
+
+def identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"side": cfg["side"], "budget": cfg["budget"], "params": cfg["params"]}
+
+
+# ---- planning ---------------------------------------------------------------------------------------------
+# What the screen runs first after the three bases, as (side, index into its axes): the levers most likely to
+# move the gap, on IID first, with the centralized lr interleaved so both sides get tuned early.
+FIRST = [("fed-iid", 0), ("fed-iid", 2), ("central", 0), ("fed-iid", 3), ("fed-iid", 4), ("fed-noniid", 0),
+         ("fed-iid", 5), ("central", 1), ("fed-iid", 6), ("fed-noniid", 2), ("fed-noniid", 3)]
+
+
+def plan_screen() -> list[dict[str, Any]]:
+    runs = [make("central", "screen", {}), make("fed-iid", "screen", {}), make("fed-noniid", "screen", {})]
+    rest = [("central", i) for i in range(len(CENTRAL_AXES))]
+    rest += [(side, i) for side in ("fed-iid", "fed-noniid") for i in range(len(FED_AXES))]
+    for side, i in FIRST + [x for x in rest if x not in FIRST]:
+        axis, p = (CENTRAL_AXES if side == "central" else FED_AXES)[i]
+        runs.append(make(side, "screen", p, axis))
+    return runs
+
+
+def _best(results: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    ok = [r for r in results if r.get("final_ppl")]
+    return sorted(ok, key=lambda r: r["final_ppl"])[:n]
+
+
+def plan_next(stage: str, done: dict[str, dict[str, Any]], prev: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``stage`` runs, chosen from the previous stage's results (``prev``: its planned configs)."""
+    runs: list[dict[str, Any]] = []
+    for side in ("central", "fed-iid", "fed-noniid"):
+        res = [done[key_of(identity(c))] | {"cfg": c} for c in prev if c["side"] == side and key_of(identity(c)) in done]
+        if stage == "full":
+            picks = [make(side, stage, {})]
+            base = next((r for r in res if r["cfg"]["axis"] == "base"), None)
+            if base and side != "central":  # fine step: every axis's best value that beat the base, combined
+                combo: dict[str, Any] = {}
+                for axis in dict.fromkeys(a for a, _ in FED_AXES):
+                    better = [r for r in _best([r for r in res if r["cfg"]["axis"] == axis], 1)
+                              if r["final_ppl"] < base["final_ppl"]]
+                    if better:
+                        combo |= {k: v for k, v in better[0]["cfg"]["params"].items() if v != BASE_FED[k]}
+                if combo:
+                    picks.append(make(side, stage, combo, "combined"))
+            picks += [make(side, stage, r["cfg"]["params"], r["cfg"]["axis"]) for r in _best(res, 2)]
+        else:  # long: the best two of the full stage
+            picks = [make(side, stage, r["cfg"]["params"], r["cfg"]["axis"]) for r in _best(res, 2)]
+        for p in picks:
+            if key_of(identity(p)) not in {key_of(identity(x)) for x in runs}:
+                runs.append(p)
+    return runs
+
+
+def plan(done: dict[str, dict[str, Any]], stages: list[str], partial: bool) -> list[dict[str, Any]]:
+    """Every planned run of ``stages``, in order; a later stage only once the one before is complete."""
+    out, prev = [], plan_screen()
+    for stage in ("screen", "full", "long"):
+        if stage != "screen":
+            complete = all(key_of(identity(c)) in done for c in prev)
+            if not (complete or partial):
+                break
+            prev = plan_next(stage, done, prev)
+        if stage in stages:
+            out += prev
+    return out
+
+
+# ---- running ----------------------------------------------------------------------------------------------
+def load_done(path: Path) -> dict[str, dict[str, Any]]:
+    done: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[rec["key"]] = rec
+    return done
+
+
+def append(path: Path, rec: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:  # one whole line per finished run, on disk before the next run starts
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def bench_lock(path: str) -> Iterator[float]:
+    """Hold the shared benchmark lock (flock(2), as `flock LOCK cmd` does); yields the time it was acquired."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield time.monotonic()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def spec_of(cfg: dict[str, Any], data: dict[str, Path], args: argparse.Namespace) -> conv.RunSpec:
+    """convergence.py's RunSpec for a config: the same shared held-out set and eval windows for every run."""
+    p, steps = cfg["params"], steps_of(cfg["budget"])
+    eval_every = 32  # inner steps between validations, whatever H (every round would tax small H)
+    common = [f"data.val_dir={data['union']}", "train.eval_batch_size=16", f"train.eval_batches={args.eval_batches}",
+              "train.checkpoint_every=1000000", f"train.lr={p['lr']}", f"train.warmup_steps={p['warmup']}",
+              f"train.max_steps={steps}"]
+    if cfg["side"] == "central":
+        return conv.RunSpec("central", "tiny", [data["union"]], eval_every, common + [
+            f"train.batch_size={SILO_BATCH * PEERS}", f"train.eval_every={eval_every}", "train.log_every=32",
+            f"train.threads={args.central_threads}"])
+    h = p["H"]
+    if steps % h:
+        raise conv.BenchError(f"H={h} does not divide the {steps} steps of budget {cfg['budget']}")
+    silos = [data["union"]] * PEERS if cfg["side"] == "fed-iid" else \
+        [data[conv.SOURCES[i % len(conv.SOURCES)]] for i in range(PEERS)]
+    fed = [f"federation.local_steps={h}", f"federation.rounds={steps // h}", f"federation.target_group_size={PEERS}",
+           f"federation.min_group_size={PEERS}", f"federation.round_deadline={args.round_deadline}",
+           f"federation.allreduce_timeout={args.round_deadline / 2}", "train.threads=1", f"train.log_every={h}",
+           f"federation.inner_state={p['inner_state']}", f"federation.outer_optimizer={p['outer']}",
+           f"federation.outer_lr={p['outer_lr']}", f"federation.outer_momentum={p['momentum']}",
+           f"federation.outer_lr_schedule={p['schedule']}"]
+    return conv.RunSpec(cfg["side"], "tiny", silos, max(h, eval_every), common + fed)
+
+
+def wall_curve(run_dir: Path, side: str, t0: float) -> list[tuple[float, float]]:
+    """(seconds since the run started, val ppl) of each evaluation of the global model (silo-0 for federations)."""
+    d = run_dir if side == "central" else run_dir / "peer-0"
+    kind = "eval" if side == "central" else "round"
+    return [(round(float(r["time"]) - t0, 1), float(r["val_ppl"])) for r in conv._records(d, kind) if "val_ppl" in r]
+
+
+def real_run(cfg: dict[str, Any], run_dir: Path, data: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
+    spec = spec_of(cfg, data, args)
+    shutil.rmtree(run_dir, ignore_errors=True)  # daemons resume from checkpoints: start clean
+    timeout = 300 + 1500 * cfg["budget"]
+    t0 = time.time()
+    wall = (conv.run_central if cfg["side"] == "central" else conv.run_federated)(spec, run_dir, timeout)
+    summary = conv.summarize("central" if cfg["side"] == "central" else spec.name, run_dir)
+    return summary | {"wall_s": round(wall, 1), "wall_curve": wall_curve(run_dir, cfg["side"], t0)}
+
+
+RunFn = Callable[[dict[str, Any], Path], dict[str, Any]]
+
+
+def sweep(runs: list[dict[str, Any]], results: Path, run_root: Path, run_fn: RunFn, *, lock: str = LOCK,
+          lock_budget_s: float = math.inf, max_runs: int | None = None, log: Callable[[str], None] = print) -> int:
+    """Run every planned config not yet in ``results`` (each under the lock), appending as they finish; stop
+    before a run that would not fit the lock budget. Returns how many ran."""
+    done, used, ran = load_done(results), 0.0, 0
+    walls: dict[tuple[str, float], float] = {}
+    for rec in done.values():
+        k = (rec["config"]["side"], rec["config"]["budget"])
+        walls[k] = max(walls.get(k, 0.0), float(rec.get("lock_s", rec.get("wall_s", 0.0))))
+    for cfg in runs:
+        key = key_of(identity(cfg))
+        if key in done:
+            continue
+        if max_runs is not None and ran >= max_runs:
+            log(f"sweep: stopping after {ran} run(s) (--max-runs)")
+            break
+        estimate = walls.get((cfg["side"], cfg["budget"]), 0.0)
+        if used + estimate > lock_budget_s:
+            log(f"sweep: stopping: {used / 60:.1f} min of lock used, the next run needs ~{estimate / 60:.1f} min")
+            break
+        log(f"sweep: {key} {cfg['stage']} {cfg['side']} {cfg['axis']} {json.dumps(cfg['params'])}")
+        with bench_lock(lock) as t_lock:
+            t_start = time.monotonic()
+            try:
+                out = run_fn(cfg, run_root / key)
+            except conv.BenchError as e:
+                log(f"sweep: {key} failed: {e}")
+                out = {"error": str(e)}
+            t_end = time.monotonic()
+        used += t_end - t_lock
+        rec = {"key": key, "config": identity(cfg), "stage": cfg["stage"], "axis": cfg["axis"],
+               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "lock_s": round(t_end - t_start, 1), **out}
+        if "error" not in out:  # a failed run is retried next time
+            append(results, rec)
+            done[key] = rec
+            walls[(cfg["side"], cfg["budget"])] = max(walls.get((cfg["side"], cfg["budget"]), 0.0), rec["lock_s"])
+            log(f"sweep: {key} final val ppl {out.get('final_ppl')} in {rec['lock_s']:.0f}s")
+        ran += 1
+    return ran
+
+
+# ---- reporting --------------------------------------------------------------------------------------------
+def ppl_at(curve: list, x: float, end: float | None = None) -> float | None:
+    """Val ppl at ``x`` (tokens or seconds) on a curve of (x, ppl), linear in log-ppl; None outside it, except
+    that up to ``end`` (the run's end) the last point holds: the run finished on that model."""
+    if curve and end is not None and curve[-1][0] <= x <= end:
+        return curve[-1][1]
+    prev = None
+    for cx, cp in curve:
+        if cx >= x:
+            if prev is None:
+                return cp if cx == x else None
+            (px, pp) = prev
+            f = (x - px) / (cx - px) if cx != px else 1.0
+            return math.exp(math.log(pp) + f * (math.log(cp) - math.log(pp)))
+        prev = (cx, cp)
+    return None
+
+
+def table(done: dict[str, dict[str, Any]]) -> str:
+    """Every finished run, grouped by budget: val ppl at equal tokens (the final one), its ratio to the best
+    centralized run of that budget, and val ppl at equal wall-clock (the budget's fastest run's wall time)."""
+    lines = []
+    for budget in sorted({r["config"]["budget"] for r in done.values()}):
+        recs = [r for r in done.values() if r["config"]["budget"] == budget]
+        central = [r["final_ppl"] for r in recs if r["config"]["side"] == "central" and r.get("final_ppl")]
+        best_c = min(central) if central else None
+        t_eq = min(r["wall_s"] for r in recs)
+        tokens = steps_of(budget) * PEERS * SILO_BATCH * 128
+        lines += [f"\n**Budget {budget:.3g}x ({tokens / 1e6:.2f} M tokens)**; equal wall-clock = {t_eq:.0f} s "
+                  "(this budget's fastest run)\n",
+                  "| key | side | varied | recipe | val ppl | / best central | ppl @ equal wall | wall (s) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sorted(recs, key=lambda r: (r["config"]["side"], r["final_ppl"] or math.inf)):
+            p = r["config"]["params"]
+            base = BASE_CENTRAL if r["config"]["side"] == "central" else BASE_FED
+            diff = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in p.items() if v != base[k]) or "(base)"
+            ratio = f"{r['final_ppl'] / best_c:.3f}" if best_c and r.get("final_ppl") else "-"
+            eq = ppl_at(r.get("wall_curve", []), t_eq, end=r["wall_s"])
+            lines.append(f"| {r['key']} | {r['config']['side']} | {r['axis']} | {diff} | {r['final_ppl']:.2f} | "
+                         f"{ratio} | {f'{eq:.1f}' if eq else '-'} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(done: dict[str, dict[str, Any]], path: Path) -> None:
+    """Per budget: the curves (val ppl against tokens) of the best run of each side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({r["config"]["budget"] for r in done.values()})
+    if not budgets:
+        return
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.5), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for side in ("central", "fed-iid", "fed-noniid"):
+            recs = _best([r for r in done.values() if r["config"]["budget"] == budget and r["config"]["side"] == side
+                          and r.get("curve")], 1)
+            if recs:
+                xs, ys = zip(*recs[0]["curve"])
+                ax.plot([x / 1e6 for x in xs], ys, marker="o", ms=3,
+                        label=f"best {side} ({recs[0]['key'][:6]}): {recs[0]['final_ppl']:.1f}")
+        ax.set(title=f"budget {budget:.3g}x", xlabel="total training tokens (M)", ylabel="val ppl", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("bench/sweep.py: best run of each side per budget (tiny, shared held-out set, CPU-2)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
+    ap.add_argument("--partial", action="store_true", help="plan a stage from an incomplete previous stage")
+    ap.add_argument("--lock-budget-min", type=float, default=45.0, help="stop before exceeding this much lock time")
+    ap.add_argument("--max-runs", type=int, default=None)
+    ap.add_argument("--only", nargs="+", default=None, metavar="KEY", help="run only these planned keys")
+    ap.add_argument("--list", action="store_true", help="print the plan (done / pending) and exit")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the table from the results file")
+    ap.add_argument("--central-threads", type=int, default=2)
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--round-deadline", type=float, default=120.0)
+    ap.add_argument("--corpus", default=str(conv.REPO.parent / "shared" / "corpus"))
+    ap.add_argument("--data-cache", default=str(conv.REPO / "runs" / "bench-data"))
+    ap.add_argument("--out", default=str(conv.REPO / "runs" / "bench-sweep"))
+    ap.add_argument("--results", default=str(BENCH / "results" / "sweep"))
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = Path(args.results) / "runs.jsonl"
+    done = load_done(results)
+    runs = plan(done, args.stages, args.partial)
+    if args.only:
+        unknown = set(args.only) - {key_of(identity(c)) for c in runs}
+        if unknown:
+            raise conv.BenchError(f"--only: {', '.join(sorted(unknown))} not in the plan (see --list)")
+        runs = [c for c in runs if key_of(identity(c)) in args.only]
+    if args.list:
+        for c in runs:
+            k = key_of(identity(c))
+            print(f"{'done' if k in done else 'todo'} {k} {c['stage']:6} {c['side']:10} {c['axis']:11} "
+                  f"{json.dumps(c['params'])}")
+        return 0
+    if not args.report_only:
+        data = conv.prepare_data(Path(args.data_cache), Path(args.corpus))
+        sweep(runs, results, Path(args.out), lambda cfg, d: real_run(cfg, d, data, args),
+              lock_budget_s=args.lock_budget_min * 60, max_runs=args.max_runs)
+        done = load_done(results)
+    pending = sum(key_of(identity(c)) not in done for c in plan(done, args.stages, args.partial))
+    text = table(done) + f"\n\n{len(done)} run(s) done; {pending} planned run(s) of the current stages pending.\n"
+    (Path(args.results) / "sweep.md").write_text(text)
+    plot(done, Path(args.results) / "sweep.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except conv.BenchError as e:
+        sys.exit(f"sweep: {e}")
+    except KeyboardInterrupt:
+        sys.exit("sweep: interrupted (finished runs are kept; run again to resume)")
