@@ -117,6 +117,10 @@ class FederationConfig:
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
     inner_state: str = "keep"  # keep | reset: AdamW state across rounds
+    # Average round r in the background while round r+1 trains from the silo's own weights; the outer step lands
+    # when the average arrives and the local progress made meanwhile is carried onto the new global weights
+    # (a one-round-delayed outer update). Hides the network; see BENCHMARKS.md "Overlap" for its cost in quality.
+    overlap: bool = False
     state_sync_timeout: float = 60.0
     allow_solo_start: bool = True  # start from scratch if no peer can give state in time
     heartbeat_interval: float = 30.0

@@ -54,9 +54,11 @@ class GlobalState:
         return deltas
 
     @torch.no_grad()
-    def apply(self, mean: list[torch.Tensor], healed: bool = False) -> None:
+    def apply(self, mean: list[torch.Tensor], healed: bool = False,
+              carry_from: list[torch.Tensor] | None = None) -> None:
         """End a round: the outer step with the mean Δ, or (healed) adopt the mean local weights and restart the
-        outer momentum, so a group that held several models leaves on one. The local model restarts from it."""
+        outer momentum, so a group that held several models leaves on one. The local model restarts from it, or
+        (``carry_from``: θ_local when Δ was taken, federation.overlap) keeps the progress made since then on top."""
         with self.lock:
             if healed:
                 for w, avg in zip(self.weights, mean):
@@ -64,7 +66,11 @@ class GlobalState:
                 self.outer.load_state_tensors([])
             else:
                 self.outer.step(mean)
-            self.reset_local()
+            if carry_from is None:
+                self.reset_local()
+            else:  # θ_local ← θ_new + (θ_local − θ_local at Δ): the next Δ is exactly the work done since
+                for p, w, base in zip(self.params, self.weights, carry_from):
+                    p.add_(w - base)
             self.round += 1
             self._changed()
 

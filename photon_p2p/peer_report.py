@@ -9,8 +9,8 @@ from photon_p2p import __version__
 from photon_p2p.config import Config
 from photon_p2p.federation.averaging import RoundResult
 
-if TYPE_CHECKING:  # the daemon imports this module; only its type is needed here
-    from photon_p2p.daemon import PeerDaemon
+if TYPE_CHECKING:  # the daemon imports this module; only its types are needed here
+    from photon_p2p.daemon import InFlight, PeerDaemon
 
 
 def _finite(x: float) -> float:
@@ -29,18 +29,22 @@ def heartbeat_record(d: PeerDaemon) -> dict[str, Any]:
         "client_mode": bool(d.cfg.network.client_mode), "version": __version__,
         "started_at": float(d.started_at), "maddrs": d.swarm.maddrs,
         "fingerprint": d.fingerprint(), "participation": d.grouped / max(1, d.finished),
+        "utilization": round(d.utilization(), 4),
     }
 
 
-def log_round(d: PeerDaemon, r: RoundResult, averaged_round: int, evaluated: dict[str, float]) -> None:
-    """One metrics record and one log line per finished round: what this peer now believes."""
-    fields = {"round": d.round, "averaged_round": averaged_round, "step": d.trainer.step,
+def log_round(d: PeerDaemon, r: RoundResult, job: InFlight, evaluated: dict[str, float]) -> None:
+    """One metrics record and one log line per finished round: what this peer now believes.
+
+    ``compute_s`` is the averaged round's local phase; ``wait_s`` the time the trainer sat idle on its average
+    (all of it without overlap; only what training could not hide with federation.overlap)."""
+    fields = {"round": d.round, "averaged_round": job.round, "step": d.trainer.step,
               "tokens": d.trainer.tokens, "loss": d.trainer.last_loss, "solo": r.solo,
               "group_size": r.group_size, "peers": r.peers, "averaging_s": r.seconds,
               "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received, "reason": r.reason,
               "partial": r.partial, "phases": r.phases, "healed": r.healed,
-              "group_models": len(set(r.fingerprints.values()) - {""}), "compute_s": d.compute_s,
-              "wait_s": r.phases.get("matchmaking", 0.0), "fingerprint": d.fingerprint(),
+              "group_models": len(set(r.fingerprints.values()) - {""}), "compute_s": job.compute_s,
+              "wait_s": job.wait_s, "utilization": d.utilization(), "fingerprint": d.fingerprint(),
               "participation": d.grouped / max(1, d.finished), **evaluated}
     d.metrics.log("round", **fields)
     if evaluated:

@@ -74,6 +74,7 @@ def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[
         "median_loss": _median([r["loss"] for r in live]),
         "median_val_ppl": _median([r["val_ppl"] for r in live]),
         "median_participation": _median([r["participation"] for r in live]),
+        "median_utilization": _median([r.get("utilization") for r in live]),
         **_consistency(live, newest),
     }
     status = {"run_id": run_id, "time": time.time(), "reached": reached, "summary": summary, "peers": rows}
@@ -103,6 +104,10 @@ def _count(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return f"{n:.0f}"
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def _num(x: Optional[float], fmt: str) -> str:
@@ -180,12 +185,12 @@ def render_table(status: dict) -> str:
         lines.append(model_line)
     if status.get("message"):
         lines.append(status["message"])
-    table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "MODEL", "PART", "TOKENS", "TOK/S", "LOSS", "VAL PPL",
-              "LAST SEEN")]
+    table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "MODEL", "PART", "UTIL", "TOKENS", "TOK/S", "LOSS",
+              "VAL PPL", "LAST SEEN")]
     for r in rows:
         table.append((_short_id(r["peer_id"]) + ("" if r["verified"] else "?"), _address(r), r["status"],
                       str(r["round"]), str(r["lag"]), _short_model(r["fingerprint"]), f"{r['participation']:.0%}",
-                      _count(r["tokens"]), f"{r['tokens_per_s']:,.0f}", _num(r["loss"], ".4f"),
+                      _pct(r.get("utilization")), _count(r["tokens"]), f"{r['tokens_per_s']:,.0f}", _num(r["loss"], ".4f"),
                       _num(r["val_ppl"], ".2f"), _ago(r["last_seen"]) + " ago"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines.append("")

@@ -58,6 +58,9 @@ class PeerRecord(BaseModel):
     # Swarm consistency: peers at the same round with different fingerprints hold different models (a split).
     fingerprint: constr(strict=True, max_length=64)  # hex sha256 of weights + outer optimizer state; "" = unknown
     participation: confloat(ge=0.0, le=1.0, strict=True)  # share of finished rounds averaged in a group, not solo
+    # share of wall-clock time in inner steps (the rest: waiting on the network, evaluating, saving); optional so
+    # records of peers that predate it still validate
+    utilization: Optional[confloat(ge=0.0, le=1.0, strict=True)] = None
 
 
 class HeartbeatSchema(BaseModel):
