@@ -167,6 +167,9 @@ class PeerDaemon:
                                  tokens_per_s=self.tokens_per_s)
         self.compute_s = time.monotonic() - t0 - (self.paused_s - paused0)  # not landing, evaluating, saving
         self.compute_total += self.compute_s
+        # utilization as of the end of a local phase (a round record lands mid-phase with overlap)
+        self.metrics.log("phase", round=self.round, steps=steps, compute_s=self.compute_s,
+                         compute_total=self.compute_total, wall_s=time.monotonic() - self.loop_started)
 
     def _round_over(self, steps: int, t0: float) -> bool:
         f = self.cfg.federation
@@ -215,6 +218,8 @@ class PeerDaemon:
                                       stop=self.stop, fingerprint=self.fingerprint(), live_target=None)
         self.inflight = InFlight(future, self.round, deltas, self.round_tokens, self.round_steps, self.compute_s,
                                  base, sent)
+        self.metrics.log("averaging", round=self.round, step=self.trainer.step, tokens=self.round_tokens,
+                         background=f.overlap)
         self.round_steps = self.round_tokens = self.clock_tokens = 0
         return True
 
