@@ -121,6 +121,9 @@ class FederationConfig:
     # when the average arrives and the local progress made meanwhile is carried onto the new global weights
     # (a one-round-delayed outer update). Hides the network; see BENCHMARKS.md "Overlap" for its cost in quality.
     overlap: bool = False
+    # What moves an uncompressed round's bytes: gloo (torch.distributed, C++ ring all-reduce) when every member of
+    # the group is directly reachable, else hivemind's butterfly (NAT, relays, codecs). auto: gloo where it can.
+    transport: str = "auto"  # auto | hivemind | gloo
     state_sync_timeout: float = 60.0
     allow_solo_start: bool = True  # start from scratch if no peer can give state in time
     heartbeat_interval: float = 30.0
@@ -171,6 +174,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federation.outer_optimizer": ("fedavg", "fedmom", "nesterov"),
     "federation.inner_state": ("keep", "reset"),
     "federation.round_clock": ("swarm", "steps"),
+    "federation.transport": ("auto", "hivemind", "gloo"),
     "train.precision": ("auto", "bf16", "fp32"),
 }
 
@@ -377,6 +381,9 @@ def validate(cfg: Config) -> None:
     if not _DEVICE.fullmatch(t.device):
         raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     _validate_federation(cfg.federation)
+    if cfg.federation.transport == "gloo" and cfg.network.client_mode:
+        raise ConfigError("federation.transport 'gloo' needs peers that others can dial; a client-mode peer "
+                          "(network.client_mode) cannot use it (use transport: auto)")
     validate_network(cfg.network)
     _validate_observe(cfg.observe)
 
@@ -396,6 +403,9 @@ def _validate_federation(f: FederationConfig) -> None:
     if f.record_ttl <= f.heartbeat_interval:
         raise ConfigError(f"federation.record_ttl ({f.record_ttl:g}s) must exceed federation.heartbeat_interval "
                           f"({f.heartbeat_interval:g}s), or live peers expire between two heartbeats")
+    if f.transport == "gloo" and f.compression != "none":
+        raise ConfigError(f"federation.transport 'gloo' moves uncompressed rounds only; federation.compression is "
+                          f"{f.compression!r} (use transport: auto or hivemind, or compression: none)")
     if f.compression == "blockwise8" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("federation.compression 'blockwise8' needs bitsandbytes (pip install bitsandbytes)")
 

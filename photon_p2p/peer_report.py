@@ -42,14 +42,14 @@ def log_round(d: PeerDaemon, r: RoundResult, job: InFlight, evaluated: dict[str,
               "tokens": d.trainer.tokens, "loss": d.trainer.last_loss, "solo": r.solo,
               "group_size": r.group_size, "peers": r.peers, "averaging_s": r.seconds,
               "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received, "reason": r.reason,
-              "partial": r.partial, "phases": r.phases, "healed": r.healed,
+              "partial": r.partial, "phases": r.phases, "healed": r.healed, "transport": r.transport,
               "group_models": len(set(r.fingerprints.values()) - {""}), "compute_s": job.compute_s,
               "wait_s": job.wait_s, "utilization": d.utilization(), "fingerprint": d.fingerprint(),
               "participation": d.grouped / max(1, d.finished), **evaluated}
     d.metrics.log("round", **fields)
     if evaluated:
         d.metrics.log("eval", step=d.trainer.step, tokens=d.trainer.tokens, round=d.round, **evaluated)
-    how = "solo (" + r.reason + ")" if r.solo else f"group of {r.group_size}"
+    how = "solo (" + r.reason + ")" if r.solo else f"group of {r.group_size} via {r.transport or 'hivemind'}"
     if r.healed:
         how += f" (healed a split: {fields['group_models']} models in the group averaged weights)"
     if r.reason and not r.solo:

@@ -39,6 +39,8 @@ from hivemind.p2p import PeerID
 from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 
 from photon_p2p.federation import FederationError
+from photon_p2p.federation.bulk import GATHER_KEY as BULK_KEY
+from photon_p2p.federation.bulk import allreduce_mean
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic
 from photon_p2p.federation.records import is_live, read_records
 
@@ -100,8 +102,11 @@ class ProcessAverager(DecentralizedAverager):
     """hivemind's averager with our state for joiners, byte counting and phase stamps in its own process."""
 
     def __init__(self, *args, state_provider: StateProvider, counter: ByteCounter, clock: PhaseClock,
-                 threads: int | None, global_tensors: Sequence[torch.Tensor] | None = None, **kwargs) -> None:
+                 threads: int | None, global_tensors: Sequence[torch.Tensor] | None = None,
+                 bulk_timeout: float = 0.0, **kwargs) -> None:
         self._state_provider, self._counter, self._clock, self._threads = state_provider, counter, clock, threads
+        self._bulk_timeout = bulk_timeout  # > 0: uncompressed groups whose members all have a bulk endpoint use it
+        self._bulk_endpoints: list[str] | None = None
         # The caller's global weights in shared memory (read here only in a healing round, under the tensor lock).
         self._global_tensors = list(global_tensors) if global_tensors is not None else None
         self._report: dict[str, Any] = {}
@@ -140,6 +145,9 @@ class ProcessAverager(DecentralizedAverager):
         try:
             gathered = self._peek_gathered(group_info)
             self._ranks = [_rank(gathered.get(p), str(p)) for p in group_info.peer_ids]
+            endpoints = [g.get(BULK_KEY) if isinstance(g, dict) else None
+                         for g in (gathered.get(p) for p in group_info.peer_ids)]
+            self._bulk_endpoints = endpoints if self._bulk_timeout and all(endpoints) else None
             mine = gathered.get(self.peer_id, {}) if isinstance(gathered.get(self.peer_id), dict) else {}
             weights_mode = models_differ(gathered) or any(isinstance(g, dict) and g.get("weights")
                                                           for g in gathered.values())
@@ -168,6 +176,10 @@ class ProcessAverager(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
+        codec = kwargs.get("compression")
+        codec = codec.inner if isinstance(codec, CountingCompression) else codec
+        if self._bulk_endpoints is not None and isinstance(codec, NoCompression):
+            return await self._bulk_allreduce(tensors, group_info, group_id, float(kwargs.get("weight", 1.0)))
         runner = ExactAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                       group_id=group_id, ordered_peer_ids=group_info.peer_ids,
                                       ranks=getattr(self, "_ranks", None), **kwargs)
@@ -178,6 +190,19 @@ class ProcessAverager(DecentralizedAverager):
         container = runner.tensor_part_container
         self._report["failed_fraction"] = container.failed_size / max(1, container.total_size)
         self._report["failed_peers"] = sorted(str(p) for p in runner.failed_reducers)
+
+
+    async def _bulk_allreduce(self, tensors, group_info, group_id: bytes, weight: float) -> None:
+        """Every member reachable and the round uncompressed: the bytes go over gloo (federation/bulk.py)."""
+        rank = list(group_info.peer_ids).index(self.peer_id)
+        endpoints = list(self._bulk_endpoints)
+        loop = asyncio.get_event_loop()
+        traffic = await loop.run_in_executor(
+            None, lambda: allreduce_mean(tensors, weight, rank, endpoints, group_id.hex(), self._bulk_timeout,
+                                         threads=self._threads or 1))
+        self._counter.add_sent(traffic.sent)
+        self._counter.add_received(traffic.received)
+        self._report["transport"] = "gloo"
 
 
 def models_differ(gathered: dict[Any, Any]) -> bool:

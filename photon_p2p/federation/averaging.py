@@ -36,9 +36,11 @@ from photon_p2p.federation.averager_process import (
     describe,
     live_group_target,
 )
+from photon_p2p.federation.bulk import GATHER_KEY as BULK_KEY
+from photon_p2p.federation.bulk import BulkEndpoint, direct_ip
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, make_compression
 from photon_p2p.federation.groups import GroupPlan
-from photon_p2p.federation.network import lifeline
+from photon_p2p.federation.network import lifeline, visible_maddrs
 
 log = logging.getLogger("photon_p2p.federation")
 # hivemind logs every failed matchmaking attempt as an ERROR; our retry loop reports outcomes itself.
@@ -73,6 +75,7 @@ class RoundResult:
     # (result to this process), write_back (checks + copy out); codec: compress/extract time summed over the
     # averager's threads (it overlaps the all-reduce). Empty phases were not reached.
     phases: dict[str, float] = field(default_factory=dict)
+    transport: str = ""  # what moved the bytes: "hivemind" (butterfly over libp2p) or "gloo" (federation/bulk.py)
 
 
 class PseudoGradientAverager:
@@ -95,6 +98,7 @@ class PseudoGradientAverager:
         self._codec = make_compression(fed.compression)
         # hivemind warns that request_timeout >= matchmaking time can deadlock matchmaking; keep it below.
         request_timeout = min(float(net.request_timeout), fed.matchmaking_time / 2)
+        self.bulk = self._bulk_endpoint(dht, fed, net)
         self._averager = ProcessAverager(
             self._buffers, dht, start=False, prefix=f"{fed.run_id}_pseudograd",
             target_group_size=fed.target_group_size, min_group_size=fed.min_group_size,
@@ -107,9 +111,23 @@ class PseudoGradientAverager:
             allow_state_sharing=not self.client_mode and not net.initial_peers,
             part_size_bytes=tuning.part_size_bytes, shutdown_timeout=3.0, state_provider=state_provider,
             counter=self.counter, clock=self.clock, threads=tuning.averager_threads,
-            global_tensors=[g.share_memory_() for g in global_tensors] if global_tensors is not None else None)
+            global_tensors=[g.share_memory_() for g in global_tensors] if global_tensors is not None else None,
+            bulk_timeout=fed.allreduce_timeout if self.bulk is not None else 0.0)
         self._start(float(net.bootstrap_timeout))
         self._closed = False
+
+    @staticmethod
+    def _bulk_endpoint(dht: hivemind.DHT, fed: FederationConfig, net: NetworkConfig) -> BulkEndpoint | None:
+        """This peer's gloo rendezvous (federation.transport), or None: hivemind moves every byte."""
+        if fed.transport == "hivemind" or fed.compression != "none" or net.client_mode:
+            return None  # config validation rejects transport: gloo with a codec or in client mode
+        ip = direct_ip(net.announce_maddrs) or direct_ip(visible_maddrs(dht))
+        if ip is None:
+            if fed.transport == "gloo":
+                raise FederationError("federation.transport is gloo but this peer has no direct IP address "
+                                      "(set --announce-maddrs, or use transport: auto)")
+            return None
+        return BulkEndpoint(ip, fed.allreduce_timeout)
 
     def _start(self, timeout: float) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -193,7 +211,8 @@ class PseudoGradientAverager:
         if not self._averager.is_alive():
             return result(True, "averager process is not running")
         gather = {"round": int(round_no), "stage": stage, "weight": weight, "client": self.client_mode,
-                  "fingerprint": fingerprint, "rank": int(rank), "weights": bool(weights)}
+                  "fingerprint": fingerprint, "rank": int(rank), "weights": bool(weights),
+                  BULK_KEY: self.bulk.address if self.bulk is not None else ""}
         try:
             gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, gather, target,
                                               group_bits(round_no, stage, index), give_up)
@@ -229,7 +248,8 @@ class PseudoGradientAverager:
         fingerprints = {p: str(g.get("fingerprint", "")) for p, g in gathered.items()}
         self.counter.wait_quiet(limit=max(0.0, min(1.0, deadline - time.monotonic())))
         return result(False, reason, gathered, partial=fraction, failed_peers=failed,
-                      healed=bool(report.get("healed")), fingerprints=fingerprints)
+                      healed=bool(report.get("healed")), fingerprints=fingerprints,
+                      transport=str(report.get("transport", "hivemind")))
 
     def _run_step(self, deltas: list[torch.Tensor], round_no: int, weight: float, deadline: float,
                   stop: threading.Event | None, phases: dict[str, float], gather: dict,

@@ -1,0 +1,112 @@
+"""The bulk path: a group's uncompressed all-reduce over torch.distributed's gloo between reachable members.
+
+hivemind stays in charge of discovery, matchmaking, state download and everything a NATed peer needs; once a
+group is assembled and every member advertised a direct endpoint (``federation.transport``), the bytes move over
+a gloo process group built for that group alone: the first member's rendezvous store (a TCPStore each peer
+hosts), a key prefix from hivemind's random group id, ranks in the group's order. Why gloo and not more tuning of
+hivemind's butterfly: profiles (BENCHMARKS.md "Averaging speed") put hivemind at ~117 MB/s of fp32 per core,
+protobuf + libp2p streams + Python per part; gloo's ring all-reduce is C++ with no per-part Python and runs
+near memory/link speed, so the averager scales with the link instead of with one core.
+
+Exactness: members all-reduce their weight-scaled tensors and the weights in one flat buffer; gloo's ring
+reduces each chunk once and copies the reduced bytes to every member, so every member divides the same sums by
+the same total and ends on the same bytes (tests/test_bulk.py checks it), as hivemind's exact path does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from photon_p2p.federation import FederationError
+
+GATHER_KEY = "bulk"  # a member's "ip:port" endpoint in its gathered metadata
+
+
+def direct_ip(maddrs: Sequence[str]) -> str | None:
+    """The IP other members should dial: the first routable ip4/ip6 of this peer's addresses (loopback only if
+    that is all there is, as in a single-machine swarm); None for relay-only addresses."""
+    found: list[str] = []
+    for m in maddrs:
+        parts = str(m).split("/")
+        if "p2p-circuit" in parts:
+            continue
+        for proto, value in zip(parts, parts[1:]):
+            if proto in ("ip4", "ip6"):
+                try:
+                    ip = ipaddress.ip_address(value)
+                except ValueError:
+                    break
+                if not ip.is_unspecified:
+                    found.append(str(ip))
+                break
+    public = [ip for ip in found if not ipaddress.ip_address(ip).is_loopback]
+    return (public or found or [None])[0]
+
+
+class BulkEndpoint:
+    """This peer's rendezvous store for groups it leads (a TCPStore server; gloo pairs use their own ports)."""
+
+    def __init__(self, ip: str, timeout: float) -> None:
+        self.ip = ip
+        try:
+            self.store = dist.TCPStore(ip, 0, None, True, datetime.timedelta(seconds=timeout),
+                                       wait_for_workers=False)
+        except Exception as e:  # the address is not ours to bind (a wrong announce address): say which
+            raise FederationError(f"cannot open the bulk transport's rendezvous on {ip}: {e}") from None
+        self.address = f"{ip}:{self.store.port}"
+
+    def close(self) -> None:
+        self.store = None
+
+
+@dataclass
+class BulkTraffic:
+    sent: int
+    received: int
+
+
+def allreduce_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpoints: Sequence[str],
+                   group_key: str, timeout: float, threads: int = 2) -> BulkTraffic:
+    """Replace ``tensors`` (fp32, in place) with the group's weighted mean; ``endpoints[i]`` is member i's
+    "ip:port", member 0's store is the rendezvous. Raises on any failure (a member gone, a timeout): then no
+    member applies anything from this round (gloo's collectives fail on every member together)."""
+    size = len(endpoints)
+    my_ip = endpoints[rank].rsplit(":", 1)[0]
+    host, port = endpoints[0].rsplit(":", 1)
+    delta = datetime.timedelta(seconds=timeout)
+    store = dist.TCPStore(host, int(port), None, False, delta)
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=my_ip)]
+    options._timeout = delta
+    options._threads = max(1, threads)
+    pg = dist.ProcessGroupGloo(dist.PrefixStore(group_key, store), rank, size, options)
+    try:
+        numel = sum(t.numel() for t in tensors)
+        flat = torch.empty(numel + 1, dtype=torch.float32)
+        offset = 0
+        for t in tensors:
+            flat[offset:offset + t.numel()].copy_(t.reshape(-1)).mul_(weight)
+            offset += t.numel()
+        flat[-1] = weight
+        pg.allreduce([flat]).wait(delta)
+        total = float(flat[-1])
+        if total <= 0:
+            raise FederationError("the group's total weight is zero")
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t)).div_(total)
+            offset += t.numel()
+        # a ring all-reduce sends (and receives) 2·(n−1)/n of the buffer per member
+        moved = int(2 * (size - 1) / size * flat.numel() * flat.element_size())
+        return BulkTraffic(moved, moved)
+    finally:
+        try:
+            pg.shutdown()
+        except Exception:  # already broken by the failure being raised
+            pass
