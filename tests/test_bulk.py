@@ -68,3 +68,56 @@ def test_direct_ip_prefers_routable_addresses_and_skips_relays():
     assert direct_ip(["/ip4/10.0.0.9/tcp/5/p2p/QmRelay/p2p-circuit/p2p/QmMe"]) is None
     assert direct_ip(["/ip6/::1/tcp/5", "/ip6/fd00::2/tcp/5"]) == "fd00::2"
     assert direct_ip([]) is None
+
+
+def _robust_member(rank: int, endpoints: list[str], weight: float, out_path: str) -> None:
+    from photon_p2p.federation.bulk import robust_mean
+
+    tensors = _inputs(rank)
+    if rank == 2:
+        tensors = [t * 1e4 for t in tensors]  # a sender whose chunks are 1e4 times too large
+
+    def clip_to_median(parts, weights, order):
+        # a stand-in robust reducer: scale every chunk to at most the median chunk norm
+        norms = torch.stack([p.norm() for p in parts])
+        limit = float(norms.median())
+        acc, den, factors = torch.zeros_like(parts[0]), 0.0, {}
+        for i in order:
+            f = min(1.0, limit / max(float(norms[i]), 1e-30))
+            if f < 1.0:
+                factors[i] = f
+            acc.add_(parts[i], alpha=weights[i] * f)
+            den += weights[i]
+        return acc / den, factors
+
+    traffic = robust_mean(tensors, weight, rank, endpoints, "robust-3", 30.0, clip_to_median, 1000, [0, 1, 2])
+    torch.save((tensors, traffic.factors), out_path)
+
+
+@pytest.mark.timeout(120)
+def test_robust_path_lets_the_reducer_see_and_clip_each_sender(tmp_path):
+    host = BulkEndpoint("127.0.0.1", timeout=30.0)
+    endpoints = [host.address, "127.0.0.1:1", "127.0.0.1:2"]
+    ctx = mp.get_context("spawn")
+    paths = [str(tmp_path / f"member-{r}.pt") for r in range(3)]
+    procs = [ctx.Process(target=_robust_member, args=(r, endpoints, 1.0, path)) for r, path in enumerate(paths)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(90)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    results = [torch.load(path) for path in paths]
+    for r in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[r][0]))  # the same bytes
+    for rank in range(3):
+        assert 2 in results[rank][1] and results[rank][1][2] < 1e-3  # every reducer clipped sender 2
+    honest = [(_inputs(0)[i] + _inputs(1)[i]) / 2 for i in range(len(SHAPES))]
+    for got, ref in zip(results[0][0], honest):
+        # clipped to an honest norm, sender 2 moves the mean like one more honest (random) sender would, about
+        # 0.6 of the honest mean's norm here; unclipped it would move it ~3000-fold
+        assert float((got - ref).norm() / ref.norm()) < 1.0

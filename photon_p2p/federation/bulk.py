@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -69,6 +69,23 @@ class BulkEndpoint:
 class BulkTraffic:
     sent: int
     received: int
+    factors: dict[int, float] = field(default_factory=dict)  # robust path: sender rank -> smallest factor kept
+
+
+# (chunks by sender rank, their weights, summation order) -> (the reduced chunk, {sender rank: factor < 1})
+Reducer = Callable[[list, list, list], tuple[torch.Tensor, dict]]
+
+
+def _process_group(rank: int, endpoints: Sequence[str], group_key: str, delta: datetime.timedelta,
+                   threads: int) -> dist.ProcessGroupGloo:
+    """A gloo group of these members alone: member 0's store, keys under the (random, per-group) ``group_key``."""
+    host, port = endpoints[0].rsplit(":", 1)
+    store = dist.TCPStore(host, int(port), None, False, delta)
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=endpoints[rank].rsplit(":", 1)[0])]
+    options._timeout = delta
+    options._threads = max(1, threads)
+    return dist.ProcessGroupGloo(dist.PrefixStore(group_key, store), rank, len(endpoints), options)
 
 
 def allreduce_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpoints: Sequence[str],
@@ -77,15 +94,8 @@ def allreduce_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, en
     "ip:port", member 0's store is the rendezvous. Raises on any failure (a member gone, a timeout): then no
     member applies anything from this round (gloo's collectives fail on every member together)."""
     size = len(endpoints)
-    my_ip = endpoints[rank].rsplit(":", 1)[0]
-    host, port = endpoints[0].rsplit(":", 1)
     delta = datetime.timedelta(seconds=timeout)
-    store = dist.TCPStore(host, int(port), None, False, delta)
-    options = dist.ProcessGroupGloo._Options()
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname=my_ip)]
-    options._timeout = delta
-    options._threads = max(1, threads)
-    pg = dist.ProcessGroupGloo(dist.PrefixStore(group_key, store), rank, size, options)
+    pg = _process_group(rank, endpoints, group_key, delta, threads)
     try:
         numel = sum(t.numel() for t in tensors)
         flat = torch.empty(numel + 1, dtype=torch.float32)
@@ -109,4 +119,53 @@ def allreduce_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, en
         try:
             pg.shutdown()
         except Exception:  # already broken by the failure being raised
+            pass
+
+
+def robust_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpoints: Sequence[str],
+                group_key: str, timeout: float, reduce: Reducer, part_numel: int, order: Sequence[int],
+                threads: int = 2) -> BulkTraffic:
+    """Like allreduce_mean, but every member reduces one slice of the vector from every sender's chunk of it
+    (all-to-all), so ``reduce`` (federation/robust.py: clipping, CenteredClip, dropping non-finite chunks) sees
+    each sender's contribution, part by part of ``part_numel`` values; the reduced slices are then all-gathered,
+    so every member ends on the same bytes. ``order``: the canonical summation order of sender ranks."""
+    size = len(endpoints)
+    delta = datetime.timedelta(seconds=timeout)
+    numel = sum(t.numel() for t in tensors)
+    share = -(-numel // size)  # ceil: each member reduces one share (the last one padded with zeros)
+    flat = torch.zeros(share * size, dtype=torch.float32)
+    offset = 0
+    for t in tensors:
+        flat[offset:offset + t.numel()].copy_(t.reshape(-1))
+        offset += t.numel()
+    pg = _process_group(rank, endpoints, group_key, delta, threads)
+    try:
+        weights = torch.zeros(size, dtype=torch.float64)
+        weights[rank] = weight
+        pg.allreduce([weights]).wait(delta)  # every member learns every sender's weight
+        received = [torch.empty(share, dtype=torch.float32) for _ in range(size)]
+        pg.alltoall(received, list(flat.view(size, share).unbind(0))).wait(delta)
+        mine = flat.new_zeros(share)
+        factors: dict[int, float] = {}
+        valid = max(0, min(share, numel - rank * share))  # the padding is not reduced (it would skew norms)
+        for start in range(0, valid, part_numel):
+            stop = min(valid, start + part_numel)
+            parts = [r[start:stop] for r in received]
+            averaged, part_factors = reduce(parts, weights.tolist(), list(order))
+            mine[start:stop].copy_(averaged)
+            for sender, f in part_factors.items():
+                factors[sender] = min(f, factors.get(sender, 1.0))
+        gathered = [torch.empty(share, dtype=torch.float32) for _ in range(size)]
+        pg.allgather([gathered], [mine]).wait(delta)
+        out = torch.cat(gathered)
+        offset = 0
+        for t in tensors:
+            t.copy_(out[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+        moved = int(2 * (size - 1) * share * 4 + (size - 1) * 8)
+        return BulkTraffic(moved, moved, factors)
+    finally:
+        try:
+            pg.shutdown()
+        except Exception:
             pass
