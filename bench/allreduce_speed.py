@@ -34,7 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("hivemind-defaults", "tuned")
+# hivemind-defaults / tuned: every byte through hivemind's butterfly; bulk: tuned, and uncompressed rounds go
+# over gloo between the (directly reachable) members (federation.transport: auto, photon_p2p's default)
+MODES = ("hivemind-defaults", "tuned", "bulk")
 PHASES = ("copy_in", "matchmaking", "allreduce", "handoff", "write_back")
 
 
@@ -103,22 +105,24 @@ def run_worker(args: argparse.Namespace) -> None:
         store.set("maddr", visible_maddrs(dht)[0])
     x = torch.randn(int(args.mb * 1e6 / 4), generator=torch.Generator().manual_seed(rank))
     tuned = dataclasses.replace(TUNED, part_size_bytes=args.part_kib * 1024) if args.part_kib else TUNED
-    tunings = {"hivemind-defaults": HIVEMIND_DEFAULTS, "tuned": tuned}
+    tunings = {"hivemind-defaults": HIVEMIND_DEFAULTS, "tuned": tuned, "bulk": tuned}
     records = []
     for index, (case, codec, target) in enumerate(cases(args)):
         averagers = {}
-        for mode in args.modes:  # a run id per (case, mode): their groups never mix
+        modes = modes_for(codec, args)
+        for mode in modes:  # a run id per (case, mode): their groups never mix
             if target:
                 announce(dht, f"bench{index}-{mode}", codec)
             barrier(store, f"{case}/{mode}/announced", world)
             fed = FederationConfig(run_id=f"bench{index}-{mode}", target_group_size=target or world,
                                    min_group_size=2 if target else world,
                                    matchmaking_time=args.matchmaking_time, allreduce_timeout=120.0,
-                                   round_deadline=240.0, compression=codec)
+                                   round_deadline=240.0, compression=codec,
+                                   transport="auto" if mode == "bulk" else "hivemind")
             averagers[mode] = PseudoGradientAverager(dht, [x], fed, net, lambda: ({}, []), tuning=tunings[mode])
         pids = {a._averager.pid for a in averagers.values()}
         for rep in range(args.repeats + 1):
-            for op in ("gloo", *args.modes):
+            for op in ("gloo", *modes):
                 if op == "gloo" and index:
                     continue  # gloo does not depend on the case: once per repeat
                 barrier(store, f"{case}/{rep}/{op}", world)
@@ -140,6 +144,11 @@ def run_worker(args: argparse.Namespace) -> None:
     Path(args.worker_out).write_text(json.dumps(records))
     dist.destroy_process_group()
     dht.shutdown()
+
+
+def modes_for(codec: str, args: argparse.Namespace) -> list[str]:
+    """The bulk path moves uncompressed rounds only; a compressed case is measured in the hivemind modes."""
+    return [m for m in args.modes if m != "bulk" or codec == "none"]
 
 
 def cases(args: argparse.Namespace) -> list[tuple[str, str, int]]:
@@ -191,7 +200,7 @@ def summarize(world: int, records: list[dict], args: argparse.Namespace) -> list
     """One row per (case, op): median over repeats of the slowest peer's time, median phases, mean CPU per peer."""
     rows = []
     for case, codec, target in cases(args):
-        for op in ("gloo", *args.modes):
+        for op in ("gloo", *modes_for(codec, args)):
             mine = [r for r in records if r["op"] == op and r["rep"] > 0 and (op == "gloo" or r["case"] == case)]
             reps = sorted({r["rep"] for r in mine})
             rounds = [max(r["seconds"] for r in mine if r["rep"] == k) for k in reps]
@@ -215,18 +224,21 @@ def write_markdown(rows: list[dict], args: argparse.Namespace, path: Path, meta:
              f"load average at start {meta['loadavg']}. Plot: `{Path(args.out).with_suffix('.png')}`.", "",
              f"One {args.mb:g} MB fp32 tensor averaged on 127.0.0.1; a round is the slowest peer's time, median of "
              f"{args.repeats} rounds after a warm-up. before = the averager as it was (`HIVEMIND_DEFAULTS`), after = "
-             "`TUNED`, interleaved round by round with gloo in the same processes.", "",
-             "| peers | case | gloo (s) | before (s) | after (s) | before/gloo | after/gloo | speed-up | "
-             "MB sent/peer |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "`TUNED` through hivemind, bulk = `TUNED` with federation.transport auto (uncompressed rounds over gloo "
+             "between the members, photon_p2p's default), interleaved round by round with gloo in the same "
+             "processes.", "",
+             "| peers | case | gloo (s) | before (s) | after (s) | bulk (s) | before/gloo | after/gloo | bulk/gloo | "
+             "MB sent/peer |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     by = {(r["peers"], r["case"], r["op"]): r for r in rows}
     for world in args.peers:
         for case, _, _ in cases(args):
-            g, b, a = (by.get((world, case, op)) for op in ("gloo", *MODES))
+            g, b, a, k = (by.get((world, case, op)) for op in ("gloo", *MODES))
             if not (g and b and a):
                 continue
+            bulk_s, bulk_x = (f"{k['round_s']:.3f}", f"{k['ratio_vs_gloo']:.1f}x") if k else ("-", "-")
             lines.append(f"| {world} | {case} | {g['round_s']:.3f} | {b['round_s']:.3f} | {a['round_s']:.3f} | "
-                         f"{b['ratio_vs_gloo']:.1f}x | {a['ratio_vs_gloo']:.1f}x | {b['round_s'] / a['round_s']:.2f}x "
-                         f"| {a['bytes_sent_per_peer'] / 1e6:.1f} |")
+                         f"{bulk_s} | {b['ratio_vs_gloo']:.1f}x | {a['ratio_vs_gloo']:.1f}x | {bulk_x} "
+                         f"| {(k or a)['bytes_sent_per_peer'] / 1e6:.1f} |")
     lines += ["", "Phases (median per peer, s) and CPU seconds per peer per round:", "",
               "| peers | case | mode | " + " | ".join(PHASES) + " | codec (thread-s) | CPU main / averager / "
               "DHT / p2pd |", "| --- " * (len(PHASES) + 5) + "|"]
@@ -250,8 +262,8 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
     colors = dict(zip(PHASES, ("#8da0cb", "#fc8d62", "#66c2a5", "#e78ac3", "#a6d854")))
     for ax, world in zip(axes[0], args.peers):
         labels, x = [], 0
-        for index, (case, _, _) in enumerate(cases(args)):
-            for op in ("gloo", *args.modes):
+        for index, (case, codec, _) in enumerate(cases(args)):
+            for op in ("gloo", *modes_for(codec, args)):
                 if op == "gloo" and index:
                     continue
                 row = next(r for r in rows if r["peers"] == world and r["case"] == case and r["op"] == op)
@@ -265,7 +277,8 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
                                label=p if (x, world) == (1, args.peers[0]) else None)
                         bottom += row["phases_s"][p]
                     ax.plot([x - 0.4, x + 0.4], [row["round_s"]] * 2, color="red", lw=2)
-                    labels.append(f"{case.replace(', ', chr(10))}\n{'before' if op == MODES[0] else 'after'}")
+                    name = {"hivemind-defaults": "before", "tuned": "after"}.get(op, op)
+                    labels.append(f"{case.replace(', ', chr(10))}\n{name}")
                 x += 1
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.set_title(f"{world} peers, {args.mb:g} MB fp32 on loopback")

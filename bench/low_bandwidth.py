@@ -88,17 +88,18 @@ def _tx_bytes(ifname: str) -> int:
 
 
 # ---- the benchmark -------------------------------------------------------------------------------------------
-def run_photon(tb: Testbed, rate: float, args: argparse.Namespace) -> dict[str, Any]:
+def run_photon(tb: Testbed, rate: float, args: argparse.Namespace, system: str = "photon_p2p",
+               extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Photon daemons in the testbed for args.seconds; peer 0's eval records (global model) vs wall-clock."""
-    run_id = f"lowbw-{rate:g}-{os.getpid()}"
-    base = Path(args.runs) / f"photon-{rate:g}mbit"
+    run_id = f"lowbw-{rate:g}-{os.getpid()}-{system}"
+    base = Path(args.runs) / f"{system}-{rate:g}mbit"
     dirs = [base / f"peer-{i}" for i in range(args.peers)]
     for d in dirs:
         for f in ("metrics.jsonl", "checkpoint.pt"):
             (d / f).unlink(missing_ok=True)
     overrides = [f"data.path={args.data}", "train.threads=1", "federation.rounds=0",
                  f"federation.local_steps={args.local_steps}", f"federation.target_group_size={args.peers}",
-                 *args.overrides]
+                 *args.overrides, *extra]
     procs: list[subprocess.Popen] = []
     t0 = time.time()
     tx0 = [c["tx_bytes"] for c in tb.all_counters()]
@@ -115,7 +116,11 @@ def run_photon(tb: Testbed, rate: float, args: argparse.Namespace) -> dict[str, 
     rounds = [r for r in records if r["kind"] == "round"]
     evals = [{"t": r["time"] - t0, "val_ppl": r["val_ppl"], "step": r["step"], "tokens": r["tokens"]}
              for r in records if r["kind"] == "eval"]
-    return {"system": "photon_p2p", "rate_mbit": rate, "evals": evals, "rounds": len(rounds),
+    phases = [r for r in records if r["kind"] == "phase"]
+    return {"system": system, "rate_mbit": rate, "evals": evals, "rounds": len(rounds),
+            # compute utilization: inner-step seconds over wall-clock seconds, from the first local phase's start
+            "compute_s": sum(r["compute_s"] for r in rounds), "wait_s": sum(r["wait_s"] for r in rounds),
+            "utilization": phases[-1]["compute_total"] / phases[-1]["wall_s"] if phases else math.nan,
             "solo_rounds": sum(bool(r["solo"]) for r in rounds),
             "mean_averaging_s": mean([r["averaging_s"] for r in rounds]),
             "wire_tx_bytes_per_peer": mean([b - a for a, b in zip(tx0, tx1)]),

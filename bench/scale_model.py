@@ -62,12 +62,17 @@ def ring_seconds(params: int, peers: int, bandwidth_bps: float, bytes_per_value:
     return 2.0 * (peers - 1) / peers * bytes_per_value * params * 8 / bandwidth_bps if peers > 1 else 0.0
 
 
-def calibrate(path: Path) -> tuple[Costs, list[dict]]:
-    """Fit Costs on the 2-peer tuned rounds of bench/allreduce_speed.py; return the rows too (for checks)."""
+def calibrate(path: Path, mode: str = "bulk") -> tuple[Costs, list[dict]]:
+    """Fit Costs on the 2-peer rounds of bench/allreduce_speed.py in ``mode`` (bulk: uncompressed rounds over gloo,
+    photon_p2p's default; tuned: everything through hivemind), codecs the mode does not cover from the tuned
+    rounds; return the rows too (for checks)."""
     if not path.exists():
         raise SystemExit(f"scale_model: no calibration at {path}; run python bench/allreduce_speed.py first")
     data = json.loads(path.read_text())
-    rows = [r for r in data["rows"] if r["op"] == "tuned" and r["case"] == r["codec"]]
+    fitted = [r for r in data["rows"] if r["op"] == mode and r["case"] == r["codec"]]
+    covered = {(r["peers"], r["codec"]) for r in fitted}
+    rows = fitted + [r for r in data["rows"] if r["op"] == "tuned" and r["case"] == r["codec"]
+                     and (r["peers"], r["codec"]) not in covered]
     params = int(data["args"]["mb"] * 1e6 / 4)
     base = {r["codec"]: r for r in rows if r["peers"] == 2}
     if "none" not in base:
@@ -194,9 +199,11 @@ def main() -> int:
     ap.add_argument("--codec", default="none", choices=sorted(BYTES_PER_PARAM))
     ap.add_argument("--averager-cores", type=float, default=1.0, help="cores a silo's averager gets")
     ap.add_argument("--ddp-bytes", type=float, default=4.0, help="bytes per gradient value DDP sends (bf16: 2)")
+    ap.add_argument("--mode", default="bulk", choices=["bulk", "tuned"],
+                    help="calibrate uncompressed rounds on the gloo bulk path (default) or on hivemind's")
     ap.add_argument("--out", default="bench/results/scale_model")
     args = ap.parse_args()
-    costs, rows = calibrate(Path(args.calibration))
+    costs, rows = calibrate(Path(args.calibration), args.mode)
     mb = json.loads(Path(args.calibration).read_text())["args"]["mb"]
     if args.codec not in costs.cpu_bytes_per_s:
         raise SystemExit(f"scale_model: the calibration has no 2-peer round with codec {args.codec}")

@@ -129,6 +129,13 @@ class FederationConfig:
     outer_warmup_rounds: int = 0  # linear outer-lr warmup over the first N global rounds
     outer_min_lr_ratio: float = 0.0  # cosine: the outer lr ends at outer_lr x this
     inner_state: str = "keep"  # keep | reset: AdamW state across rounds
+    # Average round r in the background while round r+1 trains from the silo's own weights; the outer step lands
+    # when the average arrives and the local progress made meanwhile is carried onto the new global weights
+    # (a one-round-delayed outer update). Hides the network; see BENCHMARKS.md "Overlap" for its cost in quality.
+    overlap: bool = False
+    # What moves an uncompressed round's bytes: gloo (torch.distributed, C++ ring all-reduce) when every member of
+    # the group is directly reachable, else hivemind's butterfly (NAT, relays, codecs). auto: gloo where it can.
+    transport: str = "auto"  # auto | hivemind | gloo
     state_sync_timeout: float = 60.0
     allow_solo_start: bool = True  # start from scratch if no peer can give state in time
     heartbeat_interval: float = 30.0
@@ -192,6 +199,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federation.inner_state": ("keep", "reset"),
     "federation.round_clock": ("swarm", "steps"),
     "federation.robust_aggregation": ("none", "clip", "centered_clip"),
+    "federation.transport": ("auto", "hivemind", "gloo"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.parallel": ("auto", "ddp", "fsdp", "none"),
 }
@@ -404,6 +412,9 @@ def validate(cfg: Config) -> None:
     if not _DEVICE.fullmatch(t.device):
         raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     _validate_federation(cfg.federation)
+    if cfg.federation.transport == "gloo" and cfg.network.client_mode:
+        raise ConfigError("federation.transport 'gloo' needs peers that others can dial; a client-mode peer "
+                          "(network.client_mode) cannot use it (use transport: auto)")
     validate_network(cfg.network)
     _validate_admission(cfg.federation, cfg.network)
     _validate_observe(cfg.observe)
@@ -426,6 +437,9 @@ def _validate_federation(f: FederationConfig) -> None:
                           f"({f.heartbeat_interval:g}s), or live peers expire between two heartbeats")
     if f.outer_lr_schedule == "cosine" and f.rounds == 0:
         raise ConfigError("federation.outer_lr_schedule 'cosine' needs federation.rounds > 0 (the schedule's length)")
+    if f.transport == "gloo" and f.compression != "none":
+        raise ConfigError(f"federation.transport 'gloo' moves uncompressed rounds only; federation.compression is "
+                          f"{f.compression!r} (use transport: auto or hivemind, or compression: none)")
     if f.compression == "blockwise8" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("federation.compression 'blockwise8' needs bitsandbytes (pip install bitsandbytes)")
 

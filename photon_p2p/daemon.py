@@ -9,6 +9,9 @@ import os
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +45,21 @@ def hivemind_swarm(cfg: Config, weights: list[torch.Tensor], state: Callable, to
     return HivemindSwarm(cfg, weights, state, tokens_per_step)
 
 
+@dataclass
+class InFlight:
+    """One round's average, running in a background thread (in the foreground too: then it is waited for at once)."""
+
+    future: Future
+    round: int  # the round being averaged
+    deltas: list[torch.Tensor]  # Δ as handed to the averager; the mean is written into it
+    weight: int  # tokens behind Δ (folded back into the next round if no group averages it)
+    steps: int  # inner steps behind Δ
+    compute_s: float  # the round's local phase
+    base: list[torch.Tensor] | None  # θ_local when Δ was taken (overlap: progress since then is carried over)
+    sent: list[torch.Tensor] | None  # a copy of Δ for error feedback
+    wait_s: float = 0.0  # the trainer idle on this average
+
+
 class PeerDaemon:
     """Trains a round of local steps, averages Δ = θ_global − θ_local with its group, applies the outer step.
 
@@ -64,7 +82,13 @@ class PeerDaemon:
         self.started_at = time.time()
         self.finished = self.grouped = 0  # rounds finished by this process, and those spent in a group
         self.rollbacks = 0  # consecutive rollbacks (the non-finite guard stops at max_rollbacks)
-        self.compute_s = 0.0
+        self.compute_s = 0.0  # the last local phase
+        self.clock_tokens = 0  # tokens reported to the swarm clock for the round being trained
+        self.inflight: InFlight | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="photon-average")
+        self.loop_started = 0.0
+        self.compute_total = self.wait_total = 0.0  # utilization = compute_total / wall time of the loop
+        self.paused_s = 0.0  # time spent landing averages (waiting, evaluating, checkpointing)
 
     # ---- state -------------------------------------------------------------------------------------------
     def _setup_training(self) -> None:
@@ -115,38 +139,54 @@ class PeerDaemon:
     # ---- the loop ----------------------------------------------------------------------------------------
     def _local_phase(self, rate: Throughput) -> None:
         """Inner steps until the round ends: H steps (round_clock: steps), or when the swarm's collective progress
-        says so (round_clock: swarm), or a token/time budget, or 4·H steps at most."""
+        says so (round_clock: swarm), or a token/time budget, or 4·H steps at most. With an average in flight
+        (federation.overlap) the round cannot end before it lands; it is applied between two steps."""
         f, t = self.cfg.federation, self.cfg.train
-        t0 = time.monotonic()
-        clock_tokens = 0  # tokens of this round only (round_tokens also holds work folded in from missed rounds)
+        t0, paused0 = time.monotonic(), self.paused_s
         steps = 0
         while not self.stop.is_set():
-            if f.round_clock == "steps" and self.round_steps >= f.local_steps:
+            if self.inflight is not None and self.inflight.future.done():
+                self._land()  # the previous round's average: outer step, local progress carried over
+            if self.inflight is not None:
+                if steps >= MAX_ROUND_FACTOR * f.local_steps:
+                    self._land()  # never run more than one round ahead of the swarm
+                    continue
+            elif self._round_over(steps, t0):
                 break
-            if f.round_clock == "swarm" and steps > 0 and self.swarm.round_ready(self.round):
-                break
-            if steps >= MAX_ROUND_FACTOR * f.local_steps:
-                break  # the swarm's clock stalled (e.g. its records stopped): never train forever unaveraged
-            if f.round_token_budget and clock_tokens >= f.round_token_budget:
-                break
-            if f.round_time_budget and time.monotonic() - t0 >= f.round_time_budget:
-                break  # a slow silo averages what it has instead of stalling the group
             loss = self.trainer.train_step()
             if not self._healthy(loss):
+                self._land()  # a rollback restarts from the newest global weights
                 self._roll_back(f"local loss is {loss:.4g}")
-                clock_tokens = 0
                 continue
             steps += 1
             self.round_steps += 1
             self.round_tokens += self.trainer.tokens_per_step
-            clock_tokens += self.trainer.tokens_per_step
-            self.swarm.report_progress(self.round, clock_tokens)
+            self.clock_tokens += self.trainer.tokens_per_step
+            if self.inflight is None:  # the clock moves to the next round only once this peer has left the last
+                self.swarm.report_progress(self.round, self.clock_tokens)
             if self.trainer.step % t.log_every == 0:
                 self.tokens_per_s = rate.update(self.trainer.tokens)
                 self.metrics.log("step", round=self.round, step=self.trainer.step, tokens=self.trainer.tokens,
                                  loss=loss, lr=self.trainer.optimizer.param_groups[0]["lr"],
                                  tokens_per_s=self.tokens_per_s)
-        self.compute_s = time.monotonic() - t0
+        self.compute_s = time.monotonic() - t0 - (self.paused_s - paused0)  # not landing, evaluating, saving
+        self.compute_total += self.compute_s
+        # utilization as of the end of a local phase (a round record lands mid-phase with overlap)
+        self.metrics.log("phase", round=self.round, steps=steps, compute_s=self.compute_s,
+                         compute_total=self.compute_total, wall_s=time.monotonic() - self.loop_started)
+
+    def _round_over(self, steps: int, t0: float) -> bool:
+        f = self.cfg.federation
+        if f.round_clock == "steps" and self.round_steps >= f.local_steps:
+            return True
+        if f.round_clock == "swarm" and steps > 0 and self.swarm.round_ready(self.round):
+            return True
+        if steps >= MAX_ROUND_FACTOR * f.local_steps:
+            return True  # the swarm's clock stalled (e.g. its records stopped): never train forever unaveraged
+        if f.round_token_budget and self.clock_tokens >= f.round_token_budget:
+            return True
+        # a slow silo averages what it has instead of stalling the group
+        return bool(f.round_time_budget and time.monotonic() - t0 >= f.round_time_budget)
 
     def _healthy(self, loss: float) -> bool:
         """A finite loss no worse than twice a uniform guess (ln V): anything else has diverged."""
@@ -166,43 +206,92 @@ class PeerDaemon:
                                   "sent nothing bad to the swarm. Check train.lr and train.grad_clip")
         self.state.reset_local()
         self.trainer.reset_optimizer_state()
-        self.round_steps = self.round_tokens = 0
+        self.round_steps = self.round_tokens = self.clock_tokens = 0
 
-    def _average_and_step(self) -> RoundResult | None:
+    def _start_average(self) -> bool:
+        """Hand this round's Δ to the averager (a background thread) and start the next round's counters.
+        False if Δ is not finite: rolled back instead, nothing is sent."""
         f = self.cfg.federation
         deltas = self.state.pseudo_gradient()
         if not all(bool(torch.isfinite(d).all()) for d in deltas):
             self._roll_back("the pseudo-gradient is not finite")  # never sent
-            return None
+            return False
+        base = [p.detach().clone() for p in self.state.params] if f.overlap else None
         sent = [d.clone() for d in deltas] if self.state.residual is not None else None
-        result = self.swarm.average(deltas, self.round, weight=float(max(1, self.round_tokens)), stop=self.stop,
-                                    fingerprint=self.fingerprint(), live_target=None)
-        if result.solo:
-            if result.reason != "stopped":
-                self._missed_round(result)
-            return result
-        if sent is not None:  # error feedback: what compression dropped of our Δ is sent again next round
-            for r, d in zip(self.state.residual, sent):
-                r.copy_(d - roundtrip(f.compression, d))
-        # healed: the group held different models and averaged local weights; one model again, fresh momentum
-        self.state.apply(deltas, healed=result.healed)
-        self.round_steps = self.round_tokens = 0
-        self.grouped += 1
-        if f.inner_state == "reset":
-            self.trainer.reset_optimizer_state()
-        return result
+        future = self.executor.submit(self.swarm.average, deltas, self.round, weight=float(max(1, self.round_tokens)),
+                                      stop=self.stop, fingerprint=self.fingerprint(), live_target=None)
+        self.inflight = InFlight(future, self.round, deltas, self.round_tokens, self.round_steps, self.compute_s,
+                                 base, sent)
+        self.metrics.log("averaging", round=self.round, step=self.trainer.step, tokens=self.round_tokens,
+                         background=f.overlap)
+        self.round_steps = self.round_tokens = self.clock_tokens = 0
+        return True
 
-    def _missed_round(self, result: RoundResult) -> None:
+    def _land(self) -> bool:
+        """Wait for the in-flight average (the trainer idles: counted as wait) and finish its round.
+        False if there was none or it ended because the peer is stopping."""
+        job = self.inflight
+        if job is None:
+            return False
+        f = self.cfg.federation
+        t0 = time.monotonic()
+        try:  # average() keeps its own deadlines; this bound only guards against a wedged averager thread
+            result = job.future.result(timeout=f.round_deadline + f.allreduce_timeout + 30)
+        except FutureTimeout:
+            result = RoundResult(job.round, True, 1, [], job.weight, 0.0, 0, 0, "averager thread did not return")
+        job.wait_s = time.monotonic() - t0
+        self.wait_total += job.wait_s
+        self.inflight = None
+        finished = self._finish(job, result)
+        self.paused_s += time.monotonic() - t0
+        return finished
+
+    def _finish(self, job: InFlight, result: RoundResult) -> bool:
+        f, t = self.cfg.federation, self.cfg.train
+        if result.solo and result.reason == "stopped":
+            self.round_tokens += job.weight  # un-averaged: the checkpoint keeps it for the resumed round
+            self.round_steps += job.steps
+            return False
+        if result.solo:
+            self._missed_round(result, job)
+        else:
+            if job.sent is not None:  # error feedback: what compression dropped of our Δ is sent again next round
+                for r, d in zip(self.state.residual, job.sent):
+                    r.copy_(d - roundtrip(f.compression, d))
+            # healed: the group held different models and averaged local weights; one model again, fresh momentum
+            self.state.apply(job.deltas, healed=result.healed, carry_from=job.base)
+            self.grouped += 1
+            if f.inner_state == "reset":
+                self.trainer.reset_optimizer_state()
+        self.rollbacks = 0
+        self.last_result = result
+        self.bytes_sent += result.bytes_sent
+        self.bytes_received += result.bytes_received
+        self.finished += 1
+        # Validation runs on the new global weights, every ~eval_every inner steps and after the last round.
+        evaluated: dict[str, float] = {}
+        eval_rounds = max(1, t.eval_every // f.local_steps) if t.eval_every else 0
+        if (eval_rounds and self.round % eval_rounds == 0 and self.round != job.round) \
+                or self.finished == f.rounds:
+            evaluated = self.last_eval = self._evaluate_global()
+        log_round(self, result, job, evaluated)
+        self._checkpoint()
+        self.swarm.publish_now()
+        self.swarm.begin_round(self.round)  # the clock follows: tokens trained meanwhile count for the new round
+        if self.clock_tokens:
+            self.swarm.report_progress(self.round, self.clock_tokens)
+        return True
+
+    def _missed_round(self, result: RoundResult, job: InFlight) -> None:
         """No group this round. Alone in the swarm: apply our own Δ. Otherwise keep the local work and fold it into
         the next round: adopt the swarm's newer state if it averaged without us (carrying our progress over),
         else move to the next round on the same global weights, like every other peer that missed this one."""
         others = self.swarm.peers()
         if not others:
-            self.state.apply(self.state.pseudo_gradient())
-            self.round_steps = self.round_tokens = 0
+            self.state.apply(job.deltas, carry_from=job.base)  # a solo result leaves Δ untouched
             return
+        self.round_tokens += job.weight  # the folded work's weight
         newest = max(p["round"] for p in others)
-        self.round_steps = 0  # a new round's steps; round_tokens keeps the folded work's weight
         if newest > self.round and self._sync_from_swarm(f"swarm is at round {newest}, this peer at {self.round}",
                                                          carry_local=True):
             return
@@ -279,42 +368,42 @@ class PeerDaemon:
             self.swarm.shutdown()
 
     def _loop(self) -> dict[str, Any]:
-        f, t = self.cfg.federation, self.cfg.train
+        f = self.cfg.federation
         rate = Throughput()
         rate.tokens0 = self.trainer.tokens
-        while not self.stop.is_set() and (f.rounds == 0 or self.finished < f.rounds):
-            self.swarm.begin_round(self.round)
-            self._local_phase(rate)
-            if self.stop.is_set():
-                break  # abort the round: the checkpoint keeps the local progress, resume continues it
-            round_before = self.round
-            result = self._average_and_step()
-            if result is None:
-                continue  # rolled back: the round goes on from the global weights
-            if result.solo and result.reason == "stopped":
-                break
-            self.rollbacks = 0
-            self.last_result = result
-            self.bytes_sent += result.bytes_sent
-            self.bytes_received += result.bytes_received
-            self.finished += 1
-            # Validation runs on the new global weights, every ~eval_every inner steps and after the last round.
-            evaluated: dict[str, float] = {}
-            eval_rounds = max(1, t.eval_every // f.local_steps) if t.eval_every else 0
-            if (eval_rounds and self.round % eval_rounds == 0 and self.round != round_before) \
-                    or self.finished == f.rounds:
-                evaluated = self.last_eval = self._evaluate_global()
-            log_round(self, result, round_before, evaluated)
-            self._checkpoint()
-            self.swarm.publish_now()
+        self.loop_started = time.monotonic()
+        try:
+            while not self.stop.is_set() and (f.rounds == 0 or self.finished < f.rounds):
+                if self.inflight is None:
+                    self.swarm.begin_round(self.round)
+                self._local_phase(rate)
+                if self.stop.is_set():
+                    break  # abort the round: the checkpoint keeps the local progress, resume continues it
+                self._land()  # overlap: only if the local phase had to stop before the last average landed
+                if not self._start_average():
+                    continue  # rolled back: the round goes on from the global weights
+                if not f.overlap or (f.rounds and self.finished + 1 >= f.rounds):
+                    self._land()  # no overlap, or nothing left to train: wait for the average now
+        finally:
+            # Stopping (SIGINT) mid-average: averaging notices the stop event within a fraction of a second; an
+            # average that still lands is applied, otherwise the un-averaged work stays in the checkpoint.
+            self._land()
+            self.executor.shutdown(wait=False, cancel_futures=True)
         self._checkpoint()
         return {"round": self.round, "step": self.trainer.step, "tokens": self.trainer.tokens,
                 "loss": self.trainer.last_loss, "fingerprint": self.fingerprint(),
                 "participation": self.grouped / max(1, self.finished), **self.last_eval}
 
+    def utilization(self) -> float:
+        """Share of this peer's wall-clock time (since its round loop began) spent in inner steps."""
+        wall = time.monotonic() - self.loop_started if self.loop_started else 0.0
+        return min(1.0, self.compute_total / wall) if wall > 0 else 0.0
+
     def _evaluate_global(self) -> dict[str, float]:
         """Validation of the global weights (what the swarm shares), even while local work is carried over."""
         with torch.no_grad():
+            if self.state.local is not None:
+                self.state.local.pull()  # torchrun: θ_local as the ranks hold it now (overlap trains on meanwhile)
             local = [p.detach().clone() for p in self.state.params]
             self.state.reset_local()
             try:

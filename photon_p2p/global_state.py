@@ -67,9 +67,13 @@ class GlobalState:
         return deltas
 
     @torch.no_grad()
-    def apply(self, mean: list[torch.Tensor], healed: bool = False) -> None:
+    def apply(self, mean: list[torch.Tensor], healed: bool = False,
+              carry_from: list[torch.Tensor] | None = None) -> None:
         """End a round: the outer step with the mean Δ, or (healed) adopt the mean local weights and restart the
-        outer momentum, so a group that held several models leaves on one. The local model restarts from it."""
+        outer momentum, so a group that held several models leaves on one. The local model restarts from it, or
+        (``carry_from``: θ_local when Δ was taken, federation.overlap) keeps the progress made since then on top."""
+        if carry_from is not None and self.local is not None:
+            self.local.pull()  # the other ranks trained on meanwhile
         with self.lock:
             if healed:
                 for w, avg in zip(self.weights, mean):
@@ -77,7 +81,12 @@ class GlobalState:
                 self.outer.load_state_tensors([])
             else:
                 self.last_outer_lr = self.outer.step(mean, self.round)  # the global round sets the outer lr
-            self.reset_local()
+            if carry_from is None:
+                self.reset_local()
+            else:  # θ_local ← θ_new + (θ_local − θ_local at Δ): the next Δ is exactly the work done since
+                for p, w, base in zip(self.params, self.weights, carry_from):
+                    p.add_((w - base).to(p.device))
+                self._pushed()
             self.round += 1
             self._changed()
 

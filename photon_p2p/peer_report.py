@@ -10,8 +10,8 @@ from photon_p2p.config import Config
 from photon_p2p.federation.averaging import RoundResult
 from photon_p2p.federation.records import MAX_CLIPPED
 
-if TYPE_CHECKING:  # the daemon imports this module; only its type is needed here
-    from photon_p2p.daemon import PeerDaemon
+if TYPE_CHECKING:  # the daemon imports this module; only its types are needed here
+    from photon_p2p.daemon import InFlight, PeerDaemon
 
 
 def _finite(x: float) -> float:
@@ -33,6 +33,7 @@ def heartbeat_record(d: PeerDaemon) -> dict[str, Any]:
         "fingerprint": d.fingerprint(), "participation": d.grouped / max(1, d.finished),
         "clipped": clip_summary(d.clip_history),
         "world_size": d.trainer.world_size, "device": d.trainer.device.type,
+        "utilization": round(d.utilization(), 4),
     }
 
 
@@ -61,15 +62,18 @@ def _tail(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 14 else ".." + peer_id[-12:]
 
 
-def log_round(d: PeerDaemon, r: RoundResult, averaged_round: int, evaluated: dict[str, float]) -> None:
-    """One metrics record and one log line per finished round: what this peer now believes."""
-    fields = {"round": d.round, "averaged_round": averaged_round, "step": d.trainer.step,
+def log_round(d: PeerDaemon, r: RoundResult, job: InFlight, evaluated: dict[str, float]) -> None:
+    """One metrics record and one log line per finished round: what this peer now believes.
+
+    ``compute_s`` is the averaged round's local phase; ``wait_s`` the time the trainer sat idle on its average
+    (all of it without overlap; only what training could not hide with federation.overlap)."""
+    fields = {"round": d.round, "averaged_round": job.round, "step": d.trainer.step,
               "tokens": d.trainer.tokens, "loss": d.trainer.last_loss, "solo": r.solo,
               "group_size": r.group_size, "peers": r.peers, "averaging_s": r.seconds,
               "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received, "reason": r.reason,
-              "partial": r.partial, "phases": r.phases, "healed": r.healed,
-              "group_models": len(set(r.fingerprints.values()) - {""}), "compute_s": d.compute_s,
-              "wait_s": r.phases.get("matchmaking", 0.0), "fingerprint": d.fingerprint(),
+              "partial": r.partial, "phases": r.phases, "healed": r.healed, "transport": r.transport,
+              "group_models": len(set(r.fingerprints.values()) - {""}), "compute_s": job.compute_s,
+              "wait_s": job.wait_s, "utilization": d.utilization(), "fingerprint": d.fingerprint(),
               "outer_lr": d.state.last_outer_lr,
               "participation": d.grouped / max(1, d.finished), "clipped": r.clipped, "rejected": r.rejected,
               **evaluated}
@@ -78,7 +82,7 @@ def log_round(d: PeerDaemon, r: RoundResult, averaged_round: int, evaluated: dic
     d.metrics.log("round", **fields)
     if evaluated:
         d.metrics.log("eval", step=d.trainer.step, tokens=d.trainer.tokens, round=d.round, **evaluated)
-    how = "solo (" + r.reason + ")" if r.solo else f"group of {r.group_size}"
+    how = "solo (" + r.reason + ")" if r.solo else f"group of {r.group_size} via {r.transport or 'hivemind'}"
     if r.healed:
         how += f" (healed a split: {fields['group_models']} models in the group averaged weights)"
     if r.reason and not r.solo:

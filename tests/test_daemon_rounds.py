@@ -159,3 +159,109 @@ def test_downloaded_states_are_checked():
     assert "differs from the 2 live peer(s)" in why
     # heartbeats of peers at other rounds say nothing about this state
     assert check_state({"round": 4, "fingerprint": fp}, t, [{"round": 5, "fingerprint": other}]) == ""
+
+
+# ---- federation.overlap: average round r while round r+1 trains --------------------------------------------------
+def slowed_averaging(net: FakeNet, name: str, delay: float):
+    """A fake swarm whose averages take ``delay`` seconds longer (a slow link), so that overlap has work to hide."""
+    make = factory(net, name)
+
+    def build(cfg, global_params, state_provider, tokens_per_step):
+        swarm = make(cfg, global_params, state_provider, tokens_per_step)
+        average = swarm.average
+
+        def slow_average(*args, **kwargs):
+            time.sleep(delay)
+            return average(*args, **kwargs)
+
+        swarm.average = slow_average
+        return swarm
+
+    return build
+
+
+def test_overlap_trains_while_averaging_and_every_round_leaves_one_model(tmp_path, kjv_data):
+    net = FakeNet()
+    extra = {"federation.overlap": True, "federation.rounds": 4, "federation.local_steps": 4}
+    daemons = [make_daemon(tmp_path, kjv_data, net, n, **{"train.seed": i, **extra}) for i, n in enumerate("ab")]
+    for d in daemons:
+        d.make_swarm = slowed_averaging(net, d.cfg.name, 0.4)
+    out = run_all(daemons)
+    assert out["a"]["fingerprint"] == out["b"]["fingerprint"], out
+    per_peer = [rounds(d) for d in daemons]
+    assert [len(r) for r in per_peer] == [4, 4]
+    for ra, rb in zip(*per_peer):  # bit-identical global state after every round, not only at the end
+        assert ra["round"] == rb["round"] and ra["fingerprint"] == rb["fingerprint"], (ra, rb)
+        assert not ra["solo"] and ra["group_size"] == 2
+    for d in daemons:
+        recs = rounds(d)
+        assert all(r["compute_s"] > 0 and r["wait_s"] >= 0 for r in recs)
+        # rounds 0-2 were averaged while the next round trained: the trainer did not sit through the 0.4 s
+        assert all(r["wait_s"] < 0.4 for r in recs[:3]), [r["wait_s"] for r in recs]
+        # ...and it took more than H steps per averaged round (the overlapped steps of the round in flight)
+        assert d.trainer.step >= 4 * 4
+        assert 0.0 < d.heartbeat()["utilization"] <= 1.0
+
+
+def test_without_overlap_the_trainer_waits_for_every_average(tmp_path, kjv_data):
+    net = FakeNet()
+    daemons = [make_daemon(tmp_path, kjv_data, net, n, **{"federation.rounds": 2}) for n in "ab"]
+    for d in daemons:
+        d.make_swarm = slowed_averaging(net, d.cfg.name, 0.4)
+    run_all(daemons)
+    for d in daemons:
+        assert all(r["wait_s"] >= 0.4 for r in rounds(d))
+        assert d.trainer.step == 2 * 4
+
+
+def test_overlap_carries_the_work_done_meanwhile_onto_the_new_global_weights(tmp_path):
+    from photon_p2p.config import FederationConfig
+    from photon_p2p.global_state import GlobalState
+
+    params = [torch.nn.Parameter(torch.tensor([1.0, 2.0]))]
+    state = GlobalState(params, FederationConfig(outer_optimizer="fedavg", outer_lr=1.0))
+    with torch.no_grad():
+        params[0].sub_(torch.tensor([0.5, 0.5]))  # round r's local work
+        delta = state.pseudo_gradient()
+        base = [p.detach().clone() for p in params]
+        params[0].sub_(torch.tensor([0.25, 0.0]))  # round r+1 trains while round r is averaged
+    mean = [torch.tensor([0.1, 0.3])]  # what the group averaged instead of our own 0.5
+    state.apply(mean, carry_from=base)
+    assert torch.allclose(state.weights[0], torch.tensor([0.9, 1.7]))  # θ_g − mean Δ
+    assert torch.allclose(params[0], torch.tensor([0.65, 1.7]))  # the new θ_g plus the 0.25 of round r+1
+    assert torch.allclose(state.pseudo_gradient()[0], torch.tensor([0.25, 0.0]))  # next Δ: exactly that work
+    assert state.round == 1 and delta[0].tolist() == [0.5, 0.5]
+
+
+def test_sigint_during_a_background_average_saves_the_unaveraged_work(tmp_path, kjv_data):
+    net = FakeNet()
+    d = make_daemon(tmp_path, kjv_data, net, "a", **{"federation.overlap": True, "federation.rounds": 0})
+
+    def build(cfg, global_params, state_provider, tokens_per_step):
+        swarm = factory(net, "a")(cfg, global_params, state_provider, tokens_per_step)
+
+        def never_matched(deltas, round_no, weight, *, stop, **kwargs):  # waits for a group that never forms
+            stop.wait(60)
+            from photon_p2p.federation.averaging import RoundResult
+            return RoundResult(round_no, True, 1, [], weight, 0.0, 0, 0, "stopped")
+
+        swarm.average = never_matched
+        return swarm
+
+    d.make_swarm = build
+    thread = threading.Thread(target=d.run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while d.inflight is None or d.round_steps < 2:  # round 0 is in the averager, round 1 is training
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    d.stop.set()
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - t0 < 10
+    from photon_p2p.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(d.run_dir)["federation"]
+    assert saved["round"] == 0  # nothing was averaged...
+    # ...and none of the work is lost: round 0's tokens and the overlapped steps are both still to be averaged
+    assert saved["round_tokens"] == d.trainer.tokens and saved["round_steps"] == d.trainer.step

@@ -15,7 +15,8 @@ from peer_helpers import PeerPool, make_tensors, spawn  # noqa: F401  (spawn is 
 SHAPES = [[256, 256], [40000]]
 TRIO_AVERAGERS = {
     # target = min = 3: the group starts as soon as all three have joined, and never without one of them
-    "none": {"compression": "none", "target_group_size": 3, "min_group_size": 3},
+    "none": {"compression": "none", "target_group_size": 3, "min_group_size": 3},  # transport auto: gloo here
+    "hivemind": {"compression": "none", "transport": "hivemind", "target_group_size": 3, "min_group_size": 3},
     "uint8": {"compression": "uint8", "target_group_size": 3, "min_group_size": 3},
     "blockwise8": {"compression": "blockwise8", "target_group_size": 3, "min_group_size": 3},
     "rounds": {"target_group_size": 2, "min_group_size": 2, "matchmaking_time": 1.0, "round_deadline": 4.0},
@@ -54,10 +55,27 @@ def test_three_peers_hold_exactly_the_weighted_mean(trio, tmp_path):
         assert not res["solo"] and res["group_size"] == 3 and res["reason"] == "", res
         assert res["weight_total"] == pytest.approx(8.0) and len(set(res["peers"])) == 3
         assert res["bytes_sent"] > 0 and res["bytes_received"] > 0
+        assert res["transport"] == "gloo", res  # every member reachable and uncompressed: the bulk path
         for got, exp in zip(tensors, expected):
             torch.testing.assert_close(got, exp, atol=1e-6, rtol=0)
         for got, first in zip(tensors, after[0]):
             assert torch.equal(got, first)  # every member holds the very same bytes
+
+
+@pytest.mark.timeout(60)
+def test_the_hivemind_transport_gives_the_same_mean_as_gloo(trio, tmp_path):
+    weights, seeds = [2.0, 1.0, 1.0], [41, 42, 43]
+    via_gloo, gloo_after = run_round(trio, "none", [5, 5, 5], weights, seeds, tmp_path)
+    via_hivemind, hivemind_after = run_round(trio, "hivemind", [5, 5, 5], weights, seeds, tmp_path)
+    assert {r["transport"] for r in via_gloo} == {"gloo"} and {r["transport"] for r in via_hivemind} == {"hivemind"}
+    for tensors in hivemind_after[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(tensors, hivemind_after[0]))
+    for a, b in zip(gloo_after[0], hivemind_after[0]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # the same mean, summed in another order
+    # a ring moves 2(n-1)/n of the vector (+ the weight) per member; hivemind's butterfly the same payload plus
+    # its per-part message overhead
+    ring = int(2 * 2 / 3 * (sum(torch.Size(s).numel() for s in SHAPES) + 1) * 4)
+    assert ring <= via_gloo[0]["bytes_sent"] <= via_hivemind[0]["bytes_sent"], (via_gloo[0], via_hivemind[0])
 
 
 @pytest.mark.timeout(90)

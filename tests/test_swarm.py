@@ -277,3 +277,39 @@ def test_more_silos_than_the_group_size_hold_one_model(swarm):
     assert len({b[last]["fingerprint"] for b in by_round}) == 1, [b[last] for b in by_round]
     two_stage = [b[r] for b in by_round for r in common_rounds if not b[r]["solo"] and b[r]["group_size"] == 4]
     assert any(len(r["peers"]) == 3 for r in two_stage), two_stage  # row partner + column partner + itself
+
+
+@pytest.mark.slow
+def test_overlapped_rounds_hold_one_model_a_joiner_syncs_and_sigint_exits(swarm):
+    ov = {"federation.overlap": True, "federation.rounds": 0, "federation.min_group_size": 2,
+          "federation.round_clock": "steps"}
+    a = swarm.start("ov-a", extra=ov)
+    addr = a.address()
+    b = swarm.start("ov-b", initial=[addr], extra=ov)
+    deadline = time.monotonic() + 150
+    while min(len(a.rounds()), len(b.rounds())) < 3:
+        assert time.monotonic() < deadline and a.proc.poll() is None and b.proc.poll() is None, b.log()[-3000:]
+        time.sleep(0.3)
+    # a joiner arrives while rounds are being averaged in the background: it must get one consistent state
+    j = swarm.start("ov-j", initial=[addr], extra={**ov, "federation.rounds": 2,
+                                                   "federation.allow_solo_start": False})
+    assert j.wait(150) == 0, j.log()[-3000:]
+    sync = j.records("sync")[0]
+    served = {r["round"]: r["fingerprint"] for p in (a, b) for r in p.rounds()}
+    assert served.get(sync["round"]) == sync["fingerprint"], (sync, served)
+    # SIGINT while an average is in flight: it checkpoints and exits within 10 s
+    while True:
+        assert time.monotonic() < deadline + 120 and a.proc.poll() is None, a.log()[-3000:]
+        if len(a.records("averaging")) > len(a.rounds()):
+            break
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    a.proc.send_signal(signal.SIGINT)
+    assert a.wait(15) == 0, a.log()[-3000:]
+    assert time.monotonic() - t0 < 10.0
+    assert load_checkpoint(a.run_dir)["federation"]["round"] >= 3
+    # every round that a and b averaged together left both on the same bytes
+    mine = {r["round"]: r for r in a.rounds() if not r["solo"]}
+    together = [r for r in b.rounds() if not r["solo"] and r["round"] in mine]
+    assert len(together) >= 3, (a.rounds(), b.rounds())
+    assert all(r["fingerprint"] == mine[r["round"]]["fingerprint"] for r in together), together

@@ -50,6 +50,8 @@ from hivemind.utils.streaming import combine_from_streaming
 
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.admission import AdmissionView, read_view_async
+from photon_p2p.federation.bulk import GATHER_KEY as BULK_KEY
+from photon_p2p.federation.bulk import allreduce_mean, robust_mean
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic
 from photon_p2p.federation.records import is_live, peer_id_of_owner, read_records
 from photon_p2p.federation.robust import ClaimBudget, ReducerCheck, RobustSettings, cap_claims, reduce_part
@@ -157,11 +159,13 @@ class ProcessAverager(DecentralizedAverager):
     def __init__(self, *args, state_provider: StateProvider, counter: ByteCounter, clock: PhaseClock,
                  threads: int | None, global_tensors: Sequence[torch.Tensor] | None = None,
                  robust: RobustSettings = RobustSettings(mode="none"), owner_public: bytes | None = None,
-                 **kwargs) -> None:
+                 bulk_timeout: float = 0.0, **kwargs) -> None:
         self._state_provider, self._counter, self._clock, self._threads = state_provider, counter, clock, threads
         self._robust = robust
         # A closed swarm's owner key; the gate itself is built in the averager process (it needs that event loop).
         self._owner_public, self._gate = owner_public, None
+        self._bulk_timeout = bulk_timeout  # > 0: uncompressed groups whose members all have a bulk endpoint use it
+        self._bulk_endpoints: list[str] | None = None
         # The caller's global weights in shared memory (read here only in a healing round, under the tensor lock).
         self._global_tensors = list(global_tensors) if global_tensors is not None else None
         self._report: dict[str, Any] = {}
@@ -279,6 +283,9 @@ class ProcessAverager(DecentralizedAverager):
                     raise AllreduceException(f"group has non-admitted peers: {', '.join(outsiders)}")
             gathered = self._peek_gathered(group_info)
             self._ranks = [_rank(gathered.get(p), str(p)) for p in group_info.peer_ids]
+            endpoints = [g.get(BULK_KEY) if isinstance(g, dict) else None
+                         for g in (gathered.get(p) for p in group_info.peer_ids)]
+            self._bulk_endpoints = endpoints if self._bulk_timeout and all(endpoints) else None
             mine = gathered.get(self.peer_id, {}) if isinstance(gathered.get(self.peer_id), dict) else {}
             weights_mode = models_differ(gathered) or any(isinstance(g, dict) and g.get("weights")
                                                           for g in gathered.values())
@@ -314,6 +321,10 @@ class ProcessAverager(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
+        codec = kwargs.get("compression")
+        codec = codec.inner if isinstance(codec, CountingCompression) else codec
+        if self._bulk_endpoints is not None and isinstance(codec, NoCompression):
+            return await self._bulk_allreduce(tensors, group_info, group_id, float(kwargs.get("weight", 1.0)))
         runner = ExactAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                       group_id=group_id, ordered_peer_ids=group_info.peer_ids,
                                       ranks=getattr(self, "_ranks", None), robust=self._robust,
@@ -327,6 +338,41 @@ class ProcessAverager(DecentralizedAverager):
         self._report["failed_peers"] = sorted(str(p) for p in runner.failed_reducers)
         self._report["clipped"] = runner.clipped()  # what this peer, as a reducer, had to bound
         self._report["rejected"] = runner.rejected()  # reducers whose averages broke the bound (zeroed)
+
+
+    async def _bulk_allreduce(self, tensors, group_info, group_id: bytes, weight: float) -> None:
+        """Every member reachable and the round uncompressed: the bytes go over gloo (federation/bulk.py). With
+        robust aggregation each member reduces one slice from every sender's chunk of it (robust.reduce_part,
+        the senders' claim budgets), and checks every reducer's slice (robust.ReducerCheck), as on hivemind."""
+        peers = [str(p) for p in group_info.peer_ids]
+        rank, endpoints, key = peers.index(str(self.peer_id)), list(self._bulk_endpoints), group_id.hex()
+        threads, loop = self._threads or 1, asyncio.get_event_loop()
+        if self._robust.mode == "none":
+            traffic = await loop.run_in_executor(None, lambda: allreduce_mean(
+                tensors, weight, rank, endpoints, key, self._bulk_timeout, threads=threads))
+        else:
+            order = sorted(range(len(peers)), key=lambda i: self._ranks[i])
+            claims = getattr(self, "_claims", None)
+            budget = ClaimBudget(claims) if claims is not None else None
+            check = ReducerCheck(claims) if claims is not None else None
+
+            def reduce(parts, weights, order):
+                spent: dict[int, float] = {}
+                averaged, factors = reduce_part(parts, weights, order, self._robust,
+                                                budget.caps() if budget is not None else None, spent)
+                if budget is not None:
+                    budget.spend(spent)
+                return averaged, factors
+
+            part_numel = max(1, int(self.allreduce_kwargs.get("part_size_bytes", 2 ** 21)) // 4)
+            traffic = await loop.run_in_executor(None, lambda: robust_mean(
+                tensors, weight, rank, endpoints, key, self._bulk_timeout, reduce, part_numel, order,
+                threads=threads, check=check.accept if check is not None else None))
+            self._report["clipped"] = {peers[i]: f for i, f in traffic.factors.items()}
+            self._report["rejected"] = sorted(peers[i] for i in traffic.rejected)
+        self._counter.add_sent(traffic.sent)
+        self._counter.add_received(traffic.received)
+        self._report["transport"] = "gloo"
 
 
 def models_differ(gathered: dict[Any, Any]) -> bool:

@@ -37,9 +37,11 @@ from photon_p2p.federation.averager_process import (
     describe,
     live_group_target,
 )
+from photon_p2p.federation.bulk import GATHER_KEY as BULK_KEY
+from photon_p2p.federation.bulk import BulkEndpoint, direct_ip
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, make_compression
 from photon_p2p.federation.groups import GroupPlan
-from photon_p2p.federation.network import lifeline
+from photon_p2p.federation.network import lifeline, visible_maddrs
 from photon_p2p.federation.robust import RobustSettings, merge_factors
 
 log = logging.getLogger("photon_p2p.federation")
@@ -81,6 +83,7 @@ class RoundResult:
     # rejected: reducers whose returned averages were larger than the senders' declared norms allow (robust.py
     # ReducerCheck); their parts were zeroed (no update there) by every member alike.
     rejected: list[str] = field(default_factory=list)
+    transport: str = ""  # what moved the bytes: "hivemind" (butterfly over libp2p) or "gloo" (federation/bulk.py)
 
 
 class PseudoGradientAverager:
@@ -105,6 +108,7 @@ class PseudoGradientAverager:
         self._codec = make_compression(fed.compression)
         # hivemind warns that request_timeout >= matchmaking time can deadlock matchmaking; keep it below.
         request_timeout = min(float(net.request_timeout), fed.matchmaking_time / 2)
+        self.bulk = self._bulk_endpoint(dht, fed, net)
         self._averager = ProcessAverager(
             self._buffers, dht, start=False, prefix=f"{fed.run_id}_pseudograd",
             target_group_size=fed.target_group_size, min_group_size=fed.min_group_size,
@@ -119,9 +123,24 @@ class PseudoGradientAverager:
             counter=self.counter, clock=self.clock, threads=tuning.averager_threads,
             global_tensors=[g.share_memory_() for g in global_tensors] if global_tensors is not None else None,
             robust=RobustSettings(fed.robust_aggregation, fed.clip_multiplier, fed.clip_iterations),
-            owner_public=owner_public)
+            owner_public=owner_public, bulk_timeout=fed.allreduce_timeout if self.bulk is not None else 0.0)
         self._start(float(net.bootstrap_timeout))
         self._closed = False
+
+    @staticmethod
+    def _bulk_endpoint(dht: hivemind.DHT, fed: FederationConfig, net: NetworkConfig) -> BulkEndpoint | None:
+        """This peer's gloo rendezvous (federation.transport), or None: hivemind moves every byte."""
+        if fed.transport == "hivemind" or fed.compression != "none" or net.client_mode:
+            return None  # config validation rejects transport: gloo with a codec or in client mode
+        if fed.transport == "auto" and fed.swarm_owner_key:
+            return None  # a closed swarm: gloo's connections are not authenticated (transport: gloo to insist)
+        ip = direct_ip(net.announce_maddrs) or direct_ip(visible_maddrs(dht))
+        if ip is None:
+            if fed.transport == "gloo":
+                raise FederationError("federation.transport is gloo but this peer has no direct IP address "
+                                      "(set --announce-maddrs, or use transport: auto)")
+            return None
+        return BulkEndpoint(ip, fed.allreduce_timeout)
 
     def _start(self, timeout: float) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -209,7 +228,8 @@ class PseudoGradientAverager:
         norm = math.sqrt(sum(float(torch.linalg.vector_norm(d.detach().float())) ** 2 for d in deltas))
         gather = {"round": int(round_no), "stage": stage, "weight": weight, "client": self.client_mode,
                   "fingerprint": fingerprint, "rank": int(rank), "weights": bool(weights),
-                  "norm": norm if math.isfinite(norm) else -1.0}
+                  "norm": norm if math.isfinite(norm) else -1.0,
+                  BULK_KEY: self.bulk.address if self.bulk is not None else ""}
         try:
             gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, gather, target,
                                               group_bits(round_no, stage, index), give_up)
@@ -252,7 +272,7 @@ class PseudoGradientAverager:
         self.counter.wait_quiet(limit=max(0.0, min(1.0, deadline - time.monotonic())))
         return result(False, reason, gathered, partial=fraction, failed_peers=failed,
                       healed=bool(report.get("healed")), fingerprints=fingerprints, clipped=clipped,
-                      rejected=rejected)
+                      rejected=rejected, transport=str(report.get("transport", "hivemind")))
 
     def _run_step(self, deltas: list[torch.Tensor], round_no: int, weight: float, deadline: float,
                   stop: threading.Event | None, phases: dict[str, float], gather: dict,

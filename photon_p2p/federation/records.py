@@ -86,6 +86,9 @@ class PeerRecord(BaseModel):
     # How it reaches the swarm: "direct", "client" (client mode: dials out only, e.g. behind NAT) or "relayed"
     # (a libp2p circuit relay carries some of its connections); "" from peers older than this field.
     connection: constr(strict=True, max_length=16) = ""
+    # share of wall-clock time in inner steps (the rest: waiting on the network, evaluating, saving); optional so
+    # records of peers that predate it still validate
+    utilization: Optional[confloat(ge=0.0, le=1.0, strict=True)] = None
 
 
 class HeartbeatSchema(BaseModel):

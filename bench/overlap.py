@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Compute utilization and time to a target perplexity on shaped links: overlap on vs off vs per-step DDP.
+
+Usage: python bench/overlap.py [--rates 100 20 5] [--seconds 150] [--local-steps 32]
+                               [--data runs/bench-data-netns] [--out bench/results/overlap]
+
+Two peers in network namespaces (bench/netns.py, tbf-shaped egress at RATE Mbit/s), side by side in one run per
+rate: photon_p2p daemons with federation.overlap off, the same with it on, and DDP (gloo, bench/low_bandwidth.py's
+ranks). Reported per run: compute utilization (inner-step seconds / wall-clock seconds of the round loop, from the
+daemons' "phase" records; for DDP: photon's solo seconds per step / DDP's seconds per step), the trainer's idle
+seconds per round, inner steps done, the best validation perplexity, the time to a target perplexity (the worst
+of the three best values, so all reach it) and, for quality, overlap vs no overlap at equal tokens (the
+perplexity of each at the largest token count both evaluated). Writes OUT.json, OUT.md, OUT.png. Needs root and
+iproute2; prints "skipped: ..." and exits 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+from low_bandwidth import run_ddp, run_photon, time_to  # noqa: E402
+from netns import NetnsError, Testbed, install_signal_teardown, unsupported_reason  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMS = {"no-overlap": ("federation.overlap=false",), "overlap": ("federation.overlap=true",)}
+
+
+def ppl_at_tokens(evals: list[dict], tokens: int) -> float:
+    """Validation perplexity at ``tokens`` (per peer), linearly interpolated between evaluations."""
+    pts = sorted((e["tokens"], e["val_ppl"]) for e in evals)
+    for (t0, p0), (t1, p1) in zip(pts, pts[1:]):
+        if t0 <= tokens <= t1:
+            return p0 + (p1 - p0) * (tokens - t0) / max(1, t1 - t0)
+    return next((p for t, p in pts if t == tokens), math.nan)
+
+
+def summarize(runs: list[dict]) -> None:
+    for rate in sorted({r["rate_mbit"] for r in runs}, reverse=True):
+        group = {r["system"]: r for r in runs if r["rate_mbit"] == rate}
+        best = {k: min((e["val_ppl"] for e in r["evals"]), default=math.inf) for k, r in group.items()}
+        target = max(best.values())
+        solo_s_per_step = math.nan
+        if "no-overlap" in group and group["no-overlap"]["inner_steps"]:
+            ph = group["no-overlap"]
+            solo_s_per_step = ph["compute_s"] / max(1, ph["inner_steps"])
+        for k, r in group.items():
+            r["best_ppl"], r["target_ppl"] = best[k], target
+            r["time_to_target_s"] = time_to(r["evals"], target)
+            if k == "ddp-gloo":  # DDP overlaps its all-reduce with backward: compare its step with a compute-only one
+                r["utilization"] = min(1.0, solo_s_per_step / r["seconds_per_step"])
+        on, off = group.get("overlap"), group.get("no-overlap")
+        if on and off and on["evals"] and off["evals"]:
+            common = min(max(e["tokens"] for e in on["evals"]), max(e["tokens"] for e in off["evals"]))
+            on["equal_tokens"] = off["equal_tokens"] = common
+            on["ppl_at_equal_tokens"] = ppl_at_tokens(on["evals"], common)
+            off["ppl_at_equal_tokens"] = ppl_at_tokens(off["evals"], common)
+
+
+def plot(res: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = res["rates"]
+    fig, axes = plt.subplots(1, len(rates), figsize=(4.5 * len(rates), 4), squeeze=False)
+    colors = {"no-overlap": "tab:blue", "overlap": "tab:green", "ddp-gloo": "tab:red"}
+    for ax, rate in zip(axes[0], rates):
+        for r in (r for r in res["runs"] if r["rate_mbit"] == rate):
+            ax.plot([e["t"] for e in r["evals"]], [e["val_ppl"] for e in r["evals"]], marker="o", ms=3,
+                    color=colors.get(r["system"]), label=f"{r['system']} (util {r['utilization']:.0%})")
+        ax.set(title=f"{rate:g} Mbit/s", xlabel="wall-clock s", ylabel="val ppl", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def markdown(res: dict[str, Any], command: str) -> str:
+    lines = [
+        "## Overlap: compute utilization on shaped links, overlap on vs off vs per-step DDP (issue 10)",
+        "",
+        f"2 peers in network namespaces, egress shaped with tbf; tiny model ({res['params'] * 4 / 1e6:.1f} MB fp32), "
+        f"H = {res['local_steps']}, each system {res['seconds']:g} s of wall-clock per rate, one after the other. "
+        "Utilization = inner-step seconds / wall-clock seconds of the round loop (DDP: photon's compute-only "
+        "seconds per step / DDP's seconds per step). Idle = seconds per round the trainer waited on the network.",
+        "",
+        "| link | system | utilization | idle s / round | inner steps | best val ppl | time to target (s) | "
+        "ppl at equal tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for rate in res["rates"]:
+        for r in (r for r in res["runs"] if r["rate_mbit"] == rate):
+            idle = r["wait_s"] / max(1, r["rounds"]) if "wait_s" in r else math.nan
+            tt = f"{r['time_to_target_s']:.0f}" if r.get("time_to_target_s") is not None else "not reached"
+            eq = (f"{r['ppl_at_equal_tokens']:.1f} @ {r['equal_tokens'] / 1e3:.0f}k tok"
+                  if "ppl_at_equal_tokens" in r else "")
+            lines.append(f"| {rate:g} Mbit/s | {r['system']} | {r['utilization']:.1%} | "
+                         f"{'-' if math.isnan(idle) else f'{idle:.2f}'} | {r['inner_steps']} | {r['best_ppl']:.1f} | "
+                         f"{tt} (target {r['target_ppl']:.0f}) | {eq} |")
+    lines += ["", "![val ppl vs wall-clock per link](overlap.png)", "",
+              f"Command (machine CPU-2, {res['date']}): `{command}`", "", "Raw numbers: `bench/results/overlap.json`.",
+              ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", type=float, nargs="+", default=[100.0, 20.0, 5.0], metavar="MBIT")
+    ap.add_argument("--seconds", type=float, default=150.0, help="wall-clock seconds per system and rate")
+    ap.add_argument("--local-steps", type=int, default=32)
+    ap.add_argument("--systems", nargs="+", default=["no-overlap", "overlap", "ddp-gloo"],
+                    choices=["no-overlap", "overlap", "ddp-gloo"])
+    ap.add_argument("--data", default="runs/bench-data-netns")
+    ap.add_argument("--runs", default="runs/bench-overlap")
+    ap.add_argument("--out", default="bench/results/overlap")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--replot", action="store_true")
+    args = ap.parse_args()
+    args.peers = 2
+    if args.replot:
+        return write_reports(Path(args.out), None)
+    if args.seconds <= 0 or any(r <= 0 for r in args.rates):
+        print("overlap: need --seconds > 0 and rates > 0", file=sys.stderr)
+        return 2
+    why = unsupported_reason()
+    if why:
+        print(f"skipped: {why}")
+        return 0
+    install_signal_teardown()
+    os.chdir(REPO)
+    from comm_bytes import ensure_data
+    from photon_p2p.config import load_config
+    from photon_p2p.model import Transformer
+
+    cfg = load_config(["tiny"], args.overrides)
+    args.data = ensure_data(args.data)
+    runs: list[dict] = []
+    try:
+        for rate in args.rates:
+            with Testbed(args.peers, rate_mbit=rate) as tb:
+                for system in args.systems:
+                    r = (run_ddp(tb, rate, args) if system == "ddp-gloo"
+                         else run_photon(tb, rate, args, system=system, extra=SYSTEMS[system]))
+                    runs.append(r)
+                    print(f"overlap: {rate:g} Mbit/s {system:>10}: {r['inner_steps']} steps, "
+                          f"utilization {r.get('utilization', math.nan):.1%}", flush=True)
+    except NetnsError as e:
+        print(f"overlap: error: {e}", file=sys.stderr)
+        return 1
+    summarize(runs)
+    res = {"bench": "overlap", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rates": args.rates,
+           "seconds": args.seconds, "local_steps": args.local_steps, "overrides": args.overrides,
+           "params": sum(p.numel() for p in Transformer(cfg.model).parameters()), "runs": runs,
+           "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
+    return write_reports(Path(args.out), res)
+
+
+def write_reports(out: Path, res: dict[str, Any] | None) -> int:
+    return report.write_reports(out, res, "overlap", plot, markdown, lambda r: r["command"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

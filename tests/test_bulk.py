@@ -1,0 +1,123 @@
+"""The gloo bulk path (federation/bulk.py): exact weighted means over a per-group process group, address choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from photon_p2p.federation.bulk import BulkEndpoint, allreduce_mean, direct_ip
+
+SHAPES = [(300, 70), (1234,), (3,)]
+
+
+def _inputs(rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(*s, generator=g) for s in SHAPES]
+
+
+def _member(rank: int, endpoints: list[str], weight: float, group_key: str, out_path: str) -> None:
+    tensors = _inputs(rank)
+    traffic = allreduce_mean(tensors, weight, rank, endpoints, group_key, timeout=30.0)
+    torch.save((tensors, traffic.sent), out_path)
+
+
+@pytest.mark.timeout(120)
+def test_members_end_on_the_same_bytes_the_weighted_mean_zero_weights_only_listen(tmp_path):
+    weights = [1.0, 0.0, 3.0]
+    host = BulkEndpoint("127.0.0.1", timeout=30.0)  # member 0's rendezvous, hosted here as a daemon hosts it
+    endpoints = [host.address, "127.0.0.1:1", "127.0.0.1:2"]  # only member 0's port is dialled
+    ctx = mp.get_context("spawn")
+    paths = [str(tmp_path / f"member-{r}.pt") for r in range(3)]
+    procs = [ctx.Process(target=_member, args=(r, endpoints, w, "round-7", path))
+             for r, (w, path) in enumerate(zip(weights, paths))]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(90)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    results = [torch.load(path) for path in paths]
+    inputs = [_inputs(r) for r in range(3)]
+    expected = [sum(w * inputs[r][i] for r, w in enumerate(weights)) / sum(weights) for i in range(len(SHAPES))]
+    for r in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[r][0]))  # bit-identical
+    for got, exp in zip(results[0][0], expected):
+        torch.testing.assert_close(got, exp, atol=1e-6, rtol=1e-6)
+    numel = sum(torch.Size(s).numel() for s in SHAPES) + 1
+    assert results[0][1] == int(2 * 2 / 3 * numel * 4)  # ring all-reduce: 2(n-1)/n of the buffer
+
+
+@pytest.mark.timeout(60)
+def test_a_missing_member_fails_within_the_timeout():
+    host = BulkEndpoint("127.0.0.1", timeout=5.0)
+    tensors = [torch.ones(10)]
+    with pytest.raises(Exception):  # member 1 never comes: the rendezvous times out, nothing is applied
+        allreduce_mean(tensors, 1.0, 0, [host.address, "127.0.0.1:1"], "lonely", timeout=3.0)
+    assert torch.equal(tensors[0], torch.ones(10))
+
+
+def test_direct_ip_prefers_routable_addresses_and_skips_relays():
+    assert direct_ip(["/ip4/127.0.0.1/tcp/5/p2p/Qm", "/ip4/10.0.0.2/tcp/5/p2p/Qm"]) == "10.0.0.2"
+    assert direct_ip(["/ip4/127.0.0.1/tcp/5"]) == "127.0.0.1"  # a single-machine swarm
+    assert direct_ip(["/ip4/0.0.0.0/tcp/5"]) is None
+    assert direct_ip(["/ip4/10.0.0.9/tcp/5/p2p/QmRelay/p2p-circuit/p2p/QmMe"]) is None
+    assert direct_ip(["/ip6/::1/tcp/5", "/ip6/fd00::2/tcp/5"]) == "fd00::2"
+    assert direct_ip([]) is None
+
+
+def _robust_member(rank: int, endpoints: list[str], weight: float, out_path: str) -> None:
+    from photon_p2p.federation.bulk import robust_mean
+
+    tensors = _inputs(rank)
+    if rank == 2:
+        tensors = [t * 1e4 for t in tensors]  # a sender whose chunks are 1e4 times too large
+
+    def clip_to_median(parts, weights, order):
+        # a stand-in robust reducer: scale every chunk to at most the median chunk norm
+        norms = torch.stack([p.norm() for p in parts])
+        limit = float(norms.median())
+        acc, den, factors = torch.zeros_like(parts[0]), 0.0, {}
+        for i in order:
+            f = min(1.0, limit / max(float(norms[i]), 1e-30))
+            if f < 1.0:
+                factors[i] = f
+            acc.add_(parts[i], alpha=weights[i] * f)
+            den += weights[i]
+        return acc / den, factors
+
+    traffic = robust_mean(tensors, weight, rank, endpoints, "robust-3", 30.0, clip_to_median, 1000, [0, 1, 2])
+    torch.save((tensors, traffic.factors), out_path)
+
+
+@pytest.mark.timeout(120)
+def test_robust_path_lets_the_reducer_see_and_clip_each_sender(tmp_path):
+    host = BulkEndpoint("127.0.0.1", timeout=30.0)
+    endpoints = [host.address, "127.0.0.1:1", "127.0.0.1:2"]
+    ctx = mp.get_context("spawn")
+    paths = [str(tmp_path / f"member-{r}.pt") for r in range(3)]
+    procs = [ctx.Process(target=_robust_member, args=(r, endpoints, 1.0, path)) for r, path in enumerate(paths)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(90)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    results = [torch.load(path) for path in paths]
+    for r in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[r][0]))  # the same bytes
+    for rank in range(3):
+        assert 2 in results[rank][1] and results[rank][1][2] < 1e-3  # every reducer clipped sender 2
+    honest = [(_inputs(0)[i] + _inputs(1)[i]) / 2 for i in range(len(SHAPES))]
+    for got, ref in zip(results[0][0], honest):
+        # clipped to an honest norm, sender 2 moves the mean like one more honest (random) sender would, about
+        # 0.6 of the honest mean's norm here; unclipped it would move it ~3000-fold
+        assert float((got - ref).norm() / ref.norm()) < 1.0
