@@ -210,7 +210,9 @@ def test_without_overlap_the_trainer_waits_for_every_average(tmp_path, kjv_data)
         d.make_swarm = slowed_averaging(net, d.cfg.name, 0.4)
     run_all(daemons)
     for d in daemons:
-        assert all(r["wait_s"] >= 0.4 for r in rounds(d))
+        # the trainer sat through (almost) all of the 0.4 s: the averaging thread started it a moment before the
+        # trainer began to wait (a metrics line in between), so allow that moment on a loaded machine
+        assert all(r["wait_s"] >= 0.3 for r in rounds(d)), [r["wait_s"] for r in rounds(d)]
         assert d.trainer.step == 2 * 4
 
 
