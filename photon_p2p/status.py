@@ -262,13 +262,13 @@ def render_table(status: dict) -> str:
             lines.append(f"CLIPPED: peer {_short_id(r['peer_id'])} was clipped or dropped by {len(c['reporters'])} "
                          f"reducer(s) in up to {c['rounds']} of their last rounds (smallest share kept "
                          f"{c['factor']:.2g}): its updates are far from the others'; check it")
-    table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "MODEL", "PART", "UTIL", "CLIPPED", "TOKENS", "TOK/S",
+    table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "MODEL", "PART", "CLIPPED", "UTIL", "TOKENS", "TOK/S",
               "LOSS", "VAL PPL", "SILO", "LAST SEEN")]
     for r in rows:
         c = r.get("clipped_by_others")
         table.append((_short_id(r["peer_id"]) + ("" if r["verified"] else "?"), _address(r), r["status"],
                       str(r["round"]), str(r["lag"]), _short_model(r["fingerprint"]), f"{r['participation']:.0%}",
-                      _pct(r.get("utilization")), f"{c['rounds']}x{len(c['reporters'])}" if c else "-",
+                      f"{c['rounds']}x{len(c['reporters'])}" if c else "-", _pct(r.get("utilization")),
                       _count(r["tokens"]), f"{r['tokens_per_s']:,.0f}", _num(r["loss"], ".4f"),
                       _num(r["val_ppl"], ".2f"), _silo(r), _ago(r["last_seen"]) + " ago"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]

@@ -320,3 +320,13 @@ def test_table_shows_each_silos_ranks_and_device():
     assert lines[header].split()[-3:] == ["SILO", "LAST", "SEEN"]
     rows = {line.split()[0]: line.split() for line in lines[header + 1:] if line.startswith("..")}
     assert rows["..aaaaaaaaaaaa?"][-3] == "8xcuda" and rows["..bbbbbbbbbbbb?"][-3] == "1"
+
+
+def test_table_shows_each_peers_compute_utilization():
+    status = collect_status(fake_swarm([{"utilization": 0.984}, {}]), RUN, 1.0)
+    assert status["summary"]["median_utilization"] == pytest.approx(0.984)
+    lines = render_table(status).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
+    col = lines[header].split().index("UTIL")
+    cells = sorted(line.split()[col] for line in lines[header + 1:] if line.startswith(".."))
+    assert cells == ["-", "98%"]  # a peer that predates the field shows "-"
