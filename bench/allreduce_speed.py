@@ -34,9 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-# hivemind-defaults / tuned: every byte through hivemind's butterfly; bulk: tuned, and uncompressed rounds go
-# over gloo between the (directly reachable) members (federation.transport: auto, photon_p2p's default)
-MODES = ("hivemind-defaults", "tuned", "bulk")
+# hivemind-defaults / tuned: every byte through hivemind's butterfly, plain mean (as before robust aggregation);
+# bulk: photon_p2p's defaults: uncompressed rounds over gloo between the (directly reachable) members
+# (federation.transport: auto) with robust aggregation (clip: all-to-all, reduce, all-gather); bulk-plain: the
+# same with robust_aggregation none (one gloo ring all-reduce)
+MODES = ("hivemind-defaults", "tuned", "bulk", "bulk-plain")
 PHASES = ("copy_in", "matchmaking", "allreduce", "handoff", "write_back")
 
 
@@ -105,7 +107,7 @@ def run_worker(args: argparse.Namespace) -> None:
         store.set("maddr", visible_maddrs(dht)[0])
     x = torch.randn(int(args.mb * 1e6 / 4), generator=torch.Generator().manual_seed(rank))
     tuned = dataclasses.replace(TUNED, part_size_bytes=args.part_kib * 1024) if args.part_kib else TUNED
-    tunings = {"hivemind-defaults": HIVEMIND_DEFAULTS, "tuned": tuned, "bulk": tuned}
+    tunings = {"hivemind-defaults": HIVEMIND_DEFAULTS, "tuned": tuned, "bulk": tuned, "bulk-plain": tuned}
     records = []
     for index, (case, codec, target) in enumerate(cases(args)):
         averagers = {}
@@ -118,7 +120,8 @@ def run_worker(args: argparse.Namespace) -> None:
                                    min_group_size=2 if target else world,
                                    matchmaking_time=args.matchmaking_time, allreduce_timeout=120.0,
                                    round_deadline=240.0, compression=codec,
-                                   transport="auto" if mode == "bulk" else "hivemind")
+                                   transport="auto" if mode.startswith("bulk") else "hivemind",
+                                   robust_aggregation="clip" if mode == "bulk" else "none")
             averagers[mode] = PseudoGradientAverager(dht, [x], fed, net, lambda: ({}, []), tuning=tunings[mode])
         pids = {a._averager.pid for a in averagers.values()}
         for rep in range(args.repeats + 1):
@@ -148,7 +151,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
 def modes_for(codec: str, args: argparse.Namespace) -> list[str]:
     """The bulk path moves uncompressed rounds only; a compressed case is measured in the hivemind modes."""
-    return [m for m in args.modes if m != "bulk" or codec == "none"]
+    return [m for m in args.modes if not m.startswith("bulk") or codec == "none"]
 
 
 def cases(args: argparse.Namespace) -> list[tuple[str, str, int]]:
@@ -227,17 +230,18 @@ def write_markdown(rows: list[dict], args: argparse.Namespace, path: Path, meta:
              "`TUNED` through hivemind, bulk = `TUNED` with federation.transport auto (uncompressed rounds over gloo "
              "between the members, photon_p2p's default), interleaved round by round with gloo in the same "
              "processes.", "",
-             "| peers | case | gloo (s) | before (s) | after (s) | bulk (s) | before/gloo | after/gloo | bulk/gloo | "
-             "MB sent/peer |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| peers | case | gloo (s) | before (s) | after (s) | bulk (s) | bulk-plain (s) | before/gloo | "
+             "after/gloo | bulk/gloo | bulk-plain/gloo | MB sent/peer |", "| --- " * 12 + "|"]
     by = {(r["peers"], r["case"], r["op"]): r for r in rows}
     for world in args.peers:
         for case, _, _ in cases(args):
-            g, b, a, k = (by.get((world, case, op)) for op in ("gloo", *MODES))
+            g, b, a, k, p = (by.get((world, case, op)) for op in ("gloo", *MODES))
             if not (g and b and a):
                 continue
-            bulk_s, bulk_x = (f"{k['round_s']:.3f}", f"{k['ratio_vs_gloo']:.1f}x") if k else ("-", "-")
+            ks, kx = (f"{k['round_s']:.3f}", f"{k['ratio_vs_gloo']:.1f}x") if k else ("-", "-")
+            ps, px = (f"{p['round_s']:.3f}", f"{p['ratio_vs_gloo']:.1f}x") if p else ("-", "-")
             lines.append(f"| {world} | {case} | {g['round_s']:.3f} | {b['round_s']:.3f} | {a['round_s']:.3f} | "
-                         f"{bulk_s} | {b['ratio_vs_gloo']:.1f}x | {a['ratio_vs_gloo']:.1f}x | {bulk_x} "
+                         f"{ks} | {ps} | {b['ratio_vs_gloo']:.1f}x | {a['ratio_vs_gloo']:.1f}x | {kx} | {px} "
                          f"| {(k or a)['bytes_sent_per_peer'] / 1e6:.1f} |")
     lines += ["", "Phases (median per peer, s) and CPU seconds per peer per round:", "",
               "| peers | case | mode | " + " | ".join(PHASES) + " | codec (thread-s) | CPU main / averager / "

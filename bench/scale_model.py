@@ -199,7 +199,7 @@ def main() -> int:
     ap.add_argument("--codec", default="none", choices=sorted(BYTES_PER_PARAM))
     ap.add_argument("--averager-cores", type=float, default=1.0, help="cores a silo's averager gets")
     ap.add_argument("--ddp-bytes", type=float, default=4.0, help="bytes per gradient value DDP sends (bf16: 2)")
-    ap.add_argument("--mode", default="bulk", choices=["bulk", "tuned"],
+    ap.add_argument("--mode", default="bulk", choices=["bulk", "bulk-plain", "tuned"],
                     help="calibrate uncompressed rounds on the gloo bulk path (default) or on hivemind's")
     ap.add_argument("--out", default="bench/results/scale_model")
     args = ap.parse_args()
