@@ -248,6 +248,9 @@ def sweep(runs: list[dict[str, Any]], results: Path, run_root: Path, run_fn: Run
             break
         log(f"sweep: {key} {cfg['stage']} {cfg['side']} {cfg['axis']} {json.dumps(cfg['params'])}")
         with bench_lock(lock) as t_lock:
+            if key in load_done(results):  # another sweep finished it while this one waited for the lock
+                log(f"sweep: {key} was finished by another sweep meanwhile")
+                continue
             t_start = time.monotonic()
             try:
                 out = run_fn(cfg, run_root / key)
