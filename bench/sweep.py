@@ -162,6 +162,11 @@ def load_done(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+def load_all(path: Path) -> list[dict[str, Any]]:
+    """Every record, repeats of a key included (two sweeps raced once before the re-check under the lock)."""
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
 def append(path: Path, rec: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:  # one whole line per finished run, on disk before the next run starts
@@ -289,12 +294,12 @@ def ppl_at(curve: list, x: float, end: float | None = None) -> float | None:
     return None
 
 
-def table(done: dict[str, dict[str, Any]]) -> str:
+def table(done: dict[str, dict[str, Any]] | list[dict[str, Any]]) -> str:
     """Every finished run, grouped by budget: val ppl at equal tokens (the final one), its ratio to the best
     centralized run of that budget, and val ppl at equal wall-clock (the budget's fastest run's wall time)."""
-    lines = []
-    for budget in sorted({r["config"]["budget"] for r in done.values()}):
-        recs = [r for r in done.values() if r["config"]["budget"] == budget]
+    lines, every = [], list(done.values()) if isinstance(done, dict) else done
+    for budget in sorted({r["config"]["budget"] for r in every}):
+        recs = [r for r in every if r["config"]["budget"] == budget]
         central = [r["final_ppl"] for r in recs if r["config"]["side"] == "central" and r.get("final_ppl")]
         best_c = min(central) if central else None
         t_eq = min(r["wall_s"] for r in recs)
@@ -383,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
               lock_budget_s=args.lock_budget_min * 60, max_runs=args.max_runs)
         done = load_done(results)
     pending = sum(key_of(identity(c)) not in done for c in plan(done, args.stages, args.partial))
-    text = table(done) + f"\n\n{len(done)} run(s) done; {pending} planned run(s) of the current stages pending.\n"
+    text = table(load_all(results)) + f"\n\n{len(done)} configuration(s) done; {pending} planned run(s) of the current stages pending.\n"
     (Path(args.results) / "sweep.md").write_text(text)
     plot(done, Path(args.results) / "sweep.png")
     print(text)

@@ -128,7 +128,7 @@ def test_report_only_writes_table_and_plot_from_results(sweep, tmp_path):
                 log=lambda s: None)
     assert sweep.main(["--report-only", "--results", str(results)]) == 0
     md = (results / "sweep.md").read_text()
-    assert md.count("| central |") == 1 and md.count("| fed-iid |") == 2 and "4 run(s) done" in md
+    assert md.count("| central |") == 1 and md.count("| fed-iid |") == 2 and "4 configuration(s) done" in md
     assert (results / "sweep.png").stat().st_size > 10_000
 
 
