@@ -330,7 +330,7 @@ def plot(done: dict[str, dict[str, Any]], path: Path) -> None:
     budgets = sorted({r["config"]["budget"] for r in done.values()})
     if not budgets:
         return
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(max(9, 6 * len(budgets)), 4.8), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for side in ("central", "fed-iid", "fed-noniid"):
             recs = _best([r for r in done.values() if r["config"]["budget"] == budget and r["config"]["side"] == side
@@ -342,7 +342,7 @@ def plot(done: dict[str, dict[str, Any]], path: Path) -> None:
         ax.set(title=f"budget {budget:.3g}x", xlabel="total training tokens (M)", ylabel="val ppl", yscale="log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle("bench/sweep.py: best run of each side per budget (tiny, shared held-out set, CPU-2)")
+    fig.suptitle("bench/sweep.py: best run of each side per budget (tiny, shared held-out set, CPU-2)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
