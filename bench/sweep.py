@@ -115,7 +115,8 @@ def plan_next(stage: str, done: dict[str, dict[str, Any]], prev: list[dict[str, 
     """The ``stage`` runs, chosen from the previous stage's results (``prev``: its planned configs)."""
     runs: list[dict[str, Any]] = []
     for side in ("central", "fed-iid", "fed-noniid"):
-        res = [done[key_of(identity(c))] | {"cfg": c} for c in prev if c["side"] == side and key_of(identity(c)) in done]
+        res = [done[key_of(identity(c))] | {"cfg": c} for c in prev
+               if c["side"] == side and key_of(identity(c)) in done]
         if stage == "full":
             picks = [make(side, stage, {})]
             base = next((r for r in res if r["cfg"]["axis"] == "base"), None)
@@ -388,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
               lock_budget_s=args.lock_budget_min * 60, max_runs=args.max_runs)
         done = load_done(results)
     pending = sum(key_of(identity(c)) not in done for c in plan(done, args.stages, args.partial))
-    text = table(load_all(results)) + f"\n\n{len(done)} configuration(s) done; {pending} planned run(s) of the current stages pending.\n"
+    text = table(load_all(results)) + (f"\n\n{len(done)} configuration(s) done; {pending} planned run(s) of the "
+                                       "current stages pending.\n")
     (Path(args.results) / "sweep.md").write_text(text)
     plot(done, Path(args.results) / "sweep.png")
     print(text)
