@@ -2,7 +2,7 @@
 """Resumable coarse-to-fine sweep: the federated recipe (4 silos, IID and non-IID) against the centralized baseline.
 
 Usage:
-  python bench/sweep.py --corpus ../../shared/corpus --lock-budget-min 45   # resume; each run takes the lock
+  python bench/sweep.py --lock-budget-min 45   # resume; each run takes the lock (--corpus DIR: ../shared/corpus)
   python bench/sweep.py --report-only                                         # rewrite the table from runs.jsonl
   python bench/sweep.py --list                                                # what is planned, done, pending
 
