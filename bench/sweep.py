@@ -2,7 +2,7 @@
 """Resumable coarse-to-fine sweep: the federated recipe (4 silos, IID and non-IID) against the centralized baseline.
 
 Usage:
-  python bench/sweep.py --corpus ../../shared/corpus --lock-budget-min 45   # resume; each run takes the lock
+  python bench/sweep.py --lock-budget-min 45   # resume; each run takes the lock (--corpus DIR: ../shared/corpus)
   python bench/sweep.py --report-only                                         # rewrite the table from runs.jsonl
   python bench/sweep.py --list                                                # what is planned, done, pending
 
@@ -115,7 +115,8 @@ def plan_next(stage: str, done: dict[str, dict[str, Any]], prev: list[dict[str, 
     """The ``stage`` runs, chosen from the previous stage's results (``prev``: its planned configs)."""
     runs: list[dict[str, Any]] = []
     for side in ("central", "fed-iid", "fed-noniid"):
-        res = [done[key_of(identity(c))] | {"cfg": c} for c in prev if c["side"] == side and key_of(identity(c)) in done]
+        res = [done[key_of(identity(c))] | {"cfg": c} for c in prev
+               if c["side"] == side and key_of(identity(c)) in done]
         if stage == "full":
             picks = [make(side, stage, {})]
             base = next((r for r in res if r["cfg"]["axis"] == "base"), None)
@@ -160,6 +161,11 @@ def load_done(path: Path) -> dict[str, dict[str, Any]]:
                 rec = json.loads(line)
                 done[rec["key"]] = rec
     return done
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    """Every record, repeats of a key included (two sweeps raced once before the re-check under the lock)."""
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
 def append(path: Path, rec: dict[str, Any]) -> None:
@@ -248,6 +254,9 @@ def sweep(runs: list[dict[str, Any]], results: Path, run_root: Path, run_fn: Run
             break
         log(f"sweep: {key} {cfg['stage']} {cfg['side']} {cfg['axis']} {json.dumps(cfg['params'])}")
         with bench_lock(lock) as t_lock:
+            if key in load_done(results):  # another sweep finished it while this one waited for the lock
+                log(f"sweep: {key} was finished by another sweep meanwhile")
+                continue
             t_start = time.monotonic()
             try:
                 out = run_fn(cfg, run_root / key)
@@ -286,12 +295,12 @@ def ppl_at(curve: list, x: float, end: float | None = None) -> float | None:
     return None
 
 
-def table(done: dict[str, dict[str, Any]]) -> str:
+def table(done: dict[str, dict[str, Any]] | list[dict[str, Any]]) -> str:
     """Every finished run, grouped by budget: val ppl at equal tokens (the final one), its ratio to the best
     centralized run of that budget, and val ppl at equal wall-clock (the budget's fastest run's wall time)."""
-    lines = []
-    for budget in sorted({r["config"]["budget"] for r in done.values()}):
-        recs = [r for r in done.values() if r["config"]["budget"] == budget]
+    lines, every = [], list(done.values()) if isinstance(done, dict) else done
+    for budget in sorted({r["config"]["budget"] for r in every}):
+        recs = [r for r in every if r["config"]["budget"] == budget]
         central = [r["final_ppl"] for r in recs if r["config"]["side"] == "central" and r.get("final_ppl")]
         best_c = min(central) if central else None
         t_eq = min(r["wall_s"] for r in recs)
@@ -322,7 +331,7 @@ def plot(done: dict[str, dict[str, Any]], path: Path) -> None:
     budgets = sorted({r["config"]["budget"] for r in done.values()})
     if not budgets:
         return
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(max(9, 6 * len(budgets)), 4.8), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for side in ("central", "fed-iid", "fed-noniid"):
             recs = _best([r for r in done.values() if r["config"]["budget"] == budget and r["config"]["side"] == side
@@ -334,7 +343,7 @@ def plot(done: dict[str, dict[str, Any]], path: Path) -> None:
         ax.set(title=f"budget {budget:.3g}x", xlabel="total training tokens (M)", ylabel="val ppl", yscale="log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle("bench/sweep.py: best run of each side per budget (tiny, shared held-out set, CPU-2)")
+    fig.suptitle("bench/sweep.py: best run of each side per budget (tiny, shared held-out set, CPU-2)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -380,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
               lock_budget_s=args.lock_budget_min * 60, max_runs=args.max_runs)
         done = load_done(results)
     pending = sum(key_of(identity(c)) not in done for c in plan(done, args.stages, args.partial))
-    text = table(done) + f"\n\n{len(done)} run(s) done; {pending} planned run(s) of the current stages pending.\n"
+    text = table(load_all(results)) + (f"\n\n{len(done)} configuration(s) done; {pending} planned run(s) of the "
+                                       "current stages pending.\n")
     (Path(args.results) / "sweep.md").write_text(text)
     plot(done, Path(args.results) / "sweep.png")
     print(text)

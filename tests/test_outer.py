@@ -25,8 +25,8 @@ def _deltas(params, rounds: int, seed: int = 0) -> list[list[torch.Tensor]]:
 
 @pytest.mark.parametrize("kind", ["fedadam", "fedyogi"])
 def test_adaptive_optimizers_follow_reddi_et_al(kind):
-    """Reddi et al. 2021, Alg. 2 with Adam's bias correction: m ← β1 m + (1−β1)Δ; v ← β2 v + (1−β2)Δ² (FedAdam)
-    or v ← v − (1−β2)Δ² sign(v − Δ²) (FedYogi); θ ← θ − η m̂ / (√v̂ + τ)."""
+    """Reddi et al. 2021, Alg. 2 with Adam's bias correction: m ← β1 m + (1−β1)Δ;
+    v ← β2 v + (1−β2)Δ² (FedAdam) or v ← v − (1−β2)Δ² sign(v − Δ²) (FedYogi); θ ← θ − η m̂ / (√v̂ + τ)."""
     lr, b1, b2, tau = 0.05, 0.9, 0.99, 1e-3
     params = _params()
     theta = [p.clone().double() for p in params]

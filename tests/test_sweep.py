@@ -128,7 +128,7 @@ def test_report_only_writes_table_and_plot_from_results(sweep, tmp_path):
                 log=lambda s: None)
     assert sweep.main(["--report-only", "--results", str(results)]) == 0
     md = (results / "sweep.md").read_text()
-    assert md.count("| central |") == 1 and md.count("| fed-iid |") == 2 and "4 run(s) done" in md
+    assert md.count("| central |") == 1 and md.count("| fed-iid |") == 2 and "4 configuration(s) done" in md
     assert (results / "sweep.png").stat().st_size > 10_000
 
 
@@ -137,3 +137,17 @@ def test_ppl_at_interpolates_in_log_ppl_and_holds_the_final_model(sweep):
     assert sweep.ppl_at(curve, 15.0) == pytest.approx(200.0)  # geometric mean halfway
     assert sweep.ppl_at(curve, 5.0) is None and sweep.ppl_at(curve, 25.0) is None
     assert sweep.ppl_at(curve, 25.0, end=30.0) == 100.0 and sweep.ppl_at(curve, 31.0, end=30.0) is None
+
+
+def test_a_run_finished_by_another_sweep_while_waiting_is_not_repeated(sweep, tmp_path, monkeypatch):
+    results, lock = tmp_path / "runs.jsonl", str(tmp_path / "lock")
+    screen = sweep.plan({}, ["screen"], partial=False)[:2]
+    calls: list = []
+    sweep.sweep(screen, results, tmp_path / "r", make_fake(calls), lock=lock, log=lambda s: None)
+    # a second sweep that planned from an empty file: it finds each record once it holds the lock
+    real, stale = sweep.load_done, [True]
+    monkeypatch.setattr(sweep, "load_done", lambda path: {} if stale and stale.pop() else real(path))
+    said: list[str] = []
+    assert sweep.sweep(screen, results, tmp_path / "r", make_fake(calls), lock=lock, log=said.append) == 0
+    assert len(calls) == 2 and sum("finished by another sweep" in s for s in said) == 2
+    assert len(results.read_text().splitlines()) == 2
