@@ -126,7 +126,8 @@ def test_daemons_in_a_closed_swarm(tmp_path, kjv_data, owner):
     from swarm import Swarm
 
     swarm = Swarm(tmp_path, kjv_data)
-    common = {"federation.rounds": 2, "federation.min_group_size": 2, "federation.round_clock": "steps"}
+    # the default round clock: only admitted peers' progress records end a round and name its members
+    common = {"federation.rounds": 2, "federation.min_group_size": 2}
 
     def closed_args(name: str) -> list[str]:
         spec = admitted(tmp_path, owner, name)
