@@ -129,9 +129,12 @@ class PeerDaemon:
 
     def shared_state(self) -> tuple[dict, list[torch.Tensor]]:
         """What a joining peer downloads: the global model and outer optimizer state at a round boundary."""
-        # the schedule position at the round boundary, where the shared global weights belong
+        # the schedule position at the round boundary, where the shared global weights belong (an average in
+        # flight has not moved them yet: its round's steps count as un-averaged too)
+        job = self.inflight
+        pending = job.steps if job is not None else 0
         return self.state.serve(run_id=self.cfg.federation.run_id, version=__version__,
-                                inner_step=self.trainer.step - self.round_steps)
+                                inner_step=self.trainer.step - self.round_steps - pending)
 
     def heartbeat(self) -> dict[str, Any]:
         return heartbeat_record(self)
