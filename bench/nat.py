@@ -117,7 +117,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
                          f"{p['participation_from_round_2']:.2f} | {_f(p['averaging_s'], '.2f')} | "
                          f"{_f(p['allreduce_s'], '.2f')} | {_f(_mb(p['payload_bytes_per_round']), '.2f')} | "
                          f"{p['wire_bytes'] / 1e6:.1f} | {'; '.join(p['reasons']) or '-'} |")
-    lines += ["", "| scenario | bootstrap node's link MB | models at the last round | packets MASQUERADEd | seconds |",
+    lines += ["", "| scenario | bootstrap node's link MB | models at the last round | connections MASQUERADEd | seconds |",
               "|---|---|---|---|---|"]
     for s in result["scenarios"]:
         lines.append(f"| {s['scenario']} | {s['bootstrap_wire_bytes'] / 1e6:.2f} | {s['models_at_end']} | "
