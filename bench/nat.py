@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Volunteers behind NAT vs reachable silos: participation, averaging time and bytes on tbf-shaped links.
 
-Usage: python bench/nat.py [--rate-mbit 20] [--rounds 3] [--scenarios reachable nat_client nat_only_client
-                           nat_only_relay] [--out bench/results/nat]
+Usage: python bench/nat.py [--rate-mbit 20] [--rounds 3] [--round-deadline 45] [--scenarios reachable nat_client
+                           nat_only_client nat_only_relay] [--runs runs/bench-nat] [--out bench/results/nat]
 
 Real `photon-peer` daemons (the tiny preset, a small batch) in network namespaces (bench/nat_net.py): a public
 segment with a bootstrap node and the reachable silos, and volunteers each behind its own MASQUERADE router (no
@@ -38,28 +38,31 @@ from nat_net import NatTestbed, nat_unsupported_reason, run_swarm  # noqa: E402
 from netns import CounterPoller, install_signal_teardown  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = {  # name: (reachable silos, volunteers, first silo leaves after round 1, volunteer overrides)
-    "reachable": (3, 0, False, []),
-    "nat_client": (2, 1, False, []),
-    "nat_only_client": (1, 2, True, []),
-    "nat_only_relay": (1, 2, True, ["network.client_mode=false", "network.use_relay=true",
-                                    "network.use_auto_relay=true"]),
+# name: (reachable silos, volunteers, first silo leaves after round 1, min_group_size, volunteer overrides).
+# min_group_size = every peer of the round, so a round closes only with all of them (or goes solo at the deadline):
+# participation then says whether the NATed peers *can* be in the group, not who was fastest to matchmaking.
+SCENARIOS = {
+    "reachable": (3, 0, False, 3, []),
+    "nat_client": (2, 1, False, 3, []),
+    "nat_only_client": (1, 2, True, 2, []),
+    "nat_only_relay": (1, 2, True, 2, ["network.client_mode=false", "network.use_relay=true",
+                                       "network.use_auto_relay=true"]),
 }
 
 
 def run_scenario(name: str, args: argparse.Namespace, data: str) -> dict[str, Any]:
-    n_silos, n_vol, first_leaves, vol_overrides = SCENARIOS[name]
+    n_silos, n_vol, first_leaves, min_group, vol_overrides = SCENARIOS[name]
     run_id = f"nat-{name.replace('_', '-')}-{os.getpid()}"
     common = [f"data.path={data}", f"federation.run_id={run_id}", f"federation.rounds={args.rounds}",
               f"federation.local_steps={args.local_steps}", f"train.batch_size={args.batch_size}",
               "train.threads=1", "train.eval_every=0", "train.max_steps=100000", "train.checkpoint_every=100000",
               "federation.matchmaking_time=3", f"federation.round_deadline={args.round_deadline}",
-              f"federation.target_group_size={n_silos + n_vol}", "federation.min_group_size=2",
-              "federation.state_sync_timeout=60", "network.bootstrap_timeout=30"]
+              f"federation.target_group_size={n_silos + n_vol}", f"federation.min_group_size={min_group}",
+              "federation.state_sync_timeout=60", "network.bootstrap_timeout=30", *args.overrides]
     no_solo = ["federation.allow_solo_start=false"]
     with NatTestbed(public=1 + n_silos, nats=n_vol, rate_mbit=args.rate_mbit) as tb:
         with CounterPoller(tb, interval=0.5) as poller:
-            res = run_swarm(tb, Path(args.out).parent / "nat-runs" / name, silos=list(range(1, 1 + n_silos)),
+            res = run_swarm(tb, Path(args.runs) / name, silos=list(range(1, 1 + n_silos)),
                             volunteers=[tb.volunteer(k) for k in range(n_vol)], bootstrap=0, common=common,
                             first=["federation.rounds=1"] if first_leaves else [], joiner=no_solo,
                             volunteer=no_solo + vol_overrides, timeout=args.scenario_timeout)
@@ -114,7 +117,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
                          f"{p['participation_from_round_2']:.2f} | {_f(p['averaging_s'], '.2f')} | "
                          f"{_f(p['allreduce_s'], '.2f')} | {_f(_mb(p['payload_bytes_per_round']), '.2f')} | "
                          f"{p['wire_bytes'] / 1e6:.1f} | {'; '.join(p['reasons']) or '-'} |")
-    lines += ["", "| scenario | bootstrap node's link MB | models at the last round | packets MASQUERADEd | seconds |",
+    lines += ["", "| scenario | bootstrap node's link MB | models at the last round | connections MASQUERADEd | seconds |",
               "|---|---|---|---|---|"]
     for s in result["scenarios"]:
         lines.append(f"| {s['scenario']} | {s['bootstrap_wire_bytes'] / 1e6:.2f} | {s['models_at_end']} | "
@@ -153,8 +156,11 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--round-deadline", type=float, default=45.0)
     ap.add_argument("--scenario-timeout", type=float, default=300.0)
+    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                    help="config override for every peer (e.g. model.d_model=64)")
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     ap.add_argument("--data", default="runs/bench-data-nat", help="prepared data dir (made if missing)")
+    ap.add_argument("--runs", default="runs/bench-nat", help="daemon run dirs (logs, metrics) go here")
     ap.add_argument("--out", default="bench/results/nat")
     ap.add_argument("--replot", action="store_true", help="rewrite OUT.md and OUT.png from OUT.json")
     args = ap.parse_args()

@@ -135,6 +135,13 @@ class NatTestbed:
                 # counters are read from /proc/<anchor>/net/dev: no fork per sample
                 self._anchors.append(subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "infinity"],
                                                       start_new_session=True))
+            # `ip netns exec` enters the namespace after fork: until then /proc/<anchor>/net/dev is the host's
+            for anchor, ns in zip(self._anchors, self.ns):
+                want, deadline = os.stat(f"/run/netns/{ns}").st_ino, time.monotonic() + 10
+                while os.stat(f"/proc/{anchor.pid}/ns/net").st_ino != want:
+                    if time.monotonic() > deadline:
+                        raise NetnsError(f"the counter anchor of {ns} did not enter it")
+                    time.sleep(0.01)
         except BaseException:
             self.teardown()
             raise
