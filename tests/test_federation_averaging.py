@@ -72,10 +72,12 @@ def test_the_hivemind_transport_gives_the_same_mean_as_gloo(trio, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(tensors, hivemind_after[0]))
     for a, b in zip(gloo_after[0], hivemind_after[0]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # the same mean, summed in another order
-    # a ring moves 2(n-1)/n of the vector (+ the weight) per member; hivemind's butterfly the same payload plus
-    # its per-part message overhead
-    ring = int(2 * 2 / 3 * (sum(torch.Size(s).numel() for s in SHAPES) + 1) * 4)
-    assert ring <= via_gloo[0]["bytes_sent"] <= via_hivemind[0]["bytes_sent"], (via_gloo[0], via_hivemind[0])
+    # Together the members move 2(n-1) vectors either way (a ring, or all-to-all + all-gather, or hivemind's
+    # butterfly, whose per-member share follows its load balancing, so only the group's total compares); hivemind
+    # adds its per-part message overhead, the gloo paths a weight and some padding.
+    payload = 2 * 2 * sum(torch.Size(s).numel() for s in SHAPES) * 4
+    for results in (via_gloo, via_hivemind):
+        assert payload <= sum(r["bytes_sent"] for r in results) <= 1.25 * payload, results
 
 
 @pytest.mark.timeout(90)
