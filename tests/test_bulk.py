@@ -22,15 +22,12 @@ def _member(rank: int, endpoints: list[str], weight: float, group_key: str, out_
     torch.save((tensors, traffic.sent), out_path)
 
 
-@pytest.mark.timeout(120)
-def test_members_end_on_the_same_bytes_the_weighted_mean_zero_weights_only_listen(tmp_path):
-    weights = [1.0, 0.0, 3.0]
-    host = BulkEndpoint("127.0.0.1", timeout=30.0)  # member 0's rendezvous, hosted here as a daemon hosts it
-    endpoints = [host.address, "127.0.0.1:1", "127.0.0.1:2"]  # only member 0's port is dialled
+def run_members(tmp_path, members: list[tuple]) -> list:
+    """Each (target, args) in its own spawned process, which saves its result to the path appended to args;
+    every child is reaped; returns the results in member order."""
     ctx = mp.get_context("spawn")
-    paths = [str(tmp_path / f"member-{r}.pt") for r in range(3)]
-    procs = [ctx.Process(target=_member, args=(r, endpoints, w, "round-7", path))
-             for r, (w, path) in enumerate(zip(weights, paths))]
+    paths = [str(tmp_path / f"member-{r}.pt") for r in range(len(members))]
+    procs = [ctx.Process(target=target, args=(*args, path)) for (target, args), path in zip(members, paths)]
     for p in procs:
         p.start()
     try:
@@ -41,7 +38,15 @@ def test_members_end_on_the_same_bytes_the_weighted_mean_zero_weights_only_liste
         for p in procs:
             if p.is_alive():
                 p.kill()
-    results = [torch.load(path) for path in paths]
+    return [torch.load(path) for path in paths]
+
+
+@pytest.mark.timeout(120)
+def test_members_end_on_the_same_bytes_the_weighted_mean_zero_weights_only_listen(tmp_path):
+    weights = [1.0, 0.0, 3.0]
+    host = BulkEndpoint("127.0.0.1", timeout=30.0)  # member 0's rendezvous, hosted here as a daemon hosts it
+    endpoints = [host.address, "127.0.0.1:1", "127.0.0.1:2"]  # only member 0's port is dialled
+    results = run_members(tmp_path, [(_member, (r, endpoints, w, "round-7")) for r, w in enumerate(weights)])
     inputs = [_inputs(r) for r in range(3)]
     expected = [sum(w * inputs[r][i] for r, w in enumerate(weights)) / sum(weights) for i in range(len(SHAPES))]
     for r in (1, 2):
@@ -98,20 +103,7 @@ def _robust_member(rank: int, endpoints: list[str], weight: float, out_path: str
 def test_robust_path_lets_the_reducer_see_and_clip_each_sender(tmp_path):
     host = BulkEndpoint("127.0.0.1", timeout=30.0)
     endpoints = [host.address, "127.0.0.1:1", "127.0.0.1:2"]
-    ctx = mp.get_context("spawn")
-    paths = [str(tmp_path / f"member-{r}.pt") for r in range(3)]
-    procs = [ctx.Process(target=_robust_member, args=(r, endpoints, 1.0, path)) for r, path in enumerate(paths)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(90)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    results = [torch.load(path) for path in paths]
+    results = run_members(tmp_path, [(_robust_member, (r, endpoints, 1.0)) for r in range(3)])
     for r in (1, 2):
         assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[r][0]))  # the same bytes
     for rank in range(3):

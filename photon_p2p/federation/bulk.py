@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -53,16 +54,12 @@ class BulkEndpoint:
     """This peer's rendezvous store for groups it leads (a TCPStore server; gloo pairs use their own ports)."""
 
     def __init__(self, ip: str, timeout: float) -> None:
-        self.ip = ip
         try:
             self.store = dist.TCPStore(ip, 0, None, True, datetime.timedelta(seconds=timeout),
                                        wait_for_workers=False)
         except Exception as e:  # the address is not ours to bind (a wrong announce address): say which
             raise FederationError(f"cannot open the bulk transport's rendezvous on {ip}: {e}") from None
         self.address = f"{ip}:{self.store.port}"
-
-    def close(self) -> None:
-        self.store = None
 
 
 @dataclass
@@ -77,8 +74,9 @@ class BulkTraffic:
 Reducer = Callable[[list, list, list], tuple[torch.Tensor, dict]]
 
 
+@contextmanager
 def _process_group(rank: int, endpoints: Sequence[str], group_key: str, delta: datetime.timedelta,
-                   threads: int) -> dist.ProcessGroupGloo:
+                   threads: int) -> Iterator[dist.ProcessGroupGloo]:
     """A gloo group of these members alone: member 0's store, keys under the (random, per-group) ``group_key``."""
     host, port = endpoints[0].rsplit(":", 1)
     store = dist.TCPStore(host, int(port), None, False, delta)
@@ -86,7 +84,42 @@ def _process_group(rank: int, endpoints: Sequence[str], group_key: str, delta: d
     options._devices = [dist.ProcessGroupGloo.create_device(hostname=endpoints[rank].rsplit(":", 1)[0])]
     options._timeout = delta
     options._threads = max(1, threads)
-    return dist.ProcessGroupGloo(dist.PrefixStore(group_key, store), rank, len(endpoints), options)
+    pg = dist.ProcessGroupGloo(dist.PrefixStore(group_key, store), rank, len(endpoints), options)
+    try:
+        yield pg
+    finally:
+        try:
+            pg.shutdown()
+        except Exception:  # already broken by the failure being raised
+            pass
+
+
+def _flatten(tensors: Sequence[torch.Tensor], length: int, scale: float = 1.0) -> torch.Tensor:
+    """The tensors one after the other in a zero-padded fp32 buffer of ``length`` values (times ``scale``)."""
+    flat = torch.zeros(length, dtype=torch.float32)
+    offset = 0
+    for t in tensors:
+        piece = flat[offset:offset + t.numel()].copy_(t.reshape(-1))
+        if scale != 1.0:
+            piece.mul_(scale)
+        offset += t.numel()
+    return flat
+
+
+def _unflatten(flat: torch.Tensor, tensors: Sequence[torch.Tensor], scale: float = 1.0) -> None:
+    """The inverse of _flatten, in place: each tensor takes its values back (divided by ``scale``)."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        if scale != 1.0:
+            t.div_(scale)
+        offset += t.numel()
+
+
+def _parts(valid: int, part_numel: int) -> Iterator[slice]:
+    """A reducer's slice cut into parts of ``part_numel`` values (its ``valid`` ones: padding is never reduced)."""
+    for start in range(0, max(0, valid), part_numel):
+        yield slice(start, min(valid, start + part_numel))
 
 
 def allreduce_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpoints: Sequence[str],
@@ -96,31 +129,18 @@ def allreduce_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, en
     member applies anything from this round (gloo's collectives fail on every member together)."""
     size = len(endpoints)
     delta = datetime.timedelta(seconds=timeout)
-    pg = _process_group(rank, endpoints, group_key, delta, threads)
-    try:
+    with _process_group(rank, endpoints, group_key, delta, threads) as pg:
         numel = sum(t.numel() for t in tensors)
-        flat = torch.empty(numel + 1, dtype=torch.float32)
-        offset = 0
-        for t in tensors:
-            flat[offset:offset + t.numel()].copy_(t.reshape(-1)).mul_(weight)
-            offset += t.numel()
+        flat = _flatten(tensors, numel + 1, scale=weight)
         flat[-1] = weight
         pg.allreduce([flat]).wait(delta)
         total = float(flat[-1])
         if total <= 0:
             raise FederationError("the group's total weight is zero")
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t)).div_(total)
-            offset += t.numel()
+        _unflatten(flat, tensors, scale=total)
         # a ring all-reduce sends (and receives) 2·(n−1)/n of the buffer per member
         moved = int(2 * (size - 1) / size * flat.numel() * flat.element_size())
         return BulkTraffic(moved, moved)
-    finally:
-        try:
-            pg.shutdown()
-        except Exception:  # already broken by the failure being raised
-            pass
 
 
 def robust_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpoints: Sequence[str],
@@ -136,13 +156,12 @@ def robust_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpo
     delta = datetime.timedelta(seconds=timeout)
     numel = sum(t.numel() for t in tensors)
     share = -(-numel // size)  # ceil: each member reduces one share (the last one padded with zeros)
-    flat = torch.zeros(share * size, dtype=torch.float32)
-    offset = 0
-    for t in tensors:
-        flat[offset:offset + t.numel()].copy_(t.reshape(-1))
-        offset += t.numel()
-    pg = _process_group(rank, endpoints, group_key, delta, threads)
-    try:
+    flat = _flatten(tensors, share * size)
+
+    def valid(reducer: int) -> int:  # values of a reducer's share that are not padding
+        return min(share, numel - reducer * share)
+
+    with _process_group(rank, endpoints, group_key, delta, threads) as pg:
         weights = torch.zeros(size, dtype=torch.float64)
         weights[rank] = weight
         pg.allreduce([weights]).wait(delta)  # every member learns every sender's weight
@@ -150,12 +169,9 @@ def robust_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpo
         pg.alltoall(received, list(flat.view(size, share).unbind(0))).wait(delta)
         mine = flat.new_zeros(share)
         factors: dict[int, float] = {}
-        valid = max(0, min(share, numel - rank * share))  # the padding is not reduced (it would skew norms)
-        for start in range(0, valid, part_numel):
-            stop = min(valid, start + part_numel)
-            parts = [r[start:stop] for r in received]
-            averaged, part_factors = reduce(parts, weights.tolist(), list(order))
-            mine[start:stop].copy_(averaged)
+        for part in _parts(valid(rank), part_numel):
+            averaged, part_factors = reduce([r[part] for r in received], weights.tolist(), list(order))
+            mine[part].copy_(averaged)
             for sender, f in part_factors.items():
                 factors[sender] = min(f, factors.get(sender, 1.0))
         gathered = [torch.empty(share, dtype=torch.float32) for _ in range(size)]
@@ -163,22 +179,11 @@ def robust_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpo
         rejected: list[int] = []
         if check is not None:
             for reducer, piece in enumerate(gathered):
-                valid = max(0, min(share, numel - reducer * share))
-                for start in range(0, valid, part_numel):
-                    part = piece[start:min(valid, start + part_numel)]
-                    if not check(reducer, part):
-                        part.zero_()
+                for part in _parts(valid(reducer), part_numel):
+                    if not check(reducer, piece[part]):
+                        piece[part].zero_()
                         if reducer not in rejected:
                             rejected.append(reducer)
-        out = torch.cat(gathered)
-        offset = 0
-        for t in tensors:
-            t.copy_(out[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        _unflatten(torch.cat(gathered), tensors)
         moved = int(2 * (size - 1) * share * 4 + (size - 1) * 8)
         return BulkTraffic(moved, moved, factors, rejected)
-    finally:
-        try:
-            pg.shutdown()
-        except Exception:
-            pass
