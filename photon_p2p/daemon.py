@@ -279,6 +279,8 @@ class PeerDaemon:
             evaluated = self.last_eval = self._evaluate_global()
         log_round(self, result, job, evaluated)
         self._checkpoint()
+        if self.stop.is_set():
+            return True  # leaving: the final heartbeat says so; no round to begin (the DHT may be gone already)
         self.swarm.publish_now()
         self.swarm.begin_round(self.round)  # the clock follows: tokens trained meanwhile count for the new round
         if self.clock_tokens:
@@ -318,6 +320,8 @@ class PeerDaemon:
             meta, tensors = got
             if int(meta.get("round", -1)) < self.round:
                 return False  # never go back to an older state than our own
+            if carry_local and int(meta.get("round", -1)) == self.round:
+                continue  # a lagging server's copy of the weights we hold: no catch-up, try another peer
             why = check_state(meta, tensors, self.swarm.peers())
             if why:
                 print(f"photon-peer: refused the swarm state for round {meta.get('round')}: {why}", flush=True)

@@ -105,6 +105,10 @@ def test_grid_plans_cover_every_row_in_every_column():
                 assert len(members) == plans[0].column_size(c)
                 # exactly one member of every row carries that row's weight into each column
                 assert sorted(p.row for p in members if p.designated) == list(range(plans[0].rows))
+                # every member names the same co-members (what a stage waits for before giving up)
+                assert {p.column_members() for p in members} == {tuple(sorted(p.me for p in members))}
+            for k, members in rows.items():
+                assert {p.row_members() for p in members} == {tuple(sorted(p.me for p in members))}
 
 
 def _norms(tensors_by_peer):
@@ -154,3 +158,20 @@ def test_a_reducer_that_inflates_its_average_is_rejected_alike_by_every_member()
     zeroed = out == 0
     assert 0.2 < float(zeroed.float().mean()) < 0.5  # the evil reducer's share, no update there
     torch.testing.assert_close(out[~zeroed], expected[~zeroed])
+
+
+def test_a_stage_gives_up_only_when_its_own_members_have_left_the_round():
+    # Columns finish at different times: the swarm moving on to the next round must not make a column that
+    # is still matching give up (that left 4 silos in groups of 2 on two models); its own members leaving must.
+    from types import SimpleNamespace
+
+    from photon_p2p.federation.swarm import SwarmClock
+
+    clock = object.__new__(SwarmClock)
+    clock.tracker = SimpleNamespace(members={"a": 5, "b": 6, "c": 6, "d": 5},
+                                    global_progress=SimpleNamespace(epoch=6))
+    assert not clock.left(5, ("d",))  # my column partner is still in round 5
+    assert clock.left(5, ("b", "c"))  # everyone I wait for is in round 6 already
+    assert not clock.left(5, ("b", "e"))  # an unknown peer has not (provably) left
+    assert clock.left(5, ())  # no plan: the swarm as a whole has moved past round 5
+    assert not clock.left(6, ())

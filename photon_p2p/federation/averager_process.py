@@ -264,6 +264,10 @@ class ProcessAverager(DecentralizedAverager):
 
     async def _set_target_group_size(self, size: int) -> None:
         self._matchmaking.target_group_size = size
+        # The key manager sizes its post-round key shuffle by the constructor's target and fails a leader whose
+        # group is larger (random.sample(range(target), size)). We set the group bits before every step, so that
+        # shuffle only needs to be valid: None sizes it by the group actually assembled.
+        self._matchmaking.group_key_manager.target_group_size = None
 
     # The stamps wrap hivemind's internal coroutines and pass every argument through unchanged.
     async def _step(self, *args, **kwargs):
@@ -526,6 +530,19 @@ class RoundTracker(ProgressTracker):
         metadata = admitted_progress(metadata, self.admits)
         self.members = progress_members(metadata)
         return super()._parse_swarm_progress_data(metadata)
+
+    def begin_epoch(self, epoch: int, timeout: float) -> bool:
+        """``pause_updates`` + ``update_epoch`` with a deadline. hivemind's fetcher holds the progress lock across
+        a DHT read that has none; if the DHT process is gone (a group-wide kill) that read never returns and
+        ``pause_updates`` would wait forever. False: not moved (the lock stayed taken for ``timeout`` s)."""
+        if not self.lock_global_progress.acquire(timeout=timeout):
+            return False
+        try:
+            with self.performance_ema.pause():
+                self.update_epoch(epoch)
+            return True
+        finally:
+            self.lock_global_progress.release()
 
 
 def _rank(gathered: Any, peer_id: str) -> tuple:

@@ -9,6 +9,7 @@ success, so a failed, late or mismatched round leaves the caller's Δ untouched.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
@@ -162,29 +163,35 @@ class PseudoGradientAverager:
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float,
                 stop: threading.Event | None = None, fingerprint: str = "",
                 live_target: int | None = None, plan: GroupPlan | None = None,
-                give_up: Callable[[], bool] | None = None) -> RoundResult:
+                give_up: Callable[[tuple[str, ...]], bool] | None = None) -> RoundResult:
         """All-reduce ``deltas`` (weighted by ``weight``, e.g. tokens) with peers at ``round_no``, within
         federation.round_deadline per stage. On success the swarm's weighted mean (the same bytes on every
         member) is written into ``deltas`` in place; if ``result.healed`` it is the mean of the members' local
         weights instead. Otherwise they are left untouched and the result is solo with a reason.
         ``plan``: the round's live peers (groups.py): one group of all of them, or rows then columns when
         they outnumber target_group_size. ``live_target``: without a plan, the group size to start at.
-        ``give_up``: polled while waiting for a group; True (e.g. the swarm has moved past this round) ends the
+        ``give_up``: polled while waiting for a group with the peers this stage waits for (its other members; none
+        without a plan); True (e.g. they have all moved past this round) ends the
         wait at once, so a late peer catches up instead of waiting out straggler_wait for nobody."""
-        give_up = give_up or (lambda: False)
+        give_up = give_up or (lambda _waiting: False)
         if plan is None or plan.stages == 1:
             target = plan.n if plan is not None else live_target
+            others = tuple(m for m in plan.members if m != plan.me) if plan is not None else ()
             return self._average_stage(deltas, round_no, max(float(weight), 1e-6), stop, fingerprint, target, 0, 0,
-                                       give_up=give_up)
+                                       give_up=lambda: give_up(others))
         first = self._average_stage(deltas, round_no, max(float(weight), 1e-6), stop, fingerprint,
-                                    plan.row_size(), 1, plan.row, rank=plan.row, give_up=give_up)
+                                    plan.row_size(), 1, plan.row, rank=plan.row,
+                                    give_up=lambda: give_up(tuple(m for m in plan.row_members() if m != plan.me)))
         if first.solo:
             return first
         # Column: the first member of each row carries the row's weight, any other member only listens.
         second = self._average_stage(deltas, round_no, first.weight_total if plan.designated else 0.0, stop,
                                      fingerprint, plan.column_size(), 2, plan.column,
                                      rank=plan.row if plan.designated else plan.rows + plan.row,
-                                     weights=first.healed, give_up=give_up)
+                                     weights=first.healed,
+                                     # only the column's own members leaving ends the wait: the rest of the swarm
+                                     # moving on to the next round is expected while columns finish
+                                     give_up=lambda: give_up(tuple(m for m in plan.column_members() if m != plan.me)))
         merged_phases = {f"rows_{k}": v for k, v in first.phases.items()}
         merged_phases.update({f"columns_{k}": v for k, v in second.phases.items()})
         merged_phases["matchmaking"] = first.phases.get("matchmaking", 0.0) + second.phases.get("matchmaking", 0.0)
@@ -322,7 +329,7 @@ class PseudoGradientAverager:
                             return None, "the swarm finished this round without this peer"
                     try:
                         control.result(timeout=0.2)
-                    except Exception:
+                    except (Exception, asyncio.CancelledError):  # hivemind cancels a step whose process died
                         pass  # a timeout of this poll, or the step's own failure (read below)
             except BaseException:
                 control.cancel()  # Ctrl-C: leave no step behind in the averager process
@@ -338,7 +345,7 @@ class PseudoGradientAverager:
                                   allreduce=stamps["allreduce_done"] - stamps["group_assembled"],
                                   handoff=time.time() - stamps["allreduce_done"])  # result reaches this process
                 return {str(peer): data for peer, data in (gathered or {}).items()}, ""
-            except Exception as e:
+            except (Exception, asyncio.CancelledError) as e:
                 reason = "no group found" if "could not find a group" in str(e) else describe(e)
                 log.info("round %d: averaging attempt failed (%s)", round_no, reason)
                 if stop and stop.is_set():

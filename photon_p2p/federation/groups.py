@@ -70,6 +70,14 @@ class GroupPlan:
         """Whether this peer carries its row's weight into its column (the first of its row there)."""
         return self.position < self.columns
 
+    def row_members(self) -> tuple[str, ...]:
+        """Everyone in this peer's row (itself included)."""
+        return tuple(m for i, m in enumerate(self.members) if i % self.rows == self.row)
+
+    def column_members(self) -> tuple[str, ...]:
+        """Everyone in this peer's column (itself included)."""
+        return tuple(m for i, m in enumerate(self.members) if (i // self.rows) % self.columns == self.column)
+
     def column_size(self, column: int | None = None) -> int:
         column = self.column if column is None else column
         return sum(1 for r in range(self.rows) for p in range(self.row_size(r)) if p % self.columns == column)

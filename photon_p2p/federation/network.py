@@ -3,7 +3,8 @@
 hivemind runs the DHT in a forked child process that starts a ``p2pd`` daemon; both outlive a SIGKILLed parent and
 keep answering in the swarm. The lifeline makes them die with us: forked children get PR_SET_PDEATHSIG(SIGKILL),
 and a tiny reaper process (which needs no lifeline itself: it exits as soon as our process is gone) SIGKILLs the
-DHT's p2pd, which is spawned by exec and therefore out of reach of fork hooks.
+DHT's p2pd, which is spawned by exec and therefore out of reach of fork hooks. The helpers run in their own
+process group, so a signal meant for the whole job (Ctrl-C) lets the daemon stop them in order.
 """
 
 from __future__ import annotations
@@ -168,8 +169,15 @@ def _arm_child() -> None:
     if not getattr(_armed, "depth", 0):
         return
     _armed.depth = 0  # the child's own forks are not armed unless it asks
-    # Helpers must not inherit the daemon's graceful-stop handlers: a group-wide SIGTERM should end them.
+    # Helpers must not inherit the daemon's graceful-stop handler (a SIGTERM sent to them should end them), and
+    # they leave the daemon's process group: Ctrl-C in a terminal or `kill -TERM -PGID` reaches the daemon
+    # alone, which then leaves the swarm in order (last heartbeat, clock, averager, DHT) instead of finding its
+    # DHT and p2pd already dead. p2pd, exec'd by the DHT process, joins the new group with it.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):

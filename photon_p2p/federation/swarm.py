@@ -98,9 +98,10 @@ class SwarmClock:
         self.tracker.target_batch_size = self.tokens_per_peer * peers  # every peer derives it from the same records
         return self.tracker.ready_to_update_epoch
 
-    def begin(self, round_no: int) -> None:
-        with self.tracker.pause_updates():
-            self.tracker.update_epoch(round_no)
+    def begin(self, round_no: int, timeout: float) -> None:
+        if not self.tracker.begin_epoch(round_no, timeout):
+            log.warning("the round clock did not move to round %d within %gs (the DHT is not answering)",
+                        round_no, timeout)
 
     @property
     def peers(self) -> int:
@@ -125,6 +126,14 @@ class SwarmClock:
             future.cancel()
             members = dict(self.tracker.members)
         return [p for p, epoch in members.items() if epoch == round_no]
+
+    def left(self, round_no: int, waiting: tuple[str, ...]) -> bool:
+        """Whether the peers in ``waiting`` have all moved past ``round_no`` (as of the tracker's last fetch):
+        nobody is left to average this round with. Without names: whether the swarm as a whole has."""
+        if not waiting:
+            return self.swarm_round > round_no
+        epochs = self.tracker.members
+        return all(epochs.get(p, -1) > round_no for p in waiting)
 
     def shutdown(self) -> None:
         self.tracker.shutdown(timeout=2.0)  # its final store does not block
@@ -218,7 +227,7 @@ class HivemindSwarm:
             self.admission.refresh()
             self.admission.check_self()
         if self.clock is not None:
-            self.clock.begin(round_no)
+            self.clock.begin(round_no, timeout=float(self.cfg.network.request_timeout))
 
     # ---- averaging and state -----------------------------------------------------------------------------
     def average(self, deltas, round_no, weight, *, stop, fingerprint, live_target) -> RoundResult:
@@ -233,9 +242,9 @@ class HivemindSwarm:
         if plan is not None and plan.n < 2:
             plan = None  # nobody else reported this round yet: fall back to the live-peer count
         clock = self.clock
+        give_up = (lambda waiting: clock.left(round_no, waiting)) if clock is not None else None
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
-                                       live_target=live_target, plan=plan,
-                                       give_up=(lambda: clock.swarm_round > round_no) if clock is not None else None)
+                                       live_target=live_target, plan=plan, give_up=give_up)
         self.connection = connection_kind(self.dht, bool(self.cfg.network.client_mode),
                                           timeout=min(2.0, float(self.cfg.network.request_timeout)))
         return result
