@@ -16,7 +16,7 @@ from conftest import CLI, cli_env, tiny_overrides
 from photon_p2p.checkpoint import load_checkpoint
 from photon_p2p.config import load_config
 from photon_p2p.train.trainer import build_trainer
-from swarm import Swarm
+from swarm import Peer, Swarm
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -332,3 +332,34 @@ def test_overlapped_rounds_hold_one_model_a_joiner_syncs_and_sigint_exits(swarm)
     together = [r for r in b.rounds() if not r["solo"] and r["round"] in mine]
     assert len(together) >= 3, (a.rounds(), b.rounds())
     assert all(r["fingerprint"] == mine[r["round"]]["fingerprint"] for r in together), together
+
+
+def test_a_silo_that_started_alone_serves_the_next_joiner(swarm):
+    # The first silo behind a bootstrap node finds nobody to download from and starts from scratch; it must
+    # serve its state at once, not only after its first round, or the next joiner starts a second model.
+    log_path = swarm.root / "boot.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([*CLI, "bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], stdout=log,
+                                stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
+    boot = Peer("boot", swarm.root, proc, log_path)
+    swarm.peers.append(boot)  # reaped with the peers
+    deadline = time.monotonic() + 60
+    while not [ln for ln in boot.log().splitlines() if ln.startswith("/ip4/127.0.0.1/") and "/p2p/" in ln]:
+        assert time.monotonic() < deadline and proc.poll() is None, boot.log()[-2000:]
+        time.sleep(0.3)
+    addr = [ln for ln in boot.log().splitlines() if ln.startswith("/ip4/127.0.0.1/")][0].strip()
+    # a long first round (200 steps): the joiner arrives while the first silo is still in it
+    common = {"federation.rounds": 0, "federation.round_clock": "steps", "federation.local_steps": 200,
+              "federation.state_sync_timeout": 5.0}
+    a = swarm.start("solo-a", initial=[addr], extra=common)
+    deadline = time.monotonic() + 90
+    while "starting from scratch" not in a.log():
+        assert time.monotonic() < deadline and a.proc.poll() is None, a.log()[-3000:]
+        time.sleep(0.3)
+    b = swarm.start("solo-b", initial=[addr], extra={**common, "federation.state_sync_timeout": 20.0})
+    deadline = time.monotonic() + 90
+    while "synced with the swarm" not in b.log() and "starting from scratch" not in b.log():
+        assert time.monotonic() < deadline and b.proc.poll() is None, b.log()[-3000:]
+        time.sleep(0.3)
+    assert "synced with the swarm at round 0" in b.log(), b.log()[-3000:]
+    assert not a.rounds(), a.rounds()  # it was served before the first silo's first round ended

@@ -241,7 +241,7 @@ class PseudoGradientAverager:
             gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, gather, target,
                                               group_bits(round_no, stage, index), give_up)
         finally:
-            self._share_state(priority=round_no + 1)
+            self.share_state(priority=round_no + 1)
         if gathered is None:
             return result(True, reason)
         report = gathered.pop(REPORT_KEY, None) or {}
@@ -380,10 +380,10 @@ class PseudoGradientAverager:
         if not isinstance(metadata, dict):
             log.warning("ignored a peer's state: its metadata is %s, not a dict", type(metadata).__name__)
             return None
-        self._share_state(priority=float(metadata.get("round", 0)))
+        self.share_state(priority=float(metadata.get("round", 0)))
         return metadata, list(tensors)
 
-    def _share_state(self, priority: float) -> None:
+    def share_state(self, priority: float) -> None:
         """Serve state to joiners from now on; joiners pick the peer with the highest priority (its round)."""
         if self.client_mode or not self._averager.is_alive():
             return  # client-mode peers accept no incoming requests, so they cannot serve state

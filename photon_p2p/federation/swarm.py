@@ -183,6 +183,10 @@ class HivemindSwarm:
                                             admission=self.admission.token if closed else "",
                                             admission_until=self.admission.grant.until if closed else math.inf)
         self.publisher.start()
+        # From now on this peer serves its state to joiners, whether it downloaded it or started it (from scratch
+        # or a checkpoint): a silo that started alone behind a bootstrap node is otherwise invisible to the
+        # next joiner until its first round ends, and the two would start on different models.
+        self.averager.share_state(priority=float(snapshot().get("round", 0)))
 
     def check_run(self) -> None:
         """Fail with a clear error if the swarm trains other runs but not ours (a mistyped --run-id)."""
