@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -41,18 +42,26 @@ def _load_config(args: argparse.Namespace, extra: list[str] | None = None):
     return load_config(args.config or ["tiny"], overrides)
 
 
-def _graceful_stop() -> threading.Event:
-    """First SIGINT/SIGTERM asks the job to stop cleanly (checkpoint, leave); a second one exits at once."""
+def _graceful_stop(deadline: float | None = None) -> threading.Event:
+    """First SIGINT/SIGTERM asks the job to stop cleanly (checkpoint, leave); a second one exits at once, and so
+    does a stop still unfinished after ``deadline`` seconds (a watchdog: nothing waits forever)."""
     stop = threading.Event()
+
+    def force(why: str, code: int) -> None:
+        print(f"\nphoton-peer: {why}, exiting now (the last complete checkpoint is kept)", file=sys.stderr,
+              flush=True)
+        os._exit(code)
 
     def handler(signum: int, frame: object) -> None:
         if stop.is_set():
-            print("\nphoton-peer: second signal, exiting now", file=sys.stderr)
-            import os
-
-            os._exit(130)
+            force("second signal", 130)
         stop.set()
         print(f"\nphoton-peer: {signal.Signals(signum).name} received, finishing up (again to force)", file=sys.stderr)
+        if deadline:
+            timer = threading.Timer(deadline, force, (f"still stopping after {deadline:g}s "
+                                                      "(federation.stop_timeout)", 1))
+            timer.daemon = True
+            timer.start()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
@@ -162,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from photon_p2p.daemon import PeerDaemon
 
     # the daemon's data seed is the silo's name (PeerDaemon._setup_training): its followers draw the same windows
-    return _on_ranks(cfg, cfg.name, lambda: PeerDaemon(cfg, stop=_graceful_stop(),
+    return _on_ranks(cfg, cfg.name, lambda: PeerDaemon(cfg, stop=_graceful_stop(cfg.federation.stop_timeout),
                                                         progress=not args.no_progress).run())
 
 

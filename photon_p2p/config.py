@@ -137,6 +137,10 @@ class FederationConfig:
     # the group is directly reachable, else hivemind's butterfly (NAT, relays, codecs). auto: gloo where it can.
     transport: str = "auto"  # auto | hivemind | gloo
     state_sync_timeout: float = 60.0
+    # A stopping daemon (SIGINT/SIGTERM) that has not exited after this many seconds exits anyway: its helpers or
+    # p2pd were killed under it (e.g. systemd's control-group kill) and a hivemind lock they held is never freed.
+    # Checkpoints are written atomically, so the last complete one is kept. Allow for a checkpoint write.
+    stop_timeout: float = 120.0
     allow_solo_start: bool = True  # start from scratch if no peer can give state in time
     heartbeat_interval: float = 30.0
     record_ttl: float = 90.0
@@ -359,7 +363,7 @@ RANGES: dict[str, str] = {
     "federation.round_time_budget": ">= 0", "federation.target_group_size": ">= 1",
     "federation.min_group_size": ">= 1", "federation.matchmaking_time": "> 0", "federation.straggler_wait": ">= 0",
     "federation.allreduce_timeout": "> 0", "federation.round_deadline": "> 0", "federation.outer_lr": "> 0",
-    "federation.outer_momentum": "in [0, 1)", "federation.state_sync_timeout": "> 0",
+    "federation.outer_momentum": "in [0, 1)", "federation.state_sync_timeout": "> 0", "federation.stop_timeout": "> 0",
     "federation.outer_beta2": "in [0, 1)", "federation.outer_eps": "> 0", "federation.outer_warmup_rounds": ">= 0",
     "federation.outer_min_lr_ratio": "in [0, 1]",
     "federation.heartbeat_interval": "> 0", "federation.record_ttl": "> 0", "federation.max_rollbacks": ">= 1",

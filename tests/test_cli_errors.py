@@ -1,8 +1,13 @@
-"""User mistakes on the command line: one line `photon-peer: error: ...`, exit code 2, no traceback, nothing started."""
+"""User mistakes on the command line: one line `photon-peer: error: ...`, exit code 2, no traceback, nothing started;
+and the stop watchdog (a stop that cannot finish still ends the process)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +68,20 @@ def test_tokenizer_larger_than_model_vocab(tmp_path, kjv_data):
 def test_sample_bad_arguments(tmp_path):
     assert_one_line_error(run_cli("sample", str(tmp_path / "nothing"), "--prompt", "x"), "no checkpoint")
     assert_one_line_error(run_cli("plot", str(tmp_path)), "no metrics")
+
+
+def test_a_stop_that_cannot_finish_exits_at_its_deadline(tmp_path):
+    # A daemon whose helpers were killed under it can wait on a hivemind lock that is never freed; the stop
+    # watchdog (federation.stop_timeout) ends the process anyway, with one line and rc 1.
+    code = ("import os, signal, time\n"
+            "from photon_p2p.cli import _graceful_stop\n"
+            "stop = _graceful_stop(0.5)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "stop.wait(5)\n"
+            "time.sleep(30)  # a stop that never finishes\n")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 1, r.stderr
+    assert time.monotonic() - t0 < 20
+    assert "still stopping after 0.5s (federation.stop_timeout)" in r.stderr and "Traceback" not in r.stderr
