@@ -39,6 +39,16 @@ def session_pids(sid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def last_exception(log: str) -> str:
+    """The exception line that ends the first traceback in a log (what an operator would see)."""
+    lines = log.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("Traceback"))
+    for ln in lines[start + 1:]:
+        if ln and not ln.startswith(" "):
+            return ln[:200]
+    return "?"
+
+
 def trial(root: Path, data: Path, peers: int, every_process: bool, limit: float, rng: random.Random) -> dict:
     sw = Swarm(root, data)
     common = {"federation.rounds": 0, "federation.min_group_size": 2, "federation.target_group_size": 2}
@@ -69,7 +79,9 @@ def trial(root: Path, data: Path, peers: int, every_process: bool, limit: float,
                                            text=True).stdout[-3000:]
                 exits.append({"peer": p.name, "rc": None, "exit_s": None, "hung": True, "stack": stack})
         return {"rounds_before_stop": rounds, "exits": exits,
-                "tracebacks": [p.name for p in procs if "Traceback" in p.log()]}
+                "tracebacks": {p.name: last_exception(p.log()) for p in procs if "Traceback" in p.log()},
+                "traceback_text": {p.name: p.log()[max(0, p.log().index("Traceback") - 300):][:2500]
+                                   for p in procs if "Traceback" in p.log()}}
     finally:
         sw.close()
 

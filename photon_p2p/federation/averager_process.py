@@ -22,6 +22,7 @@ shared memory that the calling process reads after the round.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import logging
 import math
@@ -274,7 +275,15 @@ class ProcessAverager(DecentralizedAverager):
         self._clock.stamp("step_received")
         if self._gate is not None:
             await self._gate.refresh()  # a peer revoked since the last round is out of this one
-        return await super()._step(*args, **kwargs)
+        step = kwargs.get("step")
+        try:
+            return await super()._step(*args, **kwargs)
+        except concurrent.futures.InvalidStateError:
+            # We cancelled the step (stop, deadline, the round moved on) as its all-reduce finished: hivemind's
+            # set_result then raises concurrent.futures.InvalidStateError, which its handler does not catch (it
+            # lists asyncio's), and a traceback lands in the user's log. The caller already has its answer.
+            if step is None or not step.cancelled():
+                raise
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         self._clock.stamp("group_assembled")

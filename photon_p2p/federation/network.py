@@ -9,7 +9,9 @@ process group, so a signal meant for the whole job (Ctrl-C) lets the daemon stop
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -122,9 +124,16 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     return sorted(addrs, key=lambda a: (a.startswith(("/ip4/127.", "/ip6/::1/")), a))
 
 
-async def _connection_addrs(_dht: hivemind.DHT, node) -> list[str]:
-    """(Runs inside the DHT process.) The remote multiaddrs of this peer's open libp2p connections."""
-    return [str(a) for info in await node.p2p.list_peers() for a in info.addrs]
+async def _connection_addrs(_dht: hivemind.DHT, node, timeout: float = 2.0) -> list[str]:
+    """(Runs inside the DHT process.) The remote multiaddrs of this peer's open libp2p connections.
+
+    Bounded here, in the DHT process: a p2pd that does not answer would otherwise leave the task pending until
+    the DHT exits, which hivemind then logs as an error with a traceback (GeneratorExit)."""
+    try:
+        peers = await asyncio.wait_for(node.p2p.list_peers(), timeout)
+    except (asyncio.TimeoutError, Exception):
+        return []
+    return [str(a) for info in peers for a in info.addrs]
 
 
 def connection_kind(dht: hivemind.DHT, client_mode: bool, timeout: float) -> str:
@@ -132,9 +141,11 @@ def connection_kind(dht: hivemind.DHT, client_mode: bool, timeout: float) -> str
     circuit relay (/p2p-circuit), else "client" (client mode: outbound connections only), else "direct".
     Returns "client"/"direct" from the configuration alone when p2pd does not answer within ``timeout``."""
     fallback = "client" if client_mode else "direct"
+    future = dht.run_coroutine(functools.partial(_connection_addrs, timeout=timeout), return_future=True)
     try:
-        addrs = dht.run_coroutine(_connection_addrs, return_future=True).result(timeout=timeout)
+        addrs = future.result(timeout=timeout)
     except Exception:  # no answer in time (or the DHT is gone): say what the configuration implies
+        future.cancel()  # a task left pending in the DHT process is torn down noisily (GeneratorExit) at exit
         return fallback
     return "relayed" if any("/p2p-circuit" in a for a in addrs) else fallback
 

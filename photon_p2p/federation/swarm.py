@@ -249,8 +249,9 @@ class HivemindSwarm:
         give_up = (lambda waiting: clock.left(round_no, waiting)) if clock is not None else None
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
                                        live_target=live_target, plan=plan, give_up=give_up)
-        self.connection = connection_kind(self.dht, bool(self.cfg.network.client_mode),
-                                          timeout=min(2.0, float(self.cfg.network.request_timeout)))
+        if stop is None or not stop.is_set():  # a stopping peer asks p2pd nothing more
+            self.connection = connection_kind(self.dht, bool(self.cfg.network.client_mode),
+                                              timeout=min(2.0, float(self.cfg.network.request_timeout)))
         return result
 
     def load_state(self, timeout: float, progress: bool):
