@@ -348,8 +348,8 @@ def test_a_silo_that_started_alone_serves_the_next_joiner(swarm):
         assert time.monotonic() < deadline and proc.poll() is None, boot.log()[-2000:]
         time.sleep(0.3)
     addr = [ln for ln in boot.log().splitlines() if ln.startswith("/ip4/127.0.0.1/")][0].strip()
-    # a long first round (200 steps): the joiner arrives while the first silo is still in it
-    common = {"federation.rounds": 0, "federation.round_clock": "steps", "federation.local_steps": 200,
+    # a long first round (2000 steps, minutes): the joiner arrives while the first silo is still in it
+    common = {"federation.rounds": 0, "federation.round_clock": "steps", "federation.local_steps": 2000,
               "federation.state_sync_timeout": 5.0}
     a = swarm.start("solo-a", initial=[addr], extra=common)
     deadline = time.monotonic() + 90
