@@ -94,6 +94,21 @@ class Swarm:
         except ProcessLookupError:
             pass
 
+    def wait_for(self, peers: list[Peer], ready, timeout: float, poll: float = 1.0) -> None:
+        """Poll ``ready()`` until it holds; fail (with the peers' logs) at the deadline or if a peer exits."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert time.monotonic() < deadline and all(p.proc.poll() is None for p in peers), \
+                [p.log()[-2000:] for p in peers]
+            time.sleep(poll)
+
+    def stop(self, peers: list[Peer], timeout: float = 60.0) -> None:
+        """SIGTERM each peer's process group (as Ctrl-C would) and require a clean exit (rc 0) in time."""
+        for p in peers:
+            self.kill(p, signal.SIGTERM)
+        for p in peers:
+            assert p.wait(timeout) == 0, p.log()[-3000:]
+
     def close(self) -> None:
         for peer in self.peers:
             self.kill(peer, signal.SIGKILL)

@@ -226,18 +226,13 @@ def test_three_silos_at_different_speeds_average_every_round(swarm):
     def first_full(p) -> int:  # joiners may miss the first rounds (a busy machine starts them slowly)
         return min((r["round"] for r in p.rounds() if r["group_size"] == 3 and not r["solo"]), default=10**9)
 
-    deadline = time.monotonic() + 180
-    while True:
+    def three_rounds_after_all_in() -> bool:
         start = max(first_full(p) for p in peers)
-        if start < 10**9 and min(max((r["round"] for r in p.rounds()), default=0) for p in peers) >= start + 3:
-            break
-        assert time.monotonic() < deadline and all(p.proc.poll() is None for p in peers), \
-            [p.log()[-2000:] for p in peers]
-        time.sleep(0.5)
-    for p in peers:
-        swarm.kill(p, signal.SIGTERM)
-    for p in peers:
-        assert p.wait(60) == 0, p.log()[-3000:]
+        return start < 10**9 and min(max((r["round"] for r in p.rounds()), default=0) for p in peers) >= start + 3
+
+    swarm.wait_for(peers, three_rounds_after_all_in, timeout=180, poll=0.5)
+    swarm.stop(peers)
+    start = max(first_full(p) for p in peers)  # the first round all three shared; it cannot move later
     # once all three are in, they average every round, all three together, and hold one model
     by_round = [{r["round"]: r for r in p.rounds()} for p in peers]
     for rnd in range(start, start + 4):
@@ -284,15 +279,8 @@ def test_more_silos_than_the_group_size_hold_one_model(swarm):
         return sorted(r for r in common_rounds if r >= 6 and all(not b[r]["solo"] for b in by_round)
                       and len({b[r]["fingerprint"] for b in by_round}) == 1)
 
-    deadline = time.monotonic() + 200
-    while len(one_model_rounds()) < 2:
-        assert time.monotonic() < deadline and all(p.proc.poll() is None for p in peers), \
-            [p.log()[-2000:] for p in peers]
-        time.sleep(1.0)
-    for p in peers:
-        swarm.kill(p, signal.SIGTERM)
-    for p in peers:
-        assert p.wait(60) == 0, p.log()[-3000:]
+    swarm.wait_for(peers, lambda: len(one_model_rounds()) >= 2, timeout=200)
+    swarm.stop(peers)
     records = [r for p in peers for r in p.rounds() if r["round"] in one_model_rounds()]
     two_stage = [r for r in records if r["group_size"] == 4]
     assert any(len(r["peers"]) == 3 for r in two_stage), records  # row partner + column partner + itself
