@@ -124,7 +124,12 @@ def spawn(tmp_path: Path) -> Iterator[PeerPool]:
 # ---- the peer process ------------------------------------------------------------------------------------
 
 def _peer_main(spec: dict[str, Any]) -> None:
+    import logging
+
     import torch
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("photon_p2p").setLevel(logging.INFO)  # round outcomes and regroups, in the peer's log
 
     from photon_p2p.config import FederationConfig, NetworkConfig
     from photon_p2p.federation.averaging import PseudoGradientAverager
@@ -168,13 +173,17 @@ def _peer_main(spec: dict[str, Any]) -> None:
             deltas = make_tensors(shapes, cmd["seed"])
             if cmd.get("announce_traffic"):  # tells the test when the all-reduce has begun moving data
                 threading.Thread(target=_announce_traffic, args=(avg, emit), daemon=True).start()
-            plan = None
+            plan = replan = None
             if "members" in cmd:  # the round's live peers: one group, or rows then columns (groups.py)
                 from photon_p2p.federation.groups import plan_groups
 
                 plan = plan_groups(cmd["members"], avg.peer_id, cmd["target"])
+                if "members_later" in cmd:  # what a fresh read of the members says from later_s on
+                    seen_at = time.monotonic() + cmd["later_s"]
+                    later = plan_groups(cmd["members_later"], avg.peer_id, cmd["target"])
+                    replan = lambda: later if time.monotonic() >= seen_at else plan  # noqa: E731
             res = avg.average(deltas, cmd["round"], weight=cmd["weight"], fingerprint=cmd.get("fingerprint", ""),
-                              plan=plan)
+                              plan=plan, replan=replan)
             torch.save(deltas, cmd["out"])
             emit(event="averaged", **res.__dict__, finite=all(bool(torch.isfinite(d).all()) for d in deltas))
         elif cmd["cmd"] == "load_state":

@@ -111,6 +111,25 @@ def test_grid_plans_cover_every_row_in_every_column():
                 assert {p.row_members() for p in members} == {tuple(sorted(p.me for p in members))}
 
 
+def test_a_grid_key_names_its_member_list_so_different_views_never_meet():
+    from photon_p2p.federation.averaging import _grid_key, group_bits
+    from photon_p2p.federation.groups import plan_groups
+
+    ids = ["a", "b", "c", "d"]
+    full = [plan_groups(ids, me, 2) for me in ids]
+    assert len({p.digest for p in full}) == 1  # every member of one view derives the same digest
+    stale = plan_groups(["a", "b", "c"], "c", 2)  # c had not seen d's report yet
+    assert stale.digest != full[2].digest and _grid_key(stale) != _grid_key(full[2])
+    # the same row index under two views is two different matchmaking keys; one group of everyone has no digest
+    assert group_bits(7, 1, 0, stale.digest) != group_bits(7, 1, 0, full[2].digest)
+    assert group_bits(7) == format(7, "032b")
+    assert _grid_key(plan_groups(["a", "b"], "a", 4)) == _grid_key(plan_groups(["a", "b", "c"], "a", 4)) == (1,)
+    # 3 peers in groups of 2: rows of 2 and 1, one column with both rows' designated members
+    trio = [plan_groups(["a", "b", "c"], me, 2) for me in "abc"]
+    alone = [p for p in trio if p.row_size() == 1]
+    assert len(alone) == 1 and alone[0].designated and alone[0].column_size() == 3
+
+
 def _norms(tensors_by_peer):
     return [float(torch.cat([t.flatten() for t in ts]).norm()) for ts in tensors_by_peer]
 

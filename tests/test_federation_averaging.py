@@ -238,3 +238,58 @@ def test_more_peers_than_the_group_size_still_end_on_one_model(spawn, tmp_path):
             for got, exp, first_t in zip(tensors, expected, after[0]):
                 assert float((got - exp).norm() / exp.norm()) < 0.03  # two 8-bit stages
                 assert torch.equal(got, first_t)  # both columns computed the very same bytes
+
+
+@pytest.mark.timeout(150)
+def test_three_peers_in_groups_of_two_all_reach_the_mean(spawn, tmp_path):
+    # 3 peers, groups of at most 2: rows of 2 and 1. The peer alone in its row cannot form a hivemind group of
+    # one; it must go straight to the column with its own Δ, not sit the round out while the other two average.
+    fed = {"target_group_size": 2, "min_group_size": 2, "compression": "none"}
+    peers = spawn.swarm(3, {"shapes": SHAPES, "averagers": {"main": fed}})
+    members = [p.ready["peer_id"] for p in peers]
+    weights, seeds = [2.0, 3.0, 2.5], [81, 82, 83]  # a row's weight (2 peers) stays within clip's weight cap
+    outs = [tmp_path / f"trio{i}.pt" for i in range(3)]
+    for p, w, s, out in zip(peers, weights, seeds, outs):
+        p.send(cmd="average", round=4, weight=w, seed=s, out=str(out), members=members, target=2)
+    results = [p.expect("averaged", 60) for p in peers]
+    after = [torch.load(out) for out in outs]
+    expected = weighted_mean(weights, seeds)
+    for res in results:
+        assert not res["solo"] and res["group_size"] == 3 and res["weight_total"] == pytest.approx(7.5), res
+        assert not res["clipped"], res  # honest rows: clipping (the default) leaves the exact mean
+    for tensors in after:
+        for got, exp, first_t in zip(tensors, expected, after[0]):
+            torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+            assert torch.equal(got, first_t)
+
+
+@pytest.mark.timeout(150)
+def test_peers_that_read_the_members_a_moment_apart_regroup_onto_one_grid(spawn, tmp_path):
+    # Two of four peers read the round's members before each other's report had arrived: each holds a grid of 3
+    # that the others do not. The grid's digest keeps them out of the others' rows (no mixed grids); their next
+    # read sees all four, they regroup, and every peer ends on the same bytes: the exact weighted mean of 4.
+    fed = {"target_group_size": 2, "min_group_size": 2, "compression": "none", "round_deadline": 20.0}
+    peers = spawn.swarm(4, {"shapes": SHAPES, "averagers": {"main": fed}})
+    members = sorted(p.ready["peer_id"] for p in peers)
+    late = {members[2], members[3]}  # in the full grid, rows {0, 2} {1, 3}: each late peer's row partner is on time
+    weights, seeds = [1.0, 2.0, 3.0, 4.0], [91, 92, 93, 94]
+    outs = [tmp_path / f"late{i}.pt" for i in range(4)]
+    for p, w, s, out in zip(peers, weights, seeds, outs):
+        me = p.ready["peer_id"]
+        if me in late:
+            stale = [m for m in members if m not in late or m == me]
+            p.send(cmd="average", round=5, weight=w, seed=s, out=str(out), members=stale, target=2,
+                   members_later=members, later_s=3.0)
+        else:
+            p.send(cmd="average", round=5, weight=w, seed=s, out=str(out), members=members, target=2)
+    results = [p.expect("averaged", 90) for p in peers]
+    after = [torch.load(out) for out in outs]
+    expected = weighted_mean(weights, seeds)
+    for res in results:
+        assert not res["solo"] and res["group_size"] == 4 and res["weight_total"] == pytest.approx(10.0), \
+            [(p.ready["peer_id"][-4:], p.ready["peer_id"] in late, r["reason"], r["group_size"]) for p, r in
+             zip(peers, results)]
+    for tensors in after:
+        for got, exp, first_t in zip(tensors, expected, after[0]):
+            torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+            assert torch.equal(got, first_t)

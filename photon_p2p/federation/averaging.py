@@ -48,13 +48,33 @@ from photon_p2p.federation.robust import RobustSettings, merge_factors
 log = logging.getLogger("photon_p2p.federation")
 # hivemind logs every failed matchmaking attempt as an ERROR; our retry loop reports outcomes itself.
 logging.getLogger("hivemind.averaging.averager").setLevel(logging.CRITICAL)
-ROUND_BITS = 32  # the round number, in binary, is the matchmaking group key (then 2 bits of stage, 16 of group)
+ROUND_BITS = 32  # the round number, in binary, is the matchmaking group key (then stage, group and grid bits)
 
 
-def group_bits(round_no: int, stage: int = 0, index: int = 0) -> str:
-    """The matchmaking key of a round's group: round, stage (0 one group, 1 rows, 2 columns), row/column."""
+LEFT = "the swarm finished this round without this peer"
+REGROUPED = "regrouped"  # internal: the first stage restarts under a fresh plan
+
+
+def _grid_key(plan: GroupPlan | None) -> tuple:
+    """What a peer's groups depend on: nothing for one group of everyone (any subset that meets averages
+    consistently); the whole member list for a grid, since its rows and columns are cut from it."""
+    if plan is None or plan.stages == 1:
+        return (1,)
+    return (2, plan.members)
+
+
+def _others(group: tuple[str, ...], me: str) -> tuple[str, ...]:
+    return tuple(m for m in group if m != me)
+
+
+def group_bits(round_no: int, stage: int = 0, index: int = 0, digest: int = 0) -> str:
+    """The matchmaking key of a round's group: round, stage (0 one group, 1 rows, 2 columns), row/column, and
+    for a grid the digest of its member list, so that only peers holding the same grid meet in its rows and
+    columns (a peer with another view waits apart, and regroups once its view catches up)."""
     bits = format(round_no % 2**ROUND_BITS, f"0{ROUND_BITS}b")
-    return bits if stage == 0 else bits + format(stage, "02b") + format(index % 2**16, "016b")
+    if stage == 0:
+        return bits
+    return bits + format(stage, "02b") + format(index % 2**16, "016b") + format(digest % 2**16, "016b")
 
 
 @dataclass
@@ -85,6 +105,7 @@ class RoundResult:
     # ReducerCheck); their parts were zeroed (no update there) by every member alike.
     rejected: list[str] = field(default_factory=list)
     transport: str = ""  # what moved the bytes: "hivemind" (butterfly over libp2p) or "gloo" (federation/bulk.py)
+    contributors: int = 1  # peers whose Δ is in the result (a two-stage round: the rows' head counts summed)
 
 
 class PseudoGradientAverager:
@@ -163,7 +184,8 @@ class PseudoGradientAverager:
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float,
                 stop: threading.Event | None = None, fingerprint: str = "",
                 live_target: int | None = None, plan: GroupPlan | None = None,
-                give_up: Callable[[tuple[str, ...]], bool] | None = None) -> RoundResult:
+                give_up: Callable[[tuple[str, ...]], bool] | None = None,
+                replan: Callable[[], GroupPlan | None] | None = None) -> RoundResult:
         """All-reduce ``deltas`` (weighted by ``weight``, e.g. tokens) with peers at ``round_no``, within
         federation.round_deadline per stage. On success the swarm's weighted mean (the same bytes on every
         member) is written into ``deltas`` in place; if ``result.healed`` it is the mean of the members' local
@@ -172,36 +194,84 @@ class PseudoGradientAverager:
         they outnumber target_group_size. ``live_target``: without a plan, the group size to start at.
         ``give_up``: polled while waiting for a group with the peers this stage waits for (its other members; none
         without a plan); True (e.g. they have all moved past this round) ends the
-        wait at once, so a late peer catches up instead of waiting out straggler_wait for nobody."""
+        wait at once, so a late peer catches up instead of waiting out straggler_wait for nobody.
+        ``replan``: the round's plan from a fresh read of its members, asked after each attempt that found no group
+        while this peer has averaged nothing yet; when its grid differs, it regroups under the new plan.
+        Peers that read the members a moment apart (one had not yet reported this round) would otherwise each
+        wait, until the deadline, in a grid the others are not in."""
         give_up = give_up or (lambda _waiting: False)
-        if plan is None or plan.stages == 1:
-            target = plan.n if plan is not None else live_target
-            others = tuple(m for m in plan.members if m != plan.me) if plan is not None else ()
-            return self._average_stage(deltas, round_no, max(float(weight), 1e-6), stop, fingerprint, target, 0, 0,
-                                       give_up=lambda: give_up(others))
-        first = self._average_stage(deltas, round_no, max(float(weight), 1e-6), stop, fingerprint,
-                                    plan.row_size(), 1, plan.row, rank=plan.row,
-                                    give_up=lambda: give_up(tuple(m for m in plan.row_members() if m != plan.me)))
-        if first.solo:
-            return first
-        # Column: the first member of each row carries the row's weight, any other member only listens.
+        weight = max(float(weight), 1e-6)
+        deadline = time.monotonic() + self.fed.round_deadline  # the first stage's, across regroupings
+        while True:
+            regrouped: list[GroupPlan] = []
+
+            def regroup(current: GroupPlan | None = plan) -> str:
+                """REGROUPED if a fresh read of the members gives another grid (read between two attempts, never
+                by cancelling one: a step cancelled as its group assembles leaves its partners averaging with us
+                while we drop the result)."""
+                fresh = replan() if replan is not None else None
+                if fresh is not None and _grid_key(fresh) != _grid_key(current):
+                    regrouped.append(fresh)
+                    return REGROUPED
+                return ""
+
+            if plan is None or plan.stages == 1:
+                others = _others(plan.members, plan.me) if plan is not None else ()
+                result = self._average_stage(deltas, round_no, weight, stop, fingerprint,
+                                             plan.n if plan is not None else live_target, 0, 0,
+                                             give_up=lambda: LEFT if give_up(others) else "", regroup=regroup,
+                                             deadline=deadline)
+            elif plan.row_size() == 1:
+                # Alone in its row (3 peers in groups of 2: rows of 2 and 1): its row mean is its own Δ, and it
+                # goes straight to its column (hivemind cannot form a group of one). Nothing is averaged yet, so
+                # it can still regroup while the column forms.
+                alone = RoundResult(round_no, False, 1, [plan.me], weight, 0.0, 0, 0,
+                                    fingerprints={plan.me: fingerprint}, contributors=1)
+                result = self._columns(deltas, round_no, stop, fingerprint, plan, alone, give_up, regroup, deadline)
+            else:
+                row = self._average_stage(deltas, round_no, weight, stop, fingerprint, plan.row_size(), 1,
+                                          plan.row, digest=plan.digest, rank=plan.row,
+                                          give_up=lambda: LEFT if give_up(_others(plan.row_members(), plan.me))
+                                          else "", regroup=regroup, deadline=deadline)
+                # Once the row has averaged, the grid is fixed: the column only gives up if its members leave.
+                result = row if row.solo else self._columns(deltas, round_no, stop, fingerprint, plan, row,
+                                                            give_up)
+            if result.reason != REGROUPED:
+                return result
+            log.info("round %d: the round's members changed (%d peers); regrouping", round_no, regrouped[0].n)
+            plan = regrouped[0]
+
+    def _columns(self, deltas: list[torch.Tensor], round_no: int, stop: threading.Event | None, fingerprint: str,
+                 plan: GroupPlan, first: RoundResult, give_up: Callable[[tuple[str, ...]], bool],
+                 regroup: Callable[[], str] = lambda: "", deadline: float | None = None) -> RoundResult:
+        """Stage 2: the column, given this peer's row result ``first``; the round's result from both stages."""
+        # The first member of each row carries the row's weight (and its head count); any other only listens.
+        # Only the column's own members leaving ends the wait: the rest of the swarm moving on to the next round
+        # is expected while columns finish.
         second = self._average_stage(deltas, round_no, first.weight_total if plan.designated else 0.0, stop,
-                                     fingerprint, plan.column_size(), 2, plan.column,
+                                     fingerprint, plan.column_size(), 2, plan.column, digest=plan.digest,
                                      rank=plan.row if plan.designated else plan.rows + plan.row,
                                      weights=first.healed,
-                                     # only the column's own members leaving ends the wait: the rest of the swarm
-                                     # moving on to the next round is expected while columns finish
-                                     give_up=lambda: give_up(tuple(m for m in plan.column_members() if m != plan.me)))
+                                     extra={"row_size": first.contributors if plan.designated else 0},
+                                     give_up=lambda: LEFT if give_up(_others(plan.column_members(), plan.me))
+                                     else "", regroup=regroup, deadline=deadline)
+        if second.reason == REGROUPED:
+            return second
         merged_phases = {f"rows_{k}": v for k, v in first.phases.items()}
         merged_phases.update({f"columns_{k}": v for k, v in second.phases.items()})
         merged_phases["matchmaking"] = first.phases.get("matchmaking", 0.0) + second.phases.get("matchmaking", 0.0)
         if second.solo:
+            if first.peers == [plan.me]:
+                second.phases = merged_phases
+                return second  # alone in its row: nothing was averaged
             # The row's mean is in place (the same bytes across the row); rows now differ, and the next round's
             # groups see two fingerprints and heal. Better than throwing the row's averaging away.
             first.reason = f"second stage failed ({second.reason}): rows diverge until the next group heals"
             first.phases = merged_phases
             return first
-        return RoundResult(round_no, False, plan.n, sorted(set(first.peers) | set(second.peers)),
+        # group_size: the peers whose Δ is in the mean (the rows' head counts), not the plan's (a member may
+        # have been missing); peers: the ones this peer exchanged bytes with.
+        return RoundResult(round_no, False, second.contributors, sorted(set(first.peers) | set(second.peers)),
                            second.weight_total, first.seconds + second.seconds,
                            first.bytes_sent + second.bytes_sent, first.bytes_received + second.bytes_received,
                            "; ".join(r for r in (first.reason, second.reason) if r),
@@ -209,23 +279,29 @@ class PseudoGradientAverager:
                            failed_peers=sorted(set(first.failed_peers) | set(second.failed_peers)),
                            healed=second.healed, fingerprints={**first.fingerprints, **second.fingerprints},
                            phases=merged_phases, clipped=merge_factors(dict(first.clipped), second.clipped),
-                           rejected=sorted(set(first.rejected) | set(second.rejected)))
+                           rejected=sorted(set(first.rejected) | set(second.rejected)),
+                           contributors=second.contributors)
 
     def _average_stage(self, deltas: list[torch.Tensor], round_no: int, weight: float,
                        stop: threading.Event | None, fingerprint: str, target: int | None, stage: int, index: int,
-                       rank: int = 0, weights: bool = False,
-                       give_up: Callable[[], bool] = lambda: False) -> RoundResult:
-        """One matchmaking + all-reduce under the key (round, stage, index); see average()."""
+                       digest: int = 0, rank: int = 0, weights: bool = False, extra: dict | None = None,
+                       give_up: Callable[[], str] = lambda: "", regroup: Callable[[], str] = lambda: "",
+                       deadline: float | None = None) -> RoundResult:
+        """One matchmaking + all-reduce under the key (round, stage, index); see average(). ``give_up``: polled
+        while looking for a group, a reason to stop waiting (or ""); ``regroup``: the same, asked after an attempt
+        that found no group, before the next one."""
         t0, (sent0, recv0), codec0 = time.monotonic(), self.counter.snapshot(), self.counter.codec_seconds()
-        deadline, phases = t0 + self.fed.round_deadline, {}
+        deadline, phases = deadline if deadline is not None else t0 + self.fed.round_deadline, {}
 
-        def result(solo: bool, reason: str = "", gathered: dict | None = None, **extra) -> RoundResult:
+        def result(solo: bool, reason: str = "", gathered: dict | None = None, **more) -> RoundResult:
             sent, recv = self.counter.snapshot()
             gathered = gathered or {}
             phases["codec"] = self.counter.codec_seconds() - codec0
+            heads = sum(int(g.get("row_size", 1)) for g in gathered.values() if isinstance(g, dict))
             return RoundResult(round_no, solo, len(gathered) if not solo else 1, list(gathered),
                                sum(float(g.get("weight", 0.0)) for g in gathered.values()) if not solo else weight,
-                               time.monotonic() - t0, sent - sent0, recv - recv0, reason, phases=phases, **extra)
+                               time.monotonic() - t0, sent - sent0, recv - recv0, reason, phases=phases,
+                               contributors=heads if not solo else 1, **more)
 
         if len(deltas) != len(self._buffers) or any(d.shape != b.shape for d, b in zip(deltas, self._buffers)):
             raise FederationError("average() got tensors whose shapes differ from the averager's templates")
@@ -236,12 +312,9 @@ class PseudoGradientAverager:
         gather = {"round": int(round_no), "stage": stage, "weight": weight, "client": self.client_mode,
                   "fingerprint": fingerprint, "rank": int(rank), "weights": bool(weights),
                   "norm": norm if math.isfinite(norm) else -1.0,
-                  BULK_KEY: self.bulk.address if self.bulk is not None else ""}
-        try:
-            gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, gather, target,
-                                              group_bits(round_no, stage, index), give_up)
-        finally:
-            self.share_state(priority=round_no + 1)
+                  BULK_KEY: self.bulk.address if self.bulk is not None else "", **(extra or {})}
+        gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, gather, target,
+                                          group_bits(round_no, stage, index, digest), give_up, regroup)
         if gathered is None:
             return result(True, reason)
         report = gathered.pop(REPORT_KEY, None) or {}
@@ -277,6 +350,10 @@ class PseudoGradientAverager:
             reason = f"{reason}; {why}" if reason else why
             log.warning("round %d: %s", round_no, why)
         self.counter.wait_quiet(limit=max(0.0, min(1.0, deadline - time.monotonic())))
+        # Joiners download from the peer with the highest priority: only a peer whose group averaged this round
+        # advertises the next one. One that missed it keeps the old weights under a newer round number, and
+        # joiners that preferred it were refused (its fingerprint differs from the swarm's) or left behind.
+        self.share_state(priority=round_no + 1)
         return result(False, reason, gathered, partial=fraction, failed_peers=failed,
                       healed=bool(report.get("healed")), fingerprints=fingerprints, clipped=clipped,
                       rejected=rejected, transport=str(report.get("transport", "hivemind")))
@@ -284,7 +361,8 @@ class PseudoGradientAverager:
     def _run_step(self, deltas: list[torch.Tensor], round_no: int, weight: float, deadline: float,
                   stop: threading.Event | None, phases: dict[str, float], gather: dict,
                   live_target: int | None, bits: str,
-                  give_up: Callable[[], bool]) -> tuple[dict[str, dict] | None, str]:
+                  give_up: Callable[[], str],
+                  regroup: Callable[[], str] = lambda: "") -> tuple[dict[str, dict] | None, str]:
         """Matchmake and all-reduce until success or the deadline: (gathered metadata by peer, "") or (None, why)."""
         t_copy = time.monotonic()
         if not self._lock(deadline):
@@ -324,9 +402,10 @@ class PseudoGradientAverager:
                 while not control.done() and time.monotonic() < deadline and not (stop and stop.is_set()):
                     if time.monotonic() >= next_check and control.stage.name == "LOOKING_FOR_GROUP":
                         next_check = time.monotonic() + 1.0
-                        if give_up():
+                        why = give_up()
+                        if why:
                             control.cancel()
-                            return None, "the swarm finished this round without this peer"
+                            return None, why
                     try:
                         control.result(timeout=0.2)
                     except (Exception, asyncio.CancelledError):  # hivemind cancels a step whose process died
@@ -350,6 +429,9 @@ class PseudoGradientAverager:
                 log.info("round %d: averaging attempt failed (%s)", round_no, reason)
                 if stop and stop.is_set():
                     return None, "stopped"
+                why = regroup()
+                if why:
+                    return None, why
 
     def _start_step(self, bits: str, gather: dict, weight: float, offset: float, find_timeout: float, target: int):
         self._averager.set_target_group_size(target)

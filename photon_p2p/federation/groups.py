@@ -13,10 +13,16 @@ Instead, a round with n > G live peers averages in two stages over a grid (Moshp
   bytes in the same order: every peer of the swarm ends on the same bytes.
 
 Stage 2 groups have k ≤ G members while n ≤ G²; beyond that they grow past G (documented, not capped).
+
+Every peer derives the grid from its own read of the round's members; a member whose report one peer saw and
+another did not yet would put them in different grids. The matchmaking keys carry the member list's digest, so
+peers with different views never mix in one group; a peer still waiting re-reads the members and regroups
+(averaging.py). A peer alone in its row (3 peers in groups of 2) goes straight to its column.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -52,6 +58,11 @@ class GroupPlan:
     @property
     def position(self) -> int:
         return self.index // self.rows
+
+    @property
+    def digest(self) -> int:
+        """16 bits of the member list's hash: peers meet in a grid's groups only if they hold the same list."""
+        return int.from_bytes(hashlib.sha256("\n".join(self.members).encode()).digest()[:2], "big")
 
     def row_size(self, row: int | None = None) -> int:
         row = self.row if row is None else row

@@ -245,10 +245,18 @@ class HivemindSwarm:
         plan = plan_groups(members, self.peer_id, self.cfg.federation.target_group_size) if members else None
         if plan is not None and plan.n < 2:
             plan = None  # nobody else reported this round yet: fall back to the live-peer count
-        clock = self.clock
-        give_up = (lambda waiting: clock.left(round_no, waiting)) if clock is not None else None
+        clock, target = self.clock, self.cfg.federation.target_group_size
+
+        def give_up(waiting: tuple[str, ...]) -> bool:
+            return clock is not None and clock.left(round_no, waiting)
+
+        def replan():  # a member whose report we had not seen yet changes the grid: regroup with the others
+            if clock is None:
+                return None
+            fresh = clock.members(round_no, timeout=min(1.0, float(self.cfg.network.request_timeout)))
+            return plan_groups(fresh, self.peer_id, target) if set(fresh) - {self.peer_id} else None
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
-                                       live_target=live_target, plan=plan, give_up=give_up)
+                                       live_target=live_target, plan=plan, give_up=give_up, replan=replan)
         if stop is None or not stop.is_set():  # a stopping peer asks p2pd nothing more
             self.connection = connection_kind(self.dht, bool(self.cfg.network.client_mode),
                                               timeout=min(2.0, float(self.cfg.network.request_timeout)))
