@@ -266,6 +266,7 @@ class PeerDaemon:
             self.grouped += 1
             if f.inner_state == "reset":
                 self.trainer.reset_optimizer_state()
+            self._catch_up()
         self.rollbacks = 0
         self.last_result = result
         self.bytes_sent += result.bytes_sent
@@ -286,6 +287,15 @@ class PeerDaemon:
         if self.clock_tokens:
             self.swarm.report_progress(self.round, self.clock_tokens)
         return True
+
+    def _catch_up(self) -> None:
+        """A group can be a pocket of peers that fell behind together (slowed down at once, they kept averaging
+        with each other at their rounds while the swarm moved on): two models under one run id. When live peers
+        are already past the round this group just finished, adopt the swarm's state (keeping local progress)."""
+        others = self.swarm.peers()
+        newest = max((int(p["round"]) for p in others), default=-1)
+        if newest > self.round:
+            self._sync_from_swarm(f"swarm is at round {newest}, this peer's group at {self.round}", carry_local=True)
 
     def _missed_round(self, result: RoundResult, job: InFlight) -> None:
         """No group this round. Alone in the swarm: apply our own Δ. Otherwise keep the local work and fold it into

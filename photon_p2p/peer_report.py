@@ -69,7 +69,7 @@ def log_round(d: PeerDaemon, r: RoundResult, job: InFlight, evaluated: dict[str,
     (all of it without overlap; only what training could not hide with federation.overlap)."""
     fields = {"round": d.round, "averaged_round": job.round, "step": d.trainer.step,
               "tokens": d.trainer.tokens, "loss": d.trainer.last_loss, "solo": r.solo,
-              "group_size": r.group_size, "peers": r.peers, "averaging_s": r.seconds,
+              "group_size": r.group_size, "members": r.members, "peers": r.peers, "averaging_s": r.seconds,
               "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received, "reason": r.reason,
               "partial": r.partial, "phases": r.phases, "healed": r.healed, "transport": r.transport,
               "group_models": len(set(r.fingerprints.values()) - {""}), "compute_s": job.compute_s,

@@ -267,3 +267,19 @@ def test_sigint_during_a_background_average_saves_the_unaveraged_work(tmp_path, 
     assert saved["round"] == 0  # nothing was averaged...
     # ...and none of the work is lost: round 0's tokens and the overlapped steps are both still to be averaged
     assert saved["round_tokens"] == d.trainer.tokens and saved["round_steps"] == d.trainer.step
+
+
+def test_a_pocket_of_peers_that_fell_behind_together_adopts_the_swarms_state(tmp_path, kjv_data):
+    # c and d slowed down at once and keep averaging with each other (a group is a group) while a and b move on:
+    # two models under one run id. After a round of their own, they see live peers past it and adopt that state.
+    pairs = {"a": ["a", "b"], "b": ["a", "b"], "c": ["c", "d"], "d": ["c", "d"]}
+    net = FakeNet(plan=lambda r, me: pairs[me])
+    fast = [make_daemon(tmp_path, kjv_data, net, n, **{"federation.rounds": 8}) for n in "ab"]
+    slow = [make_daemon(tmp_path, kjv_data, net, n, slow=0.2, **{"federation.rounds": 2}) for n in "cd"]
+    run_all(fast + slow)
+    for d in slow:
+        syncs = [r for r in read_metrics(d.run_dir) if r["kind"] == "sync"]
+        assert any("group at" in r["reason"] for r in syncs), syncs
+        assert d.round > 2  # it jumped to the swarm's round instead of counting its pocket's rounds
+    for d in fast:
+        assert not [r for r in read_metrics(d.run_dir) if r["kind"] == "sync"]  # the swarm ahead never goes back

@@ -15,10 +15,12 @@ from photon_p2p.federation.compression import make_compression
 async def _allreduce(tensors_by_peer, weights, codec_name: str, part_size_bytes: int = 4096, ranks=None,
                      robust=None, claims=None, evil: dict | None = None, runners_out: list | None = None):
     """``evil``: {member index: factor}: that member, as a reducer, scales every average it returns."""
-    p2ps = [await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])]
-    maddrs = await p2ps[0].get_visible_maddrs()
-    p2ps += await asyncio.gather(*[P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-                                   for _ in tensors_by_peer[1:]])
+    # Each new member dials every earlier one, so every pair is connected before the first part is sent: with
+    # only a common bootstrap, a loaded machine could leave two members unable to find each other for a minute.
+    p2ps, maddrs = [], []
+    for _ in tensors_by_peer:
+        p2ps.append(await P2P.create(initial_peers=list(maddrs), host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+        maddrs += await p2ps[-1].get_visible_maddrs()
     try:
         peers = [p.peer_id for p in p2ps]
         runners = []

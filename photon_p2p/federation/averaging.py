@@ -106,6 +106,7 @@ class RoundResult:
     rejected: list[str] = field(default_factory=list)
     transport: str = ""  # what moved the bytes: "hivemind" (butterfly over libp2p) or "gloo" (federation/bulk.py)
     contributors: int = 1  # peers whose Δ is in the result (a two-stage round: the rows' head counts summed)
+    members: int = 0  # the round's live peers as this peer read them (its grid's size; 0: no list, a live count)
 
 
 class PseudoGradientAverager:
@@ -237,6 +238,7 @@ class PseudoGradientAverager:
                 result = row if row.solo else self._columns(deltas, round_no, stop, fingerprint, plan, row,
                                                             give_up)
             if result.reason != REGROUPED:
+                result.members = plan.n if plan is not None else 0
                 return result
             log.info("round %d: the round's members changed (%d peers); regrouping", round_no, regrouped[0].n)
             plan = regrouped[0]
