@@ -216,6 +216,29 @@ def test_a_group_holding_two_models_averages_weights_and_leaves_on_one(spawn, tm
                 assert torch.equal(got, first_t)
 
 
+def grid_round(peers, tmp_path, round_no: int, weights, seeds, members, timeout: float = 60,
+               later: dict | None = None):
+    """One round with a members list (groups.py): each peer averages its seed's tensors with its weight.
+    ``later``: {peer id: (stale members, seconds)}: that peer first holds the stale list, then the full one.
+    Returns (results, tensors after, expected weighted mean)."""
+    outs = [tmp_path / f"r{round_no}-{i}.pt" for i in range(len(peers))]
+    for p, w, s, out in zip(peers, weights, seeds, outs):
+        cmd = dict(cmd="average", round=round_no, weight=w, seed=s, out=str(out), members=members, target=2)
+        stale = (later or {}).get(p.ready["peer_id"])
+        if stale is not None:
+            cmd.update(members=stale[0], members_later=members, later_s=stale[1])
+        p.send(**cmd)
+    results = [p.expect("averaged", timeout) for p in peers]
+    return results, [torch.load(out) for out in outs], weighted_mean(weights, seeds)
+
+
+def assert_one_exact_model(after, expected) -> None:
+    for tensors in after:
+        for got, exp, first_t in zip(tensors, expected, after[0]):
+            torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+            assert torch.equal(got, first_t)
+
+
 @pytest.mark.timeout(150)
 def test_more_peers_than_the_group_size_still_end_on_one_model(spawn, tmp_path):
     # 4 live peers, groups of at most 2: rows {0,2} {1,3} average, then columns {0,1} {2,3} average the row
@@ -223,13 +246,7 @@ def test_more_peers_than_the_group_size_still_end_on_one_model(spawn, tmp_path):
     fed = {"target_group_size": 2, "min_group_size": 2, "compression": "blockwise8"}
     peers = spawn.swarm(4, {"shapes": SHAPES, "averagers": {"main": fed}})
     members = [p.ready["peer_id"] for p in peers]
-    weights, seeds = [1.0, 2.0, 3.0, 4.0], [71, 72, 73, 74]
-    outs = [tmp_path / f"grid{i}.pt" for i in range(4)]
-    for p, w, s, out in zip(peers, weights, seeds, outs):
-        p.send(cmd="average", round=3, weight=w, seed=s, out=str(out), members=members, target=2)
-    results = [p.expect("averaged", 60) for p in peers]
-    after = [torch.load(out) for out in outs]
-    expected = weighted_mean(weights, seeds)
+    results, after, expected = grid_round(peers, tmp_path, 3, [1.0, 2.0, 3.0, 4.0], [71, 72, 73, 74], members)
     for res in results:
         assert not res["solo"] and res["group_size"] == 4 and res["weight_total"] == pytest.approx(10.0), res
         assert len(res["peers"]) == 3  # its row partner and its column partner, besides itself
@@ -247,20 +264,12 @@ def test_three_peers_in_groups_of_two_all_reach_the_mean(spawn, tmp_path):
     fed = {"target_group_size": 2, "min_group_size": 2, "compression": "none"}
     peers = spawn.swarm(3, {"shapes": SHAPES, "averagers": {"main": fed}})
     members = [p.ready["peer_id"] for p in peers]
-    weights, seeds = [2.0, 3.0, 2.5], [81, 82, 83]  # a row's weight (2 peers) stays within clip's weight cap
-    outs = [tmp_path / f"trio{i}.pt" for i in range(3)]
-    for p, w, s, out in zip(peers, weights, seeds, outs):
-        p.send(cmd="average", round=4, weight=w, seed=s, out=str(out), members=members, target=2)
-    results = [p.expect("averaged", 60) for p in peers]
-    after = [torch.load(out) for out in outs]
-    expected = weighted_mean(weights, seeds)
+    # weights: a row's weight (2 peers) stays within clip's weight cap
+    results, after, expected = grid_round(peers, tmp_path, 4, [2.0, 3.0, 2.5], [81, 82, 83], members)
     for res in results:
         assert not res["solo"] and res["group_size"] == 3 and res["weight_total"] == pytest.approx(7.5), res
         assert not res["clipped"], res  # honest rows: clipping (the default) leaves the exact mean
-    for tensors in after:
-        for got, exp, first_t in zip(tensors, expected, after[0]):
-            torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
-            assert torch.equal(got, first_t)
+    assert_one_exact_model(after, expected)
 
 
 @pytest.mark.timeout(150)
@@ -272,24 +281,11 @@ def test_peers_that_read_the_members_a_moment_apart_regroup_onto_one_grid(spawn,
     peers = spawn.swarm(4, {"shapes": SHAPES, "averagers": {"main": fed}})
     members = sorted(p.ready["peer_id"] for p in peers)
     late = {members[2], members[3]}  # in the full grid, rows {0, 2} {1, 3}: each late peer's row partner is on time
-    weights, seeds = [1.0, 2.0, 3.0, 4.0], [91, 92, 93, 94]
-    outs = [tmp_path / f"late{i}.pt" for i in range(4)]
-    for p, w, s, out in zip(peers, weights, seeds, outs):
-        me = p.ready["peer_id"]
-        if me in late:
-            stale = [m for m in members if m not in late or m == me]
-            p.send(cmd="average", round=5, weight=w, seed=s, out=str(out), members=stale, target=2,
-                   members_later=members, later_s=3.0)
-        else:
-            p.send(cmd="average", round=5, weight=w, seed=s, out=str(out), members=members, target=2)
-    results = [p.expect("averaged", 90) for p in peers]
-    after = [torch.load(out) for out in outs]
-    expected = weighted_mean(weights, seeds)
+    stale = {me: ([m for m in members if m not in late or m == me], 3.0) for me in late}
+    results, after, expected = grid_round(peers, tmp_path, 5, [1.0, 2.0, 3.0, 4.0], [91, 92, 93, 94], members,
+                                          timeout=90, later=stale)
     for res in results:
         assert not res["solo"] and res["group_size"] == 4 and res["weight_total"] == pytest.approx(10.0), \
             [(p.ready["peer_id"][-4:], p.ready["peer_id"] in late, r["reason"], r["group_size"]) for p, r in
              zip(peers, results)]
-    for tensors in after:
-        for got, exp, first_t in zip(tensors, expected, after[0]):
-            torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
-            assert torch.equal(got, first_t)
+    assert_one_exact_model(after, expected)
