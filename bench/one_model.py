@@ -21,10 +21,11 @@ shared validation set, data.val_dir = the val split of ../shared/corpus, prepare
              `three` (the same run with silo 2 honest) and `two` (silos 0 and 1 alone: what is left if the bad
              silo contributes nothing, so the damage it does shows apart from the loss of its data and compute)
   two        2 silos (shakespeare, kjv), 8 rounds: lr50's honest silos without silo 2
+  grid       4 silos, 10 rounds, target_group_size=2: every round averages in two stages (rows, then columns)
 Versions: --code new runs this working tree (or, with --new-ref REF, commit REF from a git worktree at
 /tmp/photon-new-REF: a fixed code version while the working tree is being edited); --code before runs commit
-e4a7636 from a git worktree at /tmp/photon-before. Worktrees are created if absent; every silo runs with
-PYTHONPATH and cwd pointing at its version's tree.
+e4a7636 from a git worktree at /tmp/photon-before (--before-ref REF: commit REF, at /tmp/photon-before-REF).
+Worktrees are created if absent; every silo runs with PYTHONPATH and cwd pointing at its version's tree.
 
 Per scenario and version it writes RESULTS/<scenario>-<code>.json (skipped next time unless --force) and prints
 a markdown table (also RESULTS/table.md). Metrics, from every silo's RUN_DIR/metrics.jsonl round records:
@@ -62,13 +63,14 @@ BEFORE_COMMIT = "e4a7636"
 BEFORE_TREE = Path("/tmp/photon-before")
 SOURCES = ["shakespeare", "kjv", "brown"]
 CHECKSUM_TOL = 0.01  # old float checksums (sums of ~1.9M weights) this close are one model up to float rounding
-ALL_SCENARIOS = ["three", "throttled", "lr50", "churn", "two"]
+ALL_SCENARIOS = ["three", "throttled", "lr50", "churn", "two", "grid"]
 ALL_CODES = ["new", "before"]
 SCENARIOS: dict[str, dict[str, Any]] = {
     "three": {"peers": 3, "rounds": 8},
     "throttled": {"peers": 4, "rounds": 6, "throttled": [3]},
     "lr50": {"peers": 3, "rounds": 8, "bad": {2: ["train.lr=50", "train.grad_clip=0"]}},
     "two": {"peers": 2, "rounds": 8},
+    "grid": {"peers": 4, "rounds": 10, "overrides": ["federation.target_group_size=2"]},
     "churn": {"peers": 4, "rounds": 0, "overrides": ["federation.heartbeat_interval=5", "federation.record_ttl=15"],
               "kill": 3, "freeze": 2, "freeze_s": 30.0, "join": 4, "event_after": 2, "stop_after": 12},
 }
@@ -227,10 +229,12 @@ def log_tail(path: Path, n: int = 6) -> list[str]:
 
 
 # ---- running ---------------------------------------------------------------------------------------------
-def code_tree(code: str, new_ref: str | None) -> Path:
+def code_tree(code: str, new_ref: str | None, before_ref: str = "") -> Path:
     if code == "new" and not new_ref:
         return REPO
-    ref, tree = (new_ref, Path(f"/tmp/photon-new-{new_ref}")) if code == "new" else (BEFORE_COMMIT, BEFORE_TREE)
+    before = BEFORE_COMMIT if before_ref in ("", BEFORE_COMMIT) else before_ref
+    tree_before = BEFORE_TREE if before == BEFORE_COMMIT else Path(f"/tmp/photon-before-{before}")
+    ref, tree = (new_ref, Path(f"/tmp/photon-new-{new_ref}")) if code == "new" else (before, tree_before)
     if not (tree / "photon_p2p" / "cli.py").is_file():
         print(f"one_model: git worktree add --detach {tree} {ref}", flush=True)
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], cwd=REPO, check=True)
@@ -542,6 +546,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--code", nargs="+", choices=ALL_CODES, default=ALL_CODES)
     ap.add_argument("--new-ref", default="",
                     help="run --code new from this commit (a git worktree) instead of the working tree")
+    ap.add_argument("--before-ref", default=BEFORE_COMMIT,
+                    help="the commit --code before runs (a git worktree at /tmp/photon-before-REF)")
     ap.add_argument("--force", action="store_true", help="re-run scenarios whose JSON already exists")
     ap.add_argument("--report-only", action="store_true",
                     help="recompute the figures of the existing JSONs from their run dirs and print the table")
@@ -573,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"one_model: tiny step on 1 thread {step_s:.3f}s; throttled silo sleeps {delay:.3f}s/step",
                   flush=True)
         for code, name in todo:
-            tree = code_tree(code, args.new_ref)
+            tree = code_tree(code, args.new_ref, args.before_ref)
             run_dir = out / code / name
             if run_dir.exists():
                 import shutil
