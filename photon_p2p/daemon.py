@@ -266,7 +266,7 @@ class PeerDaemon:
             self.grouped += 1
             if f.inner_state == "reset":
                 self.trainer.reset_optimizer_state()
-            self._catch_up()
+            self._catch_up(self.swarm.peers(), who="this peer's group")  # a pocket that fell behind together
         self.rollbacks = 0
         self.last_result = result
         self.bytes_sent += result.bytes_sent
@@ -288,14 +288,13 @@ class PeerDaemon:
             self.swarm.report_progress(self.round, self.clock_tokens)
         return True
 
-    def _catch_up(self) -> None:
-        """A group can be a pocket of peers that fell behind together (slowed down at once, they kept averaging
-        with each other at their rounds while the swarm moved on): two models under one run id. When live peers
-        are already past the round this group just finished, adopt the swarm's state (keeping local progress)."""
-        others = self.swarm.peers()
+    def _catch_up(self, others: list[dict], who: str = "this peer") -> bool:
+        """Adopt the swarm's state, keeping local progress, if live peers (``others``' heartbeats) are past this
+        peer's round. After a grouped round too: a group can be a pocket of peers that fell behind together
+        (slowed down at once, they kept averaging with each other while the swarm moved on)."""
         newest = max((int(p["round"]) for p in others), default=-1)
-        if newest > self.round:
-            self._sync_from_swarm(f"swarm is at round {newest}, this peer's group at {self.round}", carry_local=True)
+        return newest > self.round and self._sync_from_swarm(f"swarm is at round {newest}, {who} at {self.round}",
+                                                             carry_local=True)
 
     def _missed_round(self, result: RoundResult, job: InFlight) -> None:
         """No group this round. Alone in the swarm: apply our own Δ. Otherwise keep the local work and fold it into
@@ -306,9 +305,7 @@ class PeerDaemon:
             self.state.apply(job.deltas, carry_from=job.base)  # a solo result leaves Δ untouched
             return
         self.round_tokens += job.weight  # the folded work's weight
-        newest = max(p["round"] for p in others)
-        if newest > self.round and self._sync_from_swarm(f"swarm is at round {newest}, this peer at {self.round}",
-                                                         carry_local=True):
+        if self._catch_up(others):
             return
         self.state.skip_round()
         print(f"photon-peer: round {self.round - 1} missed ({result.reason}); its local work is folded into "
