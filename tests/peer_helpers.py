@@ -129,7 +129,8 @@ def _peer_main(spec: dict[str, Any]) -> None:
     import torch
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("photon_p2p").setLevel(logging.INFO)  # round outcomes and regroups, in the peer's log
+    # round outcomes, regroups and each stage's group, in the peer's log
+    logging.getLogger("photon_p2p").setLevel(logging.DEBUG)
 
     from photon_p2p.config import FederationConfig, NetworkConfig
     from photon_p2p.federation.averaging import PseudoGradientAverager

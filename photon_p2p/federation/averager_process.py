@@ -10,6 +10,8 @@ Every touch of hivemind's private internals lives here (and nowhere else), check
 - Admission (closed swarms, federation/admission.py): ``AdmissionGate`` holds the admitted set in this process;
   join requests, all-reduce parts and state downloads from peers outside it are refused, and this peer neither
   follows a leader outside it (``AdmittedMatchmaking``), downloads state from one, nor averages in a group with one.
+- Matchmaking (``AdmittedMatchmaking.look_for_group``): a follower a leader has accepted waits for the leader's
+  "begin" or "disband" past its step's deadline, so a leader never runs an all-reduce with a member that left.
 - Healing: when a group's gathered fingerprints differ, the members hold different global models; that round
   the averager turns Δ = θ_global − θ_local into θ_local in place and averages weights losslessly, so the group
   leaves the round on one model.
@@ -45,8 +47,8 @@ from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.p2p import P2PContext, PeerID
-from hivemind.utils import MPFuture, ValueWithExpiration
-from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
+from hivemind.utils import MPFuture, ValueWithExpiration, get_dht_time
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip, cancel_and_wait
 from hivemind.utils.streaming import combine_from_streaming
 
 from photon_p2p.federation import FederationError
@@ -152,6 +154,45 @@ class AdmittedMatchmaking(Matchmaking):
         if self.gate is not None and not await self.gate.allows(leader):
             return None  # as if the leader had rejected us: look for the next one
         return await super()._request_join_group(leader)
+
+    async def look_for_group(self, step):
+        """hivemind's look_for_group, but a follower that a leader has accepted does not walk away at its step's
+        deadline. hivemind gives up the moment the deadline passes, even while it waits for the leader's "begin":
+        a leader that assembled the group a moment earlier (the group was full, or its own expiration came) then
+        runs the all-reduce with a member that has left. That member's parts fail (a partial round), or, on the
+        gloo path, the others wait out the bulk timeout: seen under CPU load as two row partners on different
+        bytes. Waiting for the leader's answer costs at most request_timeout past the deadline."""
+        async with self.looking_for_group(step):
+            request_leaders_task = asyncio.create_task(self._request_join_potential_leaders(step))
+            try:
+                # asyncio.wait, not wait_for: the future must stay uncancelled while a leader may still answer
+                await asyncio.wait({self.assembled_group}, timeout=step.get_timeout())
+                leader, grace_start = self.current_leader, get_dht_time()
+                while not self.assembled_group.done() and self.current_leader is not None and \
+                        get_dht_time() < grace_start + (self.request_timeout or 5.0):
+                    await asyncio.wait({self.assembled_group}, timeout=0.05)
+                if leader is not None:
+                    log.debug("accepted by leader %s as the step's deadline passed: waited %.2f s for it (%s)",
+                              str(leader)[-6:], get_dht_time() - grace_start,
+                              "group assembled" if self.assembled_group.done() else "no group")
+                if self.assembled_group.done():
+                    return self.assembled_group.result()
+                return None
+            except BaseException as e:
+                if len(self.current_followers) > 0:
+                    async with self.lock_request_join_group:
+                        await self.leader_disband_group()
+                if not self.assembled_group.done():
+                    self.assembled_group.set_exception(e)
+                raise
+            finally:
+                await cancel_and_wait(request_leaders_task)
+                self.assembled_group.cancel()
+                while len(self.current_followers) > 0:
+                    await self.follower_was_discarded.wait()
+                    self.follower_was_discarded.clear()
+                self.assembled_group = asyncio.Future()
+                self.was_accepted_to_group.clear()
 
 
 class ProcessAverager(DecentralizedAverager):
@@ -287,6 +328,8 @@ class ProcessAverager(DecentralizedAverager):
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         self._clock.stamp("group_assembled")
+        log.debug("group %s assembled under %s: %s", group_info.group_id.hex()[:8],
+                  self._matchmaking.group_key_manager.current_key, [str(p)[-6:] for p in group_info.peer_ids])
         self._report = {"failed_fraction": 0.0, "failed_peers": [], "healed": False, "clipped": {}, "rejected": []}
         self._claims = None
         try:
@@ -321,6 +364,9 @@ class ProcessAverager(DecentralizedAverager):
             self._claims = None if self._report["healed"] or weights_mode else cap_claims(claims)
             gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
             return {**gathered, REPORT_KEY: dict(self._report)}
+        except BaseException as e:
+            log.debug("group %s failed: %s", group_info.group_id.hex()[:8], describe(e))
+            raise
         finally:
             self._clock.stamp("allreduce_done")
 

@@ -315,11 +315,16 @@ class PseudoGradientAverager:
                   "fingerprint": fingerprint, "rank": int(rank), "weights": bool(weights),
                   "norm": norm if math.isfinite(norm) else -1.0,
                   BULK_KEY: self.bulk.address if self.bulk is not None else "", **(extra or {})}
+        bits = group_bits(round_no, stage, index, digest)
+        log.debug("round %d: stage %d group %d (key %s) looking for %s peers, weight %.3g", round_no, stage,
+                  index, bits, target, weight)
         gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, gather, target,
-                                          group_bits(round_no, stage, index, digest), give_up, regroup)
+                                          bits, give_up, regroup)
         if gathered is None:
+            log.debug("round %d: stage %d group %d ended without averaging (%s)", round_no, stage, index, reason)
             return result(True, reason)
         report = gathered.pop(REPORT_KEY, None) or {}
+        log.debug("round %d: stage %d group %d matched %s", round_no, stage, index, sorted(gathered))
         mismatched = {p: g for p, g in gathered.items()
                       if not isinstance(g, dict) or g.get("round") != round_no or g.get("stage", 0) != stage}
         if mismatched:
