@@ -117,7 +117,11 @@ def run_photon(tb: Testbed, rate: float, args: argparse.Namespace, system: str =
     evals = [{"t": r["time"] - t0, "val_ppl": r["val_ppl"], "step": r["step"], "tokens": r["tokens"]}
              for r in records if r["kind"] == "eval"]
     phases = [r for r in records if r["kind"] == "phase"]
-    return {"system": system, "rate_mbit": rate, "evals": evals, "rounds": len(rounds),
+    pauses = [r for r in records if r["kind"] == "pause"]
+    # the trainer's pause after each average, by part (daemon "pause" records): mean seconds per round
+    pause = {k[:-2]: mean([r.get(k, 0.0) for r in pauses]) for k in
+             ("wait_s", "apply_s", "catch_up_s", "eval_s", "checkpoint_s", "swarm_s", "total_s")} if pauses else {}
+    return {"pause_s": pause, "system": system, "rate_mbit": rate, "evals": evals, "rounds": len(rounds),
             # compute utilization: inner-step seconds over wall-clock seconds, from the first local phase's start
             "compute_s": sum(r["compute_s"] for r in rounds), "wait_s": sum(r["wait_s"] for r in rounds),
             "utilization": phases[-1]["compute_total"] / phases[-1]["wall_s"] if phases else math.nan,

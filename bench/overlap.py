@@ -107,6 +107,13 @@ def markdown(res: dict[str, Any], command: str) -> str:
             lines.append(f"| {rate:g} Mbit/s | {r['system']} | {r['utilization']:.1%} | "
                          f"{'-' if math.isnan(idle) else f'{idle:.2f}'} | {r['inner_steps']} | {r['best_ppl']:.1f} | "
                          f"{tt} (target {r['target_ppl']:.0f}) | {eq} |")
+    pauses = [(rate, r) for rate in res["rates"] for r in res["runs"] if r["rate_mbit"] == rate and r.get("pause_s")]
+    if pauses:  # where the trainer's time outside inner steps went, per round (daemon "pause" records)
+        parts = ("wait", "apply", "catch_up", "eval", "checkpoint", "swarm", "total")
+        lines += ["", "Trainer pause per round after an average lands, by part (mean seconds; `pause` records):", "",
+                  "| link | system | " + " | ".join(parts) + " |", "| --- | --- |" + " --- |" * len(parts)]
+        lines += [f"| {rate:g} Mbit/s | {r['system']} | " + " | ".join(f"{r['pause_s'].get(k, 0.0):.3f}" for k in parts)
+                  + " |" for rate, r in pauses]
     lines += ["", "![val ppl vs wall-clock per link](overlap.png)", "",
               f"Command (machine CPU-2, {res['date']}): `{command}`", "", "Raw numbers: `bench/results/overlap.json`.",
               ""]

@@ -251,6 +251,7 @@ class PeerDaemon:
 
     def _finish(self, job: InFlight, result: RoundResult) -> bool:
         f, t = self.cfg.federation, self.cfg.train
+        marks = [("start", time.monotonic())]  # where the trainer's pause after an average goes (a "pause" record)
         if result.solo and result.reason == "stopped":
             self.round_tokens += job.weight  # un-averaged: the checkpoint keeps it for the resumed round
             self.round_steps += job.steps
@@ -266,7 +267,9 @@ class PeerDaemon:
             self.grouped += 1
             if f.inner_state == "reset":
                 self.trainer.reset_optimizer_state()
+            marks.append(("apply", time.monotonic()))
             self._catch_up(self.swarm.peers(), who="this peer's group")  # a pocket that fell behind together
+        marks.append(("catch_up", time.monotonic()))
         self.rollbacks = 0
         self.last_result = result
         self.bytes_sent += result.bytes_sent
@@ -278,14 +281,20 @@ class PeerDaemon:
         if (eval_rounds and self.round % eval_rounds == 0 and self.round != job.round) \
                 or self.finished == f.rounds:
             evaluated = self.last_eval = self._evaluate_global()
+        marks.append(("eval", time.monotonic()))
         log_round(self, result, job, evaluated)
         self._checkpoint()
-        if self.stop.is_set():
-            return True  # leaving: the final heartbeat says so; no round to begin (the DHT may be gone already)
-        self.swarm.publish_now()
-        self.swarm.begin_round(self.round)  # the clock follows: tokens trained meanwhile count for the new round
-        if self.clock_tokens:
-            self.swarm.report_progress(self.round, self.clock_tokens)
+        marks.append(("checkpoint", time.monotonic()))
+        if not self.stop.is_set():  # leaving: the final heartbeat says so; no round to begin (the DHT may be gone)
+            self.swarm.publish_now()
+            self.swarm.begin_round(self.round)  # the clock follows: tokens trained meanwhile count for the new round
+            if self.clock_tokens:
+                self.swarm.report_progress(self.round, self.clock_tokens)
+            marks.append(("swarm", time.monotonic()))
+        parts = dict.fromkeys(("apply", "catch_up", "eval", "checkpoint", "swarm"), 0.0)  # a solo round: no apply
+        parts.update({name: t1 - t0 for (_, t0), (name, t1) in zip(marks, marks[1:])})
+        self.metrics.log("pause", round=self.round, wait_s=job.wait_s, total_s=marks[-1][1] - marks[0][1],
+                         **{f"{name}_s": v for name, v in parts.items()})
         return True
 
     def _catch_up(self, others: list[dict], who: str = "this peer") -> bool:

@@ -68,8 +68,12 @@ def run_all(daemons: list[PeerDaemon], timeout: float = 150) -> dict[str, object
     return out
 
 
+def records(daemon: PeerDaemon, kind: str) -> list[dict]:
+    return [r for r in read_metrics(daemon.run_dir) if r["kind"] == kind]
+
+
 def rounds(daemon: PeerDaemon) -> list[dict]:
-    return [r for r in read_metrics(daemon.run_dir) if r["kind"] == "round"]
+    return records(daemon, "round")
 
 
 def test_group_rounds_leave_every_member_on_the_same_bytes(tmp_path, kjv_data):
@@ -214,6 +218,14 @@ def test_without_overlap_the_trainer_waits_for_every_average(tmp_path, kjv_data)
         # trainer began to wait (a metrics line in between), so allow that moment on a loaded machine
         assert all(r["wait_s"] >= 0.3 for r in rounds(d)), [r["wait_s"] for r in rounds(d)]
         assert d.trainer.step == 2 * 4
+        # where the pause went, one "pause" record per round: the wait, then each part of finishing the round
+        pauses = records(d, "pause")
+        assert [p["round"] for p in pauses] == [r["round"] for r in rounds(d)]
+        for p, r in zip(pauses, rounds(d)):
+            parts = [p[k] for k in ("apply_s", "catch_up_s", "eval_s", "checkpoint_s", "swarm_s")]
+            assert p["wait_s"] == r["wait_s"] and all(x >= 0 for x in parts), p
+            assert p["total_s"] == pytest.approx(sum(parts), abs=1e-6), p
+        assert pauses[-1]["eval_s"] > 0  # the last round evaluates the global model
 
 
 def test_overlap_carries_the_work_done_meanwhile_onto_the_new_global_weights(tmp_path):
@@ -276,6 +288,21 @@ def test_a_pocket_of_peers_that_fell_behind_together_adopts_the_swarms_state(tmp
     net = FakeNet(plan=lambda r, me: pairs[me])
     fast = [make_daemon(tmp_path, kjv_data, net, n, **{"federation.rounds": 8}) for n in "ab"]
     slow = [make_daemon(tmp_path, kjv_data, net, n, slow=0.2, **{"federation.rounds": 2}) for n in "cd"]
+    for d in slow:  # they fell behind: their first step waits until the swarm is two rounds ahead (on any machine)
+        setup = d._setup_training
+
+        def held(d: PeerDaemon = d, setup=setup) -> None:
+            setup()
+            step = d.trainer.train_step
+
+            def held_step() -> float:
+                deadline = time.monotonic() + 60
+                while min(f.round for f in fast) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return step()
+            d.trainer.train_step = held_step
+
+        d._setup_training = held
     run_all(fast + slow)
     for d in slow:
         syncs = [r for r in read_metrics(d.run_dir) if r["kind"] == "sync"]
