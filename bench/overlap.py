@@ -85,7 +85,7 @@ def plot(res: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
-def markdown(res: dict[str, Any], command: str) -> str:
+def markdown(res: dict[str, Any], command: str, name: str = "overlap") -> str:
     lines = [
         "## Overlap: compute utilization on shaped links, overlap on vs off vs per-step DDP (issue 10)",
         "",
@@ -114,9 +114,9 @@ def markdown(res: dict[str, Any], command: str) -> str:
                   "| link | system | " + " | ".join(parts) + " |", "| --- | --- |" + " --- |" * len(parts)]
         lines += [f"| {rate:g} Mbit/s | {r['system']} | " + " | ".join(f"{r['pause_s'].get(k, 0.0):.3f}" for k in parts)
                   + " |" for rate, r in pauses]
-    lines += ["", "![val ppl vs wall-clock per link](overlap.png)", "",
-              f"Command (machine CPU-2, {res['date']}): `{command}`", "", "Raw numbers: `bench/results/overlap.json`.",
-              ""]
+    lines += ["", f"![val ppl vs wall-clock per link](bench/results/{name}.png)", "",
+              f"Command (machine CPU-2, {res['date']}): `{command}`", "",
+              f"Raw numbers: `bench/results/{name}.json`.", ""]
     return "\n".join(lines)
 
 
@@ -173,7 +173,9 @@ def main() -> int:
 
 
 def write_reports(out: Path, res: dict[str, Any] | None) -> int:
-    return report.write_reports(out, res, "overlap", plot, markdown, lambda r: r["command"])
+    def named(r: dict[str, Any], command: str) -> str:  # the report names this run's own files (--out)
+        return markdown(r, command, out.name)
+    return report.write_reports(out, res, "overlap", plot, named, lambda r: r["command"])
 
 
 if __name__ == "__main__":
