@@ -119,8 +119,7 @@ def run_photon(tb: Testbed, rate: float, args: argparse.Namespace, system: str =
     phases = [r for r in records if r["kind"] == "phase"]
     pauses = [r for r in records if r["kind"] == "pause"]
     # the trainer's pause after each average, by part (daemon "pause" records): mean seconds per round
-    pause = {k[:-2]: mean([r.get(k, 0.0) for r in pauses]) for k in
-             ("wait_s", "apply_s", "catch_up_s", "eval_s", "checkpoint_s", "swarm_s", "total_s")} if pauses else {}
+    pause = {k[:-2]: mean([r[k] for r in pauses]) for k in pauses[0] if k.endswith("_s")} if pauses else {}
     return {"pause_s": pause, "system": system, "rate_mbit": rate, "evals": evals, "rounds": len(rounds),
             # compute utilization: inner-step seconds over wall-clock seconds, from the first local phase's start
             "compute_s": sum(r["compute_s"] for r in rounds), "wait_s": sum(r["wait_s"] for r in rounds),

@@ -109,10 +109,10 @@ def markdown(res: dict[str, Any], command: str, name: str = "overlap") -> str:
                          f"{tt} (target {r['target_ppl']:.0f}) | {eq} |")
     pauses = [(rate, r) for rate in res["rates"] for r in res["runs"] if r["rate_mbit"] == rate and r.get("pause_s")]
     if pauses:  # where the trainer's time outside inner steps went, per round (daemon "pause" records)
-        parts = ("wait", "apply", "catch_up", "eval", "checkpoint", "swarm", "total")
+        parts = list(pauses[0][1]["pause_s"])  # the daemon's order: wait, each part, total
         lines += ["", "Trainer pause per round after an average lands, by part (mean seconds; `pause` records):", "",
                   "| link | system | " + " | ".join(parts) + " |", "| --- | --- |" + " --- |" * len(parts)]
-        lines += [f"| {rate:g} Mbit/s | {r['system']} | " + " | ".join(f"{r['pause_s'].get(k, 0.0):.3f}" for k in parts)
+        lines += [f"| {rate:g} Mbit/s | {r['system']} | " + " | ".join(f"{r['pause_s'][k]:.3f}" for k in parts)
                   + " |" for rate, r in pauses]
     lines += ["", f"![val ppl vs wall-clock per link](bench/results/{name}.png)", "",
               f"Command (machine CPU-2, {res['date']}): `{command}`", "",

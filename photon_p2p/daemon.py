@@ -293,8 +293,8 @@ class PeerDaemon:
             marks.append(("swarm", time.monotonic()))
         parts = dict.fromkeys(("apply", "catch_up", "eval", "checkpoint", "swarm"), 0.0)  # a solo round: no apply
         parts.update({name: t1 - t0 for (_, t0), (name, t1) in zip(marks, marks[1:])})
-        self.metrics.log("pause", round=self.round, wait_s=job.wait_s, total_s=marks[-1][1] - marks[0][1],
-                         **{f"{name}_s": v for name, v in parts.items()})
+        self.metrics.log("pause", round=self.round, wait_s=job.wait_s, **{f"{name}_s": v for name, v in parts.items()},
+                         total_s=marks[-1][1] - marks[0][1])
         return True
 
     def _catch_up(self, others: list[dict], who: str = "this peer") -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ pytestmark = pytest.mark.timeout(180)
 _INIT = threading.Lock()  # model init draws from torch's global RNG: silos in threads must not interleave there
 
 
-def make_daemon(tmp_path, data, net: FakeNet, name: str, slow: float = 0.0, **extra) -> PeerDaemon:
+def make_daemon(tmp_path, data, net: FakeNet, name: str, slow: float = 0.0,
+                hold: Callable[[], None] | None = None, **extra) -> PeerDaemon:
+    """``slow``: seconds added to every inner step; ``hold``: called before every inner step (may block)."""
     overrides = {"name": name, "data.path": str(data), "federation.rounds": 2, "federation.local_steps": 4,
                  "federation.round_clock": "steps", "train.eval_every": 0, "federation.min_group_size": 2,
                  **extra}
@@ -33,7 +36,7 @@ def make_daemon(tmp_path, data, net: FakeNet, name: str, slow: float = 0.0, **ex
             setup_once()
 
     daemon._setup_training = serialized_setup
-    if slow:
+    if slow or hold:
         setup = daemon._setup_training
 
         def slowed() -> None:  # a silo with half the compute: every inner step takes longer
@@ -41,6 +44,8 @@ def make_daemon(tmp_path, data, net: FakeNet, name: str, slow: float = 0.0, **ex
             step = daemon.trainer.train_step
 
             def slow_step() -> float:
+                if hold:
+                    hold()
                 time.sleep(slow)
                 return step()
             daemon.trainer.train_step = slow_step
@@ -287,26 +292,18 @@ def test_a_pocket_of_peers_that_fell_behind_together_adopts_the_swarms_state(tmp
     pairs = {"a": ["a", "b"], "b": ["a", "b"], "c": ["c", "d"], "d": ["c", "d"]}
     net = FakeNet(plan=lambda r, me: pairs[me])
     fast = [make_daemon(tmp_path, kjv_data, net, n, **{"federation.rounds": 8}) for n in "ab"]
-    slow = [make_daemon(tmp_path, kjv_data, net, n, slow=0.2, **{"federation.rounds": 2}) for n in "cd"]
-    for d in slow:  # they fell behind: their first step waits until the swarm is two rounds ahead (on any machine)
-        setup = d._setup_training
 
-        def held(d: PeerDaemon = d, setup=setup) -> None:
-            setup()
-            step = d.trainer.train_step
+    def behind() -> None:  # they fell behind: each step waits until the swarm is two rounds ahead (on any machine)
+        deadline = time.monotonic() + 60
+        while min(f.round for f in fast) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
 
-            def held_step() -> float:
-                deadline = time.monotonic() + 60
-                while min(f.round for f in fast) < 2 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                return step()
-            d.trainer.train_step = held_step
-
-        d._setup_training = held
+    slow = [make_daemon(tmp_path, kjv_data, net, n, slow=0.2, hold=behind, **{"federation.rounds": 2})
+            for n in "cd"]
     run_all(fast + slow)
     for d in slow:
-        syncs = [r for r in read_metrics(d.run_dir) if r["kind"] == "sync"]
+        syncs = records(d, "sync")
         assert any("group at" in r["reason"] for r in syncs), syncs
         assert d.round > 2  # it jumped to the swarm's round instead of counting its pocket's rounds
     for d in fast:
-        assert not [r for r in read_metrics(d.run_dir) if r["kind"] == "sync"]  # the swarm ahead never goes back
+        assert not records(d, "sync")  # the swarm ahead never goes back
