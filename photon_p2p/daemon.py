@@ -89,6 +89,7 @@ class PeerDaemon:
         self.loop_started = 0.0
         self.compute_total = self.wait_total = 0.0  # utilization = compute_total / wall time of the loop
         self.paused_s = 0.0  # time spent landing averages (waiting, evaluating, checkpointing)
+        self.eval_mark = 0  # the inner step of the last validation (set to the trainer's step once it exists)
 
     # ---- state -------------------------------------------------------------------------------------------
     def _setup_training(self) -> None:
@@ -111,6 +112,7 @@ class PeerDaemon:
             self.state.load_state_dict(fed, weights)
             self.round_steps = int(fed.get("round_steps", 0))
             self.round_tokens = int(fed.get("round_tokens", 0))
+        self.eval_mark = self.trainer.step
 
     def _checkpoint(self) -> None:
         names = [n for n, _ in self.trainer.model.named_parameters()]
@@ -275,12 +277,14 @@ class PeerDaemon:
         self.bytes_sent += result.bytes_sent
         self.bytes_received += result.bytes_received
         self.finished += 1
-        # Validation runs on the new global weights, every ~eval_every inner steps and after the last round.
+        # Validation runs on the new global weights at the first round end past each multiple of eval_every inner
+        # steps (with H < eval_every, not every round: an evaluation costs the trainer the same as a few steps),
+        # and after the last round.
         evaluated: dict[str, float] = {}
-        eval_rounds = max(1, t.eval_every // f.local_steps) if t.eval_every else 0
-        if (eval_rounds and self.round % eval_rounds == 0 and self.round != job.round) \
-                or self.finished == f.rounds:
+        due = t.eval_every and self.trainer.step // t.eval_every > self.eval_mark // t.eval_every
+        if (due and self.round != job.round) or self.finished == f.rounds:
             evaluated = self.last_eval = self._evaluate_global()
+            self.eval_mark = self.trainer.step
         marks.append(("eval", time.monotonic()))
         log_round(self, result, job, evaluated)
         self._checkpoint()

@@ -6,19 +6,20 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from photon_p2p.federation.bulk import BulkEndpoint, allreduce_mean, direct_ip
+from photon_p2p.federation.averaging import _back_to_back
+from photon_p2p.federation.bulk import BulkEndpoint, BulkGroups, allreduce_mean, direct_ip, flat_view
 
 SHAPES = [(300, 70), (1234,), (3,)]
 
 
-def _inputs(rank: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + rank)
+def _inputs(rank: int, round_no: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + rank + 1000 * round_no)
     return [torch.randn(*s, generator=g) for s in SHAPES]
 
 
 def _member(rank: int, endpoints: list[str], weight: float, group_key: str, out_path: str) -> None:
     tensors = _inputs(rank)
-    traffic = allreduce_mean(tensors, weight, rank, endpoints, group_key, timeout=30.0)
+    traffic = allreduce_mean(tensors, weight, rank, endpoints, group_key, BulkGroups(30.0))
     torch.save((tensors, traffic.sent), out_path)
 
 
@@ -53,8 +54,8 @@ def test_members_end_on_the_same_bytes_the_weighted_mean_zero_weights_only_liste
         assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[r][0]))  # bit-identical
     for got, exp in zip(results[0][0], expected):
         torch.testing.assert_close(got, exp, atol=1e-6, rtol=1e-6)
-    numel = sum(torch.Size(s).numel() for s in SHAPES) + 1
-    assert results[0][1] == int(2 * 2 / 3 * numel * 4)  # ring all-reduce: 2(n-1)/n of the buffer
+    numel = sum(torch.Size(s).numel() for s in SHAPES)
+    assert results[0][1] == int(2 * 2 / 3 * (numel * 4 + 8))  # ring all-reduce: 2(n-1)/n of the buffer
 
 
 @pytest.mark.timeout(60)
@@ -62,7 +63,7 @@ def test_a_missing_member_fails_within_the_timeout():
     host = BulkEndpoint("127.0.0.1", timeout=5.0)
     tensors = [torch.ones(10)]
     with pytest.raises(Exception):  # member 1 never comes: the rendezvous times out, nothing is applied
-        allreduce_mean(tensors, 1.0, 0, [host.address, "127.0.0.1:1"], "lonely", timeout=3.0)
+        allreduce_mean(tensors, 1.0, 0, [host.address, "127.0.0.1:1"], "lonely", BulkGroups(3.0))
     assert torch.equal(tensors[0], torch.ones(10))
 
 
@@ -95,7 +96,8 @@ def _robust_member(rank: int, endpoints: list[str], weight: float, out_path: str
             den += weights[i]
         return acc / den, factors
 
-    traffic = robust_mean(tensors, weight, rank, endpoints, "robust-3", 30.0, clip_to_median, 1000, [0, 1, 2])
+    traffic = robust_mean(tensors, weight, rank, endpoints, "robust-3", BulkGroups(30.0), clip_to_median, 1000,
+                          [0, 1, 2])
     torch.save((tensors, traffic.factors), out_path)
 
 
@@ -113,3 +115,49 @@ def test_robust_path_lets_the_reducer_see_and_clip_each_sender(tmp_path):
         # clipped to an honest norm, sender 2 moves the mean like one more honest (random) sender would, about
         # 0.6 of the honest mean's norm here; unclipped it would move it ~3000-fold
         assert float((got - ref).norm() / ref.norm()) < 1.0
+
+
+def _rounds_member(rank: int, endpoints: list[str], out_path: str) -> None:
+    """Four rounds of the same members (a new group key each, as hivemind's group ids are); before round 2
+    member 2 loses its kept groups, as after a restart. Rank 0 averages in place (back-to-back buffers)."""
+    groups, results = BulkGroups(30.0), []
+    for round_no in range(4):
+        if rank == 2 and round_no == 2:
+            groups = BulkGroups(30.0)
+        inputs = _inputs(rank, round_no)
+        tensors = _back_to_back(inputs) if rank == 0 else inputs
+        if rank == 0:
+            for t, x in zip(tensors, inputs):
+                t.copy_(x)
+            assert flat_view(tensors) is not None
+        reused = groups.reused
+        allreduce_mean(tensors, 1.0 + rank, rank, endpoints, f"round-{round_no}", groups)
+        results.append(([t.clone() for t in tensors], groups.reused > reused))
+    torch.save(results, out_path)
+
+
+@pytest.mark.timeout(120)
+def test_a_group_of_the_same_members_reuses_its_process_group_only_when_all_still_hold_it(tmp_path):
+    host = BulkEndpoint("127.0.0.1", timeout=30.0)
+    endpoints = [host.address, "127.0.0.1:1", "127.0.0.1:2"]
+    results = run_members(tmp_path, [(_rounds_member, (r, endpoints)) for r in range(3)])
+    for round_no in range(4):
+        # built, reused, rebuilt because member 2 holds nothing (it agrees with no one), reused again
+        assert [results[r][round_no][1] for r in range(3)] == [False, True, False, True][round_no:round_no + 1] * 3
+        inputs = [_inputs(r, round_no) for r in range(3)]
+        expected = [sum((1.0 + r) * inputs[r][i] for r in range(3)) / 6.0 for i in range(len(SHAPES))]
+        for r in (1, 2):
+            assert all(torch.equal(a, b) for a, b in zip(results[0][round_no][0], results[r][round_no][0]))
+        for got, exp in zip(results[0][round_no][0], expected):
+            torch.testing.assert_close(got, exp, atol=1e-6, rtol=1e-6)
+
+
+def test_flat_view_only_for_tensors_back_to_back_in_one_buffer():
+    views = _back_to_back([torch.zeros(3, 4), torch.zeros(5)])
+    flat = flat_view(views)
+    assert flat is not None and flat.numel() == 17 and flat.data_ptr() == views[0].data_ptr()
+    flat.fill_(2.0)
+    assert torch.equal(views[1], torch.full((5,), 2.0))  # the same memory, no copy
+    assert flat_view([torch.zeros(3), torch.zeros(3)]) is None  # two allocations
+    assert flat_view([views[1], views[0]]) is None  # out of order
+    assert flat_view([torch.zeros(4, dtype=torch.float64)]) is None

@@ -307,3 +307,16 @@ def test_a_pocket_of_peers_that_fell_behind_together_adopts_the_swarms_state(tmp
         assert d.round > 2  # it jumped to the swarm's round instead of counting its pocket's rounds
     for d in fast:
         assert not records(d, "sync")  # the swarm ahead never goes back
+
+
+def test_the_global_model_is_evaluated_past_each_multiple_of_eval_every_steps_not_every_round(tmp_path, kjv_data):
+    # H = 4 < eval_every = 6: rounds end at steps 4, 8, 12, 16, 20; multiples of 6 are first passed at 8, 12 and
+    # 20 (18), and the last round always evaluates; evaluating every round would cost the trainer 5 of them
+    net = FakeNet()
+    daemons = [make_daemon(tmp_path, kjv_data, net, n, **{"federation.rounds": 5, "train.eval_every": 6,
+                                                          "train.eval_batches": 1}) for n in "ab"]
+    run_all(daemons)
+    for d in daemons:
+        evals = records(d, "eval")
+        assert [e["step"] for e in evals] == [8, 12, 20], evals
+        assert all(r["val_ppl"] > 0 for r in evals)

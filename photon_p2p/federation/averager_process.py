@@ -54,7 +54,7 @@ from hivemind.utils.streaming import combine_from_streaming
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.admission import AdmissionView, read_view_async
 from photon_p2p.federation.bulk import GATHER_KEY as BULK_KEY
-from photon_p2p.federation.bulk import allreduce_mean, robust_mean
+from photon_p2p.federation.bulk import BulkGroups, allreduce_mean, robust_mean
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic
 from photon_p2p.federation.records import is_live, peer_id_of_owner, read_records
 from photon_p2p.federation.robust import ClaimBudget, ReducerCheck, RobustSettings, cap_claims, reduce_part
@@ -208,6 +208,7 @@ class ProcessAverager(DecentralizedAverager):
         self._owner_public, self._gate = owner_public, None
         self._bulk_timeout = bulk_timeout  # > 0: uncompressed groups whose members all have a bulk endpoint use it
         self._bulk_endpoints: list[str] | None = None
+        self._bulk_groups: BulkGroups | None = None
         # The caller's global weights in shared memory (read here only in a healing round, under the tensor lock).
         self._global_tensors = list(global_tensors) if global_tensors is not None else None
         self._report: dict[str, Any] = {}
@@ -405,10 +406,12 @@ class ProcessAverager(DecentralizedAverager):
         the senders' claim budgets), and checks every reducer's slice (robust.ReducerCheck), as on hivemind."""
         peers = [str(p) for p in group_info.peer_ids]
         rank, endpoints, key = peers.index(str(self.peer_id)), list(self._bulk_endpoints), group_id.hex()
-        threads, loop = self._threads or 1, asyncio.get_event_loop()
+        loop = asyncio.get_event_loop()
+        if self._bulk_groups is None:  # in the averager process (after the fork): gloo groups live here
+            self._bulk_groups = BulkGroups(self._bulk_timeout, threads=self._threads or 1)
         if self._robust.mode == "none":
             traffic = await loop.run_in_executor(None, lambda: allreduce_mean(
-                tensors, weight, rank, endpoints, key, self._bulk_timeout, threads=threads))
+                tensors, weight, rank, endpoints, key, self._bulk_groups))
         else:
             order = sorted(range(len(peers)), key=lambda i: self._ranks[i])
             claims = getattr(self, "_claims", None)
@@ -425,8 +428,8 @@ class ProcessAverager(DecentralizedAverager):
 
             part_numel = max(1, int(self.allreduce_kwargs.get("part_size_bytes", 2 ** 21)) // 4)
             traffic = await loop.run_in_executor(None, lambda: robust_mean(
-                tensors, weight, rank, endpoints, key, self._bulk_timeout, reduce, part_numel, order,
-                threads=threads, check=check.accept if check is not None else None))
+                tensors, weight, rank, endpoints, key, self._bulk_groups, reduce, part_numel, order,
+                check=check.accept if check is not None else None))
             self._report["clipped"] = {peers[i]: f for i, f in traffic.factors.items()}
             self._report["rejected"] = sorted(peers[i] for i in traffic.rejected)
         self._counter.add_sent(traffic.sent)

@@ -55,6 +55,19 @@ LEFT = "the swarm finished this round without this peer"
 REGROUPED = "regrouped"  # internal: the first stage restarts under a fresh plan
 
 
+def _back_to_back(templates: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zeroed buffers shaped like ``templates``, as views of one flat tensor when they share a dtype: the bulk
+    path then all-reduces that flat tensor in place (bulk.flat_view) instead of copying in and out of one."""
+    if not templates or len({t.dtype for t in templates}) != 1:
+        return [torch.zeros(t.shape, dtype=t.dtype) for t in templates]
+    flat = torch.zeros(sum(t.numel() for t in templates), dtype=templates[0].dtype)
+    views, offset = [], 0
+    for t in templates:
+        views.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return views
+
+
 def _grid_key(plan: GroupPlan | None) -> tuple:
     """What a peer's groups depend on: nothing for one group of everyone (any subset that meets averages
     consistently); the whole member list for a grid, since its rows and columns are cut from it."""
@@ -127,7 +140,7 @@ class PseudoGradientAverager:
         self.dht, self.fed, self.net, self.tuning = dht, fed, net, tuning
         self.counter, self.clock = ByteCounter(), PhaseClock()
         self.client_mode = bool(net.client_mode)
-        self._buffers = [torch.zeros(t.shape, dtype=t.dtype) for t in templates]
+        self._buffers = _back_to_back(templates)
         self._codec = make_compression(fed.compression)
         # hivemind warns that request_timeout >= matchmaking time can deadlock matchmaking; keep it below.
         request_timeout = min(float(net.request_timeout), fed.matchmaking_time / 2)

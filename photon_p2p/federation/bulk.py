@@ -2,13 +2,15 @@
 
 hivemind stays in charge of discovery, matchmaking, state download and everything a NATed peer needs; once a
 group is assembled and every member advertised a direct endpoint (``federation.transport``), the bytes move over
-a gloo process group built for that group alone: the first member's rendezvous store (a TCPStore each peer
-hosts), a key prefix from hivemind's random group id, ranks in the group's order. Why gloo and not more tuning of
+a gloo process group of that group's members: the first member's rendezvous store (a TCPStore each peer
+hosts), a key prefix from hivemind's random group id, ranks in the group's order, kept for the next rounds of
+the same members when every member still holds it (BulkGroups). Why gloo and not more tuning of
 hivemind's butterfly: profiles (BENCHMARKS.md "Averaging speed") put hivemind at ~117 MB/s of fp32 per core,
 protobuf + libp2p streams + Python per part; gloo's ring all-reduce is C++ with no per-part Python and runs
 near memory/link speed, so the averager scales with the link instead of with one core.
 
-Exactness: members all-reduce their weight-scaled tensors and the weights in one flat buffer; gloo's ring
+Exactness: members all-reduce the weights, then their weight-scaled tensors in one flat buffer (the averager's
+shared buffer itself when its tensors lie back to back in it: no copy in or out); gloo's ring
 reduces each chunk once and copies the reduced bytes to every member, so every member divides the same sums by
 the same total and ends on the same bytes (tests/test_bulk.py checks it), as hivemind's exact path does.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -74,45 +78,148 @@ class BulkTraffic:
 Reducer = Callable[[list, list, list], tuple[torch.Tensor, dict]]
 
 
-@contextmanager
-def _process_group(rank: int, endpoints: Sequence[str], group_key: str, delta: datetime.timedelta,
-                   threads: int) -> Iterator[dist.ProcessGroupGloo]:
-    """A gloo group of these members alone: member 0's store, keys under the (random, per-group) ``group_key``."""
-    host, port = endpoints[0].rsplit(":", 1)
-    store = dist.TCPStore(host, int(port), None, False, delta)
-    options = dist.ProcessGroupGloo._Options()
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname=endpoints[rank].rsplit(":", 1)[0])]
-    options._timeout = delta
-    options._threads = max(1, threads)
-    pg = dist.ProcessGroupGloo(dist.PrefixStore(group_key, store), rank, len(endpoints), options)
-    try:
-        yield pg
-    finally:
+class _Kept:
+    """One kept process group: the round it was built in (its ``gen``), whether an all-reduce is using it, and
+    its reusable buffers (allocated once: page-faulting a fresh 100 MB buffer every round costs as much as the
+    copy into it)."""
+
+    def __init__(self, pg: dist.ProcessGroupGloo, gen: str) -> None:
+        self.pg, self.gen, self.busy = pg, gen, False
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, numel: int) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() != numel:
+            buf = self._buffers[name] = torch.empty(numel, dtype=torch.float32)
+        return buf
+
+    def shutdown(self) -> None:
+        self._buffers.clear()
         try:
-            pg.shutdown()
-        except Exception:  # already broken by the failure being raised
+            self.pg.shutdown()
+        except Exception:  # already broken by the failure that retires it
             pass
 
 
-def _flatten(tensors: Sequence[torch.Tensor], length: int, scale: float = 1.0) -> torch.Tensor:
-    """The tensors one after the other in a zero-padded fp32 buffer of ``length`` values (times ``scale``)."""
-    flat = torch.zeros(length, dtype=torch.float32)
+class BulkGroups:
+    """The gloo process groups of this averager, kept across rounds: a group of the same members (the same
+    endpoints, in the same order) reuses the process group of an earlier round instead of building a new one
+    (the store rendezvous, gloo's full mesh of connections and its first collective's set-up cost 0.03–0.8 s
+    per round on loopback, a large share of a 100 MB round's 0.2 s).
+
+    Reuse is agreed, never assumed: each member writes the generation it holds for this member list ("-" for
+    none) to member 0's store under the round's random group key and reads everyone's; only when all name the
+    same generation do they reuse it, otherwise every member builds a new one under this round's key. A member
+    that restarted, evicted the group, or saw it fail (any exception retires it) makes the whole group rebuild,
+    so members never meet on two different process groups."""
+
+    def __init__(self, timeout: float, threads: int = 2, keep: int = 4) -> None:
+        self.delta = datetime.timedelta(seconds=timeout)
+        self.threads, self.keep = max(1, threads), keep
+        self._kept: OrderedDict[tuple, _Kept] = OrderedDict()
+        self._stores: dict[str, dist.TCPStore] = {}
+        self._lock = threading.Lock()
+        self.reused = self.built = 0  # how many rounds reused / built a process group (bench, tests)
+
+    def _store(self, endpoint: str) -> dist.TCPStore:
+        store = self._stores.get(endpoint)
+        if store is None:
+            host, port = endpoint.rsplit(":", 1)
+            store = self._stores[endpoint] = dist.TCPStore(host, int(port), None, False, self.delta)
+        return store
+
+    @contextmanager
+    def group(self, rank: int, endpoints: Sequence[str], group_key: str) -> Iterator[_Kept]:
+        """The members' process group for this round (kept or new), agreed with every member through member 0's
+        store; retired if anything inside fails."""
+        key = (rank, tuple(endpoints))
+        with self._lock:
+            kept = self._kept.get(key)
+            have = kept.gen if kept is not None and not kept.busy else "-"
+        try:
+            agree = dist.PrefixStore(f"{group_key}/kept", self._store(endpoints[0]))
+            agree.set(str(rank), have)
+            gens = {agree.get(str(r)).decode() for r in range(len(endpoints))}
+        except Exception:
+            self._stores.pop(endpoints[0], None)  # a stale connection to member 0: dial again next round
+            raise
+        if gens == {have} and have != "-":
+            entry = kept
+            self.reused += 1
+        else:
+            entry = _Kept(self._build(rank, endpoints, group_key), group_key)
+            self.built += 1
+        with self._lock:
+            old = self._kept.pop(key, None)
+            if old is not None and old is not entry and not old.busy:
+                old.shutdown()
+            entry.busy = True
+            self._kept[key] = entry
+            while len(self._kept) > self.keep:
+                _, evicted = self._kept.popitem(last=False)
+                if not evicted.busy:
+                    evicted.shutdown()
+        failed = True
+        try:
+            yield entry
+            failed = False
+        finally:
+            with self._lock:
+                entry.busy = False
+                current = self._kept.get(key) is entry
+                if failed and current:
+                    del self._kept[key]
+                if failed or not current:
+                    entry.shutdown()
+
+    def _build(self, rank: int, endpoints: Sequence[str], group_key: str) -> dist.ProcessGroupGloo:
+        """A gloo group of these members alone: member 0's store, keys under the (random, per-group) key."""
+        options = dist.ProcessGroupGloo._Options()
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=endpoints[rank].rsplit(":", 1)[0])]
+        options._timeout = self.delta
+        options._threads = self.threads
+        return dist.ProcessGroupGloo(dist.PrefixStore(group_key, self._store(endpoints[0])), rank, len(endpoints),
+                                     options)
+
+    def close(self) -> None:
+        with self._lock:
+            for entry in self._kept.values():
+                entry.shutdown()
+            self._kept.clear()
+            self._stores.clear()
+
+
+def flat_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors as one flat fp32 tensor over their own storage, when they lie back to back in one buffer
+    (the averager's shared buffers do: averaging.py allocates them so), else None; the bulk path then reduces
+    in place, with no copy in or out."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    ptr, start = first.untyped_storage().data_ptr(), first.storage_offset()
+    offset = start
+    for t in tensors:
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.untyped_storage().data_ptr() != ptr \
+                or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    return torch.empty(0, dtype=torch.float32).set_(first.untyped_storage(), start, (offset - start,))
+
+
+def _flatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """The tensors one after the other at the start of ``flat`` (the rest is zeroed: padding)."""
     offset = 0
     for t in tensors:
-        piece = flat[offset:offset + t.numel()].copy_(t.reshape(-1))
-        if scale != 1.0:
-            piece.mul_(scale)
+        flat[offset:offset + t.numel()].copy_(t.reshape(-1))
         offset += t.numel()
-    return flat
+    flat[offset:].zero_()
 
 
-def _unflatten(flat: torch.Tensor, tensors: Sequence[torch.Tensor], scale: float = 1.0) -> None:
-    """The inverse of _flatten, in place: each tensor takes its values back (divided by ``scale``)."""
+def _unflatten(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """The inverse of _flatten_into, in place: each tensor takes its values back."""
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        if scale != 1.0:
-            t.div_(scale)
         offset += t.numel()
 
 
@@ -123,29 +230,37 @@ def _parts(valid: int, part_numel: int) -> Iterator[slice]:
 
 
 def allreduce_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpoints: Sequence[str],
-                   group_key: str, timeout: float, threads: int = 2) -> BulkTraffic:
+                   group_key: str, groups: BulkGroups) -> BulkTraffic:
     """Replace ``tensors`` (fp32, in place) with the group's weighted mean; ``endpoints[i]`` is member i's
     "ip:port", member 0's store is the rendezvous. Raises on any failure (a member gone, a timeout): then no
-    member applies anything from this round (gloo's collectives fail on every member together)."""
+    member applies anything from this round (gloo's collectives fail on every member together); the tensors
+    are scratch then (the averager's buffers are copied in afresh for every stage)."""
     size = len(endpoints)
-    delta = datetime.timedelta(seconds=timeout)
-    with _process_group(rank, endpoints, group_key, delta, threads) as pg:
-        numel = sum(t.numel() for t in tensors)
-        flat = _flatten(tensors, numel + 1, scale=weight)
-        flat[-1] = weight
-        pg.allreduce([flat]).wait(delta)
-        total = float(flat[-1])
+    with groups.group(rank, endpoints, group_key) as kept:
+        weights = torch.tensor([weight], dtype=torch.float64)
+        kept.pg.allreduce([weights]).wait(groups.delta)
+        total = float(weights[0])
         if total <= 0:
             raise FederationError("the group's total weight is zero")
-        _unflatten(flat, tensors, scale=total)
-        # a ring all-reduce sends (and receives) 2·(n−1)/n of the buffer per member
-        moved = int(2 * (size - 1) / size * flat.numel() * flat.element_size())
+        flat = flat_view(tensors)
+        inplace = flat is not None
+        if not inplace:
+            flat = kept.buffer("flat", sum(t.numel() for t in tensors))
+            _flatten_into(flat, tensors)
+        if weight != 1.0:
+            flat.mul_(weight)
+        kept.pg.allreduce([flat]).wait(groups.delta)
+        flat.div_(total)  # every member divides the same sums by the same total: the same bytes on all
+        if not inplace:
+            _unflatten(flat, tensors)
+        # a ring all-reduce sends (and receives) 2·(n−1)/n of the buffer per member, plus the weights
+        moved = int(2 * (size - 1) / size * (flat.numel() * flat.element_size() + 8))
         return BulkTraffic(moved, moved)
 
 
 def robust_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpoints: Sequence[str],
-                group_key: str, timeout: float, reduce: Reducer, part_numel: int, order: Sequence[int],
-                threads: int = 2, check: Callable[[int, torch.Tensor], bool] | None = None) -> BulkTraffic:
+                group_key: str, groups: BulkGroups, reduce: Reducer, part_numel: int, order: Sequence[int],
+                check: Callable[[int, torch.Tensor], bool] | None = None) -> BulkTraffic:
     """Like allreduce_mean, but every member reduces one slice of the vector from every sender's chunk of it
     (all-to-all), so ``reduce`` (federation/robust.py: clipping, CenteredClip, dropping non-finite chunks) sees
     each sender's contribution, part by part of ``part_numel`` values; the reduced slices are then all-gathered,
@@ -153,37 +268,38 @@ def robust_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpo
     (robust.ReducerCheck.accept): every member checks every reducer's slice, part by part, against what the
     senders declared; a part it refuses is zeroed (no update) — the same verdict on every member (same bytes)."""
     size = len(endpoints)
-    delta = datetime.timedelta(seconds=timeout)
     numel = sum(t.numel() for t in tensors)
     share = -(-numel // size)  # ceil: each member reduces one share (the last one padded with zeros)
-    flat = _flatten(tensors, share * size)
 
     def valid(reducer: int) -> int:  # values of a reducer's share that are not padding
         return min(share, numel - reducer * share)
 
-    with _process_group(rank, endpoints, group_key, delta, threads) as pg:
+    with groups.group(rank, endpoints, group_key) as kept:
+        flat = kept.buffer("send", share * size)
+        _flatten_into(flat, tensors)
         weights = torch.zeros(size, dtype=torch.float64)
         weights[rank] = weight
-        pg.allreduce([weights]).wait(delta)  # every member learns every sender's weight
-        received = [torch.empty(share, dtype=torch.float32) for _ in range(size)]
-        pg.alltoall(received, list(flat.view(size, share).unbind(0))).wait(delta)
-        mine = flat.new_zeros(share)
+        kept.pg.allreduce([weights]).wait(groups.delta)  # every member learns every sender's weight
+        received = list(kept.buffer("received", share * size).view(size, share).unbind(0))
+        kept.pg.alltoall(received, list(flat.view(size, share).unbind(0))).wait(groups.delta)
+        mine = kept.buffer("mine", share)
+        mine.zero_()
         factors: dict[int, float] = {}
         for part in _parts(valid(rank), part_numel):
             averaged, part_factors = reduce([r[part] for r in received], weights.tolist(), list(order))
             mine[part].copy_(averaged)
             for sender, f in part_factors.items():
                 factors[sender] = min(f, factors.get(sender, 1.0))
-        gathered = [torch.empty(share, dtype=torch.float32) for _ in range(size)]
-        pg.allgather([gathered], [mine]).wait(delta)
+        gathered = flat  # what this member sent is no longer needed: the reduced slices land in its place
+        kept.pg.allgather([list(gathered.view(size, share).unbind(0))], [mine]).wait(groups.delta)
         rejected: list[int] = []
         if check is not None:
-            for reducer, piece in enumerate(gathered):
+            for reducer, piece in enumerate(gathered.view(size, share).unbind(0)):
                 for part in _parts(valid(reducer), part_numel):
                     if not check(reducer, piece[part]):
                         piece[part].zero_()
                         if reducer not in rejected:
                             rejected.append(reducer)
-        _unflatten(torch.cat(gathered), tensors)
+        _unflatten(gathered, tensors)
         moved = int(2 * (size - 1) * share * 4 + (size - 1) * 8)
         return BulkTraffic(moved, moved, factors, rejected)
