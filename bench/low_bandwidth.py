@@ -91,7 +91,7 @@ def _tx_bytes(ifname: str) -> int:
 def run_photon(tb: Testbed, rate: float, args: argparse.Namespace, system: str = "photon_p2p",
                extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Photon daemons in the testbed for args.seconds; peer 0's eval records (global model) vs wall-clock."""
-    run_id = f"lowbw-{rate:g}-{os.getpid()}-{system}"
+    run_id = f"lowbw-{rate:g}-{os.getpid()}-{system}-{int(time.time())}"
     base = Path(args.runs) / f"{system}-{rate:g}mbit"
     dirs = [base / f"peer-{i}" for i in range(args.peers)]
     for d in dirs:

@@ -43,8 +43,8 @@ def ppl_at_tokens(evals: list[dict], tokens: int) -> float:
 
 
 def summarize(runs: list[dict]) -> None:
-    for rate in sorted({r["rate_mbit"] for r in runs}, reverse=True):
-        group = {r["system"]: r for r in runs if r["rate_mbit"] == rate}
+    for rate, seed in sorted({(r["rate_mbit"], r.get("seed", 0)) for r in runs}, reverse=True):
+        group = {r["system"]: r for r in runs if r["rate_mbit"] == rate and r.get("seed", 0) == seed}
         best = {k: min((e["val_ppl"] for e in r["evals"]), default=math.inf) for k, r in group.items()}
         target = max(best.values())
         solo_s_per_step = math.nan
@@ -85,6 +85,32 @@ def plot(res: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def quality_across_seeds(res: dict[str, Any]) -> list[str]:
+    """Per rate, overlap vs no overlap at equal tokens for every seed, and their mean ratio (several seeds: one
+    seed's 1-2% is within this machine's repeat noise)."""
+    seeds = res.get("seeds", [0])
+    if len(seeds) < 2:
+        return []
+    lines = ["", "Quality at equal tokens, overlap / no overlap, per seed (val ppl of the global model, "
+             "interpolated at the largest token count both runs of the seed evaluated):", "",
+             "| link | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ratio |", "| --- |" + " --- |" * (len(seeds) + 1)]
+    for rate in res["rates"]:
+        cells, ratios = [], []
+        for s in seeds:
+            pair = {r["system"]: r for r in res["runs"] if r["rate_mbit"] == rate and r.get("seed", 0) == s}
+            on, off = pair.get("overlap", {}), pair.get("no-overlap", {})
+            if "ppl_at_equal_tokens" in on and "ppl_at_equal_tokens" in off:
+                ratio = on["ppl_at_equal_tokens"] / off["ppl_at_equal_tokens"]
+                ratios.append(ratio)
+                cells.append(f"{on['ppl_at_equal_tokens']:.1f} / {off['ppl_at_equal_tokens']:.1f} = {ratio:.3f} "
+                             f"@ {on['equal_tokens'] / 1e3:.0f}k tok")
+            else:
+                cells.append("-")
+        mean_ratio = f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f}" if ratios else "-"
+        lines.append(f"| {rate:g} Mbit/s | " + " | ".join(cells) + f" | {mean_ratio} |")
+    return lines
+
+
 def markdown(res: dict[str, Any], command: str, name: str = "overlap") -> str:
     lines = [
         "## Overlap: compute utilization on shaped links, overlap on vs off vs per-step DDP (issue 10)",
@@ -104,15 +130,18 @@ def markdown(res: dict[str, Any], command: str, name: str = "overlap") -> str:
             tt = f"{r['time_to_target_s']:.0f}" if r.get("time_to_target_s") is not None else "not reached"
             eq = (f"{r['ppl_at_equal_tokens']:.1f} @ {r['equal_tokens'] / 1e3:.0f}k tok"
                   if "ppl_at_equal_tokens" in r else "")
-            lines.append(f"| {rate:g} Mbit/s | {r['system']} | {r['utilization']:.1%} | "
+            seed = f" (seed {r['seed']})" if len(res.get("seeds", [0])) > 1 else ""
+            lines.append(f"| {rate:g} Mbit/s | {r['system']}{seed} | {r['utilization']:.1%} | "
                          f"{'-' if math.isnan(idle) else f'{idle:.2f}'} | {r['inner_steps']} | {r['best_ppl']:.1f} | "
                          f"{tt} (target {r['target_ppl']:.0f}) | {eq} |")
+    lines += quality_across_seeds(res)
     pauses = [(rate, r) for rate in res["rates"] for r in res["runs"] if r["rate_mbit"] == rate and r.get("pause_s")]
     if pauses:  # where the trainer's time outside inner steps went, per round (daemon "pause" records)
         parts = list(pauses[0][1]["pause_s"])  # the daemon's order: wait, each part, total
         lines += ["", "Trainer pause per round after an average lands, by part (mean seconds; `pause` records):", "",
                   "| link | system | " + " | ".join(parts) + " |", "| --- | --- |" + " --- |" * len(parts)]
-        lines += [f"| {rate:g} Mbit/s | {r['system']} | " + " | ".join(f"{r['pause_s'][k]:.3f}" for k in parts)
+        lines += [f"| {rate:g} Mbit/s | {r['system']}"
+                  + (f" (seed {r['seed']})" if len(res.get("seeds", [0])) > 1 else "") + " | " + " | ".join(f"{r['pause_s'][k]:.3f}" for k in parts)
                   + " |" for rate, r in pauses]
     lines += ["", f"![val ppl vs wall-clock per link](bench/results/{name}.png)", "",
               f"Command (machine CPU-2, {res['date']}): `{command}`", "",
@@ -131,6 +160,8 @@ def main() -> int:
     ap.add_argument("--runs", default="runs/bench-overlap")
     ap.add_argument("--out", default="bench/results/overlap")
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="train.seed values: each system runs once per seed (model init and data order)")
     ap.add_argument("--replot", action="store_true")
     args = ap.parse_args()
     args.peers = 2
@@ -155,18 +186,21 @@ def main() -> int:
     try:
         for rate in args.rates:
             with Testbed(args.peers, rate_mbit=rate) as tb:
-                for system in args.systems:
-                    r = (run_ddp(tb, rate, args) if system == "ddp-gloo"
-                         else run_photon(tb, rate, args, system=system, extra=SYSTEMS[system]))
-                    runs.append(r)
-                    print(f"overlap: {rate:g} Mbit/s {system:>10}: {r['inner_steps']} steps, "
-                          f"utilization {r.get('utilization', math.nan):.1%}", flush=True)
+                for seed in args.seeds:
+                    for system in args.systems:
+                        seeded = [f"train.seed={seed}"] if len(args.seeds) > 1 or seed else []
+                        r = (run_ddp(tb, rate, args) if system == "ddp-gloo"
+                             else run_photon(tb, rate, args, system=system, extra=(*SYSTEMS[system], *seeded)))
+                        r["seed"] = seed
+                        runs.append(r)
+                        print(f"overlap: {rate:g} Mbit/s {system:>10} seed {seed}: {r['inner_steps']} steps, "
+                              f"utilization {r.get('utilization', math.nan):.1%}", flush=True)
     except NetnsError as e:
         print(f"overlap: error: {e}", file=sys.stderr)
         return 1
     summarize(runs)
     res = {"bench": "overlap", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rates": args.rates,
-           "seconds": args.seconds, "local_steps": args.local_steps, "overrides": args.overrides,
+           "seeds": args.seeds, "seconds": args.seconds, "local_steps": args.local_steps, "overrides": args.overrides,
            "params": sum(p.numel() for p in Transformer(cfg.model).parameters()), "runs": runs,
            "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
     return write_reports(Path(args.out), res)
