@@ -66,6 +66,7 @@ FED_AXES: list[tuple[str, dict[str, Any]]] = [
 CENTRAL_AXES: list[tuple[str, dict[str, Any]]] = [
     ("lr", {"lr": 6e-3}), ("lr", {"lr": 1.5e-3}), ("lr", {"lr": 1.2e-2}), ("warmup", {"warmup": 5}),
 ]
+NESTEROV = {"outer": "nesterov", "outer_lr": 0.7, "momentum": 0.9}  # DiLoCo's outer step
 LOCK = "/tmp/photon-bench.lock"
 
 
@@ -118,10 +119,9 @@ def plan_next(stage: str, done: dict[str, dict[str, Any]], prev: list[dict[str, 
         res = [done[key_of(identity(c))] | {"cfg": c} for c in prev
                if c["side"] == side and key_of(identity(c)) in done]
         if stage == "full":
-            picks = [make(side, stage, {})]
+            picks, combo = [make(side, stage, {})], {}
             base = next((r for r in res if r["cfg"]["axis"] == "base"), None)
             if base and side != "central":  # fine step: every axis's best value that beat the base, combined
-                combo: dict[str, Any] = {}
                 for axis in dict.fromkeys(a for a, _ in FED_AXES):
                     better = [r for r in _best([r for r in res if r["cfg"]["axis"] == axis], 1)
                               if r["final_ppl"] < base["final_ppl"]]
@@ -130,12 +130,19 @@ def plan_next(stage: str, done: dict[str, dict[str, Any]], prev: list[dict[str, 
                 if combo:
                     picks.append(make(side, stage, combo, "combined"))
             picks += [make(side, stage, r["cfg"]["params"], r["cfg"]["axis"]) for r in _best(res, 2)]
+            if combo:
+                # The screen's 4 outer steps (H = 32 at 1/3 budget) cannot credit outer momentum; the combination
+                # runs 12-48 of them at full budget, so it is tried once more with DiLoCo's Nesterov outer step.
+                picks.append(make(side, stage, combo | NESTEROV, "combined+nesterov"))
         else:  # long: the best two of the full stage
             picks = [make(side, stage, r["cfg"]["params"], r["cfg"]["axis"]) for r in _best(res, 2)]
         for p in picks:
             if key_of(identity(p)) not in {key_of(identity(x)) for x in runs}:
                 runs.append(p)
-    return runs
+    # Most informative first, across sides, so that a stage cut short still compares the likeliest winners:
+    # the combinations, the bases, momentum on the combination and the centralized lr, then the rest.
+    first = {"combined": 0, "base": 1, "combined+nesterov": 2, "lr": 2}
+    return sorted(runs, key=lambda c: first.get(c["axis"], 2)) if stage == "full" else runs
 
 
 def plan(done: dict[str, dict[str, Any]], stages: list[str], partial: bool) -> list[dict[str, Any]]:

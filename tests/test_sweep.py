@@ -67,9 +67,12 @@ def test_sweep_resumes_where_it_stopped_and_never_repeats_a_run(sweep, tmp_path)
     done = sweep.load_done(results)
     full = [c for c in sweep.plan(done, ["full"], partial=False)]
     fed_iid = [c for c in full if c["side"] == "fed-iid"]
-    assert [c["axis"] for c in fed_iid][:2] == ["base", "combined"]
-    combined = fed_iid[1]["params"]
+    assert [c["axis"] for c in fed_iid][:2] == ["combined", "base"]
+    assert [c["axis"] for c in full][:2] == ["combined", "combined"]  # the likeliest winners first
+    combined = fed_iid[0]["params"]
     assert combined["H"] == 8 and combined["outer_lr"] == 1.3 and combined["lr"] == 6e-3
+    nesterov = [c["params"] for c in fed_iid if c["axis"] == "combined+nesterov"]
+    assert nesterov == [combined | sweep.NESTEROV]
     central = [c for c in full if c["side"] == "central"]
     assert central[0]["params"]["lr"] == 3e-3 and any(c["params"]["lr"] == 6e-3 for c in central)
     assert all(c["budget"] == 1.0 for c in full)
