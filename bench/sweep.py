@@ -142,7 +142,7 @@ def plan_next(stage: str, done: dict[str, dict[str, Any]], prev: list[dict[str, 
     # Most informative first, across sides, so that a stage cut short still compares the likeliest winners:
     # the combinations, the bases, momentum on the combination and the centralized lr, then the rest.
     first = {"combined": 0, "base": 1, "combined+nesterov": 2, "lr": 2}
-    return sorted(runs, key=lambda c: first.get(c["axis"], 2)) if stage == "full" else runs
+    return sorted(runs, key=lambda c: first.get(c["axis"], 3)) if stage == "full" else runs
 
 
 def plan(done: dict[str, dict[str, Any]], stages: list[str], partial: bool) -> list[dict[str, Any]]:
