@@ -161,3 +161,15 @@ def test_flat_view_only_for_tensors_back_to_back_in_one_buffer():
     assert flat_view([torch.zeros(3), torch.zeros(3)]) is None  # two allocations
     assert flat_view([views[1], views[0]]) is None  # out of order
     assert flat_view([torch.zeros(4, dtype=torch.float64)]) is None
+
+
+@pytest.mark.timeout(60)
+def test_a_member_that_never_comes_fails_the_group_at_the_rendezvous_deadline_not_the_collective_one():
+    import time
+
+    host = BulkEndpoint("127.0.0.1", timeout=30.0)
+    groups = BulkGroups(30.0, rendezvous=1.0)  # a "ghost": hivemind counted member 1, which left
+    t0 = time.monotonic()
+    with pytest.raises(Exception):
+        allreduce_mean([torch.ones(4)], 1.0, 0, [host.address, "127.0.0.1:1"], "ghost", groups)
+    assert time.monotonic() - t0 < 10.0

@@ -408,7 +408,8 @@ class ProcessAverager(DecentralizedAverager):
         rank, endpoints, key = peers.index(str(self.peer_id)), list(self._bulk_endpoints), group_id.hex()
         loop = asyncio.get_event_loop()
         if self._bulk_groups is None:  # in the averager process (after the fork): gloo groups live here
-            self._bulk_groups = BulkGroups(self._bulk_timeout, threads=self._threads or 1)
+            self._bulk_groups = BulkGroups(self._bulk_timeout, threads=self._threads or 1,
+                                           rendezvous=self.next_chunk_timeout)
         if self._robust.mode == "none":
             traffic = await loop.run_in_executor(None, lambda: allreduce_mean(
                 tensors, weight, rank, endpoints, key, self._bulk_groups))

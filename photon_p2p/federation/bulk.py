@@ -113,8 +113,11 @@ class BulkGroups:
     that restarted, evicted the group, or saw it fail (any exception retires it) makes the whole group rebuild,
     so members never meet on two different process groups."""
 
-    def __init__(self, timeout: float, threads: int = 2, keep: int = 4) -> None:
+    def __init__(self, timeout: float, threads: int = 2, keep: int = 4, rendezvous: float | None = None) -> None:
+        """``timeout``: each collective's deadline; ``rendezvous``: how long to wait for every member's word on
+        reuse (a member hivemind counted but that left, a "ghost", never writes it: fail fast, not at the end)."""
         self.delta = datetime.timedelta(seconds=timeout)
+        self.rendezvous = datetime.timedelta(seconds=min(timeout, rendezvous if rendezvous else timeout))
         self.threads, self.keep = max(1, threads), keep
         self._kept: OrderedDict[tuple, _Kept] = OrderedDict()
         self._stores: dict[str, dist.TCPStore] = {}
@@ -139,6 +142,7 @@ class BulkGroups:
         try:
             agree = dist.PrefixStore(f"{group_key}/kept", self._store(endpoints[0]))
             agree.set(str(rank), have)
+            agree.wait([str(r) for r in range(len(endpoints))], self.rendezvous)
             gens = {agree.get(str(r)).decode() for r in range(len(endpoints))}
         except Exception:
             self._stores.pop(endpoints[0], None)  # a stale connection to member 0: dial again next round
