@@ -173,3 +173,14 @@ def test_a_member_that_never_comes_fails_the_group_at_the_rendezvous_deadline_no
     with pytest.raises(Exception):
         allreduce_mean([torch.ones(4)], 1.0, 0, [host.address, "127.0.0.1:1"], "ghost", groups)
     assert time.monotonic() - t0 < 10.0
+
+
+def test_scratch_buffers_are_reused_up_to_their_byte_limit():
+    from photon_p2p.federation.bulk import _Buffers
+
+    small = _Buffers(limit=1000 * 4)
+    a = small.get("send", 600)
+    assert small.get("send", 600) is a  # kept: no fresh allocation (and page faults) next round
+    b = small.get("received", 600)  # 1200 values > the limit: allocated for this round only
+    assert small.get("received", 600) is not b
+    assert small.get("send", 300) is not a  # another size: replaced

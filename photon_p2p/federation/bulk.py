@@ -78,23 +78,37 @@ class BulkTraffic:
 Reducer = Callable[[list, list, list], tuple[torch.Tensor, dict]]
 
 
+class _Buffers:
+    """Scratch buffers reused across rounds (page-faulting a fresh 100 MB buffer every round costs as much as the
+    copy into it), up to ``limit`` bytes in all: past that (a multi-GB model) they are allocated per round and
+    freed, so an averager does not hold several copies of the model between rounds."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.busy = limit, False
+        self._kept: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int) -> torch.Tensor:
+        buf = self._kept.get(name)
+        if buf is not None and buf.numel() == numel:
+            return buf
+        self._kept.pop(name, None)
+        buf = torch.empty(numel, dtype=torch.float32)
+        if sum(b.numel() * 4 for b in self._kept.values()) + numel * 4 <= self.limit:
+            self._kept[name] = buf
+        return buf
+
+
 class _Kept:
-    """One kept process group: the round it was built in (its ``gen``), whether an all-reduce is using it, and
-    its reusable buffers (allocated once: page-faulting a fresh 100 MB buffer every round costs as much as the
-    copy into it)."""
+    """One kept process group: the round it was built in (its ``gen``) and whether an all-reduce is using it."""
 
     def __init__(self, pg: dist.ProcessGroupGloo, gen: str) -> None:
         self.pg, self.gen, self.busy = pg, gen, False
-        self._buffers: dict[str, torch.Tensor] = {}
+        self.buffers = _Buffers(0)  # while in use: the averager's shared scratch buffers, unless another has them
 
     def buffer(self, name: str, numel: int) -> torch.Tensor:
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() != numel:
-            buf = self._buffers[name] = torch.empty(numel, dtype=torch.float32)
-        return buf
+        return self.buffers.get(name, numel)
 
     def shutdown(self) -> None:
-        self._buffers.clear()
         try:
             self.pg.shutdown()
         except Exception:  # already broken by the failure that retires it
@@ -113,7 +127,8 @@ class BulkGroups:
     that restarted, evicted the group, or saw it fail (any exception retires it) makes the whole group rebuild,
     so members never meet on two different process groups."""
 
-    def __init__(self, timeout: float, threads: int = 2, keep: int = 4, rendezvous: float | None = None) -> None:
+    def __init__(self, timeout: float, threads: int = 2, keep: int = 4, rendezvous: float | None = None,
+                 buffer_bytes: int = 2 ** 32) -> None:
         """``timeout``: each collective's deadline; ``rendezvous``: how long to wait for every member's word on
         reuse (a member hivemind counted but that left, a "ghost", never writes it: fail fast, not at the end)."""
         self.delta = datetime.timedelta(seconds=timeout)
@@ -122,6 +137,7 @@ class BulkGroups:
         self._kept: OrderedDict[tuple, _Kept] = OrderedDict()
         self._stores: dict[str, dist.TCPStore] = {}
         self._lock = threading.Lock()
+        self._buffers = _Buffers(buffer_bytes)  # one set for all groups: one all-reduce at a time uses it
         self.reused = self.built = 0  # how many rounds reused / built a process group (bench, tests)
 
     def _store(self, endpoint: str) -> dist.TCPStore:
@@ -158,6 +174,9 @@ class BulkGroups:
             if old is not None and old is not entry and not old.busy:
                 old.shutdown()
             entry.busy = True
+            # a cancelled round's all-reduce may still be running on the shared buffers: then use fresh ones
+            entry.buffers = self._buffers if not self._buffers.busy else _Buffers(0)
+            entry.buffers.busy = True
             self._kept[key] = entry
             while len(self._kept) > self.keep:
                 _, evicted = self._kept.popitem(last=False)
@@ -169,7 +188,8 @@ class BulkGroups:
             failed = False
         finally:
             with self._lock:
-                entry.busy = False
+                entry.busy = entry.buffers.busy = False
+                entry.buffers = _Buffers(0)
                 current = self._kept.get(key) is entry
                 if failed and current:
                     del self._kept[key]
