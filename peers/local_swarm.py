@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Start a local swarm of N photon-peer daemons on 127.0.0.1 (one corpus source per silo) and tear it down.
 
-Usage:  python peers/local_swarm.py [--peers 3] [--config tiny] [--rounds 8] [--out runs/swarm] [--set KEY=VALUE ...]
+Usage:  python peers/local_swarm.py [--peers 3] [--config tiny] [--rounds 32] [--out runs/swarm] [--set KEY=VALUE ...]
 
 Peer 0 starts the swarm; the others join through its multiaddr. Each silo trains on one source of the
 embedded corpus (shakespeare, kjv, brown, ...): a non-IID split. Ctrl-C (or the end of the rounds) stops every
@@ -110,7 +110,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", type=int, default=3)
     ap.add_argument("--config", default="tiny")
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=32)
     ap.add_argument("--run-id", default="local-swarm")
     ap.add_argument("--out", default="runs/swarm")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per peer")
