@@ -112,6 +112,9 @@ def quality_across_seeds(res: dict[str, Any]) -> list[str]:
 
 
 def markdown(res: dict[str, Any], command: str, name: str = "overlap") -> str:
+    def system(r: dict[str, Any]) -> str:  # the run's system, and its seed when the runs have several
+        return r["system"] + (f" (seed {r['seed']})" if len(res.get("seeds", [0])) > 1 else "")
+
     lines = [
         "## Overlap: compute utilization on shaped links, overlap on vs off vs per-step DDP (issue 10)",
         "",
@@ -130,8 +133,7 @@ def markdown(res: dict[str, Any], command: str, name: str = "overlap") -> str:
             tt = f"{r['time_to_target_s']:.0f}" if r.get("time_to_target_s") is not None else "not reached"
             eq = (f"{r['ppl_at_equal_tokens']:.1f} @ {r['equal_tokens'] / 1e3:.0f}k tok"
                   if "ppl_at_equal_tokens" in r else "")
-            seed = f" (seed {r['seed']})" if len(res.get("seeds", [0])) > 1 else ""
-            lines.append(f"| {rate:g} Mbit/s | {r['system']}{seed} | {r['utilization']:.1%} | "
+            lines.append(f"| {rate:g} Mbit/s | {system(r)} | {r['utilization']:.1%} | "
                          f"{'-' if math.isnan(idle) else f'{idle:.2f}'} | {r['inner_steps']} | {r['best_ppl']:.1f} | "
                          f"{tt} (target {r['target_ppl']:.0f}) | {eq} |")
     lines += quality_across_seeds(res)
@@ -140,9 +142,8 @@ def markdown(res: dict[str, Any], command: str, name: str = "overlap") -> str:
         parts = list(pauses[0][1]["pause_s"])  # the daemon's order: wait, each part, total
         lines += ["", "Trainer pause per round after an average lands, by part (mean seconds; `pause` records):", "",
                   "| link | system | " + " | ".join(parts) + " |", "| --- | --- |" + " --- |" * len(parts)]
-        lines += [f"| {rate:g} Mbit/s | {r['system']}"
-                  + (f" (seed {r['seed']})" if len(res.get("seeds", [0])) > 1 else "") + " | " + " | ".join(f"{r['pause_s'][k]:.3f}" for k in parts)
-                  + " |" for rate, r in pauses]
+        lines += [f"| {rate:g} Mbit/s | {system(r)} | " + " | ".join(f"{r['pause_s'][k]:.3f}" for k in parts) + " |"
+                  for rate, r in pauses]
     lines += ["", f"![val ppl vs wall-clock per link](bench/results/{name}.png)", "",
               f"Command (machine CPU-2, {res['date']}): `{command}`", "",
               f"Raw numbers: `bench/results/{name}.json`.", ""]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -165,8 +167,6 @@ def test_flat_view_only_for_tensors_back_to_back_in_one_buffer():
 
 @pytest.mark.timeout(60)
 def test_a_member_that_never_comes_fails_the_group_at_the_rendezvous_deadline_not_the_collective_one():
-    import time
-
     host = BulkEndpoint("127.0.0.1", timeout=30.0)
     groups = BulkGroups(30.0, rendezvous=1.0)  # a "ghost": hivemind counted member 1, which left
     t0 = time.monotonic()

@@ -138,7 +138,7 @@ class BulkGroups:
         self._stores: dict[str, dist.TCPStore] = {}
         self._lock = threading.Lock()
         self._buffers = _Buffers(buffer_bytes)  # one set for all groups: one all-reduce at a time uses it
-        self.reused = self.built = 0  # how many rounds reused / built a process group (bench, tests)
+        self.reused = 0  # how many rounds reused a kept process group (tests)
 
     def _store(self, endpoint: str) -> dist.TCPStore:
         store = self._stores.get(endpoint)
@@ -168,7 +168,6 @@ class BulkGroups:
             self.reused += 1
         else:
             entry = _Kept(self._build(rank, endpoints, group_key), group_key)
-            self.built += 1
         with self._lock:
             old = self._kept.pop(key, None)
             if old is not None and old is not entry and not old.busy:
@@ -204,13 +203,6 @@ class BulkGroups:
         options._threads = self.threads
         return dist.ProcessGroupGloo(dist.PrefixStore(group_key, self._store(endpoints[0])), rank, len(endpoints),
                                      options)
-
-    def close(self) -> None:
-        with self._lock:
-            for entry in self._kept.values():
-                entry.shutdown()
-            self._kept.clear()
-            self._stores.clear()
 
 
 def flat_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
