@@ -476,12 +476,12 @@ def _validate_admission(f: FederationConfig, net: NetworkConfig) -> None:
 def validate_network(net: NetworkConfig) -> None:
     """Addresses parse as multiaddrs (initial peers with /p2p/<id>, announced ones with an explicit port) and an
     existing identity file is a private key; also used by `bootstrap` and `status`, which have no full config."""
-    import multiaddr  # light (no hivemind); imported here so that config-only tools do not pay for it
-
     for key, addrs in (("network.initial_peers", net.initial_peers), ("network.host_maddrs", net.host_maddrs),
                        ("network.announce_maddrs", net.announce_maddrs)):
         where = f"{key} / --{key.split('.')[1].replace('_', '-')}"  # the config key and its command-line flag
         for text in addrs:
+            import multiaddr  # only when there is an address: a training-only machine needs no network stack
+
             try:
                 maddr = multiaddr.Multiaddr(text.strip())
                 names = [p.name for p in maddr.protocols()]

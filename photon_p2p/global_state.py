@@ -10,7 +10,7 @@ import torch
 from photon_p2p.config import FederationConfig
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.outer import OuterOptimizer
-from photon_p2p.federation.swarm import fingerprint
+from photon_p2p.federation.identity import fingerprint
 from photon_p2p.train.parallel import host_copy
 
 

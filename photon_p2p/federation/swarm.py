@@ -7,7 +7,6 @@ real one. It starts its parts in dependency order and shuts them down in reverse
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -23,6 +22,7 @@ from photon_p2p.federation.admission import SwarmAdmission
 from photon_p2p.federation.averager_process import RoundTracker, admitted_progress, progress_members
 from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
 from photon_p2p.federation.groups import plan_groups
+from photon_p2p.federation.identity import fingerprint  # noqa: F401  (re-exported: tests and the daemon use it)
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, visible_maddrs
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
@@ -35,16 +35,6 @@ from photon_p2p.federation.records import (
 
 log = logging.getLogger("photon_p2p.federation")
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
-
-
-def fingerprint(tensors: list[torch.Tensor]) -> str:
-    """sha256 (hex) of the tensors' exact bytes, shapes and dtypes: equal iff two peers hold the same state."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().data)
-    return h.hexdigest()
 
 
 class Swarm(Protocol):

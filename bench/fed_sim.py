@@ -1,0 +1,276 @@
+#!/usr/bin/env python
+"""In-process federation on one device: the daemon's round arithmetic for N silos, against centralized training.
+
+Usage:
+  python bench/fed_sim.py --plan long --jobs 12 --results bench/results/sweep-sim   # the sweep's long stage (4x)
+  python bench/fed_sim.py --plan full --jobs 12 --results bench/results/sweep-sim   # its full stage (calibration)
+  python bench/fed_sim.py --preset photon-125m --budget 0.6667 --sides central fed-iid fed-noniid \\
+      --set model.seq_len=512 --results bench/results/sim-125m                       # a larger model, one by one
+  python bench/fed_sim.py --smoke --results /tmp/sim-smoke                             # tiny, 2 rounds, seconds
+
+Why it exists: bench/sweep.py runs real `photon-peer` daemons on 127.0.0.1, which a 2-core machine runs at
+~10 min per 3 M tokens, and the GPU machine lent to sessions has no network stack (no hivemind). This runs the
+same recipe there. Each silo is a LocalTrainer (what the daemon drives) with its own GlobalState (the daemon's
+θ_global and outer optimizer). Every round each silo takes H steps; Δ = GlobalState.pseudo_gradient(); the
+token-weighted mean of the silos' Δ goes to every silo's GlobalState.apply (the outer step, θ_local ← θ_global);
+federation.inner_state=reset clears AdamW as the daemon does; silo 0 then scores the global model. Centralized
+runs are run_solo, the loop of `photon-peer train`. Left out: the transport (compression, robust clipping of
+senders, stragglers and partial groups): the mean is exact and every silo is in every round.
+
+Configs are the sweep's (bench/sweep.py make/spec_of), so records have its format and its table renders them
+(`python bench/sweep.py --report-only --results DIR`); a record adds "engine" and "device". Runs finished in
+RESULTS/runs.jsonl are skipped (resumable). With --jobs > 1 runs go to that many child processes at once (a GPU
+is mostly idle under one tiny run), so their wall-clock columns are not comparable and are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))  # run from a checkout without installing (the GPU machine)
+import sweep  # noqa: E402  (bench/ is not a package)
+
+SOURCES = ["shakespeare", "kjv", "brown"]
+# No transport here: nothing to compress, no address to listen on (the config's network check needs none).
+SIM_OVERRIDES = ["federation.compression=none", "network.host_maddrs=[]", "network.announce_maddrs=[]"]
+
+
+def data_dirs(root: Path) -> dict[str, Path]:
+    """The prepared data of bench/convergence.py's cache: union (IID, and the held-out set) and one per source."""
+    dirs = {name: root / name for name in ["union", *SOURCES]}
+    missing = [str(d) for d in dirs.values() if not (d / "manifest.json").exists()]
+    if missing:
+        raise sweep.conv.BenchError(f"no prepared data in {', '.join(missing)} (run bench/sweep.py or "
+                                    "bench/convergence.py once with --corpus to prepare it)")
+    return dirs
+
+
+def spec_of(cfg: dict[str, Any], data: dict[str, Path]) -> sweep.conv.RunSpec:
+    """The sweep's RunSpec of a config, on the config's preset, with the config's extra overrides last."""
+    args = argparse.Namespace(central_threads=0, eval_batches=cfg.get("eval_batches", 8), round_deadline=120.0)
+    spec = sweep.spec_of(cfg, data, args)
+    spec.config = cfg.get("preset", "tiny")
+    spec.overrides = [o for o in spec.overrides if not o.startswith("train.threads=")] + SIM_OVERRIDES \
+        + list(cfg.get("extra", []))
+    return spec
+
+
+def _load(spec: sweep.conv.RunSpec, data_dir: Path, run_dir: Path, name: str):
+    from photon_p2p.config import load_config
+
+    return load_config([spec.config], spec.overrides + [f"data.path={data_dir}", f"run_dir={run_dir}",
+                                                        f"name={name}"])
+
+
+def run_central(spec: sweep.conv.RunSpec, run_dir: Path) -> dict[str, Any]:
+    """`photon-peer train`'s loop (run_solo); the curve is its eval records."""
+    from photon_p2p.train.solo import run_solo
+
+    cfg = _load(spec, spec.silo_data[0], run_dir, "central")
+    t0 = time.time()
+    run_solo(cfg, progress=False)
+    wall = time.time() - t0
+    evals = sweep.conv._records(run_dir, "eval")
+    curve = [(int(e["tokens"]), float(e["val_ppl"])) for e in evals]
+    return {"curve": curve, "final_ppl": curve[-1][1], "wall_s": round(wall, 1),
+            "wall_curve": [(round(float(e["time"]) - t0, 1), float(e["val_ppl"])) for e in evals]}
+
+
+def run_federated(spec: sweep.conv.RunSpec, run_dir: Path) -> dict[str, Any]:
+    """N silos round by round: H local steps each, the exact mean Δ, every silo's outer step."""
+    import torch
+
+    from photon_p2p.global_state import GlobalState
+    from photon_p2p.train.trainer import build_trainer
+
+    cfgs = [_load(spec, d, run_dir / f"peer-{i}", f"silo-{i}") for i, d in enumerate(spec.silo_data)]
+    fed, steps = cfgs[0].federation, cfgs[0].train.max_steps
+    silos = [build_trainer(c, str(c.data.path), peer=f"silo-{i}") for i, c in enumerate(cfgs)]
+    states = [GlobalState(t.local_params(), c.federation) for t, c in zip(silos, cfgs)]
+    curve, wall_curve, t0 = [], [], time.time()
+    for r in range(fed.rounds):
+        before = silos[0].step
+        deltas, weights = [], []
+        for trainer, state in zip(silos, states):
+            tokens0 = trainer.tokens
+            for _ in range(fed.local_steps):
+                trainer.train_step()
+            deltas.append(state.pseudo_gradient())
+            weights.append(float(trainer.tokens - tokens0))
+        total = sum(weights)
+        mean = [sum(d[k] * (w / total) for d, w in zip(deltas, weights)) for k in range(len(deltas[0]))]
+        for trainer, state in zip(silos, states):
+            state.apply([m.clone() for m in mean])
+            if fed.inner_state == "reset":
+                trainer.reset_optimizer_state()
+        fps = {s.fingerprint() for s in states} if r == fed.rounds - 1 else {None}
+        if len(fps) != 1:
+            raise sweep.conv.BenchError(f"silos hold {len(fps)} different models after the last round")
+        after = silos[0].step
+        if (after // spec.eval_every > before // spec.eval_every) or after >= steps:
+            ppl = silos[0].evaluate()["val_ppl"]  # θ_local = θ_global right after apply: the global model
+            if not math.isfinite(ppl):
+                raise sweep.conv.BenchError(f"round {r}: the global model's val ppl is {ppl}")
+            curve.append((sum(t.tokens for t in silos), ppl))
+            wall_curve.append((round(time.time() - t0, 1), ppl))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return {"curve": curve, "final_ppl": curve[-1][1], "wall_s": round(time.time() - t0, 1),
+            "wall_curve": wall_curve, "rounds": fed.rounds}
+
+
+def run_one(cfg: dict[str, Any], data_root: Path, run_dir: Path) -> dict[str, Any]:
+    import shutil
+
+    import torch
+
+    spec = spec_of(cfg, data_dirs(data_root))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    out = (run_central if cfg["side"] == "central" else run_federated)(spec, run_dir)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return out | {"engine": "sim", "device": device}
+
+
+# ---- planning ---------------------------------------------------------------------------------------------
+def key_of(cfg: dict[str, Any]) -> str:
+    """The sweep's key, plus the preset and extra overrides when a config has them."""
+    extra = {k: cfg[k] for k in ("preset", "extra", "eval_batches") if k in cfg}
+    return sweep.key_of(sweep.identity(cfg) | extra | {"engine": "sim"})
+
+
+def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.smoke:
+        cfg = [sweep.make("central", "screen", {}), sweep.make("fed-noniid", "screen", {"H": 8})]
+        for c in cfg:
+            c["budget"] = 16 / sweep.BASE_STEPS  # 16 steps per silo: 2 rounds of H = 8
+            c["extra"] = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.seq_len=16",
+                          "train.eval_batches=2"]
+        return cfg
+    if args.plan:
+        # Every configuration of the sweep's full stage (not only its best two): the extra runs cost little here.
+        done = sweep.load_done(Path(args.sweep_results) / "runs.jsonl")
+        full = sweep.plan(done, ["full"], partial=True)
+        return [sweep.make(c["side"], args.plan, c["params"], c["axis"]) for c in full]
+    out = []
+    for lr in args.lrs or [None]:  # each side's best recipe of the sweep's full stage so far, on --preset
+        for side in args.sides:
+            params = best_params(Path(args.sweep_results) / "runs.jsonl", side)
+            params |= ({"lr": lr} if lr else {}) | ({"warmup": args.warmup} if args.warmup is not None else {})
+            c = sweep.make(side, "full", params, "best")
+            c |= {"budget": args.budget, "stage": args.preset, "preset": args.preset, "extra": args.set,
+                  "eval_batches": args.eval_batches}
+            out.append(c)
+    return out
+
+
+def best_params(results: Path, side: str) -> dict[str, Any]:
+    full = [r for r in sweep.load_done(results).values() if r["config"]["budget"] == 1.0
+            and r["config"]["side"] == side and r.get("final_ppl")]
+    if not full:
+        raise sweep.conv.BenchError(f"{results} has no full-stage {side} run to take the best recipe from")
+    return min(full, key=lambda r: r["final_ppl"])["config"]["params"]
+
+
+def record(cfg: dict[str, Any], out: dict[str, Any], concurrent: bool) -> dict[str, Any]:
+    if concurrent:
+        out = out | {"wall_curve": []}  # timed beside other runs: not comparable
+    extra = {k: cfg[k] for k in ("preset", "extra") if k in cfg}
+    return {"key": key_of(cfg), "config": sweep.identity(cfg) | extra, "stage": cfg["stage"], "axis": cfg["axis"],
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "lock_s": out["wall_s"],
+            "concurrent": concurrent, **out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan", choices=["full", "long"], help="the sweep's stage to run (every full-stage config)")
+    ap.add_argument("--smoke", action="store_true", help="two 16-step runs of a very small model (central, "
+                    "non-IID H=8): seconds on a CPU")
+    ap.add_argument("--preset", default="tiny", help="with --sides: the preset to run the best recipe on")
+    ap.add_argument("--sides", nargs="+", choices=["central", "fed-iid", "fed-noniid"], default=[])
+    ap.add_argument("--budget", type=float, default=1.0, help="with --sides: steps = 384 x budget per silo")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --sides: overrides")
+    ap.add_argument("--lrs", nargs="+", type=float, default=[], help="with --sides: one run per inner lr")
+    ap.add_argument("--warmup", type=int, default=None, help="with --sides: inner warmup steps of every run")
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    ap.add_argument("--data", default=str(sweep.conv.REPO / "runs" / "bench-data"))
+    ap.add_argument("--sweep-results", default=str(BENCH / "results" / "sweep"))
+    ap.add_argument("--results", help="where runs.jsonl and sweep.md go (required)")
+    ap.add_argument("--runs", default=None, help="run dirs (default: a temporary dir)")
+    ap.add_argument("--deadline-s", type=float, default=math.inf, help="start no run after this many seconds")
+    ap.add_argument("--list", action="store_true", help="print the runs it would start, and exit")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # child: run this config JSON, write its output to --record
+    ap.add_argument("--record", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        out = run_one(json.loads(args.one), Path(args.data), Path(args.runs))
+        Path(args.record).write_text(json.dumps(out))
+        return 0
+    if not (args.plan or args.smoke or args.sides):
+        ap.error("nothing to run: give --plan, --sides or --smoke")
+    if not args.results:
+        ap.error("--results DIR is required")
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    results = Path(args.results) / "runs.jsonl"
+    done = sweep.load_done(results)
+    todo = [c for c in plan(args) if key_of(c) not in done]
+    if args.list:
+        for c in todo:
+            print(f"{key_of(c)} {c['stage']:11} {c['side']:10} {c['axis']:17} budget {c['budget']:.4g} "
+                  f"{json.dumps(c['params'])} {' '.join(c.get('extra', []))}")
+        return 0
+    if todo:
+        data_dirs(Path(args.data))  # a missing dataset fails here, once, not in every child
+    runs = Path(args.runs or tempfile.mkdtemp(prefix="fed-sim-"))
+    runs.mkdir(parents=True, exist_ok=True)
+    t_start, failed = time.monotonic(), 0
+    pending: list[tuple[subprocess.Popen, dict[str, Any], Path]] = []
+    concurrent = args.jobs > 1 and len(todo) > 1
+    while todo or pending:
+        while todo and len(pending) < args.jobs and time.monotonic() - t_start < args.deadline_s:
+            cfg = todo.pop(0)
+            rec_path = runs / f"{key_of(cfg)}.json"
+            log = (runs / f"{key_of(cfg)}.log").open("w")
+            cmd = [sys.executable, __file__, "--one", json.dumps(cfg), "--record", str(rec_path),
+                   "--data", args.data, "--runs", str(runs / key_of(cfg))]
+            pending.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), cfg, rec_path))
+            print(f"fed_sim: started {key_of(cfg)} {cfg['side']} {cfg['axis']} {json.dumps(cfg['params'])}",
+                  flush=True)
+        if todo and not pending:
+            print(f"fed_sim: --deadline-s reached; {len(todo)} run(s) not started", flush=True)
+            break
+        time.sleep(0.5)
+        for item in [p for p in pending if p[0].poll() is not None]:
+            proc, cfg, rec_path = item
+            pending.remove(item)
+            if proc.returncode != 0 or not rec_path.exists():
+                failed += 1
+                tail = (runs / f"{key_of(cfg)}.log").read_text().strip().splitlines()[-3:]
+                print(f"fed_sim: {key_of(cfg)} failed (exit {proc.returncode}): {' | '.join(tail)}", flush=True)
+                continue
+            rec = record(cfg, json.loads(rec_path.read_text()), concurrent)
+            sweep.append(results, rec)
+            print(f"fed_sim: {rec['key']} {cfg['side']} {cfg['axis']} val ppl {rec['final_ppl']:.2f} "
+                  f"in {rec['wall_s']:.0f}s", flush=True)
+    text = sweep.table(sweep.load_all(results))
+    (Path(args.results) / "sweep.md").write_text(text + "\n")
+    print(text)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except sweep.conv.BenchError as e:
+        sys.exit(f"fed_sim: {e}")
