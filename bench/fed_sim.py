@@ -123,6 +123,8 @@ def run_federated(spec: sweep.conv.RunSpec, run_dir: Path) -> dict[str, Any]:
             if not math.isfinite(ppl):
                 raise sweep.conv.BenchError(f"round {r}: the global model's val ppl is {ppl}")
             curve.append((sum(t.tokens for t in silos), ppl))
+            print(f"round {r + 1}/{fed.rounds}: step {after}, tokens {curve[-1][0]}, val ppl {ppl:.2f}, "
+                  f"{time.time() - t0:.0f}s", flush=True)
             wall_curve.append((round(time.time() - t0, 1), ppl))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -191,6 +193,37 @@ def record(cfg: dict[str, Any], out: dict[str, Any], concurrent: bool) -> dict[s
             "concurrent": concurrent, **out}
 
 
+def plot_all(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Every run's curve (val ppl against total training tokens), one line each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for r in sorted(records, key=lambda r: (r["config"]["side"], r["final_ppl"])):
+        if r.get("curve"):
+            xs, ys = zip(*r["curve"])
+            extra = " ".join(e.split(".")[-1] for e in r["config"].get("extra", []) if "batch_size" in e)
+            ax.plot([x / 1e6 for x in xs], ys, marker="o", ms=3, label=f"{r['config']['side']} {r['axis']} "
+                    f"lr={r['config']['params']['lr']:g} {extra} ({r['key'][:6]}): {r['final_ppl']:.1f}")
+    ax.set(title=title, xlabel="total training tokens (M)", ylabel="val ppl", yscale="log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(results_dir: Path, title: str) -> str:
+    """sweep.md (the sweep's table) and curves.png (every run) from RESULTS/runs.jsonl."""
+    records = sweep.load_all(results_dir / "runs.jsonl")
+    text = sweep.table(records)
+    (results_dir / "sweep.md").write_text(text + "\n")
+    if records:
+        plot_all(records, results_dir / "curves.png", title)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", choices=["full", "long"], help="the sweep's stage to run (every full-stage config)")
@@ -209,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", help="where runs.jsonl and sweep.md go (required)")
     ap.add_argument("--runs", default=None, help="run dirs (default: a temporary dir)")
     ap.add_argument("--deadline-s", type=float, default=math.inf, help="start no run after this many seconds")
+    ap.add_argument("--report-only", action="store_true", help="rewrite sweep.md and curves.png, run nothing")
+    ap.add_argument("--title", default="bench/fed_sim.py: val ppl against tokens")
+    ap.add_argument("--only", nargs="+", metavar="KEY", help="run only these planned keys (see --list)")
     ap.add_argument("--list", action="store_true", help="print the runs it would start, and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child: run this config JSON, write its output to --record
     ap.add_argument("--record", help=argparse.SUPPRESS)
@@ -217,14 +253,22 @@ def main(argv: list[str] | None = None) -> int:
         out = run_one(json.loads(args.one), Path(args.data), Path(args.runs))
         Path(args.record).write_text(json.dumps(out))
         return 0
-    if not (args.plan or args.smoke or args.sides):
-        ap.error("nothing to run: give --plan, --sides or --smoke")
     if not args.results:
         ap.error("--results DIR is required")
+    if args.report_only:
+        print(report(Path(args.results), args.title))
+        return 0
+    if not (args.plan or args.smoke or args.sides):
+        ap.error("nothing to run: give --plan, --sides or --smoke")
     Path(args.results).mkdir(parents=True, exist_ok=True)
     results = Path(args.results) / "runs.jsonl"
     done = sweep.load_done(results)
     todo = [c for c in plan(args) if key_of(c) not in done]
+    if args.only:
+        unknown = set(args.only) - {key_of(c) for c in plan(args)}
+        if unknown:
+            raise sweep.conv.BenchError(f"--only: {', '.join(sorted(unknown))} not in the plan (see --list)")
+        todo = [c for c in todo if key_of(c) in args.only]
     if args.list:
         for c in todo:
             print(f"{key_of(c)} {c['stage']:11} {c['side']:10} {c['axis']:17} budget {c['budget']:.4g} "
@@ -263,9 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep.append(results, rec)
             print(f"fed_sim: {rec['key']} {cfg['side']} {cfg['axis']} val ppl {rec['final_ppl']:.2f} "
                   f"in {rec['wall_s']:.0f}s", flush=True)
-    text = sweep.table(sweep.load_all(results))
-    (Path(args.results) / "sweep.md").write_text(text + "\n")
-    print(text)
+    print(report(Path(args.results), args.title))
     return 1 if failed else 0
 
 

@@ -308,23 +308,32 @@ def table(done: dict[str, dict[str, Any]] | list[dict[str, Any]]) -> str:
     lines, every = [], list(done.values()) if isinstance(done, dict) else done
     for budget in sorted({r["config"]["budget"] for r in every}):
         recs = [r for r in every if r["config"]["budget"] == budget]
-        central = [r["final_ppl"] for r in recs if r["config"]["side"] == "central" and r.get("final_ppl")]
-        best_c = min(central) if central else None
-        t_eq = min(r["wall_s"] for r in recs)
+        best = min((r for r in recs if r["config"]["side"] == "central" and r.get("final_ppl")),
+                   key=lambda r: r["final_ppl"], default=None)
+        best_c = best["final_ppl"] if best else None
+        timed = [r["wall_s"] for r in recs if r.get("wall_curve")]  # runs timed beside others have none
+        t_eq = min(timed) if timed else math.nan
         tokens = steps_of(budget) * PEERS * SILO_BATCH * 128
-        lines += [f"\n**Budget {budget:.3g}x ({tokens / 1e6:.2f} M tokens)**; equal wall-clock = {t_eq:.0f} s "
-                  "(this budget's fastest run)\n",
-                  "| key | side | varied | recipe | val ppl | / best central | ppl @ equal wall | wall (s) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"\n**Budget {budget:.3g}x ({tokens / 1e6:.2f} M tokens of the tiny preset)**; equal wall-clock "
+                  f"= {t_eq:.0f} s (this budget's fastest run)\n",
+                  "| key | side | varied | recipe | tokens (M) | val ppl | / best central | ppl @ equal wall | wall (s) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sorted(recs, key=lambda r: (r["config"]["side"], r["final_ppl"] or math.inf)):
             p = r["config"]["params"]
             base = BASE_CENTRAL if r["config"]["side"] == "central" else BASE_FED
             diff = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in p.items() if v != base[k]) or "(base)"
+            if r["config"].get("extra"):  # fed_sim's runs on another preset / with extra overrides
+                diff += f"; {r['config'].get('preset', 'tiny')} " + " ".join(r["config"]["extra"])
+            toks = f"{r['curve'][-1][0] / 1e6:.2f}" if r.get("curve") else "-"
             ratio = f"{r['final_ppl'] / best_c:.3f}" if best_c and r.get("final_ppl") else "-"
+            # Daemons count a few steps more or less than the budget (the swarm clock); 2x the tokens is not it.
+            if best and best.get("curve") and r.get("curve") and \
+                    abs(r["curve"][-1][0] / best["curve"][-1][0] - 1) > 0.05:
+                ratio = "- (other tokens)"  # not an equal-token comparison
             eq = ppl_at(r.get("wall_curve", []), t_eq, end=r["wall_s"])
-            lines.append(f"| {r['key']} | {r['config']['side']} | {r['axis']} | {diff} | {r['final_ppl']:.2f} | "
-                         f"{ratio} | {f'{eq:.1f}' if eq else '-'} | {r['wall_s']:.0f} |")
+            lines.append(f"| {r['key']} | {r['config']['side']} | {r['axis']} | {diff} | {toks} | "
+                         f"{r['final_ppl']:.2f} | {ratio} | {f'{eq:.1f}' if eq else '-'} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
