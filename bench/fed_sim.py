@@ -15,7 +15,8 @@ same recipe there. Each silo is a LocalTrainer (what the daemon drives) with its
 token-weighted mean of the silos' Δ goes to every silo's GlobalState.apply (the outer step, θ_local ← θ_global);
 federation.inner_state=reset clears AdamW as the daemon does; silo 0 then scores the global model. Centralized
 runs are run_solo, the loop of `photon-peer train`. Left out: the transport (compression, robust clipping of
-senders, stragglers and partial groups): the mean is exact and every silo is in every round.
+senders, stragglers and partial groups) and the swarm clock (a silo ahead takes extra steps in a round): the
+mean is exact, every silo takes exactly H steps and is in every round.
 
 Configs are the sweep's (bench/sweep.py make/spec_of), so records have its format and its table renders them
 (`python bench/sweep.py --report-only --results DIR`); a record adds "engine" and "device". Runs finished in
@@ -87,8 +88,9 @@ def run_central(spec: sweep.conv.RunSpec, run_dir: Path) -> dict[str, Any]:
             "wall_curve": [(round(float(e["time"]) - t0, 1), float(e["val_ppl"])) for e in evals]}
 
 
-def run_federated(spec: sweep.conv.RunSpec, run_dir: Path) -> dict[str, Any]:
-    """N silos round by round: H local steps each, the exact mean Δ, every silo's outer step."""
+def run_federated(spec: sweep.conv.RunSpec, run_dir: Path, states_out: list | None = None) -> dict[str, Any]:
+    """N silos round by round: H local steps each, the exact mean Δ, every silo's outer step. ``states_out``
+    receives the silos' GlobalStates (tests compare them with the daemon's)."""
     import torch
 
     from photon_p2p.global_state import GlobalState
@@ -98,6 +100,8 @@ def run_federated(spec: sweep.conv.RunSpec, run_dir: Path) -> dict[str, Any]:
     fed, steps = cfgs[0].federation, cfgs[0].train.max_steps
     silos = [build_trainer(c, str(c.data.path), peer=f"silo-{i}") for i, c in enumerate(cfgs)]
     states = [GlobalState(t.local_params(), c.federation) for t, c in zip(silos, cfgs)]
+    if states_out is not None:
+        states_out.extend(states)
     curve, wall_curve, t0 = [], [], time.time()
     for r in range(fed.rounds):
         before = silos[0].step
@@ -129,7 +133,7 @@ def run_federated(spec: sweep.conv.RunSpec, run_dir: Path) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return {"curve": curve, "final_ppl": curve[-1][1], "wall_s": round(time.time() - t0, 1),
-            "wall_curve": wall_curve, "rounds": fed.rounds}
+            "wall_curve": wall_curve, "rounds": fed.rounds, "fingerprint": states[0].fingerprint()[:8]}
 
 
 def run_one(cfg: dict[str, Any], data_root: Path, run_dir: Path) -> dict[str, Any]:
@@ -185,9 +189,10 @@ def best_params(results: Path, side: str) -> dict[str, Any]:
 
 
 def record(cfg: dict[str, Any], out: dict[str, Any], concurrent: bool) -> dict[str, Any]:
+    """The sweep's record format, plus the engine, the device and whether the run shared it."""
     if concurrent:
         out = out | {"wall_curve": []}  # timed beside other runs: not comparable
-    extra = {k: cfg[k] for k in ("preset", "extra") if k in cfg}
+    extra = {k: cfg[k] for k in ("preset", "extra", "eval_batches") if k in cfg}
     return {"key": key_of(cfg), "config": sweep.identity(cfg) | extra, "stage": cfg["stage"], "axis": cfg["axis"],
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "lock_s": out["wall_s"],
             "concurrent": concurrent, **out}
@@ -237,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="with --sides: inner warmup steps of every run")
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    ap.add_argument("--shared-device", action="store_true", help="other jobs share this device: record no "
+                    "wall-clock curve (--jobs > 1 implies it)")
     ap.add_argument("--data", default=str(sweep.conv.REPO / "runs" / "bench-data"))
     ap.add_argument("--sweep-results", default=str(BENCH / "results" / "sweep"))
     ap.add_argument("--results", help="where runs.jsonl and sweep.md go (required)")
@@ -260,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (args.plan or args.smoke or args.sides):
         ap.error("nothing to run: give --plan, --sides or --smoke")
-    Path(args.results).mkdir(parents=True, exist_ok=True)
     results = Path(args.results) / "runs.jsonl"
     done = sweep.load_done(results)
     todo = [c for c in plan(args) if key_of(c) not in done]
@@ -274,45 +280,65 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key_of(c)} {c['stage']:11} {c['side']:10} {c['axis']:17} budget {c['budget']:.4g} "
                   f"{json.dumps(c['params'])} {' '.join(c.get('extra', []))}")
         return 0
-    if todo:
-        data_dirs(Path(args.data))  # a missing dataset fails here, once, not in every child
+    if todo:  # a missing dataset or a bad override fails here, once, as one line, not in every child
+        data = data_dirs(Path(args.data))
+        for c in todo:
+            _load(spec_of(c, data), data["union"], Path(tempfile.gettempdir()), "check")
+    Path(args.results).mkdir(parents=True, exist_ok=True)
     runs = Path(args.runs or tempfile.mkdtemp(prefix="fed-sim-"))
     runs.mkdir(parents=True, exist_ok=True)
+    failed, skipped = run_all(todo, args, runs, results)
+    print(report(Path(args.results), args.title))
+    if skipped:
+        print(f"fed_sim: --deadline-s reached; {skipped} run(s) not started (run again to resume)", file=sys.stderr)
+    return 1 if failed or skipped else 0
+
+
+def run_all(todo: list[dict[str, Any]], args: argparse.Namespace, runs: Path, results: Path) -> tuple[int, int]:
+    """Each config in a child process, ``args.jobs`` at once; a finished one is appended to ``results`` at once.
+    Returns (failed, not started). Children still running when this returns early (Ctrl-C) are killed."""
     t_start, failed = time.monotonic(), 0
     pending: list[tuple[subprocess.Popen, dict[str, Any], Path]] = []
-    concurrent = args.jobs > 1 and len(todo) > 1
-    while todo or pending:
-        while todo and len(pending) < args.jobs and time.monotonic() - t_start < args.deadline_s:
-            cfg = todo.pop(0)
-            rec_path = runs / f"{key_of(cfg)}.json"
-            log = (runs / f"{key_of(cfg)}.log").open("w")
-            cmd = [sys.executable, __file__, "--one", json.dumps(cfg), "--record", str(rec_path),
-                   "--data", args.data, "--runs", str(runs / key_of(cfg))]
-            pending.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), cfg, rec_path))
-            print(f"fed_sim: started {key_of(cfg)} {cfg['side']} {cfg['axis']} {json.dumps(cfg['params'])}",
-                  flush=True)
-        if todo and not pending:
-            print(f"fed_sim: --deadline-s reached; {len(todo)} run(s) not started", flush=True)
-            break
-        time.sleep(0.5)
-        for item in [p for p in pending if p[0].poll() is not None]:
-            proc, cfg, rec_path = item
-            pending.remove(item)
-            if proc.returncode != 0 or not rec_path.exists():
-                failed += 1
-                tail = (runs / f"{key_of(cfg)}.log").read_text().strip().splitlines()[-3:]
-                print(f"fed_sim: {key_of(cfg)} failed (exit {proc.returncode}): {' | '.join(tail)}", flush=True)
-                continue
-            rec = record(cfg, json.loads(rec_path.read_text()), concurrent)
-            sweep.append(results, rec)
-            print(f"fed_sim: {rec['key']} {cfg['side']} {cfg['axis']} val ppl {rec['final_ppl']:.2f} "
-                  f"in {rec['wall_s']:.0f}s", flush=True)
-    print(report(Path(args.results), args.title))
-    return 1 if failed else 0
+    shared = args.shared_device or (args.jobs > 1 and len(todo) > 1)  # timed beside other runs
+    try:
+        while todo or pending:
+            while todo and len(pending) < args.jobs and time.monotonic() - t_start < args.deadline_s:
+                cfg = todo.pop(0)
+                rec_path = runs / f"{key_of(cfg)}.json"
+                cmd = [sys.executable, __file__, "--one", json.dumps(cfg), "--record", str(rec_path),
+                       "--data", args.data, "--runs", str(runs / key_of(cfg))]
+                with (runs / f"{key_of(cfg)}.log").open("w") as log:  # the child keeps its own descriptor
+                    pending.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), cfg, rec_path))
+                print(f"fed_sim: started {key_of(cfg)} {cfg['side']} {cfg['axis']} {json.dumps(cfg['params'])}",
+                      flush=True)
+            if todo and not pending:
+                break  # past --deadline-s
+            time.sleep(0.5)
+            for item in [p for p in pending if p[0].poll() is not None]:
+                proc, cfg, rec_path = item
+                pending.remove(item)
+                if proc.returncode != 0 or not rec_path.exists():
+                    failed += 1
+                    tail = (runs / f"{key_of(cfg)}.log").read_text().strip().splitlines()[-3:]
+                    print(f"fed_sim: {key_of(cfg)} failed (exit {proc.returncode}): {' | '.join(tail)}", flush=True)
+                    continue
+                rec = record(cfg, json.loads(rec_path.read_text()), shared)
+                sweep.append(results, rec)
+                print(f"fed_sim: {rec['key']} {cfg['side']} {cfg['axis']} val ppl {rec['final_ppl']:.2f} "
+                      f"in {rec['wall_s']:.0f}s", flush=True)
+    finally:
+        for proc, _, _ in pending:
+            proc.kill()
+            proc.wait()
+    return failed, len(todo)
 
 
 if __name__ == "__main__":
+    from photon_p2p.config import ConfigError
+
     try:
         sys.exit(main())
-    except sweep.conv.BenchError as e:
+    except (sweep.conv.BenchError, ConfigError) as e:
         sys.exit(f"fed_sim: {e}")
+    except KeyboardInterrupt:
+        sys.exit("fed_sim: interrupted (finished runs are kept; run again to resume)")

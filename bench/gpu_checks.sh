@@ -27,7 +27,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"; } >>
 # 2. photon-125m at seq len 512 (the shipped corpus is ~4 M tokens: 256 steps of 4 x 16 x 512 = 2 epochs)
 timeout $((budget * 3 / 4)) $py bench/fed_sim.py --preset photon-125m --sides central fed-iid fed-noniid \
   --budget 0.6667 --set model.seq_len=512 --set train.grad_accum=1 --warmup 50 --lrs 6e-4 1.2e-3 \
-  --eval-batches 4 --deadline-s $((budget / 2)) --results "$OUT/sim-125m" --runs /tmp/sim-125m \
+  --eval-batches 4 --deadline-s $((budget / 2)) --shared-device --results "$OUT/sim-125m" --runs /tmp/sim-125m \
   >/tmp/sim-125m.log 2>&1
 echo "125m exit $? at ${SECONDS}s" >>"$log"
 wait

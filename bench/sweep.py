@@ -210,7 +210,7 @@ def spec_of(cfg: dict[str, Any], data: dict[str, Path], args: argparse.Namespace
         raise conv.BenchError(f"H={h} does not divide the {steps} steps of budget {cfg['budget']}")
     silos = [data["union"]] * PEERS if cfg["side"] == "fed-iid" else \
         [data[conv.SOURCES[i % len(conv.SOURCES)]] for i in range(PEERS)]
-    fed = [f"federation.local_steps={h}", f"federation.rounds={steps // h}", f"federation.target_group_size={PEERS}",
+    fed = [f"train.batch_size={SILO_BATCH}", f"federation.local_steps={h}", f"federation.rounds={steps // h}", f"federation.target_group_size={PEERS}",
            f"federation.min_group_size={PEERS}", f"federation.round_deadline={args.round_deadline}",
            f"federation.allreduce_timeout={args.round_deadline / 2}", "train.threads=1", f"train.log_every={h}",
            f"federation.inner_state={p['inner_state']}", f"federation.outer_optimizer={p['outer']}",
@@ -306,16 +306,23 @@ def table(done: dict[str, dict[str, Any]] | list[dict[str, Any]]) -> str:
     """Every finished run, grouped by budget: val ppl at equal tokens (the final one), its ratio to the best
     centralized run of that budget, and val ppl at equal wall-clock (the budget's fastest run's wall time)."""
     lines, every = [], list(done.values()) if isinstance(done, dict) else done
-    for budget in sorted({r["config"]["budget"] for r in every}):
-        recs = [r for r in every if r["config"]["budget"] == budget]
+    groups = sorted({(r["config"]["budget"], r["config"].get("preset", "tiny")) for r in every})
+    for budget, preset in groups:
+        recs = [r for r in every if r["config"]["budget"] == budget and r["config"].get("preset", "tiny") == preset]
         best = min((r for r in recs if r["config"]["side"] == "central" and r.get("final_ppl")),
                    key=lambda r: r["final_ppl"], default=None)
         best_c = best["final_ppl"] if best else None
         timed = [r["wall_s"] for r in recs if r.get("wall_curve")]  # runs timed beside others have none
+        if len({r.get("device", "cpu") for r in recs}) > 1:
+            timed = []  # fed_sim runs on two machines: their seconds do not compare
         t_eq = min(timed) if timed else math.nan
-        tokens = steps_of(budget) * PEERS * SILO_BATCH * 128
-        lines += [f"\n**Budget {budget:.3g}x ({tokens / 1e6:.2f} M tokens of the tiny preset)**; equal wall-clock "
-                  f"= {t_eq:.0f} s (this budget's fastest run)\n",
+        if preset == "tiny":
+            tokens = f"{steps_of(budget) * PEERS * SILO_BATCH * 128 / 1e6:.2f} M tokens"
+        else:  # another preset's sequence length (fed_sim.py --preset): the tokens column says
+            tokens = f"{steps_of(budget)} steps per silo, {preset}"
+        wall = f"equal wall-clock = {t_eq:.0f} s (this budget's fastest run timed alone)" if timed else \
+            "no run timed alone: no equal wall-clock"
+        lines += [f"\n**Budget {budget:.3g}x ({tokens})**; {wall}\n",
                   "| key | side | varied | recipe | tokens (M) | val ppl | / best central | ppl @ equal wall | wall (s) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sorted(recs, key=lambda r: (r["config"]["side"], r["final_ppl"] or math.inf)):

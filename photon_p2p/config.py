@@ -480,8 +480,10 @@ def validate_network(net: NetworkConfig) -> None:
                        ("network.announce_maddrs", net.announce_maddrs)):
         where = f"{key} / --{key.split('.')[1].replace('_', '-')}"  # the config key and its command-line flag
         for text in addrs:
-            import multiaddr  # only when there is an address: a training-only machine needs no network stack
-
+            try:  # imported only when there is an address: a training-only machine needs no network stack
+                import multiaddr
+            except ImportError:
+                raise ConfigError(f"{where} needs the multiaddr package (pip install multiaddr)") from None
             try:
                 maddr = multiaddr.Multiaddr(text.strip())
                 names = [p.name for p in maddr.protocols()]

@@ -15,7 +15,8 @@ from fake_swarm import FakeNet, factory
 from photon_p2p.config import load_config
 from photon_p2p.daemon import PeerDaemon
 from photon_p2p.federation import FederationError
-from photon_p2p.federation.swarm import check_state, fingerprint
+from photon_p2p.federation.identity import fingerprint
+from photon_p2p.federation.swarm import check_state
 from photon_p2p.metrics import read_metrics
 
 pytestmark = pytest.mark.timeout(180)

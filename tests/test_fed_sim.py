@@ -64,6 +64,48 @@ def test_one_round_is_fedavg_of_independent_silos(sim, data_root, tmp_path):
     assert trainers[0].evaluate()["val_ppl"] == pytest.approx(ppl, rel=1e-5)
 
 
+def test_simulated_rounds_match_the_daemon_round_loop(sim, kjv_data, tmp_path):
+    """The claim fed_sim rests on: its rounds compute what PeerDaemon's round loop computes. Two silos, three
+    rounds of H = 3 with Nesterov momentum, driven once by fed_sim and once by two PeerDaemons over the
+    in-process fake swarm (tests/fake_swarm.py): the global weights and outer buffers must agree."""
+    import threading
+
+    from fake_swarm import FakeNet, factory
+    from photon_p2p.config import load_config
+    from photon_p2p.daemon import PeerDaemon
+
+    recipe = SMALL + ["federation.local_steps=3", "federation.rounds=3", "train.max_steps=9",
+                      "federation.outer_optimizer=nesterov", "federation.outer_lr=0.7",
+                      "federation.outer_momentum=0.9", "federation.round_clock=steps", "train.warmup_steps=2",
+                      "train.eval_every=0", "federation.min_group_size=2", "train.threads=1"] + sim.SIM_OVERRIDES
+    spec = sim.sweep.conv.RunSpec("fed-iid", "tiny", [kjv_data, kjv_data], 3, recipe)
+    states: list = []
+    sim.run_federated(spec, tmp_path / "sim", states_out=states)
+
+    net, init = FakeNet(), threading.Lock()
+    daemons = []
+    for i in range(2):
+        cfg = sim._load(spec, kjv_data, tmp_path / f"daemon-{i}", f"silo-{i}")
+        d = PeerDaemon(cfg, progress=False, make_swarm=factory(net, f"silo-{i}"))
+        setup = d._setup_training
+
+        def serialized(setup=setup) -> None:  # model init draws from torch's global RNG: one silo at a time
+            with init:
+                setup()
+        d._setup_training = serialized
+        daemons.append(d)
+    threads = [threading.Thread(target=d.run) for d in daemons]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not any(th.is_alive() for th in threads), "a daemon did not finish"
+    for d in daemons:
+        assert d.state.round == 3
+        for ours, theirs in zip(states[0].tensors(), d.state.tensors()):
+            assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
 def test_reset_policy_and_outer_optimizer_change_the_result(sim, data_root, tmp_path):
     """Two rounds: federation.inner_state and the outer optimizer reach the simulated round (not ignored)."""
     base = sim.run_one(fed_config(sim, 4, H=2), data_root, tmp_path / "a")["final_ppl"]

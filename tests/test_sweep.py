@@ -119,6 +119,8 @@ def test_spec_passes_the_recipe_to_the_peers(sweep, tmp_path):
         assert o in spec.overrides
     central = sweep.spec_of(sweep.make("central", "long", {"lr": 6e-3}), data, args)
     assert "train.batch_size=64" in central.overrides and "train.max_steps=1536" in central.overrides
+    fed = sweep.spec_of(sweep.make("fed-iid", "full", {}), data, args)
+    assert "train.batch_size=16" in fed.overrides  # the silo batch, whatever the preset's own
     with pytest.raises(sweep.conv.BenchError, match="does not divide"):
         sweep.spec_of(sweep.make("fed-iid", "screen", {"H": 100}), data, args)
 
@@ -133,6 +135,24 @@ def test_report_only_writes_table_and_plot_from_results(sweep, tmp_path):
     md = (results / "sweep.md").read_text()
     assert md.count("| central |") == 1 and md.count("| fed-iid |") == 2 and "4 configuration(s) done" in md
     assert (results / "sweep.png").stat().st_size > 10_000
+
+
+def test_table_compares_only_equal_tokens_and_only_runs_timed_alone(sweep):
+    """A run with 2x the tokens gets no ratio; runs that shared a device (no wall curve) set no equal wall-clock;
+    another preset's runs get their own group."""
+    def rec(key, side, tokens, ppl, wall_curve, **cfg):
+        return {"key": key, "config": {"side": side, "budget": 1.0, "params": {}, **cfg}, "axis": "base",
+                "final_ppl": ppl, "curve": [[tokens, ppl]], "wall_s": 50.0, "wall_curve": wall_curve}
+    recs = [rec("c", "central", 1000, 100.0, []), rec("f1", "fed-iid", 1020, 120.0, []),
+            rec("f2", "fed-iid", 2000, 90.0, []),
+            rec("p", "central", 500, 80.0, [[10.0, 80.0]], preset="photon-125m", extra=["model.seq_len=512"])]
+    text = sweep.table(recs)
+    groups = text.split("**Budget")[1:]
+    assert len(groups) == 2
+    other, tiny = sorted(groups, key=lambda g: "photon-125m" not in g)
+    assert "no run timed alone" in tiny and "nan" not in text
+    assert "| 1.200 |" in tiny and "- (other tokens)" in tiny  # 2% more tokens still compares; 2x does not
+    assert "equal wall-clock = 50 s" in other and "model.seq_len=512" in other
 
 
 def test_ppl_at_interpolates_in_log_ppl_and_holds_the_final_model(sweep):

@@ -22,7 +22,7 @@ from photon_p2p.federation.admission import SwarmAdmission
 from photon_p2p.federation.averager_process import RoundTracker, admitted_progress, progress_members
 from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
 from photon_p2p.federation.groups import plan_groups
-from photon_p2p.federation.identity import fingerprint  # noqa: F401  (re-exported: tests and the daemon use it)
+from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, visible_maddrs
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
