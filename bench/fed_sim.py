@@ -118,9 +118,6 @@ def run_federated(spec: sweep.conv.RunSpec, run_dir: Path, states_out: list | No
             state.apply([m.clone() for m in mean])
             if fed.inner_state == "reset":
                 trainer.reset_optimizer_state()
-        fps = {s.fingerprint() for s in states} if r == fed.rounds - 1 else {None}
-        if len(fps) != 1:
-            raise sweep.conv.BenchError(f"silos hold {len(fps)} different models after the last round")
         after = silos[0].step
         if (after // spec.eval_every > before // spec.eval_every) or after >= steps:
             ppl = silos[0].evaluate()["val_ppl"]  # θ_local = θ_global right after apply: the global model
@@ -130,6 +127,9 @@ def run_federated(spec: sweep.conv.RunSpec, run_dir: Path, states_out: list | No
             print(f"round {r + 1}/{fed.rounds}: step {after}, tokens {curve[-1][0]}, val ppl {ppl:.2f}, "
                   f"{time.time() - t0:.0f}s", flush=True)
             wall_curve.append((round(time.time() - t0, 1), ppl))
+    fps = {s.fingerprint() for s in states}
+    if len(fps) != 1:
+        raise sweep.conv.BenchError(f"silos hold {len(fps)} different models after the last round")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return {"curve": curve, "final_ppl": curve[-1][1], "wall_s": round(time.time() - t0, 1),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from types import ModuleType
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,12 @@ def torchrun(nproc: int) -> list[str]:
     """`photon-peer` as a silo of ``nproc`` ranks on this machine (torchrun, gloo on CPU)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "photon_p2p.cli"]
+
+
+def load_bench(name: str) -> ModuleType:
+    """bench/NAME.py as a module (bench/ is not a package; its scripts import each other from there)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

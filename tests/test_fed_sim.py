@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_bench
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.seq_len=16", "train.eval_batches=2",
          "train.batch_size=4"]
@@ -18,11 +19,7 @@ SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.seq_l
 
 @pytest.fixture(scope="module")
 def sim():
-    sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_fed_sim", REPO / "bench" / "fed_sim.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("fed_sim")
 
 
 @pytest.fixture(scope="module")
