@@ -35,7 +35,7 @@ def _addresses(dht: Any) -> list[str]:
 def run_bootstrap(net: NetworkConfig, stop: threading.Event, out: Optional[TextIO] = None) -> int:
     """Serve the DHT until ``stop`` is set (SIGINT/SIGTERM in the CLI), then shut down cleanly; returns 0."""
     from photon_p2p.federation import FederationError
-    from photon_p2p.federation.network import parse_multiaddrs, start_dht
+    from photon_p2p.federation.network import parse_multiaddrs, start_dht, stop_dht
     from photon_p2p.federation.records import install_validators
 
     out = out or sys.stdout
@@ -55,14 +55,3 @@ def run_bootstrap(net: NetworkConfig, stop: threading.Event, out: Optional[TextI
     finally:
         stop_dht(dht)
 
-
-def stop_dht(dht: Any, grace: float = 5.0) -> None:
-    """Shut the DHT down; SIGKILL it if it outlives the grace period, so that exit never hangs on joining it.
-
-    A DHT process forked after the CLI installed its SIGTERM handler inherits that handler and survives
-    hivemind's own terminate(); when the signal also killed p2pd (a group-wide stop), its shutdown stalls.
-    """
-    dht.shutdown()
-    if dht.is_alive():
-        dht.kill()
-        dht.join(grace)

@@ -283,9 +283,8 @@ def run_status(net: NetworkConfig, run_id: str, *, as_json: bool = False, watch:
                stale_after: Optional[float] = None, out: Optional[TextIO] = None,
                owner_public: Optional[bytes] = None) -> int:
     """Join the DHT as a client (never part of the swarm), print the status (every ``watch`` s), leave."""
-    from photon_p2p.bootstrap import stop_dht
     from photon_p2p.federation import FederationError
-    from photon_p2p.federation.network import parse_multiaddrs, start_dht
+    from photon_p2p.federation.network import parse_multiaddrs, start_dht, stop_dht
     from photon_p2p.federation.records import install_validators
 
     out = out or sys.stdout

@@ -585,6 +585,17 @@ class RoundTracker(ProgressTracker):
     members: dict[str, int] = {}
     admits: Callable[[str], bool] | None = None
 
+    def run(self) -> None:
+        # hivemind's run() leaves its thread's loop open; collected at interpreter exit after its self-pipe
+        # socket, it prints an "Exception ignored" traceback. Same body, plus the close.
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(asyncio.gather(self._progress_reporter(), self._progress_fetcher()))
+        finally:
+            self.shutdown_complete.set()
+            loop.close()
+
     def _parse_swarm_progress_data(self, metadata):
         metadata = admitted_progress(metadata, self.admits)
         self.members = progress_members(metadata)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -114,6 +115,37 @@ def start_dht(net: NetworkConfig, *, initial_peers: list[str] | None = None,
             raise FederationError(f"could not start the DHT node: {detail}") from None
         _spawn_reaper(dht.pid)
         return dht
+
+
+def stop_dht(dht: hivemind.DHT, grace: float = 5.0) -> None:
+    """Shut the DHT down; SIGKILL it if it outlives the grace period, so that exit never hangs on joining it.
+
+    A DHT process forked after the CLI installed its SIGTERM handler inherits that handler and survives
+    hivemind's own terminate(); when the signal also killed p2pd (a group-wide stop), its shutdown stalls.
+    """
+    dht.shutdown()
+    if dht.is_alive():
+        dht.kill()
+        dht.join(grace)
+    close_idle_loop()
+
+
+def close_idle_loop() -> None:
+    """Close the event loop hivemind's MPFuture made this thread's current one (``asyncio.get_event_loop``).
+
+    Nobody closes it otherwise, and at interpreter exit its self-pipe socket may be collected before it: Python
+    then prints an "Exception ignored ... Invalid file descriptor: -1" traceback under our one-line error.
+    MPFuture skips a closed loop, so a future resolved later (a straggling callback) is still safe.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:  # in the main thread this makes a loop if there is none: closing that one is harmless
+            loop = asyncio.get_event_loop_policy().get_event_loop()
+        except RuntimeError:  # another thread without a loop: nothing to close
+            return
+    if not loop.is_running() and not loop.is_closed():
+        loop.close()
+        asyncio.set_event_loop(None)
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

@@ -23,7 +23,7 @@ from photon_p2p.federation.averager_process import RoundTracker, admitted_progre
 from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
 from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.identity import fingerprint
-from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, visible_maddrs
+from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
     install_validators,
@@ -273,7 +273,7 @@ class HivemindSwarm:
                 log.warning("error while shutting down the %s: %s", name, e)
             setattr(self, name, None)
         try:
-            self.dht.shutdown()
+            stop_dht(self.dht)
         except Exception as e:
             log.warning("error while shutting down the DHT: %s", e)
 
