@@ -257,9 +257,8 @@ def revoke_via(net: Any, text: str, owner_public_key: Any) -> str:
     """`photon-peer revoke`: join the swarm's DHT as a client, publish the revocation, leave; the owner fingerprint."""
     import dataclasses
 
-    from photon_p2p.bootstrap import stop_dht
     from photon_p2p.credentials import public_bytes
-    from photon_p2p.federation.network import start_dht
+    from photon_p2p.federation.network import start_dht, stop_dht
 
     client = dataclasses.replace(net, host_maddrs=["/ip4/127.0.0.1/tcp/0"], announce_maddrs=[], identity_path="",
                                  client_mode=True, use_auto_relay=False)
