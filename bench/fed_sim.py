@@ -14,9 +14,11 @@ same recipe there. Each silo is a LocalTrainer (what the daemon drives) with its
 θ_global and outer optimizer). Every round each silo takes H steps; Δ = GlobalState.pseudo_gradient(); the
 token-weighted mean of the silos' Δ goes to every silo's GlobalState.apply (the outer step, θ_local ← θ_global);
 federation.inner_state=reset clears AdamW as the daemon does; silo 0 then scores the global model. Centralized
-runs are run_solo, the loop of `photon-peer train`. Left out: the transport (compression, robust clipping of
-senders, stragglers and partial groups) and the swarm clock (a silo ahead takes extra steps in a round): the
-mean is exact, every silo takes exactly H steps and is in every round.
+runs are run_solo, the loop of `photon-peer train`. Left out: the transport (compression, stragglers and partial
+groups) and the swarm clock (a silo ahead takes extra steps in a round): every silo takes exactly H steps and is
+in every round. The mean is exact by default (federation.robust_aggregation=none); `--set
+federation.robust_aggregation=clip` (the daemons' default) reduces the Δs as a group of N members does over the
+bulk path (robust.group_mean: shares, 2 MiB parts, per-sender clipping), so its cost to quality can be measured.
 
 Configs are the sweep's (bench/sweep.py make/spec_of), so records have its format and its table renders them
 (`python bench/sweep.py --report-only --results DIR`); a record adds "engine" and "device". Runs finished in
@@ -44,7 +46,10 @@ import sweep  # noqa: E402  (bench/ is not a package)
 
 SOURCES = ["shakespeare", "kjv", "brown"]
 # No transport here: nothing to compress, no address to listen on (the config's network check needs none).
-SIM_OVERRIDES = ["federation.compression=none", "network.host_maddrs=[]", "network.announce_maddrs=[]"]
+# The plain mean unless a run asks for the daemons' clipping (--set, applied after these).
+SIM_OVERRIDES = ["federation.compression=none", "network.host_maddrs=[]", "network.announce_maddrs=[]",
+                 "federation.robust_aggregation=none"]
+PART_NUMEL = 2 * 2**20 // 4  # AveragerTuning.part_size_bytes (the daemons' default) in fp32 values
 
 
 def data_dirs(root: Path) -> dict[str, Path]:
@@ -103,6 +108,7 @@ def run_federated(spec: sweep.conv.RunSpec, run_dir: Path, states_out: list | No
     if states_out is not None:
         states_out.extend(states)
     curve, wall_curve, t0 = [], [], time.time()
+    clipped: dict[int, int] = {}  # silo: rounds in which the robust reduction scaled its Δ down somewhere
     for r in range(fed.rounds):
         before = silos[0].step
         deltas, weights = [], []
@@ -112,8 +118,7 @@ def run_federated(spec: sweep.conv.RunSpec, run_dir: Path, states_out: list | No
                 trainer.train_step()
             deltas.append(state.pseudo_gradient())
             weights.append(float(trainer.tokens - tokens0))
-        total = sum(weights)
-        mean = [sum(d[k] * (w / total) for d, w in zip(deltas, weights)) for k in range(len(deltas[0]))]
+        mean = average(deltas, weights, fed, clipped)
         for trainer, state in zip(silos, states):
             state.apply([m.clone() for m in mean])
             if fed.inner_state == "reset":
@@ -132,8 +137,32 @@ def run_federated(spec: sweep.conv.RunSpec, run_dir: Path, states_out: list | No
         raise sweep.conv.BenchError(f"silos hold {len(fps)} different models after the last round")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return {"curve": curve, "final_ppl": curve[-1][1], "wall_s": round(time.time() - t0, 1),
-            "wall_curve": wall_curve, "rounds": fed.rounds, "fingerprint": states[0].fingerprint()[:8]}
+    out = {"curve": curve, "final_ppl": curve[-1][1], "wall_s": round(time.time() - t0, 1),
+           "wall_curve": wall_curve, "rounds": fed.rounds, "fingerprint": states[0].fingerprint()[:8]}
+    if fed.robust_aggregation != "none":
+        out["clipped_rounds"] = {f"silo-{i}": clipped.get(i, 0) for i in range(len(silos))}
+    return out
+
+
+def average(deltas: list[list], weights: list[float], fed, clipped: dict[int, int]) -> list:
+    """The token-weighted mean of the silos' Δ: exact, or as the daemons' robust reduction computes it."""
+    import torch
+
+    from photon_p2p.federation.robust import RobustSettings, group_mean
+
+    if fed.robust_aggregation == "none":
+        total = sum(weights)
+        return [sum(d[k] * (w / total) for d, w in zip(deltas, weights)) for k in range(len(deltas[0]))]
+    settings = RobustSettings(fed.robust_aggregation, fed.clip_multiplier, fed.clip_iterations)
+    flat, factors = group_mean([torch.cat([t.reshape(-1) for t in d]) for d in deltas], weights, settings,
+                               PART_NUMEL)
+    for silo in factors:
+        clipped[silo] = clipped.get(silo, 0) + 1
+    out, at = [], 0
+    for t in deltas[0]:
+        out.append(flat[at:at + t.numel()].view_as(t))
+        at += t.numel()
+    return out
 
 
 def run_one(cfg: dict[str, Any], data_root: Path, run_dir: Path) -> dict[str, Any]:

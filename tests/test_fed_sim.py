@@ -112,6 +112,25 @@ def test_reset_policy_and_outer_optimizer_change_the_result(sim, data_root, tmp_
     assert len({base, reset, nesterov}) == 3
 
 
+def test_clipping_reaches_the_simulated_round(sim, data_root, tmp_path):
+    """--set federation.robust_aggregation=clip reduces as the daemons do: with a bound nobody reaches it is the
+    plain mean; at multiplier 1 (the bound = the lower median chunk norm of 4) the larger senders are scaled."""
+    def run(name: str, *extra: str) -> dict:
+        cfg = fed_config(sim, 6, H=2)  # 3 rounds
+        cfg["extra"] = SMALL + list(extra)
+        return sim.run_one(cfg, data_root, tmp_path / name)
+
+    plain = run("plain")
+    loose = run("loose", "federation.robust_aggregation=clip", "federation.clip_multiplier=1000")
+    tight = run("tight", "federation.robust_aggregation=clip", "federation.clip_multiplier=1")
+    assert "clipped_rounds" not in plain
+    assert loose["clipped_rounds"] == {f"silo-{i}": 0 for i in range(4)}
+    assert loose["final_ppl"] == pytest.approx(plain["final_ppl"], rel=1e-6)  # summation order only
+    assert sum(tight["clipped_rounds"].values()) >= 2 * 3  # the senders above the lower median, every round
+    # the scaled-down mean moves the model less (a tiny one, barely trained: the change is small; loose: none)
+    assert abs(tight["final_ppl"] / plain["final_ppl"] - 1) > 1e-5
+
+
 def test_cli_writes_sweep_records_and_resumes(sim, data_root, tmp_path):
     results = tmp_path / "results"
     cmd = [sys.executable, str(REPO / "bench" / "fed_sim.py"), "--smoke", "--data", str(data_root),
