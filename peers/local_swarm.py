@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+# From a checkout without `pip install -e .`, from any directory: the daemons and the report import this tree.
+sys.path.insert(0, str(REPO))
 SOURCES = ["shakespeare", "kjv", "brown"]
 
 
@@ -38,7 +41,8 @@ def start_peer(i: int, args: argparse.Namespace, initial: list[str]) -> tuple[su
         cmd += ["--initial-peers", *initial]
     log = (run_dir / "peer.log").open("w")
     # Own session per peer: tearing down kills the whole group (DHT child and p2pd included).
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     return proc, run_dir
 
 
