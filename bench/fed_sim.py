@@ -18,7 +18,7 @@ runs are run_solo, the loop of `photon-peer train`. Left out: the transport (com
 groups) and the swarm clock (a silo ahead takes extra steps in a round): every silo takes exactly H steps and is
 in every round. The mean is exact by default (federation.robust_aggregation=none); `--set
 federation.robust_aggregation=clip` (the daemons' default) reduces the Δs as a group of N members does over the
-bulk path (robust.group_mean: shares, 2 MiB parts, per-sender clipping), so its cost to quality can be measured.
+bulk path (bulk.local_robust_mean: shares, 2 MiB parts, per-sender clipping), so its cost to quality can be measured.
 
 Configs are the sweep's (bench/sweep.py make/spec_of), so records have its format and its table renders them
 (`python bench/sweep.py --report-only --results DIR`); a record adds "engine" and "device". Runs finished in
@@ -148,14 +148,15 @@ def average(deltas: list[list], weights: list[float], fed, clipped: dict[int, in
     """The token-weighted mean of the silos' Δ: exact, or as the daemons' robust reduction computes it."""
     import torch
 
-    from photon_p2p.federation.robust import RobustSettings, group_mean
+    from photon_p2p.federation.bulk import local_robust_mean
+    from photon_p2p.federation.robust import RobustSettings, reduce_part
 
     if fed.robust_aggregation == "none":
         total = sum(weights)
         return [sum(d[k] * (w / total) for d, w in zip(deltas, weights)) for k in range(len(deltas[0]))]
     settings = RobustSettings(fed.robust_aggregation, fed.clip_multiplier, fed.clip_iterations)
-    flat, factors = group_mean([torch.cat([t.reshape(-1) for t in d]) for d in deltas], weights, settings,
-                               PART_NUMEL)
+    flat, factors = local_robust_mean([torch.cat([t.reshape(-1) for t in d]) for d in deltas], weights,
+                                      lambda parts, w, order: reduce_part(parts, w, order, settings), PART_NUMEL)
     for silo in factors:
         clipped[silo] = clipped.get(silo, 0) + 1
     out, at = [], 0

@@ -174,11 +174,14 @@ def test_a_huge_declared_norm_is_capped_so_it_cannot_loosen_the_check():
     assert cap_claims([1.0, 1.1]) == [1.0, 1.1] and cap_claims([]) == []
 
 
-def test_group_mean_reduces_each_share_like_the_bulk_path():
-    """robust.group_mean (bench/fed_sim.py's reduction) cuts the vector into one share per member and parts
+def test_local_robust_mean_reduces_each_share_like_the_bulk_path():
+    """bulk.local_robust_mean (bench/fed_sim.py's reduction) cuts the vector into one share per member and parts
     within it, as bulk.robust_mean does: a sender that is large only in the first share is clipped there and
     nowhere else, and mode none is the weighted mean."""
-    from photon_p2p.federation.robust import group_mean
+    from photon_p2p.federation.bulk import local_robust_mean
+
+    def group_mean(vecs, weights, settings, part_numel):
+        return local_robust_mean(vecs, weights, lambda p, w, o: reduce_part(p, w, o, settings), part_numel)
 
     torch.manual_seed(0)
     base = torch.randn(12)
@@ -190,6 +193,7 @@ def test_group_mean_reduces_each_share_like_the_bulk_path():
     big[2][:4] *= 100.0  # shares of 4 values (12 / 3 members): only share 0 is large
     out, factors = group_mean(big, weights, RobustSettings(mode="clip", multiplier=2.0), part_numel=2)
     assert set(factors) == {2} and factors[2] < 0.1
-    assert group_mean(vecs, weights, RobustSettings(mode="clip"), part_numel=2)[1] == {}
-    assert torch.equal(out[4:], group_mean(vecs, weights, RobustSettings(mode="clip"), part_numel=2)[0][4:])
+    honest, honest_factors = group_mean(vecs, weights, RobustSettings(mode="clip"), part_numel=2)
+    assert honest_factors == {}
+    assert torch.equal(out[4:], honest[4:])
     assert float(out[:4].abs().max()) < 10.0  # bounded where the big sender was clipped

@@ -274,6 +274,24 @@ def allreduce_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, en
         return BulkTraffic(moved, moved)
 
 
+def local_robust_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float], reduce: Reducer,
+                      part_numel: int) -> tuple[torch.Tensor, dict[int, float]]:
+    """What robust_mean computes for a group of ``len(vectors)`` members, in one process and without a network
+    (bench/fed_sim.py runs the daemons' clipping with it): member r reduces the r-th share of the flat vectors,
+    part by part, senders in index order. The reduced vector and {sender: smallest factor}."""
+    size, numel = len(vectors), vectors[0].numel()
+    share = -(-numel // size)
+    out = torch.empty_like(vectors[0])
+    factors: dict[int, float] = {}
+    for reducer in range(size):
+        for part in _parts(min(share, numel - reducer * share), part_numel):
+            at = slice(reducer * share + part.start, reducer * share + part.stop)
+            out[at], part_factors = reduce([v[at] for v in vectors], list(weights), list(range(size)))
+            for sender, f in part_factors.items():
+                factors[sender] = min(f, factors.get(sender, 1.0))
+    return out, factors
+
+
 def robust_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpoints: Sequence[str],
                 group_key: str, groups: BulkGroups, reduce: Reducer, part_numel: int, order: Sequence[int],
                 check: Callable[[int, torch.Tensor], bool] | None = None) -> BulkTraffic:

@@ -132,27 +132,6 @@ def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: l
     raise ValueError(f"unknown robust aggregation mode {settings.mode!r} (expected one of {', '.join(MODES)})")
 
 
-def group_mean(vectors: list[torch.Tensor], weights: list[float], settings: RobustSettings,
-               part_numel: int) -> tuple[torch.Tensor, dict[int, float]]:
-    """What a group of ``len(vectors)`` members computes over the bulk path (bulk.robust_mean), in one process:
-    member r reduces the r-th share of the flat vectors, part by part of ``part_numel`` values, senders summed
-    in index order. Returns the reduced vector and {sender: smallest factor}. bench/fed_sim.py uses it to run
-    the daemons' clipping without a network."""
-    size, numel = len(vectors), vectors[0].numel()
-    share = -(-numel // size)
-    out = torch.empty_like(vectors[0])
-    factors: dict[int, float] = {}
-    order = list(range(size))
-    for reducer in range(size):
-        lo, hi = reducer * share, min(numel, (reducer + 1) * share)
-        for start in range(lo, hi, part_numel):
-            part = slice(start, min(hi, start + part_numel))
-            out[part], part_factors = reduce_part([v[part] for v in vectors], weights, order, settings)
-            for sender, f in part_factors.items():
-                factors[sender] = min(f, factors.get(sender, 1.0))
-    return out, factors
-
-
 def merge_factors(into: dict[str, float], new: dict[str, float]) -> dict[str, float]:
     """Per peer, the smallest factor seen (across parts, stages): the worst a reducer had to do to it."""
     for peer, f in new.items():
