@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -115,11 +116,8 @@ def _daemon(run_dir: str, data: str, batch: int, out: str, parallel: str) -> Non
             "federation.local_steps": 3, "federation.rounds": 2, "train.dist_timeout": 120.0,
             "train.eval_batch_size": 4, "train.parallel": parallel if batch == 4 else "auto"}
     cfg = load_config(["tiny"], [f"{k}={v}" for k, v in sets.items()])
-    env = distributed.init_distributed(cfg.train)
-    try:
-        if env.follows:
-            run_follower(cfg, cfg.name)
-            return
+
+    def lead() -> None:  # like cli._on_ranks: the daemon is out of scope when the ranks shut down
         calls = {"n": 0}
         healthy = PeerDaemon._healthy
 
@@ -131,8 +129,27 @@ def _daemon(run_dir: str, data: str, batch: int, out: str, parallel: str) -> Non
         d = PeerDaemon(cfg, progress=False, make_swarm=factory(FakeNet(barrier_timeout=1.0), "silo"))
         result = d.run()
         torch.save({"result": result, "weights": d.state.weights, "parallel": d.trainer.parallel}, out)
+
+    env = distributed.init_distributed(cfg.train)
+    try:
+        if env.follows:
+            run_follower(cfg, cfg.name)
+        else:
+            lead()
     finally:
         distributed.shutdown()
+    # the process group is gone, threads and all, before Python exits (see distributed.shutdown)
+    Path(f"{out}.threads{env.rank}").write_text(" ".join(_thread_names()))
+
+
+def _thread_names() -> list[str]:
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return names
 
 
 def _rank(rank: int, world: int, port: int, *args) -> None:
@@ -165,6 +182,8 @@ def test_followers_stay_in_lockstep_with_rank_0s_daemon(tmp_path, kjv_data, para
     assert one["result"]["step"] == two["result"]["step"] == 8  # 2 steps rolled back, then 3 + 3
     for a, b in zip(one["weights"], two["weights"]):
         assert torch.allclose(a, b, atol=1e-5)
+    for rank in (0, 1):  # nothing of gloo is left for interpreter shutdown to tear down
+        assert "gloo" not in (tmp_path / f"two.pt.threads{rank}").read_text()
     rollbacks = [r for r in read_metrics(tmp_path / "two") if r.get("kind") == "rollback"]
     assert len(rollbacks) == 1
     assert json.loads((tmp_path / "two" / "peer.json").read_text())["peer_id"] == "silo"

@@ -9,6 +9,7 @@ therefore rank 0's alone and reach the followers as the next op, never as a gues
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -51,6 +52,7 @@ class DistEnv:
 
 
 _ENV: DistEnv | None = None
+_MESHES: list[Any] = []  # device meshes made for FSDP2 (device_mesh), released by shutdown
 
 
 def env() -> DistEnv:
@@ -101,6 +103,15 @@ def _die_with_agent() -> None:
         os._exit(1)
 
 
+def device_mesh(e: DistEnv) -> Any:
+    """The silo's 1-D device mesh over all its ranks (FSDP2 shards over it); shutdown releases it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(e.device.type, (e.world_size,))
+    _MESHES.append(mesh)
+    return mesh
+
+
 def shutdown() -> None:
     """Rank 0 releases its followers (OP_STOP); every rank leaves the process group."""
     global _ENV
@@ -112,6 +123,17 @@ def shutdown() -> None:
         # down its gloo pairs while the other still uses them, which aborted rank 0 ("terminate called without
         # an active exception") about once in 15 runs under load.
         dist.barrier()
+        # destroy_process_group only unregisters the group; its gloo threads live until the last reference goes.
+        # The trainer's DDP/FSDP wrapper holds one, and a trainer sits in a reference cycle (its collectives
+        # are bound methods), so without a collection here the group was torn down during interpreter shutdown:
+        # once in CI a follower aborted there ("terminate called without an active exception") after a good run.
+        # Collected here, the group's threads are joined by destroy_process_group, while Python is whole.
+        gc.collect()
+        # DTensor's sharding caches keep the FSDP2 mesh alive, and the mesh holds its process group: drop that
+        # reference too (the mesh is unusable after destroy_process_group anyway).
+        for mesh in _MESHES:
+            getattr(mesh, "_pg_registry", {}).clear()
+        _MESHES.clear()
         dist.destroy_process_group()
     _ENV = None
 

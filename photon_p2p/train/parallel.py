@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from photon_p2p.checkpoint import CheckpointError
 from photon_p2p.config import TrainConfig
 from photon_p2p.model import Transformer, count_params
-from photon_p2p.train.distributed import OP_PULL, OP_PUSH, DistEnv, command
+from photon_p2p.train.distributed import OP_PULL, OP_PUSH, DistEnv, command, device_mesh
 
 ADAMW_BYTES_PER_PARAM = 16  # fp32 weights + grads + two AdamW moments
 FIT_FRACTION = 0.5  # auto picks ddp when that much state takes at most this share of the device (activations)
@@ -72,9 +72,10 @@ def parallelize(model: Transformer, t: TrainConfig, e: DistEnv, mode: str) -> to
         bf16 = t.precision == "bf16" or (t.precision == "auto" and e.device.type == "cuda")
         # bf16 compute and all-gathers, fp32 gradient reduction and fp32 sharded master weights (torchtitan's policy)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        mesh = device_mesh(e)
         for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)  # the root: embeddings (tied with lm_head) and the final norm
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embeddings (tied with lm_head) and the final norm
         return model
     return model
 
