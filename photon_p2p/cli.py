@@ -154,6 +154,19 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", help="addresses other peers should dial")
 
 
+def _log_to_stderr(level: str) -> None:
+    """photon_p2p's logger (not hivemind's, which has its own handler) on stderr, timestamped to the ms."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    root = logging.getLogger("photon_p2p")
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     extra = []
     for flag, key in (("initial_peers", "network.initial_peers"), ("host_maddrs", "network.host_maddrs"),
@@ -168,6 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.client_mode:
         extra.append("network.client_mode=true")
     cfg = _load_config(args, extra)  # every check (identity file, addresses, ranges) before hivemind is imported
+    _log_to_stderr(args.log_level)
     from photon_p2p.daemon import PeerDaemon
 
     # the daemon's data seed is the silo's name (PeerDaemon._setup_training): its followers draw the same windows
@@ -321,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="behind NAT: accept no incoming connections (still trains and averages)")
     p.add_argument("--swarm-owner-key", metavar="PUB", help="closed swarm: the owner's public key file")
     p.add_argument("--token", metavar="FILE", help="closed swarm: this peer's admission token (photon-peer admit)")
+    p.add_argument("--log-level", choices=["warning", "info", "debug"], default="warning",
+                   help="photon_p2p's own log lines on stderr (info: matchmaking attempts, regrouping, syncs)")
     commands["run"] = cmd_run
 
     p = sub.add_parser("status", help="show a swarm's peers from their DHT heartbeats (read-only)")

@@ -103,7 +103,7 @@ class FederationConfig:
     run_id: str = "photon"
     rounds: int = 10  # rounds this peer trains before it exits (0 = until stopped)
     local_steps: int = 128  # H: inner steps per round (per silo on average, with round_clock: swarm)
-    # swarm: a round ends for every peer when the live peers together have trained H steps' worth of tokens each
+    # swarm: a round ends for every peer when the live peers together have taken H inner steps each on average
     # (hivemind's ProgressTracker), so fast silos take more steps and slow ones fewer, and all meet to average.
     # steps: every silo takes exactly H steps (Photon's fixed H; fine when silos are equally fast).
     round_clock: str = "swarm"

@@ -35,14 +35,14 @@ from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
 
 log = logging.getLogger("photon_p2p.daemon")
 MAX_ROUND_FACTOR = 4  # a round's local phase never exceeds this many times H inner steps
-SwarmFactory = Callable[[Config, list, Callable, int], Swarm]
+SwarmFactory = Callable[[Config, list, Callable], Swarm]
 
 
-def hivemind_swarm(cfg: Config, weights: list[torch.Tensor], state: Callable, tokens_per_step: int) -> Swarm:
+def hivemind_swarm(cfg: Config, weights: list[torch.Tensor], state: Callable) -> Swarm:
     """The real federation (imported lazily: fake-swarm tests never start hivemind)."""
     from photon_p2p.federation.swarm import HivemindSwarm
 
-    return HivemindSwarm(cfg, weights, state, tokens_per_step)
+    return HivemindSwarm(cfg, weights, state)
 
 
 @dataclass
@@ -83,7 +83,7 @@ class PeerDaemon:
         self.finished = self.grouped = 0  # rounds finished by this process, and those spent in a group
         self.rollbacks = 0  # consecutive rollbacks (the non-finite guard stops at max_rollbacks)
         self.compute_s = 0.0  # the last local phase
-        self.clock_tokens = 0  # tokens reported to the swarm clock for the round being trained
+        self.clock_steps = self.clock_tokens = 0  # inner steps (what the swarm clock counts) and tokens this round
         self.inflight: InFlight | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="photon-average")
         self.loop_started = 0.0
@@ -167,13 +167,15 @@ class PeerDaemon:
             self.round_steps += 1
             self.round_tokens += self.trainer.tokens_per_step
             self.clock_tokens += self.trainer.tokens_per_step
+            self.clock_steps += 1
             if self.inflight is None:  # the clock moves to the next round only once this peer has left the last
-                self.swarm.report_progress(self.round, self.clock_tokens)
+                self.swarm.report_progress(self.round, self.clock_steps)
             if self.trainer.step % t.log_every == 0:
                 self.tokens_per_s = rate.update(self.trainer.tokens)
                 self.metrics.log("step", round=self.round, step=self.trainer.step, tokens=self.trainer.tokens,
                                  loss=loss, lr=self.trainer.optimizer.param_groups[0]["lr"],
                                  tokens_per_s=self.tokens_per_s)
+        log.info("round %d: local phase over after %d steps (%d this round)", self.round, steps, self.clock_steps)
         self.compute_s = time.monotonic() - t0 - (self.paused_s - paused0)  # not landing, evaluating, saving
         self.compute_total += self.compute_s
         # utilization as of the end of a local phase (a round record lands mid-phase with overlap)
@@ -211,7 +213,7 @@ class PeerDaemon:
                                   "sent nothing bad to the swarm. Check train.lr and train.grad_clip")
         self.state.reset_local()
         self.trainer.reset_optimizer_state()
-        self.round_steps = self.round_tokens = self.clock_tokens = 0
+        self.round_steps = self.round_tokens = self.clock_steps = self.clock_tokens = 0
 
     def _start_average(self) -> bool:
         """Hand this round's Δ to the averager (a background thread) and start the next round's counters.
@@ -229,7 +231,7 @@ class PeerDaemon:
                                  base, sent)
         self.metrics.log("averaging", round=self.round, step=self.trainer.step, tokens=self.round_tokens,
                          background=f.overlap)
-        self.round_steps = self.round_tokens = self.clock_tokens = 0
+        self.round_steps = self.round_tokens = self.clock_steps = self.clock_tokens = 0
         return True
 
     def _land(self) -> bool:
@@ -292,8 +294,8 @@ class PeerDaemon:
         if not self.stop.is_set():  # leaving: the final heartbeat says so; no round to begin (the DHT may be gone)
             self.swarm.publish_now()
             self.swarm.begin_round(self.round)  # the clock follows: tokens trained meanwhile count for the new round
-            if self.clock_tokens:
-                self.swarm.report_progress(self.round, self.clock_tokens)
+            if self.clock_steps:
+                self.swarm.report_progress(self.round, self.clock_steps)
             marks.append(("swarm", time.monotonic()))
         parts = dict.fromkeys(("apply", "catch_up", "eval", "checkpoint", "swarm"), 0.0)  # a solo round: no apply
         parts.update({name: t1 - t0 for (_, t0), (name, t1) in zip(marks, marks[1:])})
@@ -379,7 +381,7 @@ class PeerDaemon:
         parse_multiaddrs(net.host_maddrs, "--host-maddrs")
         parse_multiaddrs(net.announce_maddrs, "--announce-maddrs")
         self._setup_training()
-        self.swarm = self.make_swarm(self.cfg, self.state.weights, self.shared_state, self.trainer.tokens_per_step)
+        self.swarm = self.make_swarm(self.cfg, self.state.weights, self.shared_state)
         exporters = start_exporters(self.cfg, self.heartbeat, self.run_dir)  # optional Prometheus / TensorBoard
         try:
             print(banner(self.cfg, self.swarm, self.trainer), flush=True)

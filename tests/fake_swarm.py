@@ -27,12 +27,12 @@ class FakeNet:
     pending: dict[int, dict[str, tuple]] = field(default_factory=dict)
     cond: threading.Condition = field(default_factory=threading.Condition)
     progress: dict[str, tuple[int, int]] = field(default_factory=dict)
-    tokens_per_peer: int = 0  # the swarm clock's per-peer target (0: the clock never fires)
 
 
 class FakeSwarm:
-    def __init__(self, net: FakeNet, name: str, global_params, state_provider) -> None:
+    def __init__(self, net: FakeNet, name: str, global_params, state_provider, steps_per_peer: int = 0) -> None:
         self.net, self.peer_id, self.maddrs = net, name, [f"/fake/{name}"]
+        self.steps_per_peer = steps_per_peer  # the swarm clock's target, from this peer's config like the real one
         self.connection = "direct"
         self.global_params, self.state_provider = global_params, state_provider
         self.snapshot: Callable[[], dict] | None = None
@@ -49,14 +49,14 @@ class FakeSwarm:
         return [p.snapshot() | {"peer_id": n} for n, p in self.net.peers.items()
                 if n != self.peer_id and p.live and p.snapshot is not None]
 
-    # the clock: ready when the live peers' tokens at this round reach tokens_per_peer x peers
-    def report_progress(self, round_no: int, tokens: int) -> None:
-        self.net.progress[self.peer_id] = (round_no, tokens)
+    # the clock: ready when the live peers' steps at this round reach steps_per_peer x peers (0: never)
+    def report_progress(self, round_no: int, steps: int) -> None:
+        self.net.progress[self.peer_id] = (round_no, steps)
 
     def round_ready(self, round_no: int) -> bool:
         live = [n for n, p in self.net.peers.items() if p.live]
         total = sum(t for n, (r, t) in self.net.progress.items() if r == round_no and n in live)
-        return self.net.tokens_per_peer > 0 and total >= self.net.tokens_per_peer * len(live)
+        return self.steps_per_peer > 0 and total >= self.steps_per_peer * len(live)
 
     def begin_round(self, round_no: int) -> None:
         self.net.progress[self.peer_id] = (round_no, 0)
@@ -109,8 +109,9 @@ class FakeSwarm:
 
 
 def factory(net: FakeNet, name: str):
-    def make(cfg, global_params, state_provider, tokens_per_step):
-        return FakeSwarm(net, name, global_params, state_provider)
+    def make(cfg, global_params, state_provider):
+        clock = cfg.federation.local_steps if cfg.federation.round_clock == "swarm" else 0
+        return FakeSwarm(net, name, global_params, state_provider, clock)
 
     return make
 

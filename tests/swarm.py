@@ -74,7 +74,8 @@ class Swarm:
                      "federation.state_sync_timeout": 10.0, "federation.target_group_size": 4,
                      "network.bootstrap_timeout": 15.0, "train.eval_every": 10, **(extra or {})}
         launcher = cli or (torchrun(nproc) if nproc > 1 else CLI)
-        cmd = [*launcher, "run", "--no-progress", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+        # info: each round's clock records and members, matchmaking attempts, regrouping (why a round went solo)
+        cmd = [*launcher, "run", "--no-progress", "--log-level", "info", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
         for o in tiny_overrides(run_dir, **overrides):
             cmd += ["--set", o]
         if initial:

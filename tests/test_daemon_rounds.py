@@ -99,8 +99,9 @@ def test_swarm_clock_gives_a_slow_silo_fewer_steps_and_both_average_every_round(
     net = FakeNet()
     extra = {"federation.round_clock": "swarm", "federation.rounds": 3}
     fast = make_daemon(tmp_path, kjv_data, net, "fast", **extra)
-    slow = make_daemon(tmp_path, kjv_data, net, "slow", slow=0.15, **extra)
-    net.tokens_per_peer = 4 * 8 * 64  # H=4 steps of batch 8 x 64 tokens, as the real clock computes it
+    # twice the batch too: each fake swarm takes its clock target from its own config, as the real one does,
+    # and the target (H steps per peer) must not depend on the batch (it once did: the big silo never caught up)
+    slow = make_daemon(tmp_path, kjv_data, net, "slow", slow=0.15, **{**extra, "train.batch_size": 16})
     out = run_all([fast, slow])
     assert out["fast"]["fingerprint"] == out["slow"]["fingerprint"], out
     assert out["fast"]["participation"] == out["slow"]["participation"] == 1.0
@@ -177,8 +178,8 @@ def slowed_averaging(net: FakeNet, name: str, delay: float):
     """A fake swarm whose averages take ``delay`` seconds longer (a slow link), so that overlap has work to hide."""
     make = factory(net, name)
 
-    def build(cfg, global_params, state_provider, tokens_per_step):
-        swarm = make(cfg, global_params, state_provider, tokens_per_step)
+    def build(cfg, global_params, state_provider):
+        swarm = make(cfg, global_params, state_provider)
         average = swarm.average
 
         def slow_average(*args, **kwargs):
@@ -258,8 +259,8 @@ def test_sigint_during_a_background_average_saves_the_unaveraged_work(tmp_path, 
     net = FakeNet()
     d = make_daemon(tmp_path, kjv_data, net, "a", **{"federation.overlap": True, "federation.rounds": 0})
 
-    def build(cfg, global_params, state_provider, tokens_per_step):
-        swarm = factory(net, "a")(cfg, global_params, state_provider, tokens_per_step)
+    def build(cfg, global_params, state_provider):
+        swarm = factory(net, "a")(cfg, global_params, state_provider)
 
         def never_matched(deltas, round_no, weight, *, stop, **kwargs):  # waits for a group that never forms
             stop.wait(60)

@@ -205,7 +205,8 @@ class PseudoGradientAverager:
         member) is written into ``deltas`` in place; if ``result.healed`` it is the mean of the members' local
         weights instead. Otherwise they are left untouched and the result is solo with a reason.
         ``plan``: the round's live peers (groups.py): one group of all of them, or rows then columns when
-        they outnumber target_group_size. ``live_target``: without a plan, the group size to start at.
+        they outnumber target_group_size. ``live_target``: the group size to start at (one group: at least the
+        plan's size).
         ``give_up``: polled while waiting for a group with the peers this stage waits for (its other members; none
         without a plan); True (e.g. they have all moved past this round) ends the
         wait at once, so a late peer catches up instead of waiting out straggler_wait for nobody.
@@ -231,8 +232,8 @@ class PseudoGradientAverager:
 
             if plan is None or plan.stages == 1:
                 others = _others(plan.members, plan.me) if plan is not None else ()
-                result = self._average_stage(deltas, round_no, weight, stop, fingerprint,
-                                             plan.n if plan is not None else live_target, 0, 0,
+                size = max(plan.n, live_target or 0) if plan is not None else live_target
+                result = self._average_stage(deltas, round_no, weight, stop, fingerprint, size, 0, 0,
                                              give_up=lambda: LEFT if give_up(others) else "", regroup=regroup,
                                              deadline=deadline)
             elif plan.row_size() == 1:

@@ -47,7 +47,7 @@ class Swarm(Protocol):
     def start(self, snapshot: Callable[[], dict]) -> None: ...
     def check_run(self) -> None: ...
     def peers(self) -> list[dict]: ...
-    def report_progress(self, round_no: int, tokens: int) -> None: ...
+    def report_progress(self, round_no: int, steps: int) -> None: ...
     def round_ready(self, round_no: int) -> bool: ...
     def begin_round(self, round_no: int) -> None: ...
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float, *, stop, fingerprint: str,
@@ -60,24 +60,26 @@ class Swarm(Protocol):
 class SwarmClock:
     """When a round ends, for every live peer at once: hivemind's ProgressTracker, with rounds as its epochs.
 
-    Every peer reports the tokens it has trained this round; a round ends when the swarm's total reaches
-    ``tokens_per_peer`` × the number of peers reporting (H inner steps' worth per silo on average), or when
-    the tracker's throughput estimate says it has. A fast silo therefore takes more inner steps than a slow
-    one, and both reach matchmaking together.
+    Every peer reports the inner steps it has taken this round; a round ends when the swarm's total reaches
+    ``steps_per_peer`` (H) × the number of peers reporting, or when the tracker's throughput estimate says it
+    has. A fast silo therefore takes more inner steps than a slow one, and both reach matchmaking together.
+    The unit is the step, not the token: the target must be the same number on every peer, and silos may run
+    different batch sizes (a target in tokens, H × this silo's tokens per step, made a silo with twice the
+    batch wait for twice the swarm's work, so the others always finished the round without it).
     """
 
-    def __init__(self, dht, run_id: str, tokens_per_peer: int, *, client_mode: bool, private_key,
+    def __init__(self, dht, run_id: str, steps_per_peer: int, *, client_mode: bool, private_key,
                  expiration: float, admits: Callable[[str], bool] | None = None) -> None:
-        self.tokens_per_peer, self.admits = int(tokens_per_peer), admits
-        self.tracker = RoundTracker(dht, f"{run_id}_clock", self.tokens_per_peer, client_mode=client_mode,
+        self.steps_per_peer, self.admits = int(steps_per_peer), admits
+        self.tracker = RoundTracker(dht, f"{run_id}_clock", self.steps_per_peer, client_mode=client_mode,
                                        private_key=private_key, metadata_expiration=expiration,
                                        min_refresh_period=0.25, max_refresh_period=2.0,
                                        default_refresh_period=1.0, start=False)
         self.tracker.admits = admits  # a closed swarm: only admitted peers' progress ends a round
         self.tracker.start()
 
-    def report(self, round_no: int, tokens: int) -> None:
-        self.tracker.report_local_progress(round_no, int(tokens))
+    def report(self, round_no: int, steps: int) -> None:
+        self.tracker.report_local_progress(round_no, int(steps))
 
     def ready(self, round_no: int) -> bool:
         # Only a view fetched since this round began counts: a joiner's or a resumed peer's older view may say
@@ -85,7 +87,7 @@ class SwarmClock:
         if not self.tracker.fetched_global_progress_this_epoch.is_set():
             return False
         peers = max(1, self.tracker.global_progress.num_peers)
-        self.tracker.target_batch_size = self.tokens_per_peer * peers  # every peer derives it from the same records
+        self.tracker.target_batch_size = self.steps_per_peer * peers  # every peer derives it from the same records
         return self.tracker.ready_to_update_epoch
 
     def begin(self, round_no: int, timeout: float) -> None:
@@ -112,9 +114,11 @@ class SwarmClock:
         try:
             found = future.result(timeout=timeout)
             members = progress_members(admitted_progress(found.value if found is not None else None, self.admits))
-        except Exception:  # no fresh answer: the tracker's view is seconds old at most
+        except Exception as e:  # no fresh answer: the tracker's view is seconds old at most
+            log.info("round %d: no fresh read of the clock's records (%r); using the last fetch", round_no, e)
             future.cancel()
             members = dict(self.tracker.members)
+        log.info("round %d: clock records %s", round_no, {p[-6:]: e for p, e in members.items()})
         return [p for p, epoch in members.items() if epoch == round_no]
 
     def left(self, round_no: int, waiting: tuple[str, ...]) -> bool:
@@ -132,8 +136,7 @@ class SwarmClock:
 class HivemindSwarm:
     """The real federation over a hivemind DHT (see the module docstring)."""
 
-    def __init__(self, cfg: Config, global_tensors: list[torch.Tensor], state_provider: StateProvider,
-                 tokens_per_step: int) -> None:
+    def __init__(self, cfg: Config, global_tensors: list[torch.Tensor], state_provider: StateProvider) -> None:
         f, net = cfg.federation, cfg.network
         self.cfg = cfg
         initial = parse_multiaddrs(net.initial_peers, "--initial-peers")
@@ -156,7 +159,7 @@ class HivemindSwarm:
                                                    global_tensors=global_tensors, owner_public=owner)
             if f.round_clock == "swarm":
                 key = load_identity_key(net.identity_path) if net.identity_path else None
-                self.clock = SwarmClock(self.dht, f.run_id, f.local_steps * tokens_per_step,
+                self.clock = SwarmClock(self.dht, f.run_id, f.local_steps,
                                         client_mode=bool(net.client_mode), private_key=key,
                                         expiration=f.record_ttl,
                                         admits=self.admission.allows if self.admission is not None else None)
@@ -209,9 +212,9 @@ class HivemindSwarm:
                 f"this peer's token expires {until}")
 
     # ---- the round clock ---------------------------------------------------------------------------------
-    def report_progress(self, round_no: int, tokens: int) -> None:
+    def report_progress(self, round_no: int, steps: int) -> None:
         if self.clock is not None:
-            self.clock.report(round_no, tokens)
+            self.clock.report(round_no, steps)
 
     def round_ready(self, round_no: int) -> bool:
         return self.clock.ready(round_no) if self.clock is not None else False
@@ -236,6 +239,14 @@ class HivemindSwarm:
         if plan is not None and plan.n < 2:
             plan = None  # nobody else reported this round yet: fall back to the live-peer count
         clock, target = self.clock, self.cfg.federation.target_group_size
+        if plan is not None and plan.stages == 1 and clock is not None:
+            # One group starts as soon as `live_target` peers have joined. Each peer reads the round's members a
+            # moment apart, and one that read a member's record still at the previous round saw 2 of 3: it
+            # started at once with the first to join and left the third out. Every clock record counts (any round; a peer that left deletes its own): the group starts
+            # early only when all have joined, otherwise at its matchmaking deadline with whoever came.
+            live_target = max(plan.n, min(clock.peers, target))
+        log.info("round %d: %d members (%s), group starts early at %s", round_no, len(members),
+                 " ".join(sorted(m[-6:] for m in members)), live_target or (plan.n if plan else "-"))
 
         def give_up(waiting: tuple[str, ...]) -> bool:
             return clock is not None and clock.left(round_no, waiting)
