@@ -21,7 +21,7 @@ from photon_p2p.federation import FederationError
 from photon_p2p.federation.admission import SwarmAdmission
 from photon_p2p.federation.averager_process import RoundTracker, admitted_progress, progress_members
 from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
-from photon_p2p.federation.groups import plan_groups
+from photon_p2p.federation.groups import plan_groups, round_roster
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
 from photon_p2p.federation.records import (
@@ -104,22 +104,23 @@ class SwarmClock:
         """The newest round any (non-client) peer reports, as of the tracker's last fetch."""
         return int(self.tracker.global_progress.epoch)
 
-    def members(self, round_no: int, timeout: float) -> list[str]:
-        """Peers whose latest progress record is for ``round_no``: the round's live members.
-
-        Read fresh from the DHT when the round ends (every peer reads at about the same moment, so all derive
-        the same list); the tracker's last periodic fetch is the fallback if the read times out.
-        """
+    def records(self, round_no: int, timeout: float) -> dict[str, int]:
+        """{peer: its round} from every clock record, read fresh from the DHT as ``round_no`` ends; the tracker's
+        last periodic fetch (seconds old at most) if the read times out."""
         future = self.tracker.dht.get(self.tracker.training_progress_key, latest=True, return_future=True)
         try:
             found = future.result(timeout=timeout)
-            members = progress_members(admitted_progress(found.value if found is not None else None, self.admits))
-        except Exception as e:  # no fresh answer: the tracker's view is seconds old at most
+            records = progress_members(admitted_progress(found.value if found is not None else None, self.admits))
+        except Exception as e:
             log.info("round %d: no fresh read of the clock's records (%r); using the last fetch", round_no, e)
             future.cancel()
-            members = dict(self.tracker.members)
-        log.info("round %d: clock records %s", round_no, {p[-6:]: e for p, e in members.items()})
-        return [p for p, epoch in members.items() if epoch == round_no]
+            records = dict(self.tracker.members)
+        log.info("round %d: clock records %s", round_no, {p[-6:]: e for p, e in records.items()})
+        return records
+
+    def members(self, round_no: int, timeout: float) -> list[str]:
+        """Peers whose latest progress record is for ``round_no``: the round's live members, as read now."""
+        return round_roster(self.records(round_no, timeout), round_no)[0]
 
     def left(self, round_no: int, waiting: tuple[str, ...]) -> bool:
         """Whether the peers in ``waiting`` have all moved past ``round_no`` (as of the tracker's last fetch):
@@ -231,8 +232,10 @@ class HivemindSwarm:
         """Average with every live peer of this round: one group, or rows then columns (groups.py) when they
         outnumber target_group_size. Members come from the clock's records (or heartbeats with a fixed H)."""
         members: list[str] = []
+        expected = 0  # peers that may still come to this round's group (groups.round_roster)
         if self.clock is not None:
-            members = self.clock.members(round_no, timeout=self.cfg.network.request_timeout)
+            members, expected = round_roster(self.clock.records(round_no, self.cfg.network.request_timeout),
+                                             round_no)
         if len(set(members) - {self.peer_id}) == 0:  # no clock, or it has not seen anyone else yet: heartbeats
             members = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
         plan = plan_groups(members, self.peer_id, self.cfg.federation.target_group_size) if members else None
@@ -240,11 +243,9 @@ class HivemindSwarm:
             plan = None  # nobody else reported this round yet: fall back to the live-peer count
         clock, target = self.clock, self.cfg.federation.target_group_size
         if plan is not None and plan.stages == 1 and clock is not None:
-            # One group starts as soon as `live_target` peers have joined. Each peer reads the round's members a
-            # moment apart, and one that read a member's record still at the previous round saw 2 of 3: it
-            # started at once with the first to join and left the third out. Every clock record counts (any round; a peer that left deletes its own): the group starts
-            # early only when all have joined, otherwise at its matchmaking deadline with whoever came.
-            live_target = max(plan.n, min(clock.peers, target))
+            # One group starts early only once every peer that may still come has joined; otherwise at its
+            # matchmaking deadline with whoever came.
+            live_target = max(plan.n, min(expected, target))
         log.info("round %d: %d members (%s), group starts early at %s", round_no, len(members),
                  " ".join(sorted(m[-6:] for m in members)), live_target or (plan.n if plan else "-"))
 
