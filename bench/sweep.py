@@ -87,7 +87,11 @@ def make(side: str, stage: str, params: dict[str, Any], axis: str = "base") -> d
 
 
 def identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"side": cfg["side"], "budget": cfg["budget"], "params": cfg["params"]}
+    """What makes a run the same run: side, budget, recipe, and --set overrides when there are any."""
+    out = {"side": cfg["side"], "budget": cfg["budget"], "params": cfg["params"]}
+    if cfg.get("extra"):
+        out["extra"] = list(cfg["extra"])
+    return out
 
 
 # ---- planning ---------------------------------------------------------------------------------------------
@@ -204,7 +208,7 @@ def spec_of(cfg: dict[str, Any], data: dict[str, Path], args: argparse.Namespace
     if cfg["side"] == "central":
         return conv.RunSpec("central", "tiny", [data["union"]], eval_every, common + [
             f"train.batch_size={SILO_BATCH * PEERS}", f"train.eval_every={eval_every}", "train.log_every=32",
-            f"train.threads={args.central_threads}"])
+            f"train.threads={args.central_threads}"] + list(cfg.get("extra", [])))
     h = p["H"]
     if steps % h:
         raise conv.BenchError(f"H={h} does not divide the {steps} steps of budget {cfg['budget']}")
@@ -216,7 +220,7 @@ def spec_of(cfg: dict[str, Any], data: dict[str, Path], args: argparse.Namespace
            f"federation.inner_state={p['inner_state']}", f"federation.outer_optimizer={p['outer']}",
            f"federation.outer_lr={p['outer_lr']}", f"federation.outer_momentum={p['momentum']}",
            f"federation.outer_lr_schedule={p['schedule']}"]
-    return conv.RunSpec(cfg["side"], "tiny", silos, max(h, eval_every), common + fed)
+    return conv.RunSpec(cfg["side"], "tiny", silos, max(h, eval_every), common + fed + list(cfg.get("extra", [])))
 
 
 def wall_curve(run_dir: Path, side: str, t0: float) -> list[tuple[float, float]]:
@@ -387,6 +391,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data-cache", default=str(conv.REPO / "runs" / "bench-data"))
     ap.add_argument("--out", default=str(conv.REPO / "runs" / "bench-sweep"))
     ap.add_argument("--results", default=str(BENCH / "results" / "sweep"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra override for every planned run (last; part of the run's key), e.g. "
+                         "--set federation.round_clock=steps")
     return ap.parse_args(argv)
 
 
@@ -395,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results) / "runs.jsonl"
     done = load_done(results)
     runs = plan(done, args.stages, args.partial)
+    if args.set:
+        runs = [c | {"extra": list(args.set)} for c in runs]
     if args.only:
         unknown = set(args.only) - {key_of(identity(c)) for c in runs}
         if unknown:

@@ -167,3 +167,16 @@ def test_a_run_finished_by_another_sweep_while_waiting_is_not_repeated(sweep, tm
     assert sweep.sweep(screen, results, tmp_path / "r", make_fake(calls), lock=lock, log=said.append) == 0
     assert len(calls) == 2 and sum("finished by another sweep" in s for s in said) == 2
     assert len(results.read_text().splitlines()) == 2
+
+
+def test_set_overrides_are_part_of_a_runs_key_and_come_last(sweep, tmp_path):
+    import argparse
+
+    cfg = sweep.plan_screen()[1]
+    assert cfg["side"] != "central"
+    with_clock = cfg | {"extra": ["federation.round_clock=steps"]}
+    assert sweep.key_of(sweep.identity(with_clock)) != sweep.key_of(sweep.identity(cfg))
+    data = {name: tmp_path / name for name in ("union", "kjv", "shakespeare", "brown")}
+    args = argparse.Namespace(eval_batches=8, round_deadline=120.0, central_threads=2)
+    assert sweep.spec_of(with_clock, data, args).overrides[-1] == "federation.round_clock=steps"
+    assert "federation.round_clock=steps" not in sweep.spec_of(cfg, data, args).overrides
