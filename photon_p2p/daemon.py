@@ -84,6 +84,7 @@ class PeerDaemon:
         self.rollbacks = 0  # consecutive rollbacks (the non-finite guard stops at max_rollbacks)
         self.compute_s = 0.0  # the last local phase
         self.clock_steps = self.clock_tokens = 0  # inner steps (what the swarm clock counts) and tokens this round
+        self.quota = (-1, 0)  # (round, its inner steps for this silo) under the swarm clock
         self.inflight: InFlight | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="photon-average")
         self.loop_started = 0.0
@@ -186,7 +187,7 @@ class PeerDaemon:
         f = self.cfg.federation
         if f.round_clock == "steps" and self.round_steps >= f.local_steps:
             return True
-        if f.round_clock == "swarm" and steps > 0 and self.swarm.round_ready(self.round):
+        if f.round_clock == "swarm" and self.round_steps >= self._quota():
             return True
         if steps >= MAX_ROUND_FACTOR * f.local_steps:
             return True  # the swarm's clock stalled (e.g. its records stopped): never train forever unaveraged
@@ -194,6 +195,14 @@ class PeerDaemon:
             return True
         # a slow silo averages what it has instead of stalling the group
         return bool(f.round_time_budget and time.monotonic() - t0 >= f.round_time_budget)
+
+    def _quota(self) -> int:
+        """This round's inner steps under the swarm clock (H, scaled by this silo's speed against the swarm's),
+        fixed when the round's first step is asked for and logged."""
+        if self.quota[0] != self.round:
+            self.quota = (self.round, self.swarm.round_quota(self.round, self.cfg.federation.local_steps))
+            log.info("round %d: %d inner steps for this silo", self.round, self.quota[1])
+        return self.quota[1]
 
     def _healthy(self, loss: float) -> bool:
         """A finite loss no worse than twice a uniform guess (ln V): anything else has diverged."""

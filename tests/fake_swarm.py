@@ -9,12 +9,14 @@ round is scripted by the test (``plan``), so clock, catch-up, healing and the gu
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from photon_p2p.federation.averaging import RoundResult
+from photon_p2p.federation.swarm import speed_quota
 
 
 @dataclass
@@ -26,13 +28,13 @@ class FakeNet:
     barrier_timeout: float = 30.0
     pending: dict[int, dict[str, tuple]] = field(default_factory=dict)
     cond: threading.Condition = field(default_factory=threading.Condition)
-    progress: dict[str, tuple[int, int]] = field(default_factory=dict)
+    progress: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # peer: (round, steps, speed)
 
 
 class FakeSwarm:
-    def __init__(self, net: FakeNet, name: str, global_params, state_provider, steps_per_peer: int = 0) -> None:
+    def __init__(self, net: FakeNet, name: str, global_params, state_provider) -> None:
         self.net, self.peer_id, self.maddrs = net, name, [f"/fake/{name}"]
-        self.steps_per_peer = steps_per_peer  # the swarm clock's target, from this peer's config like the real one
+        self.round_began = time.monotonic()
         self.connection = "direct"
         self.global_params, self.state_provider = global_params, state_provider
         self.snapshot: Callable[[], dict] | None = None
@@ -49,17 +51,21 @@ class FakeSwarm:
         return [p.snapshot() | {"peer_id": n} for n, p in self.net.peers.items()
                 if n != self.peer_id and p.live and p.snapshot is not None]
 
-    # the clock: ready when the live peers' steps at this round reach steps_per_peer x peers (0: never)
+    # the clock: each peer's speed (steps per second this round), and the real quota rule over them
     def report_progress(self, round_no: int, steps: int) -> None:
-        self.net.progress[self.peer_id] = (round_no, steps)
+        speed = steps / max(1e-6, time.monotonic() - self.round_began)
+        self.net.progress[self.peer_id] = (round_no, steps, speed)
 
-    def round_ready(self, round_no: int) -> bool:
-        live = [n for n, p in self.net.peers.items() if p.live]
-        total = sum(t for n, (r, t) in self.net.progress.items() if r == round_no and n in live)
-        return self.steps_per_peer > 0 and total >= self.steps_per_peer * len(live)
+    def round_quota(self, round_no: int, local_steps: int) -> int:
+        own = self.net.progress.get(self.peer_id, (0, 0, 0.0))[2]
+        others = [s for n, (r, _, s) in self.net.progress.items()
+                  if n != self.peer_id and self.net.peers[n].live and r >= round_no - 1]
+        return speed_quota(local_steps, own, others)
 
     def begin_round(self, round_no: int) -> None:
-        self.net.progress[self.peer_id] = (round_no, 0)
+        self.round_began = time.monotonic()
+        old = self.net.progress.get(self.peer_id, (0, 0, 0.0))
+        self.net.progress[self.peer_id] = (round_no, 0, old[2])  # the speed carries over, like an EMA
 
     def average(self, deltas, round_no, weight, *, stop, fingerprint, live_target) -> RoundResult:
         group = self.net.plan(round_no, self.peer_id)
@@ -110,8 +116,7 @@ class FakeSwarm:
 
 def factory(net: FakeNet, name: str):
     def make(cfg, global_params, state_provider):
-        clock = cfg.federation.local_steps if cfg.federation.round_clock == "swarm" else 0
-        return FakeSwarm(net, name, global_params, state_provider, clock)
+        return FakeSwarm(net, name, global_params, state_provider)
 
     return make
 

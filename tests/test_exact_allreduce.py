@@ -206,3 +206,16 @@ def test_a_group_waits_for_members_one_round_behind_but_not_for_the_dead():
     members, expected = round_roster({"a": 5, "b": 4, "c": 5, "d": 3, "e": 6}, 5)
     assert members == ["a", "c"] and expected == 3
     assert round_roster({}, 0) == ([], 0)
+
+
+def test_a_silo_takes_h_steps_unless_its_speed_is_far_from_the_swarms():
+    from photon_p2p.federation.swarm import speed_quota
+
+    assert speed_quota(8, 0.0, [3.0]) == 8  # own speed unknown (first round)
+    assert speed_quota(8, 3.0, []) == 8  # alone
+    assert speed_quota(8, 3.3, [3.0, 2.8, 3.1]) == 8  # equally fast up to noise: exactly H, like a fixed H
+    # two fast silos and one at half their speed: each trains about the same wall time
+    fast, slow = speed_quota(6, 2.0, [2.0, 1.0]), speed_quota(6, 1.0, [2.0, 2.0])
+    assert (fast, slow) == (6, 4)  # the fast ones are within the band of the mean (1.67); 6 x 0.6 = 3.6
+    assert speed_quota(8, 4.0, [1.0, 1.0, 1.0]) == 18  # 8 x 4 / 1.75
+    assert speed_quota(8, 0.01, [10.0]) == 1  # never zero steps

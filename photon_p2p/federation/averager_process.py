@@ -548,17 +548,22 @@ class ExactAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
-def progress_members(metadata: Any) -> dict[str, int]:
-    """{peer id: round} from the clock's DHT value (ProgressTracker's records; the epoch is our round)."""
-    members: dict[str, int] = {}
+def progress_records(metadata: Any) -> dict[str, LocalTrainingProgress]:
+    """{peer id: its record} from the clock's DHT value (ProgressTracker's records; the epoch is our round)."""
+    records: dict[str, LocalTrainingProgress] = {}
     if isinstance(metadata, dict):
         for entry in metadata.values():
             try:
                 record = LocalTrainingProgress.parse_obj(entry.value)
-                members[PeerID(record.peer_id).to_base58()] = int(record.epoch)
+                records[PeerID(record.peer_id).to_base58()] = record
             except Exception:  # a malformed or foreign entry is simply no member
                 continue
-    return members
+    return records
+
+
+def progress_members(metadata: Any) -> dict[str, int]:
+    """{peer id: round} from the clock's DHT value."""
+    return {peer: int(r.epoch) for peer, r in progress_records(metadata).items()}
 
 
 def admitted_progress(metadata: Any, admits: Callable[[str], bool] | None) -> Any:
@@ -583,6 +588,7 @@ class RoundTracker(ProgressTracker):
     """
 
     members: dict[str, int] = {}
+    speeds: dict[str, float] = {}  # inner steps per second each peer last reported
     admits: Callable[[str], bool] | None = None
 
     def run(self) -> None:
@@ -594,11 +600,19 @@ class RoundTracker(ProgressTracker):
             loop.run_until_complete(asyncio.gather(self._progress_reporter(), self._progress_fetcher()))
         finally:
             self.shutdown_complete.set()
+            # the reporter cancels its last store without awaiting it: finish that before closing, or Python
+            # prints "Task was destroyed but it is pending!" at exit
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     def _parse_swarm_progress_data(self, metadata):
         metadata = admitted_progress(metadata, self.admits)
-        self.members = progress_members(metadata)
+        records = progress_records(metadata)
+        self.members = {peer: int(r.epoch) for peer, r in records.items()}
+        self.speeds = {peer: float(r.samples_per_second) for peer, r in records.items()}
         return super()._parse_swarm_progress_data(metadata)
 
     def begin_epoch(self, epoch: int, timeout: float) -> bool:

@@ -48,7 +48,7 @@ class Swarm(Protocol):
     def check_run(self) -> None: ...
     def peers(self) -> list[dict]: ...
     def report_progress(self, round_no: int, steps: int) -> None: ...
-    def round_ready(self, round_no: int) -> bool: ...
+    def round_quota(self, round_no: int, local_steps: int) -> int: ...
     def begin_round(self, round_no: int) -> None: ...
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float, *, stop, fingerprint: str,
                 live_target: int | None) -> RoundResult: ...
@@ -57,15 +57,34 @@ class Swarm(Protocol):
     def shutdown(self) -> None: ...
 
 
-class SwarmClock:
-    """When a round ends, for every live peer at once: hivemind's ProgressTracker, with rounds as its epochs.
+QUOTA_BAND = 0.25  # a silo within ±25% of the swarm's mean speed takes exactly H steps
 
-    Every peer reports the inner steps it has taken this round; a round ends when the swarm's total reaches
-    ``steps_per_peer`` (H) × the number of peers reporting, or when the tracker's throughput estimate says it
-    has. A fast silo therefore takes more inner steps than a slow one, and both reach matchmaking together.
-    The unit is the step, not the token: the target must be the same number on every peer, and silos may run
-    different batch sizes (a target in tokens, H × this silo's tokens per step, made a silo with twice the
-    batch wait for twice the swarm's work, so the others always finished the round without it).
+
+def speed_quota(local_steps: int, own: float, others: list[float], band: float = QUOTA_BAND) -> int:
+    """This silo's inner steps for a round: H while it is about as fast as the swarm's mean (within ±band), else
+    H × its speed over the mean, so every silo trains about the same wall time and all reach matchmaking
+    together. Unknown speeds (the first round, alone): H.
+
+    Why not end the round for everyone when the swarm's total reaches H × peers (hivemind's ProgressTracker
+    target): equally fast silos then took anywhere from 1 to 16 steps of an H = 8 round, depending on when
+    each began it, and the non-IID run ended 12% worse than with a fixed H (BENCHMARKS.md, "The swarm clock").
+    """
+    speeds = [s for s in others if s > 0]
+    if own <= 0 or not speeds:
+        return local_steps
+    ratio = own * (len(speeds) + 1) / (own + sum(speeds))
+    if abs(ratio - 1) <= band:
+        return local_steps
+    return max(1, round(local_steps * ratio))
+
+
+class SwarmClock:
+    """Each round's members and each silo's share of it: hivemind's ProgressTracker, rounds as its epochs.
+
+    Every peer reports the inner steps it has taken this round (its record also carries its speed, steps per
+    second); ``quota`` gives a silo H steps when it is about as fast as the others and proportionally more or
+    fewer when it is not (speed_quota), so a fast silo takes more inner steps than a slow one and both reach
+    matchmaking together. The records are also the round's member list (``records``).
     """
 
     def __init__(self, dht, run_id: str, steps_per_peer: int, *, client_mode: bool, private_key,
@@ -81,14 +100,16 @@ class SwarmClock:
     def report(self, round_no: int, steps: int) -> None:
         self.tracker.report_local_progress(round_no, int(steps))
 
-    def ready(self, round_no: int) -> bool:
-        # Only a view fetched since this round began counts: a joiner's or a resumed peer's older view may say
-        # the round is long over (an ETA in the past) when the swarm is still mid-round.
-        if not self.tracker.fetched_global_progress_this_epoch.is_set():
-            return False
-        peers = max(1, self.tracker.global_progress.num_peers)
-        self.tracker.target_batch_size = self.steps_per_peer * peers  # every peer derives it from the same records
-        return self.tracker.ready_to_update_epoch
+    def quota(self, round_no: int, local_steps: int) -> int:
+        """This silo's steps for ``round_no`` from the speeds in the tracker's last fetch: its own (an EMA of
+        its step times, paused between rounds) against the live peers' at this round or one behind."""
+        # the tracker's own pacing (how often it fetches) follows its target: the swarm's steps for a round
+        self.tracker.target_batch_size = self.steps_per_peer * max(1, self.tracker.global_progress.num_peers)
+        me = str(self.tracker.dht.peer_id)
+        others = [s for p, s in self.tracker.speeds.items()
+                  if p != me and self.tracker.members.get(p, -1) >= round_no - 1]
+        own = float(self.tracker.performance_ema.samples_per_second) if self.tracker.performance_ema.num_updates else 0.0
+        return speed_quota(local_steps, own, others)
 
     def begin(self, round_no: int, timeout: float) -> None:
         if not self.tracker.begin_epoch(round_no, timeout):
@@ -217,8 +238,8 @@ class HivemindSwarm:
         if self.clock is not None:
             self.clock.report(round_no, steps)
 
-    def round_ready(self, round_no: int) -> bool:
-        return self.clock.ready(round_no) if self.clock is not None else False
+    def round_quota(self, round_no: int, local_steps: int) -> int:
+        return self.clock.quota(round_no, local_steps) if self.clock is not None else local_steps
 
     def begin_round(self, round_no: int) -> None:
         if self.admission is not None:  # every round: revocations take effect, and a revoked peer stops itself
