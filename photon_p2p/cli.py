@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -81,6 +82,10 @@ def _on_ranks(cfg, peer: str | int, lead: Callable[[], dict]) -> int:
             run_follower(cfg, peer)
             return 0
         result = lead()
+    except BaseException as e:
+        # the traceback's frames hold the trainer and so the process group: free them before shutdown destroys it
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         distributed.shutdown()  # rank 0 releases its followers even when it failed
     print(json.dumps({"run_dir": cfg.run_dir, **result}))

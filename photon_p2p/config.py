@@ -103,8 +103,9 @@ class FederationConfig:
     run_id: str = "photon"
     rounds: int = 10  # rounds this peer trains before it exits (0 = until stopped)
     local_steps: int = 128  # H: inner steps per round (per silo on average, with round_clock: swarm)
-    # swarm: a round ends for every peer when the live peers together have taken H inner steps each on average
-    # (hivemind's ProgressTracker), so fast silos take more steps and slow ones fewer, and all meet to average.
+    # swarm: each silo takes H steps while it is within ±25% of the swarm's mean speed, else H x its speed over
+    # the mean (hivemind's ProgressTracker records carry the speeds), so fast silos take more steps and slow
+    # ones fewer, and all meet to average.
     # steps: every silo takes exactly H steps (Photon's fixed H; fine when silos are equally fast).
     round_clock: str = "swarm"
     round_token_budget: int = 0  # >0: a round ends after this many tokens even if H steps are not done

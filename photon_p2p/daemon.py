@@ -84,6 +84,7 @@ class PeerDaemon:
         self.rollbacks = 0  # consecutive rollbacks (the non-finite guard stops at max_rollbacks)
         self.compute_s = 0.0  # the last local phase
         self.clock_steps = self.clock_tokens = 0  # inner steps (what the swarm clock counts) and tokens this round
+        self.clock_busy_s = 0.0  # seconds those steps took to compute (the silo's speed, for the swarm clock)
         self.quota = (-1, 0)  # (round, its inner steps for this silo) under the swarm clock
         self.inflight: InFlight | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="photon-average")
@@ -144,8 +145,8 @@ class PeerDaemon:
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def _local_phase(self, rate: Throughput) -> None:
-        """Inner steps until the round ends: H steps (round_clock: steps), or when the swarm's collective progress
-        says so (round_clock: swarm), or a token/time budget, or 4·H steps at most. With an average in flight
+        """Inner steps until the round ends: H steps (round_clock: steps), or this silo's quota of the round
+        (round_clock: swarm, H scaled by its speed), or a token/time budget, or 4·H steps at most. With an average in flight
         (federation.overlap) the round cannot end before it lands; it is applied between two steps."""
         f, t = self.cfg.federation, self.cfg.train
         t0, paused0 = time.monotonic(), self.paused_s
@@ -159,7 +160,9 @@ class PeerDaemon:
                     continue
             elif self._round_over(steps, t0):
                 break
+            t_step = time.monotonic()
             loss = self.trainer.train_step()
+            self.clock_busy_s += time.monotonic() - t_step
             if not self._healthy(loss):
                 self._land()  # a rollback restarts from the newest global weights
                 self._roll_back(f"local loss is {loss:.4g}")
@@ -170,7 +173,7 @@ class PeerDaemon:
             self.clock_tokens += self.trainer.tokens_per_step
             self.clock_steps += 1
             if self.inflight is None:  # the clock moves to the next round only once this peer has left the last
-                self.swarm.report_progress(self.round, self.clock_steps)
+                self.swarm.report_progress(self.round, self.clock_steps, self.clock_busy_s)
             if self.trainer.step % t.log_every == 0:
                 self.tokens_per_s = rate.update(self.trainer.tokens)
                 self.metrics.log("step", round=self.round, step=self.trainer.step, tokens=self.trainer.tokens,
@@ -223,6 +226,7 @@ class PeerDaemon:
         self.state.reset_local()
         self.trainer.reset_optimizer_state()
         self.round_steps = self.round_tokens = self.clock_steps = self.clock_tokens = 0
+        self.clock_busy_s = 0.0
 
     def _start_average(self) -> bool:
         """Hand this round's Δ to the averager (a background thread) and start the next round's counters.
@@ -241,6 +245,7 @@ class PeerDaemon:
         self.metrics.log("averaging", round=self.round, step=self.trainer.step, tokens=self.round_tokens,
                          background=f.overlap)
         self.round_steps = self.round_tokens = self.clock_steps = self.clock_tokens = 0
+        self.clock_busy_s = 0.0
         return True
 
     def _land(self) -> bool:
@@ -302,9 +307,9 @@ class PeerDaemon:
         marks.append(("checkpoint", time.monotonic()))
         if not self.stop.is_set():  # leaving: the final heartbeat says so; no round to begin (the DHT may be gone)
             self.swarm.publish_now()
-            self.swarm.begin_round(self.round)  # the clock follows: tokens trained meanwhile count for the new round
+            self.swarm.begin_round(self.round)  # the clock follows: steps trained meanwhile count for the new round
             if self.clock_steps:
-                self.swarm.report_progress(self.round, self.clock_steps)
+                self.swarm.report_progress(self.round, self.clock_steps, self.clock_busy_s)
             marks.append(("swarm", time.monotonic()))
         parts = dict.fromkeys(("apply", "catch_up", "eval", "checkpoint", "swarm"), 0.0)  # a solo round: no apply
         parts.update({name: t1 - t0 for (_, t0), (name, t1) in zip(marks, marks[1:])})

@@ -9,7 +9,6 @@ round is scripted by the test (``plan``), so clock, catch-up, healing and the gu
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,7 +33,6 @@ class FakeNet:
 class FakeSwarm:
     def __init__(self, net: FakeNet, name: str, global_params, state_provider) -> None:
         self.net, self.peer_id, self.maddrs = net, name, [f"/fake/{name}"]
-        self.round_began = time.monotonic()
         self.connection = "direct"
         self.global_params, self.state_provider = global_params, state_provider
         self.snapshot: Callable[[], dict] | None = None
@@ -51,10 +49,10 @@ class FakeSwarm:
         return [p.snapshot() | {"peer_id": n} for n, p in self.net.peers.items()
                 if n != self.peer_id and p.live and p.snapshot is not None]
 
-    # the clock: each peer's speed (steps per second this round), and the real quota rule over them
-    def report_progress(self, round_no: int, steps: int) -> None:
-        speed = steps / max(1e-6, time.monotonic() - self.round_began)
-        self.net.progress[self.peer_id] = (round_no, steps, speed)
+    # the clock: each peer's speed (its steps over their compute seconds), and the real quota rule over them
+    def report_progress(self, round_no: int, steps: int, busy_s: float) -> None:
+        old = self.net.progress.get(self.peer_id, (0, 0, 0.0))[2]
+        self.net.progress[self.peer_id] = (round_no, steps, steps / busy_s if steps and busy_s > 0 else old)
 
     def round_quota(self, round_no: int, local_steps: int) -> int:
         own = self.net.progress.get(self.peer_id, (0, 0, 0.0))[2]
@@ -63,9 +61,8 @@ class FakeSwarm:
         return speed_quota(local_steps, own, others)
 
     def begin_round(self, round_no: int) -> None:
-        self.round_began = time.monotonic()
         old = self.net.progress.get(self.peer_id, (0, 0, 0.0))
-        self.net.progress[self.peer_id] = (round_no, 0, old[2])  # the speed carries over, like an EMA
+        self.net.progress[self.peer_id] = (round_no, 0, old[2])  # the last measured speed carries over
 
     def average(self, deltas, round_no, weight, *, stop, fingerprint, live_target) -> RoundResult:
         group = self.net.plan(round_no, self.peer_id)

@@ -99,8 +99,8 @@ def test_swarm_clock_gives_a_slow_silo_fewer_steps_and_both_average_every_round(
     net = FakeNet()
     extra = {"federation.round_clock": "swarm", "federation.rounds": 3}
     fast = make_daemon(tmp_path, kjv_data, net, "fast", **extra)
-    # twice the batch too: each fake swarm takes its clock target from its own config, as the real one does,
-    # and the target (H steps per peer) must not depend on the batch (it once did: the big silo never caught up)
+    # twice the batch too: the quota is in steps (H scaled by measured speed), never in tokens (a token target
+    # once made the big silo wait for twice the swarm's work, and it never caught up)
     slow = make_daemon(tmp_path, kjv_data, net, "slow", slow=0.15, **{**extra, "train.batch_size": 16})
     out = run_all([fast, slow])
     assert out["fast"]["fingerprint"] == out["slow"]["fingerprint"], out

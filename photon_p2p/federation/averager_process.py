@@ -582,14 +582,24 @@ def admitted_progress(metadata: Any, admits: Callable[[str], bool] | None) -> An
 
 
 class RoundTracker(ProgressTracker):
-    """hivemind's ProgressTracker that also remembers which peers reported which epoch (= round) last fetch.
+    """hivemind's ProgressTracker that also remembers which peers reported which epoch (= round) and speed at its
+    last fetch, and publishes the speed the daemon measured (``measured_speed``, steps per second of compute).
 
-    In a closed swarm (``admits`` set) only admitted peers' progress counts towards the end of a round.
+    hivemind's own speed is an EMA of wall time between reports; with federation.overlap several steps are
+    reported at once when an average lands, which it reads as steps of ~0 s, and the speed then grows every
+    round. In a closed swarm (``admits`` set) only admitted peers' records count.
     """
 
     members: dict[str, int] = {}
     speeds: dict[str, float] = {}  # inner steps per second each peer last reported
+    measured_speed: float = 0.0
     admits: Callable[[str], bool] | None = None
+
+    def _get_local_progress(self, local_epoch: int, samples_accumulated: int) -> LocalTrainingProgress:
+        progress = super()._get_local_progress(local_epoch, samples_accumulated)
+        if self.measured_speed > 0:
+            progress.samples_per_second = self.measured_speed
+        return progress
 
     def run(self) -> None:
         # hivemind's run() leaves its thread's loop open; collected at interpreter exit after its self-pipe

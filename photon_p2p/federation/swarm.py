@@ -47,7 +47,7 @@ class Swarm(Protocol):
     def start(self, snapshot: Callable[[], dict]) -> None: ...
     def check_run(self) -> None: ...
     def peers(self) -> list[dict]: ...
-    def report_progress(self, round_no: int, steps: int) -> None: ...
+    def report_progress(self, round_no: int, steps: int, busy_s: float) -> None: ...
     def round_quota(self, round_no: int, local_steps: int) -> int: ...
     def begin_round(self, round_no: int) -> None: ...
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float, *, stop, fingerprint: str,
@@ -90,26 +90,29 @@ class SwarmClock:
     def __init__(self, dht, run_id: str, steps_per_peer: int, *, client_mode: bool, private_key,
                  expiration: float, admits: Callable[[str], bool] | None = None) -> None:
         self.steps_per_peer, self.admits = int(steps_per_peer), admits
-        self.tracker = RoundTracker(dht, f"{run_id}_clock", self.steps_per_peer, client_mode=client_mode,
+        # the key names the unit: peers of versions that counted tokens here must not mix with these
+        self.tracker = RoundTracker(dht, f"{run_id}_clock_steps", self.steps_per_peer, client_mode=client_mode,
                                        private_key=private_key, metadata_expiration=expiration,
                                        min_refresh_period=0.25, max_refresh_period=2.0,
                                        default_refresh_period=1.0, start=False)
-        self.tracker.admits = admits  # a closed swarm: only admitted peers' progress ends a round
+        self.tracker.admits = admits  # a closed swarm: only admitted peers' records count
         self.tracker.start()
 
-    def report(self, round_no: int, steps: int) -> None:
+    def report(self, round_no: int, steps: int, busy_s: float) -> None:
+        """``steps`` inner steps this round, ``busy_s`` the seconds spent computing them (not waiting)."""
+        if steps > 0 and busy_s > 0:
+            self.tracker.measured_speed = steps / busy_s
         self.tracker.report_local_progress(round_no, int(steps))
 
     def quota(self, round_no: int, local_steps: int) -> int:
-        """This silo's steps for ``round_no`` from the speeds in the tracker's last fetch: its own (an EMA of
-        its step times, paused between rounds) against the live peers' at this round or one behind."""
+        """This silo's steps for ``round_no`` from the speeds in the tracker's last fetch: its own (steps over
+        compute seconds, as of its last report) against the live peers' at this round or one behind."""
         # the tracker's own pacing (how often it fetches) follows its target: the swarm's steps for a round
         self.tracker.target_batch_size = self.steps_per_peer * max(1, self.tracker.global_progress.num_peers)
         me = str(self.tracker.dht.peer_id)
         others = [s for p, s in self.tracker.speeds.items()
                   if p != me and self.tracker.members.get(p, -1) >= round_no - 1]
-        own = float(self.tracker.performance_ema.samples_per_second) if self.tracker.performance_ema.num_updates else 0.0
-        return speed_quota(local_steps, own, others)
+        return speed_quota(local_steps, self.tracker.measured_speed, others)
 
     def begin(self, round_no: int, timeout: float) -> None:
         if not self.tracker.begin_epoch(round_no, timeout):
@@ -234,9 +237,9 @@ class HivemindSwarm:
                 f"this peer's token expires {until}")
 
     # ---- the round clock ---------------------------------------------------------------------------------
-    def report_progress(self, round_no: int, steps: int) -> None:
+    def report_progress(self, round_no: int, steps: int, busy_s: float) -> None:
         if self.clock is not None:
-            self.clock.report(round_no, steps)
+            self.clock.report(round_no, steps, busy_s)
 
     def round_quota(self, round_no: int, local_steps: int) -> int:
         return self.clock.quota(round_no, local_steps) if self.clock is not None else local_steps
@@ -255,8 +258,8 @@ class HivemindSwarm:
         members: list[str] = []
         expected = 0  # peers that may still come to this round's group (groups.round_roster)
         if self.clock is not None:
-            members, expected = round_roster(self.clock.records(round_no, self.cfg.network.request_timeout),
-                                             round_no)
+            records = self.clock.records(round_no, self.cfg.network.request_timeout)
+            members, expected = round_roster({**records, self.peer_id: round_no}, round_no)
         if len(set(members) - {self.peer_id}) == 0:  # no clock, or it has not seen anyone else yet: heartbeats
             members = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
         plan = plan_groups(members, self.peer_id, self.cfg.federation.target_group_size) if members else None
