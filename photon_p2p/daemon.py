@@ -86,6 +86,7 @@ class PeerDaemon:
         self.clock_steps = self.clock_tokens = 0  # inner steps (what the swarm clock counts) and tokens this round
         self.clock_busy_s = 0.0  # seconds those steps took to compute (the silo's speed, for the swarm clock)
         self.quota = (-1, 0)  # (round, its inner steps for this silo) under the swarm clock
+        self.synced_mid_round = False  # downloaded the swarm's state: this round's quota is only what is left
         self.inflight: InFlight | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="photon-average")
         self.loop_started = 0.0
@@ -203,7 +204,8 @@ class PeerDaemon:
         """This round's inner steps under the swarm clock (H, scaled by this silo's speed against the swarm's),
         fixed when the round's first step is asked for and logged."""
         if self.quota[0] != self.round:
-            self.quota = (self.round, self.swarm.round_quota(self.round, self.cfg.federation.local_steps))
+            late, self.synced_mid_round = self.synced_mid_round, False
+            self.quota = (self.round, self.swarm.round_quota(self.round, self.cfg.federation.local_steps, late))
             log.info("round %d: %d inner steps for this silo", self.round, self.quota[1])
         return self.quota[1]
 
@@ -364,6 +366,7 @@ class PeerDaemon:
                 self.metrics.log("refused_state", round=int(meta.get("round", -1)), reason=why)
                 continue
             self.state.adopt(meta, tensors, carry_local)
+            self.synced_mid_round = True
             if not carry_local:
                 self.round_steps = self.round_tokens = 0
             # The schedule follows the swarm: a joiner does not re-run warmup at the peak learning rate.

@@ -54,7 +54,7 @@ class FakeSwarm:
         old = self.net.progress.get(self.peer_id, (0, 0, 0.0))[2]
         self.net.progress[self.peer_id] = (round_no, steps, steps / busy_s if steps and busy_s > 0 else old)
 
-    def round_quota(self, round_no: int, local_steps: int) -> int:
+    def round_quota(self, round_no: int, local_steps: int, late: bool = False) -> int:
         own = self.net.progress.get(self.peer_id, (0, 0, 0.0))[2]
         others = [s for n, (r, _, s) in self.net.progress.items()
                   if n != self.peer_id and self.net.peers[n].live and r >= round_no - 1]

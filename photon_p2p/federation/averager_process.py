@@ -591,6 +591,7 @@ class RoundTracker(ProgressTracker):
     """
 
     members: dict[str, int] = {}
+    records: dict[str, LocalTrainingProgress] = {}
     speeds: dict[str, float] = {}  # inner steps per second each peer last reported
     measured_speed: float = 0.0
     admits: Callable[[str], bool] | None = None
@@ -621,6 +622,7 @@ class RoundTracker(ProgressTracker):
     def _parse_swarm_progress_data(self, metadata):
         metadata = admitted_progress(metadata, self.admits)
         records = progress_records(metadata)
+        self.records = records
         self.members = {peer: int(r.epoch) for peer, r in records.items()}
         self.speeds = {peer: float(r.samples_per_second) for peer, r in records.items()}
         return super()._parse_swarm_progress_data(metadata)

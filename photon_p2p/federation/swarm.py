@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from hivemind.utils import get_dht_time
 
 from photon_p2p.config import Config
 from photon_p2p.credentials import load_owner_public, public_bytes
@@ -48,7 +49,7 @@ class Swarm(Protocol):
     def check_run(self) -> None: ...
     def peers(self) -> list[dict]: ...
     def report_progress(self, round_no: int, steps: int, busy_s: float) -> None: ...
-    def round_quota(self, round_no: int, local_steps: int) -> int: ...
+    def round_quota(self, round_no: int, local_steps: int, late: bool = False) -> int: ...
     def begin_round(self, round_no: int) -> None: ...
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float, *, stop, fingerprint: str,
                 live_target: int | None) -> RoundResult: ...
@@ -104,7 +105,7 @@ class SwarmClock:
             self.tracker.measured_speed = steps / busy_s
         self.tracker.report_local_progress(round_no, int(steps))
 
-    def quota(self, round_no: int, local_steps: int) -> int:
+    def quota(self, round_no: int, local_steps: int, late: bool = False) -> int:
         """This silo's steps for ``round_no`` from the speeds in the tracker's last fetch: its own (steps over
         compute seconds, as of its last report) against the live peers' at this round or one behind."""
         # the tracker's own pacing (how often it fetches) follows its target: the swarm's steps for a round
@@ -112,7 +113,17 @@ class SwarmClock:
         me = str(self.tracker.dht.peer_id)
         others = [s for p, s in self.tracker.speeds.items()
                   if p != me and self.tracker.members.get(p, -1) >= round_no - 1]
-        return speed_quota(local_steps, self.tracker.measured_speed, others)
+        quota = speed_quota(local_steps, self.tracker.measured_speed, others)
+        if not late:
+            return quota
+        # Joined mid-round (a download): only the rest of the round is left. Training a whole quota, a joiner
+        # arrived after the others had averaged, downloaded again, and chased the swarm round after round.
+        now = get_dht_time()
+        done = sorted(min(float(local_steps), r.samples_accumulated + max(0.0, now - r.time) * r.samples_per_second)
+                      for p, r in self.tracker.records.items() if p != me and r.epoch == round_no)
+        if not done:
+            return quota
+        return max(1, round(quota * (1 - done[len(done) // 2] / local_steps)))
 
     def begin(self, round_no: int, timeout: float) -> None:
         if not self.tracker.begin_epoch(round_no, timeout):
@@ -241,8 +252,8 @@ class HivemindSwarm:
         if self.clock is not None:
             self.clock.report(round_no, steps, busy_s)
 
-    def round_quota(self, round_no: int, local_steps: int) -> int:
-        return self.clock.quota(round_no, local_steps) if self.clock is not None else local_steps
+    def round_quota(self, round_no: int, local_steps: int, late: bool = False) -> int:
+        return self.clock.quota(round_no, local_steps, late) if self.clock is not None else local_steps
 
     def begin_round(self, round_no: int) -> None:
         if self.admission is not None:  # every round: revocations take effect, and a revoked peer stops itself
