@@ -219,3 +219,22 @@ def test_a_silo_takes_h_steps_unless_its_speed_is_far_from_the_swarms():
     assert (fast, slow) == (6, 4)  # the fast ones are within the band of the mean (1.67); 6 x 0.6 = 3.6
     assert speed_quota(8, 4.0, [1.0, 1.0, 1.0]) == 18  # 8 x 4 / 1.75
     assert speed_quota(8, 0.01, [10.0]) == 1  # never zero steps
+
+
+def test_a_silo_that_synced_mid_round_takes_only_what_is_left_of_it():
+    from types import SimpleNamespace
+
+    from hivemind.utils import get_dht_time
+
+    from photon_p2p.federation.swarm import SwarmClock
+
+    now = get_dht_time()
+    rec = lambda steps, epoch=7: SimpleNamespace(epoch=epoch, samples_accumulated=steps, time=now, samples_per_second=2.0)
+    clock = object.__new__(SwarmClock)
+    clock.steps_per_peer = 8
+    clock.tracker = SimpleNamespace(dht=SimpleNamespace(peer_id="me"), measured_speed=2.0,
+                                    global_progress=SimpleNamespace(num_peers=3),
+                                    records={"a": rec(6), "b": rec(5), "me": rec(0), "old": rec(8, epoch=6)},
+                                    members={"a": 7, "b": 7, "me": 7, "old": 6}, speeds={"a": 2.0, "b": 2.0})
+    assert clock.quota(7, 8) == 8  # a round begun with the others: the whole quota
+    assert clock.quota(7, 8, late=True) == 2  # the members are 6 (median, upper) of 8 steps in: 2 are left
