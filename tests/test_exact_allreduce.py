@@ -235,6 +235,6 @@ def test_a_silo_that_synced_mid_round_takes_only_what_is_left_of_it():
     clock.tracker = SimpleNamespace(dht=SimpleNamespace(peer_id="me"), measured_speed=2.0,
                                     global_progress=SimpleNamespace(num_peers=3),
                                     records={"a": rec(6), "b": rec(5), "me": rec(0), "old": rec(8, epoch=6)},
-                                    members={"a": 7, "b": 7, "me": 7, "old": 6}, speeds={"a": 2.0, "b": 2.0})
+                                    members={"a": 7, "b": 7, "me": 7, "old": 6})
     assert clock.quota(7, 8) == 8  # a round begun with the others: the whole quota
     assert clock.quota(7, 8, late=True) == 2  # the members are 6 (median, upper) of 8 steps in: 2 are left

@@ -591,8 +591,7 @@ class RoundTracker(ProgressTracker):
     """
 
     members: dict[str, int] = {}
-    records: dict[str, LocalTrainingProgress] = {}
-    speeds: dict[str, float] = {}  # inner steps per second each peer last reported
+    records: dict[str, LocalTrainingProgress] = {}  # each peer's record (its round, steps, speed) at last fetch
     measured_speed: float = 0.0
     admits: Callable[[str], bool] | None = None
 
@@ -624,7 +623,6 @@ class RoundTracker(ProgressTracker):
         records = progress_records(metadata)
         self.records = records
         self.members = {peer: int(r.epoch) for peer, r in records.items()}
-        self.speeds = {peer: float(r.samples_per_second) for peer, r in records.items()}
         return super()._parse_swarm_progress_data(metadata)
 
     def begin_epoch(self, epoch: int, timeout: float) -> bool:

@@ -111,8 +111,8 @@ class SwarmClock:
         # the tracker's own pacing (how often it fetches) follows its target: the swarm's steps for a round
         self.tracker.target_batch_size = self.steps_per_peer * max(1, self.tracker.global_progress.num_peers)
         me = str(self.tracker.dht.peer_id)
-        others = [s for p, s in self.tracker.speeds.items()
-                  if p != me and self.tracker.members.get(p, -1) >= round_no - 1]
+        others = [float(r.samples_per_second) for p, r in self.tracker.records.items()
+                  if p != me and r.epoch >= round_no - 1]
         quota = speed_quota(local_steps, self.tracker.measured_speed, others)
         if not late:
             return quota
