@@ -20,6 +20,7 @@ from pathlib import Path
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
+from deadlines import within
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -47,7 +48,7 @@ def reap(procs: list[subprocess.Popen]) -> None:
         kill_group(proc)
     for proc in procs:
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=within(10))
         except subprocess.TimeoutExpired:
             pass
 
@@ -141,7 +142,7 @@ def values(i: int) -> dict:
 
 def start_bootstrap(procs: list) -> tuple[subprocess.Popen, str]:
     proc = spawn(["-c", BOOTSTRAP], procs, stdout=subprocess.PIPE)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + within(30)
     for line in proc.stdout:  # the banner prints each full address on its own line
         if line.startswith("/ip4/"):
             return proc, line.strip()
@@ -199,7 +200,7 @@ def main(cfg: dict) -> None:
     snap = dict(cfg["values"])
     publisher = HeartbeatPublisher(dht, cfg["run_id"], lambda: snap, cfg["interval"], cfg["ttl"],
                                    request_timeout=5.0, owner_key=owner, admission=token.strip())
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + within(30)
     while not publisher.publish():  # the first store can race the DHT's first contact with the swarm
         if time.monotonic() > deadline:
             sys.exit("fake peer: could not publish a heartbeat within 30s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from types import ModuleType
 from pathlib import Path
@@ -11,6 +12,32 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config) -> None:
+    """Ctrl-C reaches the processes the tests start, however the suite itself was launched.
+
+    A background job of a non-interactive shell (`pytest &`, a CI runner's script) starts with SIGINT ignored,
+    exec passes an ignored signal on, and Python then installs no KeyboardInterrupt handler: the tests that
+    stop `status --watch` or a daemon the way a terminal's Ctrl-C does would wait for an exit that never comes.
+    A handled signal is reset to the default on exec, so every child starts as a terminal's foreground job.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """pytest-timeout's limits stretch with every other deadline (deadlines.py: PHOTON_TEST_TIME_SCALE)."""
+    from deadlines import SCALE
+
+    if SCALE == 1:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        limit = float(marker.args[0]) if marker is not None and marker.args else default
+        if limit > 0:
+            item.add_marker(pytest.mark.timeout(limit * SCALE))
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from deadlines import within
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_FED = dict(matchmaking_time=1.5, allreduce_timeout=10.0, round_deadline=8.0, target_group_size=4,
@@ -82,7 +83,7 @@ class Peer:
         except (ProcessLookupError, PermissionError):
             pass
         try:
-            self.proc.wait(10)
+            self.proc.wait(within(10))
         except subprocess.TimeoutExpired:
             pass
         self.log.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conftest import CLI, cli_env, tiny_overrides, torchrun
 from photon_p2p.metrics import read_metrics
+from deadlines import within
 
 
 @dataclass
@@ -115,6 +116,6 @@ class Swarm:
             self.kill(peer, signal.SIGKILL)
         for peer in self.peers:
             try:
-                peer.proc.wait(timeout=10)
+                peer.proc.wait(timeout=within(10))
             except subprocess.TimeoutExpired:
                 pass

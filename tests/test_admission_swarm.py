@@ -14,6 +14,7 @@ from photon_p2p.config import NetworkConfig
 from photon_p2p.credentials import create_identity, create_owner_key, load_owner_private, make_token, public_bytes
 from photon_p2p.status import run_status
 from test_cli_errors import run_cli
+from deadlines import within
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 SHAPES = [[64, 16], [300]]
@@ -36,18 +37,18 @@ def admitted(tmp_path, owner, name: str) -> dict:
 def average_all(peers, tmp_path, round_no: int, tag: str) -> list[dict]:
     for i, p in enumerate(peers):
         p.send(cmd="average", seed=10 + i, round=round_no, weight=1.0, out=str(tmp_path / f"{tag}{i}.pt"))
-    return [p.expect("averaged", 60) for p in peers]
+    return [p.expect("averaged", within(60)) for p in peers]
 
 
 def test_outsider_cannot_average_or_serve_state(spawn, tmp_path, owner):
     base = {"shapes": SHAPES}
     a = spawn({**base, **admitted(tmp_path, owner, "a"), "state_meta": {"round": 0, "from": "a"}})
-    addr = a.expect("ready", 90)["maddrs"][:1]
+    addr = a.expect("ready", within(90))["maddrs"][:1]
     b = spawn({**base, **admitted(tmp_path, owner, "b"), "initial_peers": addr})
     # The outsider runs the same code without any admission: it enforces nothing and holds no token.
     c = spawn({**base, "initial_peers": addr, "state_meta": {"round": 50, "from": "outsider"}, "state_seed": 7})
     for p in (b, c):
-        p.expect("ready", 90)
+        p.expect("ready", within(90))
     ids = {name: p.ready["peer_id"] for name, p in zip("abc", (a, b, c))}
 
     ra, rb, rc = average_all([a, b, c], tmp_path, 1, "r")
@@ -56,22 +57,22 @@ def test_outsider_cannot_average_or_serve_state(spawn, tmp_path, owner):
 
     # The outsider now shares state with the highest priority (round 51); admitted peers never download it.
     c.send(cmd="average", seed=3, round=50, weight=1.0, out=str(tmp_path / "c50.pt"))
-    assert c.expect("averaged", 60)["solo"]
+    assert c.expect("averaged", within(60))["solo"]
     b.send(cmd="load_state", timeout=20, out=str(tmp_path / "b_state.pt"))
-    got = b.expect("state", 60)["meta"]
+    got = b.expect("state", within(60))["meta"]
     assert got is not None and got.get("from") == "a", got
     # ... and admitted peers do not serve it: it finds nobody who will (a and b both share state by now).
     c.send(cmd="load_state", timeout=20, out=str(tmp_path / "c_state.pt"))
-    assert c.expect("state", 60)["meta"] is None
+    assert c.expect("state", within(60))["meta"] is None
 
 
 def test_revoked_peer_is_out_within_a_round(spawn, tmp_path, owner):
     base = {"shapes": SHAPES}
     a = spawn({**base, **admitted(tmp_path, owner, "a")})
-    addr = a.expect("ready", 90)["maddrs"][:1]
+    addr = a.expect("ready", within(90))["maddrs"][:1]
     others = [spawn({**base, **admitted(tmp_path, owner, n), "initial_peers": addr}) for n in "bc"]
     for p in others:
-        p.expect("ready", 90)
+        p.expect("ready", within(90))
     peers = [a, *others]
     first = average_all(peers, tmp_path, 1, "r1_")
     assert all(not r["solo"] and r["group_size"] == 3 for r in first), first  # all admitted: one group of 3
@@ -96,7 +97,7 @@ def test_status_hides_outsiders_and_revoked_peers(tmp_path, owner):
         inside = start_peer(procs, tmp_path, "in", addr, values(0), ttl=30.0, owner_pub=pub,
                             token=str(tmp_path / "in.token"))
         outside = start_peer(procs, tmp_path, "out", addr, values(1), ttl=30.0)
-        infos = [wait_for_file(tmp_path / f"{n}.json", p, 60) for n, p in (("in", inside), ("out", outside))]
+        infos = [wait_for_file(tmp_path / f"{n}.json", p, within(60)) for n, p in (("in", inside), ("out", outside))]
         assert infos[0]["peer_id"] == peer_id
         fp = public_bytes(owner.public_key())
 
@@ -112,7 +113,7 @@ def test_status_hides_outsiders_and_revoked_peers(tmp_path, owner):
         assert "records claim a closed swarm" in status()  # without the key: said, not verified
         r = run_cli("revoke", "--peer-id", peer_id, "--key", str(tmp_path / "owner.key"), "--initial-peers", addr)
         assert r.returncode == 0, r.stderr
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + within(30)
         while peer_id[-12:] in (text := status(owner_public=fp)) and time.monotonic() < deadline:
             time.sleep(1)
         assert peer_id[-12:] not in text and ", 0 admitted" in text, text
@@ -140,7 +141,7 @@ def test_daemons_in_a_closed_swarm(tmp_path, kjv_data, owner):
         b = swarm.start("b", initial=[addr], extra=common, args=closed_args("b"))
         outsider = swarm.start("o", initial=[addr], extra=common)
         for p in (a, b, outsider):
-            assert p.wait(200) == 0, p.log()[-3000:]
+            assert p.wait(within(200)) == 0, p.log()[-3000:]
         for p in (a, b):
             assert "closed swarm, owner key" in p.log(), p.log()[-3000:]
             assert any(not r["solo"] and r["group_size"] == 2 for r in p.rounds()), p.rounds()

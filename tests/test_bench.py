@@ -6,12 +6,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from deadlines import within
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=within(120))
 
 
 def test_scale_model_fits_the_measured_rounds_and_checks_the_held_out_ones(tmp_path):

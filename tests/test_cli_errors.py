@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CLI, cli_env
+from deadlines import within
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -80,7 +81,7 @@ def test_a_stop_that_cannot_finish_exits_at_its_deadline(tmp_path):
             "stop.wait(5)\n"
             "time.sleep(30)  # a stop that never finishes\n")
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=within(60), cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert r.returncode == 1, r.stderr
     assert time.monotonic() - t0 < 20

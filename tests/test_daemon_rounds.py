@@ -18,6 +18,7 @@ from photon_p2p.federation import FederationError
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.swarm import check_state
 from photon_p2p.metrics import read_metrics
+from deadlines import within
 
 pytestmark = pytest.mark.timeout(180)
 _INIT = threading.Lock()  # model init draws from torch's global RNG: silos in threads must not interleave there
@@ -273,7 +274,7 @@ def test_sigint_during_a_background_average_saves_the_unaveraged_work(tmp_path, 
     d.make_swarm = build
     thread = threading.Thread(target=d.run)
     thread.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + within(60)
     while d.inflight is None or d.round_steps < 2:  # round 0 is in the averager, round 1 is training
         assert time.monotonic() < deadline and thread.is_alive()
         time.sleep(0.05)
@@ -297,7 +298,7 @@ def test_a_pocket_of_peers_that_fell_behind_together_adopts_the_swarms_state(tmp
     fast = [make_daemon(tmp_path, kjv_data, net, n, **{"federation.rounds": 8}) for n in "ab"]
 
     def behind() -> None:  # they fell behind: each step waits until the swarm is two rounds ahead (on any machine)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + within(60)
         # a fast silo may still be setting up (setups are serialized): it has no round yet, count it as 0
         while min(f.round if hasattr(f, "state") else 0 for f in fast) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)

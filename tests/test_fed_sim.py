@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import load_bench
+from deadlines import within
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.seq_len=16", "train.eval_batches=2",
@@ -135,19 +136,19 @@ def test_cli_writes_sweep_records_and_resumes(sim, data_root, tmp_path):
     results = tmp_path / "results"
     cmd = [sys.executable, str(REPO / "bench" / "fed_sim.py"), "--smoke", "--data", str(data_root),
            "--results", str(results), "--runs", str(tmp_path / "runs")]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=within(300))
     assert first.returncode == 0, first.stdout + first.stderr
     recs = [json.loads(line) for line in (results / "runs.jsonl").read_text().splitlines()]
     assert {r["config"]["side"] for r in recs} == {"central", "fed-noniid"}
     assert all(r["engine"] == "sim" and r["final_ppl"] > 1 for r in recs)
     assert "| central |" in (results / "sweep.md").read_text()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=within(120))
     assert again.returncode == 0 and "started" not in again.stdout  # every run is done: nothing starts
 
 
 def test_missing_data_is_one_line_error(tmp_path):
     cmd = [sys.executable, str(REPO / "bench" / "fed_sim.py"), "--smoke", "--data", str(tmp_path / "nope"),
            "--results", str(tmp_path / "r")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=within(120))
     assert proc.returncode != 0
     assert proc.stderr.startswith("fed_sim: no prepared data") and "Traceback" not in proc.stderr

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from peer_helpers import PeerPool, make_tensors, spawn  # noqa: F401  (spawn is a fixture)
+from deadlines import within
 
 SHAPES = [[256, 256], [40000]]
 TRIO_AVERAGERS = {
@@ -131,12 +132,12 @@ def test_gathered_round_mismatch_discards_the_result(trio, tmp_path):
 def test_joiner_downloads_the_state_a_peer_serves(spawn, tmp_path):
     meta = {"round": 5, "run_id": "test", "inner_step": 640}
     server = spawn({"shapes": SHAPES, "state_meta": meta, "state_seed": 77})
-    maddrs = server.expect("ready", 60)["maddrs"]
+    maddrs = server.expect("ready", within(60))["maddrs"]
     joiner = spawn({"shapes": SHAPES, "initial_peers": maddrs[:1], "state_seed": 78})
-    joiner.expect("ready", 60)
+    joiner.expect("ready", within(60))
     out = tmp_path / "state.pt"
     joiner.send(cmd="load_state", timeout=15, out=str(out))
-    got = joiner.expect("state", 30)
+    got = joiner.expect("state", within(30))
     assert got["meta"] == meta
     for got_t, exp in zip(torch.load(out), make_tensors(SHAPES, 77)):
         assert torch.equal(got_t, exp)
@@ -150,7 +151,7 @@ def test_sigkill_of_one_of_four_peers_mid_allreduce(spawn, tmp_path):
     outs = [tmp_path / f"out{i}.pt" for i in range(4)]
     for i, (peer, out) in enumerate(zip(peers, outs)):
         peer.send(cmd="average", round=1, weight=1.0 + i, seed=50 + i, out=str(out), announce_traffic=(i == 3))
-    peers[3].expect("traffic", 30)
+    peers[3].expect("traffic", within(30))
     os.killpg(peers[3].pid, signal.SIGKILL)  # the victim's whole process group, as a machine failure would
     killed_at = time.monotonic()
     for peer, out in zip(peers[:3], outs):
@@ -193,16 +194,16 @@ def test_a_group_holding_two_models_averages_weights_and_leaves_on_one(spawn, tm
     # round averages local weights θ = G − Δ (lossless, whatever the codec) and every member gets the same bytes.
     fed = {"target_group_size": 4, "min_group_size": 4, "compression": "blockwise8"}
     first = spawn({"shapes": SHAPES, "averagers": {"main": fed}, "global_seed": 101})
-    maddrs = first.expect("ready", 60)["maddrs"]
+    maddrs = first.expect("ready", within(60))["maddrs"]
     peers = [first] + [spawn({"shapes": SHAPES, "averagers": {"main": fed}, "initial_peers": maddrs[:1],
                               "global_seed": 101 if i == 0 else 102}) for i in range(3)]
     for p in peers[1:]:
-        p.expect("ready", 60)
+        p.expect("ready", within(60))
     globals_seeds, prints, seeds, weights = [101, 101, 102, 102], ["x", "x", "y", "y"], [61, 62, 63, 64], [1, 2, 3, 4]
     outs = [tmp_path / f"heal{i}.pt" for i in range(4)]
     for p, fp, s, w, out in zip(peers, prints, seeds, weights, outs):
         p.send(cmd="average", round=9, weight=float(w), seed=s, out=str(out), fingerprint=fp)
-    results = [p.expect("averaged", 60) for p in peers]
+    results = [p.expect("averaged", within(60)) for p in peers]
     locals_ = [[g - d for g, d in zip(make_tensors(SHAPES, gs), make_tensors(SHAPES, s))]
                for gs, s in zip(globals_seeds, seeds)]
     expected = [sum(w * loc[i] for w, loc in zip(weights, locals_)) / sum(weights) for i in range(len(SHAPES))]
@@ -283,7 +284,7 @@ def test_peers_that_read_the_members_a_moment_apart_regroup_onto_one_grid(spawn,
     late = {members[2], members[3]}  # in the full grid, rows {0, 2} {1, 3}: each late peer's row partner is on time
     stale = {me: ([m for m in members if m not in late or m == me], 3.0) for me in late}
     results, after, expected = grid_round(peers, tmp_path, 5, [1.0, 2.0, 3.0, 4.0], [91, 92, 93, 94], members,
-                                          timeout=90, later=stale)
+                                          timeout=within(90), later=stale)
     for res in results:
         assert not res["solo"] and res["group_size"] == 4 and res["weight_total"] == pytest.approx(10.0), \
             [(p.ready["peer_id"][-4:], p.ready["peer_id"] in late, r["reason"], r["group_size"]) for p, r in

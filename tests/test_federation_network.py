@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from peer_helpers import spawn  # noqa: F401  (fixture)
+from deadlines import within
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -22,7 +23,7 @@ def _alive(proc: psutil.Process) -> bool:
 @pytest.mark.timeout(60)
 def test_unreachable_initial_peer_fails_within_bootstrap_timeout(spawn):
     peer = spawn({"mode": "bootstrap", "bootstrap_timeout": 3.0})
-    done = peer.expect("done", 40)
+    done = peer.expect("done", within(40))
     assert done["error"] is not None and done["error"].startswith("could not reach any initial peer (/ip4/127.0.0.1/")
     assert "within 3s" in done["error"]
     assert done["elapsed"] < 3.0 + 5.0
@@ -32,12 +33,12 @@ def test_unreachable_initial_peer_fails_within_bootstrap_timeout(spawn):
 @pytest.mark.timeout(90)
 def test_sigkill_of_main_process_takes_dht_p2pd_and_averager_down(spawn):
     peer = spawn({"shapes": [[10]]})
-    peer.expect("ready", 60)
+    peer.expect("ready", within(60))
     descendants = psutil.Process(peer.pid).children(recursive=True)
     names = sorted(p.name() for p in descendants)
     assert "p2pd" in names and names.count("python") >= 2  # DHT process, averager process (+ the reaper)
     os.kill(peer.pid, signal.SIGKILL)  # only the main process, not its group
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + within(10)
     while time.monotonic() < deadline and any(_alive(p) for p in descendants):
         time.sleep(0.1)
     assert [f"{p.pid}:{p.name()}" for p in descendants if _alive(p)] == []
@@ -60,6 +61,6 @@ def test_stopping_closes_the_loop_hivemind_left_open():
         "close_idle_loop()  # idempotent\n"
         "import threading; t = threading.Thread(target=close_idle_loop); t.start(); t.join()  # no loop there\n"
         "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=within(60))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -12,6 +12,7 @@ import pytest
 from conftest import CLI, cli_env, torchrun
 from photon_p2p.checkpoint import load_checkpoint
 from photon_p2p.metrics import read_metrics
+from deadlines import within
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -27,7 +28,7 @@ def train(run_dir, data, *, batch: int, steps: int, nproc: int = 1, **extra) -> 
     cmd = [*(torchrun(nproc) if nproc > 1 else CLI), "train", "--no-progress", "--run-dir", str(run_dir)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=240)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=within(240))
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -65,7 +66,7 @@ def test_two_ranks_match_one_rank_with_twice_the_batch_and_resume_on_one(tmp_pat
 def test_parallel_without_torchrun_is_a_config_error(tmp_path, kjv_data):
     cmd = [*CLI, "train", "--no-progress", "--run-dir", str(tmp_path), "--set", "train.parallel=fsdp",
            "--set", f"data.path={kjv_data}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=within(120))
     assert out.returncode == 2
     assert "torchrun" in out.stderr and "Traceback" not in out.stderr
 
@@ -82,7 +83,7 @@ def test_two_rank_silo_and_one_rank_silo_hold_one_model(tmp_path, kjv_data, para
         big = swarm.start("silo-2ranks", extra={**common, "train.parallel": parallel}, nproc=2)
         small = swarm.start("silo-1rank", initial=[big.address(120)], extra=common)
         for p in (big, small):
-            assert p.wait(240) == 0, p.log()[-3000:]
+            assert p.wait(within(240)) == 0, p.log()[-3000:]
     finally:
         swarm.close()
     how = {"ddp": "data parallel (DDP)", "fsdp": "sharded (FSDP2)"}[parallel]
@@ -126,8 +127,11 @@ def _daemon(run_dir: str, data: str, batch: int, out: str, parallel: str) -> Non
             return calls["n"] != 2 and healthy(self, loss)
 
         PeerDaemon._healthy = once_unhealthy
-        d = PeerDaemon(cfg, progress=False, make_swarm=factory(FakeNet(barrier_timeout=1.0), "silo"))
-        result = d.run()
+        try:
+            d = PeerDaemon(cfg, progress=False, make_swarm=factory(FakeNet(barrier_timeout=1.0), "silo"))
+            result = d.run()
+        finally:  # the 1-rank silo runs in the test process: later tests get the real check back
+            PeerDaemon._healthy = healthy
         torch.save({"result": result, "weights": d.state.weights, "parallel": d.trainer.parallel}, out)
 
     env = distributed.init_distributed(cfg.train)
@@ -140,6 +144,22 @@ def _daemon(run_dir: str, data: str, batch: int, out: str, parallel: str) -> Non
         distributed.shutdown()
     # the process group is gone, threads and all, before Python exits (see distributed.shutdown)
     Path(f"{out}.threads{env.rank}").write_text(" ".join(_thread_names()))
+
+
+def _initial_weights() -> list:
+    """The weights both silos start from (the trainer seeds the model's initialization)."""
+    import torch
+
+    from photon_p2p.config import load_config
+    from photon_p2p.model import Transformer
+
+    cfg = load_config(["tiny"], [f"{k}={v}" for k, v in COMMON.items()])
+    torch.manual_seed(cfg.train.seed)
+    return [p.detach() for p in Transformer(cfg.model).parameters()]
+
+
+def _norm(tensors) -> float:
+    return sum(float(t.double().pow(2).sum()) for t in tensors) ** 0.5
 
 
 def _thread_names() -> list[str]:
@@ -180,8 +200,16 @@ def test_followers_stay_in_lockstep_with_rank_0s_daemon(tmp_path, kjv_data, para
     assert two["parallel"] == parallel and one["parallel"] == "none"
     assert one["result"]["round"] == two["result"]["round"] == 2
     assert one["result"]["step"] == two["result"]["step"] == 8  # 2 steps rolled back, then 3 + 3
-    for a, b in zip(one["weights"], two["weights"]):
-        assert torch.allclose(a, b, atol=1e-5)
+    # The same arithmetic summed in another order (DDP: two half-batch gradients all-reduced; FSDP2: a
+    # reduce-scatter and a sharded clipping norm) differs by fp32 rounding, ~1e-7 relative, and AdamW amplifies it
+    # without bound in elements whose gradient is near its eps (rare tokens' embedding rows): element-wise
+    # bounds hold or not by the CPU's kernels (measured on one machine: 4e-7 DDP, 8.6e-6 FSDP, against the
+    # former atol 1e-5). The norm of the difference is bounded, relative to how far training moved the weights
+    # (measured: 1.5e-7 DDP, 8.8e-6 FSDP); a follower out of lockstep by one step of 8 would be ~1e-1.
+    init = _initial_weights()
+    moved = _norm(a - i for a, i in zip(one["weights"], init))
+    apart = _norm(a - b for a, b in zip(one["weights"], two["weights"]))
+    assert apart < 1e-3 * moved, (apart, moved)
     for rank in (0, 1):  # nothing of gloo is left for interpreter shutdown to tear down
         assert "gloo" not in (tmp_path / f"two.pt.threads{rank}").read_text()
     rollbacks = [r for r in read_metrics(tmp_path / "two") if r.get("kind") == "rollback"]

@@ -7,6 +7,7 @@ import subprocess
 
 from conftest import CLI, cli_env, tiny_overrides
 from photon_p2p.progress import Progress
+from deadlines import within
 
 
 def test_plain_lines_every_n_units_off_a_terminal(capsys):
@@ -54,7 +55,7 @@ def test_train_into_a_log_file_has_no_carriage_returns(tmp_path, kjv_data):
     log = tmp_path / "train.log"
     with log.open("w") as stderr:
         r = subprocess.run([*CLI, "train", "--config", "tiny", *sets], stdout=subprocess.PIPE, stderr=stderr,
-                           text=True, timeout=240, env=cli_env())
+                           text=True, timeout=within(240), env=cli_env())
     assert r.returncode == 0, log.read_text()
     text = log.read_text()
     assert "\r" not in text

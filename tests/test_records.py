@@ -25,6 +25,7 @@ from hivemind.utils.crypto import RSAPrivateKey  # noqa: E402
 from photon_p2p.federation.records import (  # noqa: E402
     HeartbeatPublisher, HeartbeatSchema, PeerRecord, RSASignatureValidator, SchemaValidator, heartbeat_key,
     load_identity_key, make_record, peer_id_of_owner, read_records)
+from deadlines import within  # noqa: E402
 
 SNAP = {"round": 3, "local_step": 30, "tokens": 4096, "loss": 2.5, "val_ppl": 12, "tokens_per_s": 100,
         "compression": "fp16", "group_size": 2, "averaging_s": 1, "bytes_sent": 10, "bytes_received": 20,
@@ -184,12 +185,12 @@ def test_forged_record_for_another_peer_is_rejected(tmp_path):
     try:
         _, addr = start_bootstrap(procs)
         victim = start_peer(procs, tmp_path, "victim", addr, values(0), ttl=30.0)
-        info = wait_for_file(tmp_path / "victim.json", victim, 60)
+        info = wait_for_file(tmp_path / "victim.json", victim, within(60))
         forger_cfg = {"initial_peers": [addr], "run_id": RUN, "values": values(1),
                       "forge": info["owner_key"], "victim_peer_id": info["peer_id"]}
         forger = spawn([str(Path(__file__).with_name("_fake_heartbeat_peer.py")), json.dumps(forger_cfg)], procs,
                        stdout=subprocess.PIPE)
-        verdict = json.loads(forger.communicate(timeout=60)[0].strip().splitlines()[-1])
+        verdict = json.loads(forger.communicate(timeout=within(60))[0].strip().splitlines()[-1])
         assert verdict["unsigned"] is False and verdict["wrong_signature"] is False
         assert verdict["claim_own"] is True  # its own subkey is its own business...
         dht = start_dht(NetworkConfig(initial_peers=[addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"]), client_mode=True)
@@ -220,7 +221,7 @@ def test_final_record_marks_peer_as_left_on_a_real_dht():
         pub = HeartbeatPublisher(a, "r", lambda: {k: v for k, v in SNAP.items() if k != "maddrs"}, 1.0, 10.0,
                                  request_timeout=5.0)
         pub.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + within(10)
         while not read_records(b, "r", timeout=5) and time.monotonic() < deadline:
             time.sleep(0.2)
         [row] = read_records(b, "r", timeout=5)

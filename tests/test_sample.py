@@ -13,6 +13,7 @@ from photon_p2p.config import ConfigError, ModelConfig, load_config
 from photon_p2p.model import Transformer
 from photon_p2p.sample import generate, sample_run
 from photon_p2p.train.solo import load_model_from_run, run_solo
+from deadlines import within
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_generate_greedy_is_argmax_and_sampling_is_seeded():
 def test_sample_cli_prints_prompt_and_continuation(tiny_run):
     def sample(*args: str) -> str:
         r = subprocess.run([*CLI, "sample", str(tiny_run), "--prompt", "In the beginning", "--max-new-tokens", "8",
-                            *args], capture_output=True, text=True, timeout=120, env=cli_env())
+                            *args], capture_output=True, text=True, timeout=within(120), env=cli_env())
         assert r.returncode == 0, r.stderr
         return r.stdout
 

@@ -21,6 +21,7 @@ from photon_p2p.config import NetworkConfig  # noqa: E402
 from photon_p2p.federation import FederationError  # noqa: E402
 from photon_p2p.federation.records import make_record  # noqa: E402
 from photon_p2p.status import collect_status, render_table, run_status  # noqa: E402
+from deadlines import within
 
 A, B, C = fingerprint("A"), fingerprint("B"), fingerprint("C")
 
@@ -140,7 +141,7 @@ def swarm(tmp_path_factory):
     try:
         _, addr = start_bootstrap(procs)
         peers = [start_peer(procs, tmp, f"p{i}", addr, values(i)) for i in range(3)]
-        infos = [wait_for_file(tmp / f"p{i}.json", p, 60) for i, p in enumerate(peers)]
+        infos = [wait_for_file(tmp / f"p{i}.json", p, within(60)) for i, p in enumerate(peers)]
         yield {"addr": addr, "infos": infos, "procs": procs, "tmp": tmp}
     finally:
         reap(procs)
@@ -209,7 +210,7 @@ def test_killed_peer_goes_stale_then_disappears(swarm):
     from photon_p2p.federation.records import install_validators
 
     victim = start_peer(swarm["procs"], swarm["tmp"], "victim", swarm["addr"], values(3), ttl=6.0)
-    info = wait_for_file(swarm["tmp"] / "victim.json", victim, 60)
+    info = wait_for_file(swarm["tmp"] / "victim.json", victim, within(60))
     dht = start_dht(Net(initial_peers=[swarm["addr"]], host_maddrs=["/ip4/127.0.0.1/tcp/0"]), client_mode=True)
     try:
         install_validators(dht, RUN)
@@ -242,9 +243,9 @@ def test_bare_bootstrap_says_no_peers_and_stops_cleanly():
             text = status_of(addr, run_id="photon").strip()
             assert text.startswith("no peers have published heartbeats for run 'photon'") and "\n" not in text
             kill_group(proc, sig)  # as a terminal's Ctrl-C or systemd's stop do: DHT process and p2pd get it too
-            assert proc.wait(timeout=15) == 0
+            assert proc.wait(timeout=within(15)) == 0
             assert "stopping" in proc.stdout.read()
-            assert group_gone_within(proc.pid, 5), "the bootstrap node left helper processes behind"
+            assert group_gone_within(proc.pid, within(5)), "the bootstrap node left helper processes behind"
     finally:
         reap(procs)
 
@@ -287,8 +288,8 @@ def test_watch_refreshes_until_ctrl_c_and_leaves_no_processes(swarm):
         assert all(len(d["peers"]) >= 3 for d in docs)
         assert docs[0]["time"] < docs[1]["time"] < docs[2]["time"]
         kill_group(proc, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole foreground process group
-        assert proc.wait(timeout=15) == 0
-        assert group_gone_within(proc.pid, 5), "status left its DHT process or p2pd behind"
+        assert proc.wait(timeout=within(15)) == 0
+        assert group_gone_within(proc.pid, within(5)), "status left its DHT process or p2pd behind"
     finally:
         reap(procs)
 

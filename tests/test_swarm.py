@@ -17,6 +17,7 @@ from photon_p2p.checkpoint import load_checkpoint
 from photon_p2p.config import load_config
 from photon_p2p.train.trainer import build_trainer
 from swarm import Peer, Swarm
+from deadlines import within
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -44,7 +45,7 @@ def test_three_peers_hold_token_weighted_mean(swarm, kjv_data):
     b = swarm.start("silo-b", initial=[addr], extra=common)
     c = swarm.start("silo-c", initial=[addr], extra={**common, "train.batch_size": 16})  # twice the tokens
     for p in (a, b, c):
-        assert p.wait(180) == 0, p.log()[-3000:]
+        assert p.wait(within(180)) == 0, p.log()[-3000:]
     for p in (a, b, c):
         (r,) = p.rounds()
         assert not r["solo"] and r["group_size"] == 3, r
@@ -67,7 +68,7 @@ def test_blockwise8_peers_hold_bit_identical_weights(swarm):
     a = swarm.start("q-a", extra=common)
     b = swarm.start("q-b", initial=[a.address()], extra=common)
     for p in (a, b):
-        assert p.wait(180) == 0, p.log()[-3000:]
+        assert p.wait(within(180)) == 0, p.log()[-3000:]
     ga, gb = load_checkpoint(a.run_dir)["global_model"], load_checkpoint(b.run_dir)["global_model"]
     rounds = a.rounds()
     assert any(not r["solo"] for r in rounds), rounds
@@ -82,13 +83,13 @@ def test_join_mid_run_downloads_current_state(swarm):
     a = swarm.start("host", extra={"federation.rounds": 6, "federation.min_group_size": 2,
                                    "federation.matchmaking_time": 1.0, "federation.round_deadline": 4.0})
     addr = a.address()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + within(120)
     while len(a.rounds()) < 2:  # the host is two rounds in (solo: nobody else is there yet)
         assert time.monotonic() < deadline and a.proc.poll() is None, a.log()[-3000:]
         time.sleep(0.3)
     j = swarm.start("joiner", initial=[addr], extra={"federation.rounds": 1, "federation.allow_solo_start": False})
-    assert j.wait(120) == 0, j.log()[-3000:]
-    a.wait(120)
+    assert j.wait(within(120)) == 0, j.log()[-3000:]
+    a.wait(within(120))
     syncs = j.records("sync")
     assert syncs, j.log()[-3000:]
     sync = syncs[0]
@@ -104,14 +105,14 @@ def test_sigkill_one_of_four_peers_others_continue(swarm):
     addr = a.address()
     others = [swarm.start(f"k-{n}", initial=[addr], extra=common) for n in "bcd"]
     victim = others[-1]
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + within(150)
     while not victim.rounds():
         assert time.monotonic() < deadline and victim.proc.poll() is None, victim.log()[-3000:]
         time.sleep(0.2)
     descendants = psutil.Process(victim.proc.pid).children(recursive=True)
     swarm.kill(victim)  # the whole silo dies: main process, hivemind's DHT process and p2pd
     for p in (a, *others[:-1]):
-        assert p.wait(200) == 0, p.log()[-3000:]
+        assert p.wait(within(200)) == 0, p.log()[-3000:]
         rounds = p.rounds()
         assert len(rounds) == 4
         assert all(math.isfinite(r["loss"]) for r in rounds)
@@ -122,14 +123,14 @@ def test_sigint_checkpoints_and_exits(swarm):
     p = swarm.start("int", extra={"federation.rounds": 0, "federation.round_deadline": 4.0,
                                   "federation.matchmaking_time": 1.0})
     p.address()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + within(120)
     while not p.rounds():
         assert time.monotonic() < deadline and p.proc.poll() is None, p.log()[-3000:]
         time.sleep(0.2)
     children = psutil.Process(p.proc.pid).children(recursive=True)
     t0 = time.monotonic()
     p.proc.send_signal(signal.SIGINT)
-    assert p.wait(15) == 0, p.log()[-3000:]
+    assert p.wait(within(15)) == 0, p.log()[-3000:]
     assert time.monotonic() - t0 < 10.0
     state = load_checkpoint(p.run_dir)
     assert state["federation"]["round"] >= 1
@@ -180,12 +181,12 @@ def test_wrong_run_id_is_a_clear_error(swarm):
     a = swarm.start("right", extra={"federation.rounds": 0, "federation.round_deadline": 4.0,
                                     "federation.matchmaking_time": 1.0})
     addr = a.address()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + within(60)
     while not a.rounds():  # its heartbeat is published once it has a round behind it
         assert time.monotonic() < deadline, a.log()[-3000:]
         time.sleep(0.3)
     w = swarm.start("wrong", initial=[addr], extra={"federation.run_id": "tset"})
-    assert w.wait(90) != 0
+    assert w.wait(within(90)) != 0
     log = w.log()
     assert "run id" in log and "'test'" in log and "Traceback" not in log, log[-3000:]
 
@@ -196,18 +197,18 @@ def test_status_lists_real_daemons(swarm):
     a = swarm.start("st-a", extra=common)
     addr = a.address()
     b = swarm.start("st-b", initial=[addr], extra=common)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + within(120)
     while not (a.rounds() and b.rounds()):
         assert time.monotonic() < deadline, b.log()[-3000:]
         time.sleep(0.3)
     import json
 
-    r = run_cli(["status", "--initial-peers", addr, "--run-id", "test", "--json"], timeout=60)
+    r = run_cli(["status", "--initial-peers", addr, "--run-id", "test", "--json"], timeout=within(60))
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["summary"]["live_peers"] == 2, doc
     assert all(p["round"] >= 1 and p["tokens"] > 0 for p in doc["peers"]), doc
-    r = run_cli(["status", "--initial-peers", addr, "--run-id", "test"], timeout=60)
+    r = run_cli(["status", "--initial-peers", addr, "--run-id", "test"], timeout=within(60))
     assert r.returncode == 0 and "st-" not in r.stderr
     assert "live" in r.stdout.lower()
 
@@ -233,7 +234,7 @@ def test_three_silos_at_different_speeds_average_every_round(swarm):
         start = max(first_full(p) for p in peers)
         return start < 10**9 and min(max((r["round"] for r in p.rounds()), default=0) for p in peers) >= start + 3
 
-    swarm.wait_for(peers, three_rounds_after_all_in, timeout=180, poll=0.5)
+    swarm.wait_for(peers, three_rounds_after_all_in, timeout=within(180), poll=0.5)
     swarm.stop(peers)
     assert all("clock records" in p.log() for p in peers)  # --log-level info: what each peer read, per round
     start = max(first_full(p) for p in peers)  # the first round all three shared; it cannot move later
@@ -253,12 +254,12 @@ def test_a_diverging_silo_poisons_no_one(swarm):
     addr = a.address()
     b = swarm.start("nan-b", initial=[addr], extra=common)
     bad = swarm.start("nan-bad", initial=[addr], extra={**common, "train.lr": 50, "train.grad_clip": 0})
-    assert bad.wait(200) == 2, bad.log()[-3000:]
+    assert bad.wait(within(200)) == 2, bad.log()[-3000:]
     log = bad.log()
     assert "diverged" in log and "Traceback" not in log, log[-3000:]
     bad_id = json.loads((bad.run_dir / "peer.json").read_text())["peer_id"]
     for p in (a, b):
-        assert p.wait(200) == 0, p.log()[-3000:]
+        assert p.wait(within(200)) == 0, p.log()[-3000:]
         assert all(math.isfinite(r["loss"]) for r in p.rounds())
         assert all(bad_id not in r["peers"] for r in p.rounds())  # it never sent anything
     assert a.rounds()[-1]["fingerprint"] == b.rounds()[-1]["fingerprint"]
@@ -283,7 +284,7 @@ def test_more_silos_than_the_group_size_hold_one_model(swarm):
         return sorted(r for r in common_rounds if r >= 6 and all(not b[r]["solo"] for b in by_round)
                       and len({b[r]["fingerprint"] for b in by_round}) == 1)
 
-    swarm.wait_for(peers, lambda: len(one_model_rounds()) >= 2, timeout=200)
+    swarm.wait_for(peers, lambda: len(one_model_rounds()) >= 2, timeout=within(200))
     swarm.stop(peers)
     records = [r for p in peers for r in p.rounds() if r["round"] in one_model_rounds()]
     two_stage = [r for r in records if r["group_size"] == 4]
@@ -297,14 +298,14 @@ def test_overlapped_rounds_hold_one_model_a_joiner_syncs_and_sigint_exits(swarm)
     a = swarm.start("ov-a", extra=ov)
     addr = a.address()
     b = swarm.start("ov-b", initial=[addr], extra=ov)
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + within(150)
     while min(len(a.rounds()), len(b.rounds())) < 3:
         assert time.monotonic() < deadline and a.proc.poll() is None and b.proc.poll() is None, b.log()[-3000:]
         time.sleep(0.3)
     # a joiner arrives while rounds are being averaged in the background: it must get one consistent state
     j = swarm.start("ov-j", initial=[addr], extra={**ov, "federation.rounds": 2,
                                                    "federation.allow_solo_start": False})
-    assert j.wait(150) == 0, j.log()[-3000:]
+    assert j.wait(within(150)) == 0, j.log()[-3000:]
     sync = j.records("sync")[0]
     served = {r["round"]: r["fingerprint"] for p in (a, b) for r in p.rounds()}
     assert served.get(sync["round"]) == sync["fingerprint"], (sync, served)
@@ -316,7 +317,7 @@ def test_overlapped_rounds_hold_one_model_a_joiner_syncs_and_sigint_exits(swarm)
         time.sleep(0.05)
     t0 = time.monotonic()
     a.proc.send_signal(signal.SIGINT)
-    assert a.wait(15) == 0, a.log()[-3000:]
+    assert a.wait(within(15)) == 0, a.log()[-3000:]
     assert time.monotonic() - t0 < 10.0
     assert load_checkpoint(a.run_dir)["federation"]["round"] >= 3
     # every round that a and b averaged together left both on the same bytes
@@ -335,7 +336,7 @@ def test_a_silo_that_started_alone_serves_the_next_joiner(swarm):
                                 stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
     boot = Peer("boot", swarm.root, proc, log_path)
     swarm.peers.append(boot)  # reaped with the peers
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + within(60)
     while not [ln for ln in boot.log().splitlines() if ln.startswith("/ip4/127.0.0.1/") and "/p2p/" in ln]:
         assert time.monotonic() < deadline and proc.poll() is None, boot.log()[-2000:]
         time.sleep(0.3)
@@ -344,12 +345,12 @@ def test_a_silo_that_started_alone_serves_the_next_joiner(swarm):
     common = {"federation.rounds": 0, "federation.round_clock": "steps", "federation.local_steps": 2000,
               "federation.state_sync_timeout": 5.0}
     a = swarm.start("solo-a", initial=[addr], extra=common)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + within(90)
     while "starting from scratch" not in a.log():
         assert time.monotonic() < deadline and a.proc.poll() is None, a.log()[-3000:]
         time.sleep(0.3)
     b = swarm.start("solo-b", initial=[addr], extra={**common, "federation.state_sync_timeout": 20.0})
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + within(90)
     while "synced with the swarm" not in b.log() and "starting from scratch" not in b.log():
         assert time.monotonic() < deadline and b.proc.poll() is None, b.log()[-3000:]
         time.sleep(0.3)

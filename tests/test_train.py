@@ -16,6 +16,7 @@ from photon_p2p.config import TrainConfig, load_config
 from photon_p2p.metrics import read_metrics
 from photon_p2p.train.schedule import lr_at
 from photon_p2p.train.solo import run_solo
+from deadlines import within
 
 
 def test_schedule_warmup_cosine():
@@ -107,7 +108,7 @@ def test_cli_train_eval_export_plot(tmp_path, kjv_data):
     (["prepare-data", "--input", "/nonexistent/file.txt", "--out", "/tmp/x"], "/nonexistent/file.txt"),
 ])
 def test_cli_bad_input_is_one_line(args, needle):
-    r = run_cli(*args, timeout=60)
+    r = run_cli(*args, timeout=within(60))
     assert r.returncode != 0
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
@@ -116,7 +117,7 @@ def test_cli_bad_input_is_one_line(args, needle):
 
 def test_cli_corrupt_checkpoint(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 100)
-    r = run_cli("eval", str(tmp_path), timeout=60)
+    r = run_cli("eval", str(tmp_path), timeout=within(60))
     assert r.returncode != 0 and "corrupt" in r.stderr and "Traceback" not in r.stderr
 
 

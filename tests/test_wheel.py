@@ -9,9 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
+from deadlines import within
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +34,7 @@ def build_unavailable() -> str | None:
 def run(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the repo must not shadow the wheel
     env.update(OMP_NUM_THREADS="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=within(600), **kw)
 
 
 def test_wheel_install_trains_from_another_directory(tmp_path):
@@ -48,10 +50,16 @@ def test_wheel_install_trains_from_another_directory(tmp_path):
     assert r.returncode == 0, r.stderr
     (wheel,) = (tmp_path / "dist").glob("photon_p2p-*.whl")
     venv = tmp_path / "venv"
-    # System site-packages give torch and hivemind without downloads; pip itself comes from there too.
-    r = run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], cwd=tmp_path)
+    # A bare venv that sees exactly the packages of the interpreter running the tests (torch, hivemind: no
+    # downloads), not `--system-site-packages`: inside a user's venv the "system" is the base interpreter, which
+    # has none of them. Plain path lines in a .pth skip that environment's own .pth files, so its editable
+    # install of this checkout stays out of sight.
+    r = run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
     if r.returncode != 0:
         pytest.skip(f"cannot create a virtual environment: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    (site,) = (venv / "lib").glob("python*/site-packages")
+    ours = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    (site / "_parent_env.pth").write_text("".join(f"{p}\n" for p in ours))
     python, peer = venv / "bin" / "python", venv / "bin" / "photon-peer"
     r = run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
