@@ -22,6 +22,10 @@ def pytest_configure(config) -> None:
     stop `status --watch` or a daemon the way a terminal's Ctrl-C does would wait for an exit that never comes.
     A handled signal is reset to the default on exec, so every child starts as a terminal's foreground job.
     """
+    try:
+        import deadlines  # noqa: F401  (validates PHOTON_TEST_TIME_SCALE before anything runs)
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
