@@ -243,12 +243,24 @@ def cmd_admit(args: argparse.Namespace) -> int:
     key = load_owner_private(args.key)
     token = make_token(key, args.peer_id, valid_for)
     grant = verify(token, key.public_key())
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        from photon_p2p.credentials import CredentialError
+    from photon_p2p.credentials import CredentialError
 
+    out = Path(args.out).expanduser()
+    if not out.parent.is_dir():
         raise CredentialError(f"directory {out.parent} does not exist")
-    out.write_text(token + "\n")
+    if out.is_dir():
+        raise CredentialError(f"{out} is a directory: name the token file to write")
+    if out.exists() and not args.force:
+        # -o pointed at the owner key or an identity by a slip would otherwise lose it for good.
+        raise CredentialError(f"{out} already exists: refusing to overwrite it (pass --force to replace a token)")
+    try:
+        # "x" creates, never truncates: a file that appears meanwhile is not lost either
+        with open(out, "w" if args.force else "x") as f:
+            f.write(token + "\n")
+    except FileExistsError:
+        raise CredentialError(f"{out} already exists: refusing to overwrite it (pass --force to replace a token)")
+    except OSError as e:
+        raise CredentialError(f"cannot write {out}: {e.strerror or e}") from None
     import time
 
     print(f"admitted {grant.peer_id} until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(grant.until))}: "
@@ -366,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-id", required=True)
     p.add_argument("--key", required=True, metavar="FILE", help="the owner's private key (photon-peer swarm-key)")
     p.add_argument("--expires", default="30d", help="validity: e.g. 12h, 7d, 2w (default 30d)")
-    p.add_argument("--out", "-o", required=True, metavar="FILE", help="where to write the token")
+    p.add_argument("--out", "-o", required=True, metavar="FILE", help="where to write the token (a new file)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists (e.g. renewing a token)")
     commands["admit"] = cmd_admit
 
     p = sub.add_parser("revoke", help="revoke a peer's admission: published to the swarm's DHT, in force next round")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
@@ -35,6 +36,19 @@ def test_swarm_key_peer_id_and_admit(tmp_path):
     assert_one_line_error(run_cli("admit", "--peer-id", peer_id, "--key", str(tmp_path / "owner.key.pub"),
                                   "-o", str(tmp_path / "x")), "is not a private key")
     assert not (tmp_path / "x").exists()
+    # -o onto a file that exists (the owner key, an identity, an old token) loses nothing without --force
+    for victim in ("owner.key", "a.id", "a.token"):
+        before = hashlib.sha256((tmp_path / victim).read_bytes()).hexdigest()
+        assert_one_line_error(run_cli("admit", "--peer-id", peer_id, "--key", str(tmp_path / "owner.key"),
+                                      "-o", str(tmp_path / victim)), "refusing to overwrite")
+        assert hashlib.sha256((tmp_path / victim).read_bytes()).hexdigest() == before, victim
+    assert_one_line_error(run_cli("admit", "--peer-id", peer_id, "--key", str(tmp_path / "owner.key"),
+                                  "-o", str(tmp_path)), "is a directory")
+    r = run_cli("admit", "--peer-id", peer_id, "--expires", "1d", "--key", str(tmp_path / "owner.key"),
+                "-o", str(tmp_path / "a.token"), "--force")  # renewing a token in place is asked for
+    assert r.returncode == 0, r.stderr
+    grant = verify((tmp_path / "a.token").read_text(), load_owner_private(tmp_path / "owner.key").public_key())
+    assert grant.until - grant.issued == pytest.approx(86400)
     assert_one_line_error(run_cli("peer-id", "--identity", str(tmp_path / "owner.key")), "is not a private key")
 
 
