@@ -1,13 +1,18 @@
-"""A follower that a leader has accepted waits for the leader's answer past its step's deadline (averager_process)."""
+"""No ghost members (federation/matchmaking.py): a follower waits for a leader's late "accepted" (past request_timeout)
+and for its "begin" past the step's deadline, so a leader never counts a member that walked away."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from types import SimpleNamespace
 
+from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 
-from photon_p2p.federation.averager_process import AdmittedMatchmaking
+from photon_p2p.federation.matchmaking import AdmittedMatchmaking
 
 GROUP = object()  # stands for the GroupInfo a leader's "begin" message carries
 
@@ -69,3 +74,77 @@ def test_a_follower_nobody_accepted_leaves_at_its_deadline():
 def test_a_silent_leader_is_waited_for_at_most_request_timeout():
     got, took = look(0.3, "begin", 0.1, 60.0)
     assert got is None and 2.2 < took < 5.0
+
+
+# ---- a leader whose "accepted" comes after request_timeout (_request_join_group) ---------------------------------
+
+class LateLeader:
+    """A leader that answers a join request with "accepted" after ``accept_after`` s, then "begin" (it counted the
+    follower in its group the moment it accepted, as hivemind's rpc_join_group does when that fills the group)."""
+
+    def __init__(self, accept_after: float) -> None:
+        self.accept_after = accept_after
+
+    def get_stub(self, p2p, leader, namespace):
+        return self
+
+    async def rpc_join_group(self, request):
+        async def answers():
+            await asyncio.sleep(self.accept_after)
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED)
+            await asyncio.sleep(0.05)
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.BEGIN_ALLREDUCE)
+        return answers()
+
+
+def follower(accept_after: float, expires_in: float) -> AdmittedMatchmaking:
+    """A follower looking for a group (request_timeout 0.2 s) whose request to LateLeader expires in ``expires_in``."""
+    mm = object.__new__(AdmittedMatchmaking)
+    mm.gate, mm.request_timeout = None, 0.2
+    mm.lock_looking_for_group, mm.lock_request_join_group = asyncio.Lock(), asyncio.Lock()
+    mm.current_leader, mm.current_followers = None, {}
+    mm.assembled_group, mm.was_accepted_to_group = asyncio.Future(), asyncio.Event()
+    mm._servicer_type, mm._p2p, mm._prefix = LateLeader(accept_after), None, "test"
+    mm.schema_hash, mm.client_mode, mm.peer_id = b"0123456789abcdef", False, "follower"
+    mm.step_control = SimpleNamespace(data_for_gather=b"")
+    mm.group_key_manager = SimpleNamespace(current_key="test.0b1")
+    expiration = get_dht_time() + expires_in
+    mm.get_request_expiration_time = lambda: expiration
+
+    @contextlib.asynccontextmanager
+    async def pause_search():
+        yield
+    mm.potential_leaders = SimpleNamespace(pause_search=pause_search)
+
+    async def follower_assemble_group(leader, message):
+        return GROUP
+    mm.follower_assemble_group = follower_assemble_group
+    return mm
+
+
+def join(join_fn, accept_after: float, expires_in: float, probe_lock_at: float | None = None):
+    async def main():
+        mm = follower(accept_after, expires_in)
+        async with mm.lock_looking_for_group:  # is_looking_for_group
+            t0, task = time.monotonic(), asyncio.create_task(join_fn(mm, "leader"))
+            lock_free = None
+            if probe_lock_at is not None:  # can our own rpc_join_group answer others meanwhile?
+                await asyncio.sleep(probe_lock_at)
+                lock_free = not mm.lock_request_join_group.locked()
+            got = await task
+            return got, time.monotonic() - t0, lock_free
+    return asyncio.run(main())
+
+
+def test_a_follower_accepted_after_request_timeout_joins_the_group_instead_of_becoming_a_ghost():
+    # hivemind's own _request_join_group gives up at request_timeout (0.2 s), while the leader counts it in
+    got, took, _ = join(Matchmaking._request_join_group, 0.5, 2.0)
+    assert got is None and took < 0.45
+    got, took, lock_free = join(AdmittedMatchmaking._request_join_group, 0.5, 2.0, probe_lock_at=0.35)
+    assert got is GROUP and 0.5 < took < 1.5
+    assert lock_free  # past request_timeout the join lock is released: two peers asking each other still part
+
+
+def test_a_leader_that_never_answers_is_left_when_the_request_expires():
+    got, took, _ = join(AdmittedMatchmaking._request_join_group, 60.0, 0.6)
+    assert got is None and 0.7 < took < 2.0  # expiration 0.6 s + request_timeout 0.2 s

@@ -10,8 +10,8 @@ Every touch of hivemind's private internals lives here (and nowhere else), check
 - Admission (closed swarms, federation/admission.py): ``AdmissionGate`` holds the admitted set in this process;
   join requests, all-reduce parts and state downloads from peers outside it are refused, and this peer neither
   follows a leader outside it (``AdmittedMatchmaking``), downloads state from one, nor averages in a group with one.
-- Matchmaking (``AdmittedMatchmaking.look_for_group``): a follower a leader has accepted waits for the leader's
-  "begin" or "disband" past its step's deadline, so a leader never runs an all-reduce with a member that left.
+- Matchmaking (``AdmittedMatchmaking``, matchmaking.py): no ghost members, i.e. a leader never counts a follower
+  that walked away (late "accepted", late "begin").
 - Healing: when a group's gathered fingerprints differ, the members hold different global models; that round
   the averager turns Δ = θ_global − θ_local into θ_local in place and averages weights losslessly, so the group
   leaves the round on one model.
@@ -41,14 +41,13 @@ import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
-from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import BannedException, TensorPartReducer
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, deserialize_torch_tensor
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.p2p import P2PContext, PeerID
-from hivemind.utils import MPFuture, ValueWithExpiration, get_dht_time
-from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip, cancel_and_wait
+from hivemind.utils import MPFuture, ValueWithExpiration
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
 from hivemind.utils.streaming import combine_from_streaming
 
 from photon_p2p.federation import FederationError
@@ -56,6 +55,7 @@ from photon_p2p.federation.admission import AdmissionView, read_view_async
 from photon_p2p.federation.bulk import GATHER_KEY as BULK_KEY
 from photon_p2p.federation.bulk import BulkGroups, allreduce_mean, robust_mean
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic
+from photon_p2p.federation.matchmaking import AdmittedMatchmaking
 from photon_p2p.federation.records import is_live, peer_id_of_owner, read_records
 from photon_p2p.federation.robust import ClaimBudget, ReducerCheck, RobustSettings, cap_claims, reduce_part
 
@@ -141,58 +141,6 @@ class AdmissionGate:
         if not allowed:
             log.info("refused peer %s: not admitted to this closed swarm", peer)
         return allowed
-
-
-class AdmittedMatchmaking(Matchmaking):
-    """hivemind's matchmaking that never asks a non-admitted peer to lead it (nor follows one it is redirected to)."""
-
-    def __init__(self, *args, gate: AdmissionGate | None = None, **kwargs) -> None:
-        self.gate = gate
-        super().__init__(*args, **kwargs)
-
-    async def _request_join_group(self, leader: PeerID):
-        if self.gate is not None and not await self.gate.allows(leader):
-            return None  # as if the leader had rejected us: look for the next one
-        return await super()._request_join_group(leader)
-
-    async def look_for_group(self, step):
-        """hivemind's look_for_group, but a follower that a leader has accepted does not walk away at its step's
-        deadline. hivemind gives up the moment the deadline passes, even while it waits for the leader's "begin":
-        a leader that assembled the group a moment earlier (the group was full, or its own expiration came) then
-        runs the all-reduce with a member that has left. That member's parts fail (a partial round), or, on the
-        gloo path, the others wait out the bulk timeout: seen under CPU load as two row partners on different
-        bytes. Waiting for the leader's answer costs at most request_timeout past the deadline."""
-        async with self.looking_for_group(step):
-            request_leaders_task = asyncio.create_task(self._request_join_potential_leaders(step))
-            try:
-                # asyncio.wait, not wait_for: the future must stay uncancelled while a leader may still answer
-                await asyncio.wait({self.assembled_group}, timeout=step.get_timeout())
-                leader, grace_start = self.current_leader, get_dht_time()
-                while not self.assembled_group.done() and self.current_leader is not None and \
-                        get_dht_time() < grace_start + (self.request_timeout or 5.0):
-                    await asyncio.wait({self.assembled_group}, timeout=0.05)
-                if leader is not None:
-                    log.debug("accepted by leader %s as the step's deadline passed: waited %.2f s for it (%s)",
-                              str(leader)[-6:], get_dht_time() - grace_start,
-                              "group assembled" if self.assembled_group.done() else "no group")
-                if self.assembled_group.done():
-                    return self.assembled_group.result()
-                return None
-            except BaseException as e:
-                if len(self.current_followers) > 0:
-                    async with self.lock_request_join_group:
-                        await self.leader_disband_group()
-                if not self.assembled_group.done():
-                    self.assembled_group.set_exception(e)
-                raise
-            finally:
-                await cancel_and_wait(request_leaders_task)
-                self.assembled_group.cancel()
-                while len(self.current_followers) > 0:
-                    await self.follower_was_discarded.wait()
-                    self.follower_was_discarded.clear()
-                self.assembled_group = asyncio.Future()
-                self.was_accepted_to_group.clear()
 
 
 class ProcessAverager(DecentralizedAverager):

@@ -1,0 +1,165 @@
+"""hivemind's matchmaking (pinned 1.1.12) with admission and with no "ghost" members: mirrors averaging/matchmaking.py.
+
+A ghost is a peer a leader counts in its group that never joins it. The leader then runs the all-reduce with
+it, loses its parts (a partial round) and the ghost averages nothing: in a grid round (groups.py) that is a
+column that failed, and the two rows' members leave the round on different models. hivemind makes ghosts in two
+places, both fixed here:
+- a follower waits ``request_timeout`` for a leader's first answer, holding its join lock (that breaks the
+  deadlock of two peers asking each other), then walks away; but a leader sends "accepted" and, when that fills
+  its group, assembles it in the same breath. Under CPU load the answer takes longer than request_timeout
+  (0.75 s with the tests' 1.5 s matchmaking window), and the follower is a ghost. ``_request_join_group`` keeps
+  hivemind's request_timeout with the lock held, then goes on waiting for the answer WITHOUT the lock (so no
+  deadlock) until the request's expiration, and joins if it was accepted.
+- a follower the leader accepted gives up at its step's deadline while the leader's "begin" is on its way
+  (``look_for_group``: waits for the begin/disband past the deadline, at most request_timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import anext, cancel_and_wait
+
+log = logging.getLogger("photon_p2p.federation")
+
+
+class AdmittedMatchmaking(Matchmaking):
+    """hivemind's matchmaking that never asks a non-admitted peer to lead it (nor follows one it is redirected
+    to), and that leaves no ghost members (module docstring). ``gate``: an AdmissionGate (averager_process.py)
+    or None in an open swarm."""
+
+    def __init__(self, *args, gate: Any = None, **kwargs) -> None:
+        self.gate = gate
+        super().__init__(*args, **kwargs)
+
+    async def _request_join_group(self, leader: PeerID):
+        if self.gate is not None and not await self.gate.allows(leader):
+            return None  # as if the leader had rejected us: look for the next one
+        return await self._join(leader)
+
+    async def _join(self, leader: PeerID):
+        """hivemind's _request_join_group, but a leader's first answer is awaited until the request expires
+        (the lock only for request_timeout, as hivemind holds it)."""
+        assert self.is_looking_for_group and self.current_leader is None
+        stream, first = None, None
+        try:
+            async with self.lock_request_join_group:
+                leader_stub = self._servicer_type.get_stub(self._p2p, leader, namespace=self._prefix)
+                request_expiration_time = self.get_request_expiration_time()
+                stream = await leader_stub.rpc_join_group(averaging_pb2.JoinRequest(
+                    schema_hash=self.schema_hash, expiration=request_expiration_time, client_mode=self.client_mode,
+                    gather=self.step_control.data_for_gather, group_key=self.group_key_manager.current_key))
+                first = asyncio.ensure_future(anext(stream))
+                await asyncio.wait({first}, timeout=self.request_timeout)
+                if first.done() and first.result().code == averaging_pb2.ACCEPTED:
+                    self._accepted_by(leader)
+                    if len(self.current_followers) > 0:
+                        await self.leader_disband_group()
+            if not first.done():
+                # The leader may have accepted us and counted us in its group already: do not walk away. Without
+                # the lock our own rpc_join_group can answer others, so two peers asking each other still part.
+                late = max(0.0, request_expiration_time - get_dht_time()) + self.request_timeout
+                await asyncio.wait({first}, timeout=late)
+                if not first.done():
+                    log.debug("potential leader %s did not answer within %.2f s", str(leader)[-6:],
+                              self.request_timeout + late)
+                    return None
+                if first.result().code == averaging_pb2.ACCEPTED:
+                    async with self.lock_request_join_group:
+                        if self.assembled_group.done() or self.current_leader is not None:
+                            return None  # we lead a group of our own meanwhile (or follow another leader)
+                        log.debug("accepted by leader %s past request_timeout", str(leader)[-6:])
+                        self._accepted_by(leader)
+                        if len(self.current_followers) > 0:
+                            await self.leader_disband_group()
+
+            message = first.result()
+            if message.code != averaging_pb2.ACCEPTED:
+                log.debug("requested %s to be our leader, rejected with %s", str(leader)[-6:],
+                          averaging_pb2.MessageCode.Name(message.code))
+                return None
+
+            async with self.potential_leaders.pause_search():
+                time_to_expiration = max(0.0, request_expiration_time - get_dht_time())
+                message = await asyncio.wait_for(anext(stream), time_to_expiration + self.request_timeout)
+                if message.code == averaging_pb2.BEGIN_ALLREDUCE:
+                    async with self.lock_request_join_group:
+                        return await self.follower_assemble_group(leader, message)
+
+            if message.code in (averaging_pb2.GROUP_DISBANDED, averaging_pb2.CANCELLED):
+                if message.suggested_leader:
+                    suggested_leader = PeerID(message.suggested_leader)
+                    if suggested_leader != self.peer_id:
+                        self.current_leader = None
+                        try:
+                            await stream.aclose()
+                        except RuntimeError as e:
+                            log.debug("%s", e)
+                        return await self._request_join_group(suggested_leader)  # the gate checks it too
+                return None
+            log.debug("unexpected message from leader: %s", averaging_pb2.MessageCode.Name(message.code))
+            return None
+        except asyncio.TimeoutError:
+            return None
+        except (P2PDaemonError, P2PHandlerError, StopAsyncIteration):
+            log.debug("failed to request potential leader %s", str(leader)[-6:], exc_info=True)
+            return None
+        finally:
+            if first is not None and not first.done():
+                await cancel_and_wait(first)
+            self.was_accepted_to_group.clear()
+            self.current_leader = None
+            if stream is not None:
+                try:
+                    await stream.aclose()
+                except RuntimeError as e:
+                    log.debug("%s", e)
+
+    def _accepted_by(self, leader: PeerID) -> None:
+        self.current_leader = leader
+        self.was_accepted_to_group.set()
+
+    async def look_for_group(self, step):
+        """hivemind's look_for_group, but a follower that a leader has accepted does not walk away at its step's
+        deadline. hivemind gives up the moment the deadline passes, even while it waits for the leader's "begin":
+        a leader that assembled the group a moment earlier (the group was full, or its own expiration came) then
+        runs the all-reduce with a member that has left. That member's parts fail (a partial round), or, on the
+        gloo path, the others wait out the bulk timeout: seen under CPU load as two row partners on different
+        bytes. Waiting for the leader's answer costs at most request_timeout past the deadline."""
+        async with self.looking_for_group(step):
+            request_leaders_task = asyncio.create_task(self._request_join_potential_leaders(step))
+            try:
+                # asyncio.wait, not wait_for: the future must stay uncancelled while a leader may still answer
+                await asyncio.wait({self.assembled_group}, timeout=step.get_timeout())
+                leader, grace_start = self.current_leader, get_dht_time()
+                while not self.assembled_group.done() and self.current_leader is not None and \
+                        get_dht_time() < grace_start + (self.request_timeout or 5.0):
+                    await asyncio.wait({self.assembled_group}, timeout=0.05)
+                if leader is not None:
+                    log.debug("accepted by leader %s as the step's deadline passed: waited %.2f s for it (%s)",
+                              str(leader)[-6:], get_dht_time() - grace_start,
+                              "group assembled" if self.assembled_group.done() else "no group")
+                if self.assembled_group.done():
+                    return self.assembled_group.result()
+                return None
+            except BaseException as e:
+                if len(self.current_followers) > 0:
+                    async with self.lock_request_join_group:
+                        await self.leader_disband_group()
+                if not self.assembled_group.done():
+                    self.assembled_group.set_exception(e)
+                raise
+            finally:
+                await cancel_and_wait(request_leaders_task)
+                self.assembled_group.cancel()
+                while len(self.current_followers) > 0:
+                    await self.follower_was_discarded.wait()
+                    self.follower_was_discarded.clear()
+                self.assembled_group = asyncio.Future()
+                self.was_accepted_to_group.clear()
