@@ -22,9 +22,11 @@ import pytest
 from deadlines import within
 
 REPO = Path(__file__).resolve().parent.parent
-FAST_FED = dict(matchmaking_time=1.5, allreduce_timeout=10.0, round_deadline=8.0, target_group_size=4,
-                min_group_size=2, state_sync_timeout=10.0)
-FAST_NET = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], bootstrap_timeout=20.0, request_timeout=3.0, use_relay=False)
+# Short windows so tests run in seconds; a slow machine stretches them with every other deadline (deadlines.py).
+FAST_FED = dict(matchmaking_time=within(1.5), allreduce_timeout=within(10.0), round_deadline=within(8.0),
+                target_group_size=4, min_group_size=2, state_sync_timeout=within(10.0))
+FAST_NET = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], bootstrap_timeout=within(20.0), request_timeout=within(3.0),
+                use_relay=False)
 
 
 def make_tensors(shapes: list[list[int]], seed: int) -> list[Any]:

@@ -27,6 +27,7 @@ class Peer:
 
     def address(self, timeout: float = 60.0) -> str:
         """The peer's first full multiaddr, once its DHT is up (from RUN_DIR/peer.json)."""
+        timeout = within(timeout)
         deadline = time.monotonic() + timeout
         info = self.run_dir / "peer.json"
         while time.monotonic() < deadline:
@@ -70,10 +71,11 @@ class Swarm:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "peer.json").unlink(missing_ok=True)
         overrides = {"data.path": str(self.data_dir), "name": name, "federation.run_id": "test",
-                     "federation.local_steps": 5, "federation.rounds": 2, "federation.matchmaking_time": 2.0,
-                     "federation.round_deadline": 25.0, "federation.allreduce_timeout": 10.0,
-                     "federation.state_sync_timeout": 10.0, "federation.target_group_size": 4,
-                     "network.bootstrap_timeout": 15.0, "train.eval_every": 10, **(extra or {})}
+                     "federation.local_steps": 5, "federation.rounds": 2,
+                     "federation.matchmaking_time": within(2.0), "federation.round_deadline": within(25.0),
+                     "federation.allreduce_timeout": within(10.0), "federation.state_sync_timeout": within(10.0),
+                     "federation.target_group_size": 4, "network.bootstrap_timeout": within(15.0),
+                     "train.eval_every": 10, **(extra or {})}
         launcher = cli or (torchrun(nproc) if nproc > 1 else CLI)
         # info: each round's clock records and members, matchmaking attempts, regrouping (why a round went solo)
         cmd = [*launcher, "run", "--no-progress", "--log-level", "info", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
@@ -109,7 +111,7 @@ class Swarm:
         for p in peers:
             self.kill(p, signal.SIGTERM)
         for p in peers:
-            assert p.wait(timeout) == 0, p.log()[-3000:]
+            assert p.wait(within(timeout)) == 0, p.log()[-3000:]
 
     def close(self) -> None:
         for peer in self.peers:
