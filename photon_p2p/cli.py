@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -15,7 +16,8 @@ from typing import Callable
 # Exception types that mean "the user gave bad input": printed as one line, never as a traceback.
 USER_ERRORS = {"photon_p2p.config": "ConfigError", "photon_p2p.data": "DataError",
                "photon_p2p.checkpoint": "CheckpointError", "photon_p2p.federation": "FederationError",
-               "photon_p2p.metrics": "MetricsError", "photon_p2p.credentials": "CredentialError"}
+               "photon_p2p.metrics": "MetricsError", "photon_p2p.credentials": "CredentialError",
+               "photon_p2p.paths": "PathError"}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -36,11 +38,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _load_config(args: argparse.Namespace, extra: list[str] | None = None):
     from photon_p2p.config import load_config
+    from photon_p2p.paths import writable_dir
 
     overrides = list(args.overrides) + list(extra or [])
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
-    return load_config(args.config or ["tiny"], overrides)
+    cfg = load_config(args.config or ["tiny"], overrides)
+    # train and run write everything there: a file or a read-only dir fails now, not at the first checkpoint
+    writable_dir(cfg.run_dir, "run dir")
+    return cfg
 
 
 def _graceful_stop(deadline: float | None = None) -> threading.Event:
@@ -100,6 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from photon_p2p.config import check_value
+
+    check_value("data.val_fraction", args.val_fraction, "--val-fraction")
     from photon_p2p.data.prepare import prepare
 
     manifest = prepare(args.input, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
@@ -111,12 +120,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from photon_p2p.config import check_value
+
+    check_value("train.eval_batches", args.batches, "--batches")  # None: the run's own
     from photon_p2p.data.loader import TokenDataset
     from photon_p2p.train.solo import default_data_dir, load_model_from_run
     from photon_p2p.train.trainer import LocalTrainer
 
     cfg, model, _ = load_model_from_run(args.run_dir)
-    if args.batches:
+    if args.batches is not None:
         cfg.train.eval_batches = args.batches
     data_dir = args.data or cfg.data.path or str(default_data_dir(args.run_dir))
     val = TokenDataset(data_dir, "val")
@@ -126,6 +138,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from photon_p2p.paths import writable_dir
+
+    writable_dir(args.out, "--out")  # before the checkpoint is read
     from photon_p2p.export import export_hf
     from photon_p2p.train.solo import load_model_from_run, run_tokenizer_path
 
@@ -195,8 +210,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from photon_p2p.config import NetworkConfig, validate_network
+    from photon_p2p.config import NetworkConfig, check_value, validate_network
 
+    check_value("network.bootstrap_timeout", args.timeout, "--timeout")
+    check_value("federation.run_id", args.run_id, "--run-id")
     net = NetworkConfig(initial_peers=args.initial_peers, bootstrap_timeout=args.timeout)
     validate_network(net)
     from photon_p2p.status import run_status
@@ -244,15 +261,10 @@ def cmd_admit(args: argparse.Namespace) -> int:
     token = make_token(key, args.peer_id, valid_for)
     grant = verify(token, key.public_key())
     from photon_p2p.credentials import CredentialError
+    from photon_p2p.paths import output_file
 
-    out = Path(args.out).expanduser()
-    if not out.parent.is_dir():
-        raise CredentialError(f"directory {out.parent} does not exist")
-    if out.is_dir():
-        raise CredentialError(f"{out} is a directory: name the token file to write")
-    if out.exists() and not args.force:
-        # -o pointed at the owner key or an identity by a slip would otherwise lose it for good.
-        raise CredentialError(f"{out} already exists: refusing to overwrite it (pass --force to replace a token)")
+    # -o pointed at the owner key or an identity by a slip would otherwise lose it for good
+    out = output_file(args.out, "--out", replace=args.force, hint=" (pass --force to replace a token)")
     try:
         # "x" creates, never truncates: a file that appears meanwhile is not lost either
         with open(out, "w" if args.force else "x") as f:
@@ -269,9 +281,10 @@ def cmd_admit(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    from photon_p2p.config import NetworkConfig, validate_network
+    from photon_p2p.config import NetworkConfig, check_value, validate_network
     from photon_p2p.credentials import check_peer_id, load_owner_private, make_revocation, parse_duration
 
+    check_value("network.bootstrap_timeout", args.timeout, "--timeout")
     valid_for = parse_duration(args.expires)
     check_peer_id(args.peer_id)
     key = load_owner_private(args.key)
@@ -318,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss and perplexity of a run's checkpoint")
     p.add_argument("run_dir")
     p.add_argument("--data", help="prepared data dir (default: the run's)")
-    p.add_argument("--batches", type=int, default=0, help="validation batches (default: config)")
+    p.add_argument("--batches", type=int, help="validation batches (default: the run's train.eval_batches)")
     commands["eval"] = cmd_eval
 
     p = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM folder from a run")
@@ -402,9 +415,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value may be a negative number with a unit: argparse takes "-5d" for an option and answers with its
+# usage text, so `--expires -5d` never reached parse_duration's one-line error. Glued as --expires=-5d, it does
+# (plain numbers such as `--timeout -1` argparse passes on by itself).
+DASHED_VALUES = ("--expires",)
+
+
+def _glue_dashed_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in DASHED_VALUES and re.match(r"-[\d.]", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_dashed_values(sys.argv[1:] if argv is None else argv))
     try:
         return args._commands[args.command](args)
     except _user_errors() as e:

@@ -272,6 +272,9 @@ def resolve_config_path(name_or_path: str) -> ConfigSource:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config {name_or_path} is a directory: name a YAML file (or a preset: "
+                          f"{', '.join(preset_names())})")
     preset = _preset(name_or_path)
     if preset is not None:
         return preset
@@ -295,6 +298,9 @@ def _read_yaml(src: ConfigSource, seen: tuple[str, ...] = ()) -> list[dict]:
         raise ConfigError(f"config 'extends' cycle at {key}")
     try:
         data = yaml.safe_load(src.read_text()) or {}
+    except yaml.MarkedYAMLError as e:  # FILE:LINE:COL, as editors and compilers name a place
+        mark, problem = e.problem_mark or e.context_mark, e.problem or e.context
+        raise ConfigError(f"{key}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {key} is not valid YAML: {str(e).splitlines()[0]}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -379,6 +385,14 @@ _RANGE_TESTS: dict[str, Callable[[float], bool]] = {
     "in [1, 1000]": lambda v: 1 <= v <= 1000, "in [1, 100]": lambda v: 1 <= v <= 100,
 }
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# Rules of single keys that are neither a range nor a list of choices: (test, what the message says it must).
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (lambda v: bool(str(v).strip()), "must not be empty"),
+    "run_dir": (lambda v: bool(str(v).strip()), "must not be empty"),
+    "train.device": (lambda v: bool(_DEVICE.fullmatch(v)), "must be auto, cpu, cuda or cuda:N"),
+    # the averager and the heartbeat publisher build DHT keys from it (they keep their own check too)
+    "federation.run_id": (lambda v: bool(v) and "." not in v, "must be non-empty and contain no '.'"),
+}
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -388,23 +402,30 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
+def check_value(key: str, value: Any, flag: str = "") -> Any:
+    """``value`` if it passes the rules of config key ``key`` (its range, choices, or RULES), else ConfigError.
+    validate() applies this to every key; a command-line flag that stands for a key (eval --batches,
+    status --timeout) goes through it too, with ``flag`` named first in the message: the one the user typed."""
+    where = f"{flag} (config key '{key}')" if flag else f"config key '{key}'"
+    if value is None:
+        return value  # Optional keys (n_kv_heads, ffn_hidden): None means "derive it"
+    if key in RANGES:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value}")
+        if not _RANGE_TESTS[RANGES[key]](value):
+            raise ConfigError(f"{where} must be {RANGES[key]}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:  # again: a Config built in code never went through _merge
+        raise ConfigError(f"{where} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in RULES and not RULES[key][0](value):
+        raise ConfigError(f"{where} {RULES[key][1]}, got {value!r}")
+    return value
+
+
 def validate(cfg: Config) -> None:
     """Every rule a config must pass, checked once before anything starts (data preparation, the DHT, the
     averager), so a mistake is a one-line ConfigError instead of a traceback minutes into a run."""
-    for key, spec in RANGES.items():
-        value = _get(cfg, key)
-        if value is None:
-            continue  # Optional keys (n_kv_heads, ffn_hidden): None means "derive it"
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
-        if not _RANGE_TESTS[spec](value):
-            raise ConfigError(f"config key '{key}' must be {spec}, got {value!r}")
-    for key, choices in CHOICES.items():  # again: a Config built in code never went through _merge
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
-    for key in ("name", "run_dir"):
-        if not str(_get(cfg, key)).strip():
-            raise ConfigError(f"config key '{key}' must not be empty")
+    for key in (*RANGES, *CHOICES, *RULES):
+        check_value(key, _get(cfg, key))
     m, t = cfg.model, cfg.train
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
@@ -414,8 +435,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
-    if not _DEVICE.fullmatch(t.device):
-        raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     _validate_federation(cfg.federation)
     if cfg.federation.transport == "gloo" and cfg.network.client_mode:
         raise ConfigError("federation.transport 'gloo' needs peers that others can dial; a client-mode peer "
@@ -428,8 +447,6 @@ def validate(cfg: Config) -> None:
 def _validate_federation(f: FederationConfig) -> None:
     # The same rules the averager and the heartbeat publisher enforce once they start (they keep theirs as a
     # last line of defence); here they fail before data preparation and the DHT.
-    if not f.run_id or "." in f.run_id:
-        raise ConfigError(f"config key 'federation.run_id' must be non-empty and contain no '.', got {f.run_id!r}")
     if f.min_group_size > f.target_group_size:
         raise ConfigError(f"federation.min_group_size ({f.min_group_size}) must be <= federation.target_group_size "
                           f"({f.target_group_size})")

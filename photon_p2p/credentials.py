@@ -27,9 +27,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from photon_p2p.paths import output_file
+
 TOKEN_PREFIX, REVOKE_PREFIX = "photon-admit-v1", "photon-revoke-v1"
 MAX_TEXT = 1024  # a token is ~300 characters; anything longer is not one of ours
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+_DURATION = re.compile(r"([-+]?\d+(?:\.\d+)?)([smhdw]?)")  # a sign, so that -5d is named as negative
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -55,8 +57,10 @@ class Grant:
 def parse_duration(text: str) -> float:
     """'90s', '15m', '12h', '7d', '2w' or plain seconds -> seconds (> 0)."""
     match = _DURATION.fullmatch(str(text).strip())
-    if not match or float(match.group(1)) <= 0:
+    if not match:
         raise CredentialError(f"invalid duration {text!r}: use e.g. 90s, 15m, 12h, 7d or 2w")
+    if float(match.group(1)) <= 0:
+        raise CredentialError(f"invalid duration {text!r}: it must be more than 0, e.g. 90s, 15m, 12h, 7d or 2w")
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
@@ -81,18 +85,16 @@ def create_owner_key(path: str | Path) -> tuple[Path, Path, str]:
     priv_path = Path(path).expanduser()
     pub_path = priv_path.with_name(priv_path.name + ".pub")
     for p in (priv_path, pub_path):
-        if p.exists():
-            raise CredentialError(f"{p} already exists: refusing to overwrite a swarm owner key")
-    if not priv_path.parent.is_dir():
-        raise CredentialError(f"directory {priv_path.parent} does not exist")
+        output_file(p, "swarm owner key", hint=" (a swarm owner key is never replaced)", error=CredentialError)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never world-readable, not even briefly
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
-    pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+    with open(pub_path, "xb") as f:  # "x": a file that appeared meanwhile is not overwritten either
+        f.write(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo))
     return priv_path, pub_path, fingerprint(key.public_key())
 
 

@@ -18,8 +18,8 @@ from typing import Any, Callable
 import torch
 
 from photon_p2p import __version__
-from photon_p2p.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from photon_p2p.config import Config, dump_yaml
+from photon_p2p.checkpoint import save_checkpoint
+from photon_p2p.config import Config
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.averaging import RoundResult
 from photon_p2p.federation.compression import roundtrip
@@ -30,7 +30,8 @@ from photon_p2p.global_state import GlobalState
 from photon_p2p.metrics import MetricsLogger
 from photon_p2p.observe import start_exporters
 from photon_p2p.peer_report import banner, heartbeat_record, log_round
-from photon_p2p.train.solo import resolve_data_dir, restore_trainer, trainer_checkpoint
+from photon_p2p.train.solo import (resolve_data_dir, restore_trainer, resumable_checkpoint, trainer_checkpoint,
+                                   write_run_config)
 from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
 
 log = logging.getLogger("photon_p2p.daemon")
@@ -97,17 +98,14 @@ class PeerDaemon:
     # ---- state -------------------------------------------------------------------------------------------
     def _setup_training(self) -> None:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        saved = resumable_checkpoint(cfg, self.run_dir)
         data_dir = resolve_data_dir(cfg, self.run_dir, self.progress)
         # Peers draw different windows: the data seed is mixed with this silo's name.
         self.trainer: LocalTrainer = build_trainer(cfg, str(data_dir), peer=cfg.name)
         # torchrun silo: θ_local is synced with the other ranks (train/parallel.py); this process is rank 0
         self.state = GlobalState(self.trainer.local_params(), cfg.federation)
-        self.metrics = MetricsLogger(self.run_dir)
-        self.resumed = checkpoint_path(self.run_dir).exists()
-        if self.resumed:
-            saved = load_checkpoint(self.run_dir)
+        self.resumed = saved is not None
+        if saved is not None:
             restore_trainer(self.trainer, saved)
             fed = saved.get("federation", {})
             names = [n for n, _ in self.trainer.model.named_parameters()]
@@ -115,6 +113,8 @@ class PeerDaemon:
             self.state.load_state_dict(fed, weights)
             self.round_steps = int(fed.get("round_steps", 0))
             self.round_tokens = int(fed.get("round_tokens", 0))
+        write_run_config(cfg, self.run_dir)
+        self.metrics = MetricsLogger(self.run_dir)
         self.eval_mark = self.trainer.step
 
     def _checkpoint(self) -> None:

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from photon_p2p.paths import output_file
+
 METRICS_NAME = "metrics.jsonl"
 Sink = Callable[[dict], None]
 log = logging.getLogger("photon_p2p.metrics")
@@ -79,6 +81,15 @@ def plot_run(run_dirs: list[str | Path], out: str | Path) -> Path:
 
     matplotlib.use("Agg")  # headless: no display on silos or CI
     import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    # The format is the suffix: matplotlib writes a suffix-less name as NAME.png (so "wrote NAME" was wrong) and
+    # rejects an unknown one only after the plot, with a traceback. A file with an image suffix is an earlier
+    # plot: replacing it is what was asked.
+    out = output_file(out, "plot output", replace=True, make_parents=True, error=MetricsError)
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if out.suffix.lower().lstrip(".") not in formats:
+        raise MetricsError(f"plot output {out} must end in an image suffix, e.g. .png ({', '.join(sorted(formats))})")
 
     fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
     plotted = 0
@@ -103,7 +114,6 @@ def plot_run(run_dirs: list[str | Path], out: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

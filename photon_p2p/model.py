@@ -27,6 +27,14 @@ def kv_heads(cfg: ModelConfig) -> int:
     return cfg.n_kv_heads or cfg.n_heads
 
 
+def architecture(cfg: ModelConfig) -> dict[str, object]:
+    """What a checkpoint's weights are for: the keys that set their shapes or how attention splits them into heads,
+    derived ones resolved (n_kv_heads None = n_heads). seq_len, rope_theta, norm_eps and init_std shape no weight:
+    a run may resume with other values of those."""
+    return {"vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+            "n_kv_heads": kv_heads(cfg), "ffn_hidden": ffn_hidden_size(cfg), "tie_embeddings": cfg.tie_embeddings}
+
+
 def count_params(cfg: ModelConfig) -> int:
     """Parameter count from the shape alone (checked against the module in tests)."""
     d, v, h = cfg.d_model, cfg.vocab_size, ffn_hidden_size(cfg)

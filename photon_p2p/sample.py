@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from photon_p2p.config import ConfigError, TrainConfig
+from photon_p2p.config import ConfigError, TrainConfig, check_value
 from photon_p2p.data.tokenizer import eos_id, load_tokenizer
 from photon_p2p.model import Transformer
 from photon_p2p.train.device import pick_device
@@ -53,13 +53,15 @@ def sample_run(run_dir: str | Path, prompt: str, max_new_tokens: int = 100, temp
         raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
         raise ConfigError(f"--top-k must be >= 0 (0 = no limit), got {top_k}")
+    check_value("train.device", device, "--device")
+    target = pick_device(TrainConfig(device=device), where="--device")  # before the checkpoint is read
     cfg, model, _ = load_model_from_run(run_dir)
     tok = load_tokenizer(tokenizer or run_tokenizer_path(cfg, run_dir))
     vocab = tok.get_vocab_size(with_added_tokens=True)
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {vocab} tokens but the model only {cfg.model.vocab_size}: pass the "
                           "--tokenizer the run's data was prepared with")
-    model.to(pick_device(TrainConfig(device=device)))
+    model.to(target)
     eos = eos_id(tok)
     prompt_ids = tok.encode(prompt, add_special_tokens=False).ids
     # Documents are separated by end-of-text in training, so with no prompt the model starts a fresh document.

@@ -12,13 +12,14 @@ import torch
 
 from photon_p2p.data import DataError
 from photon_p2p.data.prepare import MANIFEST_FORMAT
+from photon_p2p.paths import existing_dir
 
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
 def read_manifest(data_dir: str | Path) -> dict:
     """The parsed manifest.json of a prepared data dir; DataError if it is missing, corrupt or unknown."""
-    path = Path(data_dir) / "manifest.json"
+    path = existing_dir(data_dir, "data dir", DataError) / "manifest.json"
     if not path.is_file():
         raise DataError(f"not a prepared data dir (no manifest.json): {Path(data_dir)}")
     try:

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from photon_p2p.data import DataError
 from photon_p2p.data.tokenizer import eos_id, load_tokenizer, resolve_tokenizer_path, tokenizer_sha256
+from photon_p2p.paths import writable_dir
 from photon_p2p.progress import Progress
 
 MANIFEST_FORMAT = 1
@@ -114,8 +115,8 @@ def _jsonl_documents(path: Path, f: io.TextIOWrapper) -> Iterator[str]:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except json.JSONDecodeError as e:  # e.msg of some ends in "at" (its position follows in str(e))
+            raise DataError(f"{path}:{lineno}:{e.colno}: not valid JSON: {e.msg.removesuffix(' at')}") from None
         if not isinstance(obj, dict) or "text" not in obj:
             raise DataError(f'{path}:{lineno}: JSON line has no "text" field')
         text = obj["text"]
@@ -287,15 +288,13 @@ def prepare(inputs: list[str], out_dir: str | Path, tokenizer: str | None = None
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    out = writable_dir(out_dir, "output dir", DataError)  # before the inputs are read (that can take hours)
     groups = _input_groups(inputs)
     tok_path = resolve_tokenizer_path(tokenizer)
     tok = load_tokenizer(tok_path)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
     plan = _plan(groups, val_fraction)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output path exists and is not a directory: {out}")
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out))  # same filesystem, so os.replace is atomic
     try:

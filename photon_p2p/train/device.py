@@ -9,15 +9,16 @@ import torch
 from photon_p2p.config import ConfigError, TrainConfig
 
 
-def pick_device(cfg: TrainConfig) -> torch.device:
+def pick_device(cfg: TrainConfig, where: str = "train.device") -> torch.device:
+    """``where``: what the user set the device with, for the message (sample's --device names its flag)."""
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is '{cfg.device}' but no CUDA device is available")
+        raise ConfigError(f"{where} is '{cfg.device}' but no CUDA device is available")
     try:
         return torch.device(cfg.device)
     except RuntimeError:  # torch's message lists every device type it knows; ours names the key
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from None
+        raise ConfigError(f"{where} must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from None
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:

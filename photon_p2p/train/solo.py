@@ -8,13 +8,14 @@ from typing import Any
 
 import torch
 
-from photon_p2p.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from photon_p2p.config import Config, dump_yaml, to_dict
+from photon_p2p.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
+from photon_p2p.config import Config, dump_yaml, from_dict, to_dict
 from photon_p2p.data import DataError
 from photon_p2p.data.embedded import ensure_default_dataset
 from photon_p2p.data.loader import TokenDataset
 from photon_p2p.data.tokenizer import BUNDLED_TOKENIZER
 from photon_p2p.metrics import MetricsLogger
+from photon_p2p.model import architecture
 from photon_p2p.observe import start_exporters
 from photon_p2p.progress import Progress
 from photon_p2p.train import distributed
@@ -41,6 +42,28 @@ def restore_trainer(trainer: LocalTrainer, state: dict[str, Any]) -> None:
     trainer.load_state_dict(state["trainer"])
 
 
+def resumable_checkpoint(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
+    """The run dir's checkpoint (None: a new run), checked against the model asked for before the run writes
+    anything: another shape failed only in load_state_dict, after config.yaml had been rewritten to describe a
+    model the checkpoint does not hold."""
+    if not checkpoint_path(run_dir).exists():
+        return None
+    saved = load_checkpoint(run_dir)
+    held, asked = architecture(from_dict(saved["config"]).model), architecture(cfg.model)
+    differ = [f"model.{k}: {held[k]} in the checkpoint, {asked[k]} asked for" for k in held if held[k] != asked[k]]
+    if differ:
+        raise CheckpointError(f"run dir {run_dir} holds a checkpoint of a different model ({'; '.join(differ)}): "
+                              "resume it with the model it was trained with, or give the new one a new run dir")
+    return saved
+
+
+def write_run_config(cfg: Config, run_dir: Path) -> None:
+    """The run dir and its config.yaml, once the data, the model and any checkpoint have passed every check: a
+    mistake leaves the run dir as it was (or absent)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+
 def run_follower(cfg: Config, peer: str | int) -> int:
     """Ranks 1..N-1 of a torchrun silo (`train` and `run` alike): build the same trainer, then do what rank 0
     announces until it stops (train/distributed.py). ``peer`` must be rank 0's data seed name."""
@@ -53,12 +76,12 @@ def run_solo(cfg: Config, stop: threading.Event | None = None, progress: bool = 
     """Train to ``train.max_steps``, resuming from RUN_DIR/checkpoint.pt when present; returns the last eval."""
     stop = stop or threading.Event()
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    saved = resumable_checkpoint(cfg, run_dir)
     data_dir = resolve_data_dir(cfg, run_dir, progress)
     trainer = build_trainer(cfg, str(data_dir))
-    if checkpoint_path(run_dir).exists():
-        restore_trainer(trainer, load_checkpoint(run_dir))
+    if saved is not None:
+        restore_trainer(trainer, saved)
+    write_run_config(cfg, run_dir)
     metrics = MetricsLogger(run_dir)
     t = cfg.train
     rate = Throughput()
@@ -97,7 +120,6 @@ def run_solo(cfg: Config, stop: threading.Event | None = None, progress: bool = 
 
 def load_model_from_run(run_dir: str | Path) -> tuple[Config, torch.nn.Module, dict[str, Any]]:
     """Config + model (global weights where the run is federated) from a run directory's checkpoint."""
-    from photon_p2p.config import from_dict
     from photon_p2p.model import Transformer
 
     state = load_checkpoint(run_dir)
