@@ -138,9 +138,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from photon_p2p.paths import writable_dir
+    from photon_p2p.paths import existing_file, writable_dir
 
     writable_dir(args.out, "--out")  # before the checkpoint is read
+    if args.tokenizer:  # before the weights are written: a missing one left a half-written export
+        existing_file(args.tokenizer, "--tokenizer")
     from photon_p2p.export import export_hf
     from photon_p2p.train.solo import load_model_from_run, run_tokenizer_path
 

@@ -21,6 +21,16 @@ def existing_dir(path: str | Path, what: str, error: type[Exception] = PathError
     return p
 
 
+def existing_file(path: str | Path, what: str, error: type[Exception] = PathError) -> Path:
+    """A file to read from (not a directory)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise error(f"{what} {p} does not exist")
+    if p.is_dir():
+        raise error(f"{what} {p} is a directory, not a file")
+    return p
+
+
 def writable_dir(path: str | Path, what: str, error: type[Exception] = PathError) -> Path:
     """A directory this command will write into: one that exists and takes a new file, or one it can create
     (its nearest existing ancestor takes one). Leaves nothing behind: a later mistake leaves no empty directory."""

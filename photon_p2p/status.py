@@ -291,8 +291,8 @@ def run_status(net: NetworkConfig, run_id: str, *, as_json: bool = False, watch:
     initial = parse_multiaddrs(net.initial_peers, "--initial-peers")
     if not initial:
         raise FederationError("status needs --initial-peers MADDR: the address any peer or bootstrap node prints")
-    if watch < 0:
-        raise FederationError(f"--watch must be a number of seconds >= 0, got {watch:g}")
+    if not 0 <= watch < float("inf"):  # nan fails this too
+        raise FederationError(f"--watch must be a finite number of seconds >= 0, got {watch:g}")
     # A reader listens on loopback only and never reuses a peer's identity (p2pd would refuse a taken one).
     reader = dataclasses.replace(net, initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                                  announce_maddrs=[], identity_path="", client_mode=True, use_auto_relay=False)

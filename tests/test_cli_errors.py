@@ -58,6 +58,7 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     (["revoke", "--peer-id", "x", "--key", "k", "--initial-peers", MADDR, "--timeout", "-1"],
      ["--timeout (config key 'network.bootstrap_timeout') must be > 0, got -1.0"]),
     (["status", "--initial-peers", MADDR, "--run-id", "my.run"], ["--run-id (config key 'federation.run_id')"]),
+    (["status", "--initial-peers", MADDR, "--watch", "nan"], ["--watch must be a finite number of seconds >= 0"]),
     (["prepare-data", "-i", "x.txt", "-o", "out", "--val-fraction", "1"],
      ["--val-fraction (config key 'data.val_fraction') must be in [0, 1), got 1.0"]),
     # "-5d" once read as an option by argparse (its usage text); now it reaches the duration's own error
@@ -245,6 +246,13 @@ def test_export_out_onto_a_file(tmp_path, trained_run):
     assert_one_line_error(run_cli("export", str(trained_run), "--out", str(out)),
                           f"--out {out} is a file, not a directory")
     assert digest(tmp_path) == before
+
+
+def test_export_with_a_missing_tokenizer_writes_nothing(tmp_path, trained_run):
+    out = tmp_path / "hf"
+    assert_one_line_error(run_cli("export", str(trained_run), "--out", str(out), "--tokenizer",
+                                  str(tmp_path / "missing.json")), f"--tokenizer {tmp_path / 'missing.json'} does not exist")
+    assert not out.exists()  # it wrote model.safetensors first, then failed on the copy
 
 
 @pytest.mark.parametrize("args,needle", [
