@@ -409,6 +409,9 @@ class ExactAllReduceRunner(AllReduceRunner):
         by_peer = dict(zip(self.ordered_peer_ids, ranks or [str(p) for p in self.ordered_peer_ids]))
         order = sorted(range(len(self.sender_peer_ids)), key=lambda i: by_peer.get(self.sender_peer_ids[i], ""))
         shapes = tuple(part.shape for part in self.parts_for_local_averaging)
+        # super() built hivemind's own reducer, replaced below unused: at collection its __del__ would log
+        # "Reducer: received 0.0% of input tensors" as a warning in every round. Finished, it has nothing to say.
+        self.tensor_part_reducer.finished.set()
         by_index = dict(zip(self.ordered_peer_ids, claims)) if claims is not None else {}
         sender_claims = [by_index.get(p) for p in self.sender_peer_ids] if claims is not None else None
         self.tensor_part_reducer = OrderedPartReducer(shapes, len(self.sender_peer_ids), order, robust,
