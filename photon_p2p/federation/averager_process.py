@@ -1,6 +1,7 @@
 """The hivemind averager process as photon_p2p runs it: exact all-reduce, healing, tuning, phase timestamps.
 
-Every touch of hivemind's private internals lives here (and nowhere else), checked against the pinned version:
+Every touch of hivemind's private internals lives here and in matchmaking.py (nowhere else), checked against the
+pinned version (the check below runs before either is used):
 - ``ExactAllReduceRunner``: hivemind's butterfly all-reduce returns each member ``own + compress(avg − own)``,
   so members end on different bytes (always with a lossy codec, by rounding even without one). Our reducers
   compress each averaged part ONCE and send every member those same bytes; members (the reducer included)

@@ -58,9 +58,7 @@ class AdmittedMatchmaking(Matchmaking):
                 first = asyncio.ensure_future(anext(stream))
                 await asyncio.wait({first}, timeout=self.request_timeout)
                 if first.done() and first.result().code == averaging_pb2.ACCEPTED:
-                    self._accepted_by(leader)
-                    if len(self.current_followers) > 0:
-                        await self.leader_disband_group()
+                    await self._follow(leader)
             if not first.done():
                 # The leader may have accepted us and counted us in its group already: do not walk away. Without
                 # the lock our own rpc_join_group can answer others, so two peers asking each other still part.
@@ -75,9 +73,7 @@ class AdmittedMatchmaking(Matchmaking):
                         if self.assembled_group.done() or self.current_leader is not None:
                             return None  # we lead a group of our own meanwhile (or follow another leader)
                         log.debug("accepted by leader %s past request_timeout", str(leader)[-6:])
-                        self._accepted_by(leader)
-                        if len(self.current_followers) > 0:
-                            await self.leader_disband_group()
+                        await self._follow(leader)
 
             message = first.result()
             if message.code != averaging_pb2.ACCEPTED:
@@ -121,9 +117,12 @@ class AdmittedMatchmaking(Matchmaking):
                 except RuntimeError as e:
                     log.debug("%s", e)
 
-    def _accepted_by(self, leader: PeerID) -> None:
+    async def _follow(self, leader: PeerID) -> None:
+        """Accepted by ``leader`` (with the join lock held): follow it, and send our own followers to it."""
         self.current_leader = leader
         self.was_accepted_to_group.set()
+        if len(self.current_followers) > 0:
+            await self.leader_disband_group()
 
     async def look_for_group(self, step):
         """hivemind's look_for_group, but a follower that a leader has accepted does not walk away at its step's
