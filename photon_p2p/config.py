@@ -101,7 +101,7 @@ class FederationConfig:
     """The outer loop: rounds of H local steps, then a compressed all-reduce of pseudo-gradients."""
 
     run_id: str = "photon"
-    rounds: int = 10  # rounds this peer trains before it exits (0 = until stopped)
+    rounds: int = 10  # the swarm round at which the run ends, for every peer alike (0 = until stopped)
     local_steps: int = 128  # H: inner steps per round (per silo on average, with round_clock: swarm)
     # swarm: each silo takes H steps while it is within ±25% of the swarm's mean speed, else H x its speed over
     # the mean (hivemind's ProgressTracker records carry the speeds), so fast silos take more steps and slow
@@ -110,13 +110,19 @@ class FederationConfig:
     round_clock: str = "swarm"
     round_token_budget: int = 0  # >0: a round ends after this many tokens even if H steps are not done
     round_time_budget: float = 0.0  # >0: a round's local phase ends after this many seconds
-    target_group_size: int = 8
+    # Up to this many live peers average as ONE group per round (one model by construction; butterfly traffic
+    # per peer does not grow with the group); past it, in two stages over a grid (federation/groups.py).
+    target_group_size: int = 32
     min_group_size: int = 2
     matchmaking_time: float = 5.0  # seconds spent gathering a group before all-reduce
     # >0: a group that knows the round's live members declares this long a wait for one that has not arrived
     # (0 = matchmaking_time). Measured (BENCHMARKS.md, one model): 15 s lowered participation from 1.0 to 0.875,
     # because hivemind's matchmaking can split into sub-groups that only merge at their declared deadline.
     straggler_wait: float = 0.0
+    # A round's group waits for a member still training up to this share of the round's compute time (at least
+    # matchmaking_time or straggler_wait, at most round_deadline / 2): a fixed window is too short on a busy
+    # machine and too long for nothing (protocol.wait_budget).
+    wait_fraction: float = 0.5
     allreduce_timeout: float = 60.0
     round_deadline: float = 120.0  # max seconds to wait for averaging; then the round goes solo
     compression: str = "none"  # none | fp16 | scaled-fp16 | uint8 | blockwise8
@@ -369,6 +375,7 @@ RANGES: dict[str, str] = {
     "federation.rounds": ">= 0", "federation.local_steps": ">= 1", "federation.round_token_budget": ">= 0",
     "federation.round_time_budget": ">= 0", "federation.target_group_size": ">= 1",
     "federation.min_group_size": ">= 1", "federation.matchmaking_time": "> 0", "federation.straggler_wait": ">= 0",
+    "federation.wait_fraction": "in [0, 10]",
     "federation.allreduce_timeout": "> 0", "federation.round_deadline": "> 0", "federation.outer_lr": "> 0",
     "federation.outer_momentum": "in [0, 1)", "federation.state_sync_timeout": "> 0", "federation.stop_timeout": "> 0",
     "federation.outer_beta2": "in [0, 1)", "federation.outer_eps": "> 0", "federation.outer_warmup_rounds": ">= 0",
@@ -382,7 +389,7 @@ RANGES: dict[str, str] = {
 _RANGE_TESTS: dict[str, Callable[[float], bool]] = {
     "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
     "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 65535]": lambda v: 0 <= v <= 65535,
-    "in [1, 1000]": lambda v: 1 <= v <= 1000, "in [1, 100]": lambda v: 1 <= v <= 100,
+    "in [1, 1000]": lambda v: 1 <= v <= 1000, "in [1, 100]": lambda v: 1 <= v <= 100, "in [0, 10]": lambda v: 0 <= v <= 10,
 }
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Rules of single keys that are neither a range nor a list of choices: (test, what the message says it must).

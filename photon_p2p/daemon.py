@@ -24,6 +24,7 @@ from photon_p2p.federation import FederationError
 from photon_p2p.federation.averaging import RoundResult
 from photon_p2p.federation.compression import roundtrip
 from photon_p2p.federation.network import parse_multiaddrs
+from photon_p2p.federation.protocol import Outcome, run_over, split_winner, wait_budget
 from photon_p2p.federation.records import CLIP_WINDOW
 from photon_p2p.federation.swarm import Swarm, check_state
 from photon_p2p.global_state import GlobalState
@@ -37,6 +38,7 @@ from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
 log = logging.getLogger("photon_p2p.daemon")
 MAX_ROUND_FACTOR = 4  # a round's local phase never exceeds this many times H inner steps
 SwarmFactory = Callable[[Config, list, Callable], Swarm]
+TrainerFactory = Callable[[Config, Path, bool], LocalTrainer]
 
 
 def hivemind_swarm(cfg: Config, weights: list[torch.Tensor], state: Callable) -> Swarm:
@@ -44,6 +46,13 @@ def hivemind_swarm(cfg: Config, weights: list[torch.Tensor], state: Callable) ->
     from photon_p2p.federation.swarm import HivemindSwarm
 
     return HivemindSwarm(cfg, weights, state)
+
+
+def local_trainer(cfg: Config, run_dir: Path, progress: bool) -> LocalTrainer:
+    """The real trainer on this silo's data (prepared into the run dir if the config names none)."""
+    data_dir = resolve_data_dir(cfg, run_dir, progress)
+    # Peers draw different windows: the data seed is mixed with this silo's name.
+    return build_trainer(cfg, str(data_dir), peer=cfg.name)
 
 
 @dataclass
@@ -65,12 +74,13 @@ class PeerDaemon:
     """Trains a round of local steps, averages Δ = θ_global − θ_local with its group, applies the outer step.
 
     ``make_swarm`` builds the federation once the model exists (it needs the global weights and a state callback):
-    the real hivemind swarm by default, an in-process fake in tests.
+    the real hivemind swarm by default, an in-process fake in tests. ``make_trainer`` builds the trainer: the
+    real one by default, a simulated one (train/simulated.py) for many peers on few cores.
     """
 
     def __init__(self, cfg: Config, stop: threading.Event | None = None, progress: bool = True,
-                 make_swarm: SwarmFactory = hivemind_swarm) -> None:
-        self.cfg, self.progress, self.make_swarm = cfg, progress, make_swarm
+                 make_swarm: SwarmFactory = hivemind_swarm, make_trainer: TrainerFactory = local_trainer) -> None:
+        self.cfg, self.progress, self.make_swarm, self.make_trainer = cfg, progress, make_swarm, make_trainer
         self.stop = stop or threading.Event()
         self.run_dir = Path(cfg.run_dir)
         self.round_steps = 0  # inner steps taken in the current round (resumable mid-round)
@@ -82,6 +92,7 @@ class PeerDaemon:
         self.bytes_sent = self.bytes_received = 0
         self.started_at = time.time()
         self.finished = self.grouped = 0  # rounds finished by this process, and those spent in a group
+        self.reads_mark = 0  # the swarm's DHT read count at the last round record
         self.rollbacks = 0  # consecutive rollbacks (the non-finite guard stops at max_rollbacks)
         self.compute_s = 0.0  # the last local phase
         self.clock_steps = self.clock_tokens = 0  # inner steps (what the swarm clock counts) and tokens this round
@@ -99,9 +110,7 @@ class PeerDaemon:
     def _setup_training(self) -> None:
         cfg = self.cfg
         saved = resumable_checkpoint(cfg, self.run_dir)
-        data_dir = resolve_data_dir(cfg, self.run_dir, self.progress)
-        # Peers draw different windows: the data seed is mixed with this silo's name.
-        self.trainer: LocalTrainer = build_trainer(cfg, str(data_dir), peer=cfg.name)
+        self.trainer: LocalTrainer = self.make_trainer(cfg, self.run_dir, self.progress)
         # torchrun silo: θ_local is synced with the other ranks (train/parallel.py); this process is rank 0
         self.state = GlobalState(self.trainer.local_params(), cfg.federation)
         self.resumed = saved is not None
@@ -234,14 +243,17 @@ class PeerDaemon:
         """Hand this round's Δ to the averager (a background thread) and start the next round's counters.
         False if Δ is not finite: rolled back instead, nothing is sent."""
         f = self.cfg.federation
+        self._adopt_majority(self.swarm.peers())  # a visible split: the minority adopts the majority's model
         deltas = self.state.pseudo_gradient()
         if not all(bool(torch.isfinite(d).all()) for d in deltas):
             self._roll_back("the pseudo-gradient is not finite")  # never sent
             return False
         base = [p.detach().clone() for p in self.state.params] if f.overlap else None
         sent = [d.clone() for d in deltas] if self.state.residual is not None else None
+        budget = wait_budget(self.compute_s, f.matchmaking_time, f.straggler_wait, f.wait_fraction,
+                             limit=f.round_deadline / 2)
         future = self.executor.submit(self.swarm.average, deltas, self.round, weight=float(max(1, self.round_tokens)),
-                                      stop=self.stop, fingerprint=self.fingerprint(), live_target=None)
+                                      stop=self.stop, fingerprint=self.fingerprint(), budget=budget)
         self.inflight = InFlight(future, self.round, deltas, self.round_tokens, self.round_steps, self.compute_s,
                                  base, sent)
         self.metrics.log("averaging", round=self.round, step=self.trainer.step, tokens=self.round_tokens,
@@ -277,8 +289,9 @@ class PeerDaemon:
             self.round_steps += job.steps
             return False
         if result.solo:
-            self._missed_round(result, job)
+            outcome = Outcome.SOLO if self._missed_round(result, job) else Outcome.MISSED
         else:
+            outcome = Outcome.HEALED if result.healed else Outcome.PARTIAL if result.partial > 0 else Outcome.AVERAGED
             if job.sent is not None:  # error feedback: what compression dropped of our Δ is sent again next round
                 for r, d in zip(self.state.residual, job.sent):
                     r.copy_(d - roundtrip(f.compression, d))
@@ -300,11 +313,11 @@ class PeerDaemon:
         # and after the last round.
         evaluated: dict[str, float] = {}
         due = t.eval_every and self.trainer.step // t.eval_every > self.eval_mark // t.eval_every
-        if (due and self.round != job.round) or self.finished == f.rounds:
+        if (due and self.round != job.round) or run_over(self.round, f.rounds):
             evaluated = self.last_eval = self._evaluate_global()
             self.eval_mark = self.trainer.step
         marks.append(("eval", time.monotonic()))
-        log_round(self, result, job, evaluated)
+        log_round(self, result, job, evaluated, outcome)
         self._checkpoint()
         marks.append(("checkpoint", time.monotonic()))
         if not self.stop.is_set():  # leaving: the final heartbeat says so; no round to begin (the DHT may be gone)
@@ -327,24 +340,61 @@ class PeerDaemon:
         return newest > self.round and self._sync_from_swarm(f"swarm is at round {newest}, {who} at {self.round}",
                                                              carry_local=True)
 
-    def _missed_round(self, result: RoundResult, job: InFlight) -> None:
+    def _missed_round(self, result: RoundResult, job: InFlight) -> bool:
         """No group this round. Alone in the swarm: apply our own Δ. Otherwise keep the local work and fold it into
         the next round: adopt the swarm's newer state if it averaged without us (carrying our progress over),
-        else move to the next round on the same global weights, like every other peer that missed this one."""
+        else move to the next round on the same global weights, like every other peer that missed this one.
+        True: alone (solo)."""
         others = self.swarm.peers()
         if not others:
             self.state.apply(job.deltas, carry_from=job.base)  # a solo result leaves Δ untouched
-            return
+            return True
         self.round_tokens += job.weight  # the folded work's weight
         if self._catch_up(others):
-            return
+            return False
         self.state.skip_round()
         print(f"photon-peer: round {self.round - 1} missed ({result.reason}); its local work is folded into "
               f"round {self.round}", flush=True)
+        return False
 
-    def _sync_from_swarm(self, reason: str, carry_local: bool = False) -> bool:
+    def _adopt_majority(self, others: list[dict]) -> bool:
+        """G2: if live peers at this peer's round hold another model and ours is not the majority's (ties to the
+        smallest fingerprint, protocol.split_winner), adopt the majority's, keeping local progress. Every peer
+        evaluates the same rule, so a split does not outlive the next round whatever groups form."""
+        want = split_winner(self.fingerprint(), self.round, others)
+        if not want:
+            return False
+        holders = [str(p["peer_id"]) for p in others if p.get("round") == self.round and p.get("fingerprint") == want]
+        self.metrics.log("split", round=self.round, mine=self.fingerprint(), majority=want, holders=holders)
+        return self._sync_from_swarm(f"a split at round {self.round}: the majority holds model {want[:8]}, this "
+                                     f"peer {self.fingerprint()[:8]}", carry_local=True, want=want, only=holders)
+
+    def _settle(self) -> None:
+        """G5: the run is over at the swarm's round R. Before leaving, serve peers still finishing their last
+        round (a peer that missed it downloads from us) and adopt the majority's model if the last round split;
+        up to round_deadline."""
+        f = self.cfg.federation
+        deadline = time.monotonic() + f.round_deadline
+        said = False
+        while time.monotonic() < deadline and not self.stop.is_set():
+            others = self.swarm.peers()
+            self._adopt_majority(others)
+            behind = [p for p in others if int(p.get("round", -1)) < self.round]
+            split = {p.get("fingerprint") for p in others if p.get("round") == self.round} - {self.fingerprint()}
+            if not behind and not split:
+                return
+            if not said:
+                print(f"photon-peer: round {self.round} reached; serving the swarm's state until "
+                      f"{len(behind)} peer(s) behind and {len(split)} other model(s) settle", flush=True)
+                said = True
+                self.swarm.publish_now()
+            time.sleep(0.5)
+
+    def _sync_from_swarm(self, reason: str, carry_local: bool = False, want: str = "",
+                         only: list[str] | None = None) -> bool:
         """Download and adopt the swarm's global state (refusing bad ones); ``carry_local`` keeps this silo's
-        un-averaged progress on top of it (θ_local ← θ_new − Δ_own), to be averaged next round."""
+        un-averaged progress on top of it (θ_local ← θ_new − Δ_own), to be averaged next round. ``want``: the
+        fingerprint to adopt (a split's majority), from the peers in ``only``."""
         timeout = self.cfg.federation.state_sync_timeout
         print(f"photon-peer: downloading the swarm's state ({reason}), up to {timeout:.0f}s", flush=True)
         deadline = time.monotonic() + timeout
@@ -352,15 +402,18 @@ class PeerDaemon:
             remaining = deadline - time.monotonic()
             if remaining <= 1 or self.stop.is_set():
                 return False
-            got = self.swarm.load_state(timeout=remaining, progress=self.progress)
+            got = self.swarm.load_state(timeout=remaining, progress=self.progress, only=only)
             if got is None:
                 return False
             meta, tensors = got
             if int(meta.get("round", -1)) < self.round:
                 return False  # never go back to an older state than our own
-            if carry_local and int(meta.get("round", -1)) == self.round:
+            if want and meta.get("fingerprint") != want and int(meta.get("round", -1)) == self.round:
+                continue  # not the model the split's majority holds: try another holder
+            if not want and carry_local and int(meta.get("round", -1)) == self.round:
                 continue  # a lagging server's copy of the weights we hold: no catch-up, try another peer
-            why = check_state(meta, tensors, self.swarm.peers())
+            same_round = int(meta.get("round", -1)) == self.round
+            why = check_state(meta, tensors, self.swarm.peers(), want=want if same_round else "")
             if why:
                 print(f"photon-peer: refused the swarm state for round {meta.get('round')}: {why}", flush=True)
                 self.metrics.log("refused_state", round=int(meta.get("round", -1)), reason=why)
@@ -419,7 +472,7 @@ class PeerDaemon:
         rate.tokens0 = self.trainer.tokens
         self.loop_started = time.monotonic()
         try:
-            while not self.stop.is_set() and (f.rounds == 0 or self.finished < f.rounds):
+            while not self.stop.is_set() and not run_over(self.round, f.rounds):
                 if self.inflight is None:
                     self.swarm.begin_round(self.round)
                 self._local_phase(rate)
@@ -428,13 +481,15 @@ class PeerDaemon:
                 self._land()  # overlap: only if the local phase had to stop before the last average landed
                 if not self._start_average():
                     continue  # rolled back: the round goes on from the global weights
-                if not f.overlap or (f.rounds and self.finished + 1 >= f.rounds):
+                if not f.overlap or run_over(self.inflight.round + 1, f.rounds):
                     self._land()  # no overlap, or nothing left to train: wait for the average now
         finally:
             # Stopping (SIGINT) mid-average: averaging notices the stop event within a fraction of a second; an
             # average that still lands is applied, otherwise the un-averaged work stays in the checkpoint.
             self._land()
             self.executor.shutdown(wait=False, cancel_futures=True)
+        if run_over(self.round, f.rounds) and not self.stop.is_set():
+            self._settle()
         self._checkpoint()
         return {"round": self.round, "step": self.trainer.step, "tokens": self.trainer.tokens,
                 "loss": self.trainer.last_loss, "fingerprint": self.fingerprint(),

@@ -37,6 +37,17 @@ def heartbeat_record(d: PeerDaemon) -> dict[str, Any]:
     }
 
 
+def roster_fields(d: PeerDaemon) -> dict[str, Any]:
+    """Whom the round waited for, as this peer read the clock (protocol.Roster), and the DHT reads it issued
+    since the last round record."""
+    chosen, reads = getattr(d.swarm, "last_roster", None), getattr(d.swarm, "dht_reads", 0)
+    fields: dict[str, Any] = {"dht_reads": reads - d.reads_mark}
+    d.reads_mark = reads
+    if chosen is not None:
+        fields.update(roster=chosen.members, waited=chosen.waited, late=chosen.late)
+    return fields
+
+
 def clip_summary(history: Any) -> dict[str, dict[str, Any]]:
     """{sender: {"rounds": n, "factor": f}} over the rounds in ``history`` (each a RoundResult.clipped map): in how
     many of them this peer, as a reducer, clipped or dropped that sender, and the smallest factor it applied."""
@@ -62,7 +73,7 @@ def _tail(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 14 else ".." + peer_id[-12:]
 
 
-def log_round(d: PeerDaemon, r: RoundResult, job: InFlight, evaluated: dict[str, float]) -> None:
+def log_round(d: PeerDaemon, r: RoundResult, job: InFlight, evaluated: dict[str, float], outcome: Any = None) -> None:
     """One metrics record and one log line per finished round: what this peer now believes.
 
     ``compute_s`` is the averaged round's local phase; ``wait_s`` the time the trainer sat idle on its average
@@ -76,7 +87,7 @@ def log_round(d: PeerDaemon, r: RoundResult, job: InFlight, evaluated: dict[str,
               "wait_s": job.wait_s, "utilization": d.utilization(), "fingerprint": d.fingerprint(),
               "outer_lr": d.state.last_outer_lr,
               "participation": d.grouped / max(1, d.finished), "clipped": r.clipped, "rejected": r.rejected,
-              **evaluated}
+              "outcome": getattr(outcome, "value", outcome or ""), **roster_fields(d), **evaluated}
     if not r.solo:
         d.clip_history.append(dict(r.clipped))  # a deque of the last CLIP_WINDOW grouped rounds
     d.metrics.log("round", **fields)

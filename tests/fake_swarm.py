@@ -28,6 +28,7 @@ class FakeNet:
     pending: dict[int, dict[str, tuple]] = field(default_factory=dict)
     cond: threading.Condition = field(default_factory=threading.Condition)
     progress: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # peer: (round, steps, speed)
+    targeted_downloads: bool = True  # False: a download from chosen holders (a split's majority) finds nobody
 
 
 class FakeSwarm:
@@ -64,7 +65,7 @@ class FakeSwarm:
         old = self.net.progress.get(self.peer_id, (0, 0, 0.0))
         self.net.progress[self.peer_id] = (round_no, 0, old[2])  # the last measured speed carries over
 
-    def average(self, deltas, round_no, weight, *, stop, fingerprint, live_target) -> RoundResult:
+    def average(self, deltas, round_no, weight, *, stop, fingerprint, budget) -> RoundResult:
         group = self.net.plan(round_no, self.peer_id)
         if group is None:
             group = [n for n, p in self.net.peers.items() if p.live]
@@ -96,8 +97,11 @@ class FakeSwarm:
         return RoundResult(round_no, False, len(members), members, total, 0.0, 0, 0, "", healed=healed,
                            fingerprints=prints)
 
-    def load_state(self, timeout: float, progress: bool):
-        servers = [p for n, p in self.net.peers.items() if n != self.peer_id and p.live and p.snapshot]
+    def load_state(self, timeout: float, progress: bool, only: list[str] | None = None):
+        if only is not None and not self.net.targeted_downloads:
+            return None
+        servers = [p for n, p in self.net.peers.items() if n != self.peer_id and p.live and p.snapshot
+                   and (only is None or n in only)]
         if not servers:
             return None
         best = max(servers, key=lambda p: p.snapshot()["round"])

@@ -144,7 +144,7 @@ def test_every_numeric_key_has_a_range():
     ("federation.run_id=my.run", "contain no '.'"),
     ("federation.round_deadline=4", "federation.round_deadline (4s) must exceed"),
     ("federation.record_ttl=20", "federation.record_ttl (20s) must exceed federation.heartbeat_interval (30s)"),
-    ("federation.min_group_size=9", "federation.min_group_size (9) must be <= federation.target_group_size"),
+    ("federation.min_group_size=33", "federation.min_group_size (33) must be <= federation.target_group_size"),
     ("federation.max_rollbacks=0", "'federation.max_rollbacks' must be >= 1"),
     ("federation.divergence_loss=-1", "'federation.divergence_loss' must be >= 0"),
     ("federation.straggler_wait=-1", "'federation.straggler_wait' must be >= 0"),

@@ -128,8 +128,10 @@ def test_a_silo_that_misses_a_round_folds_its_work_and_is_back_next_round(tmp_pa
                                    {"federation.outer_optimizer": "fedyogi", "federation.outer_lr": 0.01,
                                     "federation.outer_lr_schedule": "cosine"}], ids=["nesterov", "fedyogi-cosine"])
 def test_a_split_swarm_heals_when_its_halves_meet(tmp_path, kjv_data, outer):
+    """The backstop when the minority cannot download the majority's model: the next group holds both models and
+    averages weights (healed)."""
     halves = {"a": ["a", "b"], "b": ["a", "b"], "c": ["c", "d"], "d": ["c", "d"]}
-    net = FakeNet(plan=lambda r, me: halves[me] if r == 0 else None)
+    net = FakeNet(plan=lambda r, me: halves[me] if r == 0 else None, targeted_downloads=False)
     daemons = [make_daemon(tmp_path, kjv_data, net, n, **{"train.seed": i, "federation.outer_momentum": 0.9, **outer})
                for i, n in enumerate("abcd")]
     out = run_all(daemons)
@@ -143,6 +145,31 @@ def test_a_split_swarm_heals_when_its_halves_meet(tmp_path, kjv_data, outer):
         stepped = [r for r in rounds(d) if not r["healed"]]
         assert [r["outer_lr"] for r in stepped] == [d.state.outer.lr_at(r["round"] - 1) for r in stepped]
         assert all(r["outer_lr"] <= f.outer_lr for r in stepped)
+
+
+@pytest.mark.parametrize("split", ["pairs", "three-two"])
+def test_a_visible_split_is_gone_before_the_next_round_averages(tmp_path, kjv_data, split):
+    """G2: round 0 leaves two models (two pairs, or three and two). Before round 1 averages, the minority (ties:
+    the larger fingerprint) adopts the majority's model, keeping its local work: round 1's group holds ONE model
+    going in (no healing needed) and every peer leaves it on one model."""
+    groups = {"pairs": {"a": ["a", "b"], "b": ["a", "b"], "c": ["c", "d"], "d": ["c", "d"]},
+              "three-two": {"a": ["a", "b", "c"], "b": ["a", "b", "c"], "c": ["a", "b", "c"], "d": ["d", "e"],
+                            "e": ["d", "e"]}}[split]
+    net = FakeNet(plan=lambda r, me: groups[me] if r == 0 else None)
+    # one initial model (as joiners download it); each silo still draws its own data (seed x silo name)
+    daemons = [make_daemon(tmp_path, kjv_data, net, n, **{"federation.rounds": 2}) for n in sorted(groups)]
+    out = run_all(daemons)
+    after0 = {d.cfg.name: rounds(d)[0]["fingerprint"] for d in daemons}
+    assert len(set(after0.values())) == 2, after0
+    second = [rounds(d)[1] for d in daemons]
+    assert all(not r["healed"] and r["group_models"] == 1 and r["group_size"] == len(groups) for r in second), second
+    adopted = {d.cfg.name for d in daemons if any(r["kind"] == "split" for r in read_metrics(d.run_dir))}
+    if split == "three-two":
+        assert adopted == {"d", "e"}
+    else:
+        loser = max(set(after0.values()))  # a tie: the smaller fingerprint wins
+        assert adopted == {n for n, fp in after0.items() if fp == loser}
+    assert len({o["fingerprint"] for o in out.values()}) == 1, out
 
 
 def test_a_diverging_silo_rolls_back_never_sends_and_stops(tmp_path, kjv_data):

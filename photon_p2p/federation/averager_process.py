@@ -208,22 +208,31 @@ class ProcessAverager(DecentralizedAverager):
         async for message in super().rpc_download_state(request, context):
             yield message
 
-    async def _load_state_from_peers(self, future: MPFuture, timeout: Optional[float] = None):
-        """hivemind's state download, but only from admitted peers (a closed swarm), newest round first."""
-        if self._gate is None:
-            return await super()._load_state_from_peers(future, timeout=timeout)
+    def load_state_from(self, only: Sequence[str] | None, timeout: float):
+        """hivemind's load_state_from_peers (wait=True), from the peers in ``only`` if given."""
+        future = MPFuture()
+        self._outer_pipe.send(("_load_state_from_peers", [], dict(timeout=timeout, future=future,
+                                                                  only=list(only) if only is not None else None)))
+        return future.result(timeout=timeout)
+
+    async def _load_state_from_peers(self, future: MPFuture, timeout: Optional[float] = None,
+                                     only: list[str] | None = None):
+        """hivemind's state download, but only from admitted peers (a closed swarm) and from ``only`` if given
+        (the holders of the model a split's minority adopts), newest round first."""
         chunk_timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+        wanted = {PeerID.from_base58(p) for p in only} if only is not None else None
         try:
-            await self._gate.refresh()
+            if self._gate is not None:
+                await self._gate.refresh()
             key_manager = self._matchmaking.group_key_manager
             found = await self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True, return_future=True)
             priority = {PeerID(peer): (float(info.value), random.random())
                         for peer, info in (found.value if found is not None else {}).items()
                         if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))}
             for peer in sorted(priority, key=priority.get, reverse=True):
-                if peer == self.peer_id:
+                if peer == self.peer_id or (wanted is not None and peer not in wanted):
                     continue
-                if not await self._gate.allows(peer):
+                if self._gate is not None and not await self._gate.allows(peer):
                     continue  # a state from outside the swarm is never even downloaded
                 try:
                     stub = self.get_stub(self._p2p, peer, namespace=self.prefix)

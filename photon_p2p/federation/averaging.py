@@ -199,7 +199,7 @@ class PseudoGradientAverager:
                 stop: threading.Event | None = None, fingerprint: str = "",
                 live_target: int | None = None, plan: GroupPlan | None = None,
                 give_up: Callable[[tuple[str, ...]], bool] | None = None,
-                replan: Callable[[], GroupPlan | None] | None = None) -> RoundResult:
+                replan: Callable[[], GroupPlan | None] | None = None, wait: float = 0.0) -> RoundResult:
         """All-reduce ``deltas`` (weighted by ``weight``, e.g. tokens) with peers at ``round_no``, within
         federation.round_deadline per stage. On success the swarm's weighted mean (the same bytes on every
         member) is written into ``deltas`` in place; if ``result.healed`` it is the mean of the members' local
@@ -213,7 +213,9 @@ class PseudoGradientAverager:
         ``replan``: the round's plan from a fresh read of its members, asked after each attempt that found no group
         while this peer has averaged nothing yet; when its grid differs, it regroups under the new plan.
         Peers that read the members a moment apart (one had not yet reported this round) would otherwise each
-        wait, until the deadline, in a grid the others are not in."""
+        wait, until the deadline, in a grid the others are not in.
+        ``wait``: seconds a group waits for its members once the first has come (protocol.wait_budget; at least
+        matchmaking_time)."""
         give_up = give_up or (lambda _waiting: False)
         weight = max(float(weight), 1e-6)
         deadline = time.monotonic() + self.fed.round_deadline  # the first stage's, across regroupings
@@ -235,7 +237,7 @@ class PseudoGradientAverager:
                 size = max(plan.n, live_target or 0) if plan is not None else live_target
                 result = self._average_stage(deltas, round_no, weight, stop, fingerprint, size, 0, 0,
                                              give_up=lambda: LEFT if give_up(others) else "", regroup=regroup,
-                                             deadline=deadline)
+                                             deadline=deadline, wait=wait)
             elif plan.row_size() == 1:
                 # Alone in its row (3 peers in groups of 2: rows of 2 and 1): its row mean is its own Δ, and it
                 # goes straight to its column (hivemind cannot form a group of one). Nothing is averaged yet, so
@@ -302,7 +304,7 @@ class PseudoGradientAverager:
                        stop: threading.Event | None, fingerprint: str, target: int | None, stage: int, index: int,
                        digest: int = 0, rank: int = 0, weights: bool = False, extra: dict | None = None,
                        give_up: Callable[[], str] = lambda: "", regroup: Callable[[], str] = lambda: "",
-                       deadline: float | None = None) -> RoundResult:
+                       deadline: float | None = None, wait: float = 0.0) -> RoundResult:
         """One matchmaking + all-reduce under the key (round, stage, index); see average(). ``give_up``: polled
         while looking for a group, a reason to stop waiting (or ""); ``regroup``: the same, asked after an attempt
         that found no group, before the next one."""
@@ -333,7 +335,7 @@ class PseudoGradientAverager:
         log.debug("round %d: stage %d group %d (key %s) looking for %s peers, weight %.3g", round_no, stage,
                   index, bits, target, weight)
         gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, gather, target,
-                                          bits, give_up, regroup)
+                                          bits, give_up, regroup, wait)
         if gathered is None:
             log.debug("round %d: stage %d group %d ended without averaging (%s)", round_no, stage, index, reason)
             return result(True, reason)
@@ -383,7 +385,7 @@ class PseudoGradientAverager:
                   stop: threading.Event | None, phases: dict[str, float], gather: dict,
                   live_target: int | None, bits: str,
                   give_up: Callable[[], str],
-                  regroup: Callable[[], str] = lambda: "") -> tuple[dict[str, dict] | None, str]:
+                  regroup: Callable[[], str] = lambda: "", wait: float = 0.0) -> tuple[dict[str, dict] | None, str]:
         """Matchmake and all-reduce until success or the deadline: (gathered metadata by peer, "") or (None, why)."""
         t_copy = time.monotonic()
         if not self._lock(deadline):
@@ -404,10 +406,11 @@ class PseudoGradientAverager:
         while True:
             self.clock.reset()
             remaining = deadline - time.monotonic()
-            # A group that knows its members (live_target) waits up to straggler_wait for one that is late; it
-            # starts the moment all have joined, so the wait only costs time when a member really is missing.
-            wait = max(self.fed.matchmaking_time, self.fed.straggler_wait if live_target is not None else 0.0)
-            offset = wait * (1 + 0.25 * random.random())  # jitter: leaders change each round
+            # A group that knows its members (live_target) waits up to the round's budget (``wait``, at least
+            # straggler_wait) for one that is late; it starts the moment all have joined, so the wait only costs
+            # time when a member really is missing.
+            window = max(self.fed.matchmaking_time, wait, self.fed.straggler_wait if live_target is not None else 0.0)
+            offset = window + 0.25 * self.fed.matchmaking_time * random.random()  # jitter: leaders change
             if live_target is not None:
                 offset = min(offset, remaining - self.fed.matchmaking_time)
             if remaining < offset + 0.5 or offset < self.fed.matchmaking_time:
@@ -464,14 +467,16 @@ class PseudoGradientAverager:
         return self._averager.lock_averaged_tensors.acquire(timeout=max(0.1, deadline - time.monotonic()))
 
     # ---- state for joiners -------------------------------------------------------------------------------
-    def load_state(self, timeout: float, progress: bool = False) -> tuple[dict, list[torch.Tensor]] | None:
-        """Download the global state (metadata, tensors) from the most advanced peer that shares it, or None."""
+    def load_state(self, timeout: float, progress: bool = False,
+                   only: list[str] | None = None) -> tuple[dict, list[torch.Tensor]] | None:
+        """Download the global state (metadata, tensors) from the most advanced peer that shares it (of ``only``,
+        when given: peers known to hold the model wanted), or None."""
         if not self._averager.is_alive():
             return None
         if progress:
             print(f"photon-peer: looking for a peer that shares state (up to {timeout:.0f}s)", flush=True)
         try:
-            got = self._averager.load_state_from_peers(wait=True, timeout=timeout)
+            got = self._averager.load_state_from(only, timeout=timeout)
         except TimeoutError:
             return None
         except Exception as e:

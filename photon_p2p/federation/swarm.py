@@ -20,11 +20,12 @@ from photon_p2p.config import Config
 from photon_p2p.credentials import load_owner_public, public_bytes
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.admission import SwarmAdmission
-from photon_p2p.federation.averager_process import RoundTracker, admitted_progress, progress_members
+from photon_p2p.federation.averager_process import RoundTracker, admitted_progress, progress_records
 from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
-from photon_p2p.federation.groups import plan_groups, round_roster
+from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
+from photon_p2p.federation.protocol import ClockRecord, NoShows, Roster, majority, roster
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
     install_validators,
@@ -52,8 +53,9 @@ class Swarm(Protocol):
     def round_quota(self, round_no: int, local_steps: int, late: bool = False) -> int: ...
     def begin_round(self, round_no: int) -> None: ...
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float, *, stop, fingerprint: str,
-                live_target: int | None) -> RoundResult: ...
-    def load_state(self, timeout: float, progress: bool) -> tuple[dict, list[torch.Tensor]] | None: ...
+                budget: float) -> RoundResult: ...
+    def load_state(self, timeout: float, progress: bool,
+                   only: list[str] | None = None) -> tuple[dict, list[torch.Tensor]] | None: ...
     def publish_now(self) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -139,23 +141,21 @@ class SwarmClock:
         """The newest round any (non-client) peer reports, as of the tracker's last fetch."""
         return int(self.tracker.global_progress.epoch)
 
-    def records(self, round_no: int, timeout: float) -> dict[str, int]:
-        """{peer: its round} from every clock record, read fresh from the DHT as ``round_no`` ends; the tracker's
-        last periodic fetch (seconds old at most) if the read times out."""
+    def records(self, round_no: int, timeout: float) -> dict[str, ClockRecord]:
+        """Every clock record, read fresh from the DHT as ``round_no`` ends; the tracker's last periodic fetch
+        (seconds old at most) if the read times out."""
         future = self.tracker.dht.get(self.tracker.training_progress_key, latest=True, return_future=True)
         try:
             found = future.result(timeout=timeout)
-            records = progress_members(admitted_progress(found.value if found is not None else None, self.admits))
+            raw = progress_records(admitted_progress(found.value if found is not None else None, self.admits))
         except Exception as e:
             log.info("round %d: no fresh read of the clock's records (%r); using the last fetch", round_no, e)
             future.cancel()
-            records = dict(self.tracker.members)
-        log.info("round %d: clock records %s", round_no, {p[-6:]: e for p, e in records.items()})
+            raw = dict(self.tracker.records)
+        records = {p: ClockRecord(int(r.epoch), float(r.samples_accumulated), float(r.samples_per_second),
+                                  float(r.time)) for p, r in raw.items()}
+        log.info("round %d: clock records %s", round_no, {p[-6:]: r.round for p, r in records.items()})
         return records
-
-    def members(self, round_no: int, timeout: float) -> list[str]:
-        """Peers whose latest progress record is for ``round_no``: the round's live members, as read now."""
-        return round_roster(self.records(round_no, timeout), round_no)[0]
 
     def left(self, round_no: int, waiting: tuple[str, ...]) -> bool:
         """Whether the peers in ``waiting`` have all moved past ``round_no`` (as of the tracker's last fetch):
@@ -181,6 +181,9 @@ class HivemindSwarm:
         self.publisher: HeartbeatPublisher | None = None
         self.clock: SwarmClock | None = None
         self.admission: SwarmAdmission | None = None  # None: an open swarm
+        self.no_shows = NoShows()  # peers a round waited for in vain (protocol.NoShows)
+        self.dht_reads = 0  # DHT reads this daemon issued (heartbeats, clock records): bench/scale.py per round
+        self.last_roster: Roster | None = None
         try:
             self.peer_id = str(self.dht.peer_id)
             self.maddrs = visible_maddrs(self.dht)
@@ -227,6 +230,7 @@ class HivemindSwarm:
 
     def peers(self) -> list[dict]:
         """Other live peers' heartbeat records (round, fingerprint, ...); [] when the DHT does not answer."""
+        self.dht_reads += 1
         try:
             rows = read_records(self.dht, self.cfg.federation.run_id, self.cfg.network.request_timeout)
         except Exception as e:  # no evidence is not an error: the caller treats it as "nobody else"
@@ -263,46 +267,57 @@ class HivemindSwarm:
             self.clock.begin(round_no, timeout=float(self.cfg.network.request_timeout))
 
     # ---- averaging and state -----------------------------------------------------------------------------
-    def average(self, deltas, round_no, weight, *, stop, fingerprint, live_target) -> RoundResult:
-        """Average with every live peer of this round: one group, or rows then columns (groups.py) when they
-        outnumber target_group_size. Members come from the clock's records (or heartbeats with a fixed H)."""
-        members: list[str] = []
-        expected = 0  # peers that may still come to this round's group (groups.round_roster)
-        if self.clock is not None:
-            records = self.clock.records(round_no, self.cfg.network.request_timeout)
-            members, expected = round_roster({**records, self.peer_id: round_no}, round_no)
-        if len(set(members) - {self.peer_id}) == 0:  # no clock, or it has not seen anyone else yet: heartbeats
-            members = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
-        plan = plan_groups(members, self.peer_id, self.cfg.federation.target_group_size) if members else None
-        if plan is not None and plan.n < 2:
-            plan = None  # nobody else reported this round yet: fall back to the live-peer count
-        clock, target = self.clock, self.cfg.federation.target_group_size
-        if plan is not None and plan.stages == 1 and clock is not None:
-            # One group starts early only once every peer that may still come has joined; otherwise at its
-            # matchmaking deadline with whoever came.
-            live_target = max(plan.n, min(expected, target))
-        log.info("round %d: %d members (%s), group starts early at %s", round_no, len(members),
-                 " ".join(sorted(m[-6:] for m in members)), live_target or (plan.n if plan else "-"))
+    def average(self, deltas, round_no, weight, *, stop, fingerprint, budget) -> RoundResult:
+        """Average with every live peer of this round (protocol.roster): one group under the round's key, which
+        starts the moment every waited-for peer has joined, else ``budget`` seconds after the first came. Past
+        target_group_size: rows then columns (groups.py). Members come from the clock's records (heartbeats with
+        a fixed H)."""
+        f, target = self.cfg.federation, self.cfg.federation.target_group_size
+        clock, me = self.clock, self.peer_id
+        plan = None
+        if clock is not None:
+            records = clock.records(round_no, self.cfg.network.request_timeout)
+            self.dht_reads += 1
+            speed = clock.tracker.measured_speed
+            round_s = clock.quota(round_no, f.local_steps) / speed if speed > 0 else 0.0
+            chosen = roster(records, round_no, me, get_dht_time(), budget, round_s, self.no_shows.skip(records))
+        else:
+            at_round = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
+            records, chosen = {}, Roster(round_no, sorted({me, *at_round}), sorted({me, *at_round}))
+        if len(chosen.members) > target:
+            plan = plan_groups(chosen.members, me, target)  # a grid (groups.py): past the one-group regime
+        live_target = max(len(chosen.waited), min(f.min_group_size, 2)) if plan is None else None
+        log.info("round %d: roster %s, waiting for %s (%s late) up to %.1fs", round_no,
+                 " ".join(m[-6:] for m in chosen.members), " ".join(m[-6:] for m in chosen.waited),
+                 " ".join(m[-6:] for m in chosen.late) or "none", budget)
+        self.last_roster = chosen
 
         def give_up(waiting: tuple[str, ...]) -> bool:
-            return clock is not None and clock.left(round_no, waiting)
+            return clock is not None and clock.left(round_no, waiting or tuple(set(chosen.waited) - {me}))
 
-        def replan():  # a member whose report we had not seen yet changes the grid: regroup with the others
-            if clock is None:
+        def replan():  # grids only: a member whose report we had not seen yet changes the grid
+            if clock is None or plan is None:
                 return None
-            fresh = clock.members(round_no, timeout=min(1.0, float(self.cfg.network.request_timeout)))
-            return plan_groups(fresh, self.peer_id, target) if set(fresh) - {self.peer_id} else None
+            fresh = sorted(p for p, r in clock.records(round_no, min(1.0, float(self.cfg.network.request_timeout))
+                                                       ).items() if r.round == round_no)
+            return plan_groups(fresh, me, target) if len(set(fresh) | {me}) > target else None
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
-                                       live_target=live_target, plan=plan, give_up=give_up, replan=replan)
+                                       live_target=live_target, plan=plan, give_up=give_up, replan=replan,
+                                       wait=budget)
+        if not result.solo or result.reason != "stopped":
+            missing = self.no_shows.note(chosen.waited, result.peers if not result.solo else [], records)
+            if missing and not result.solo:
+                log.info("round %d: %s did not come; not waited for again until their records move", round_no,
+                         " ".join(m[-6:] for m in missing))
         if stop is None or not stop.is_set():  # a stopping peer asks p2pd nothing more
             self.connection = connection_kind(self.dht, bool(self.cfg.network.client_mode),
                                               timeout=min(2.0, float(self.cfg.network.request_timeout)))
         return result
 
-    def load_state(self, timeout: float, progress: bool):
+    def load_state(self, timeout: float, progress: bool, only: list[str] | None = None):
         if self.admission is not None:
             self.admission.refresh()
-        return self.averager.load_state(timeout=timeout, progress=progress)
+        return self.averager.load_state(timeout=timeout, progress=progress, only=only)
 
     def publish_now(self) -> None:
         if self.publisher is not None:
@@ -325,11 +340,12 @@ class HivemindSwarm:
             log.warning("error while shutting down the DHT: %s", e)
 
 
-def check_state(meta: dict, tensors: list[torch.Tensor], peers: list[dict]) -> str:
+def check_state(meta: dict, tensors: list[torch.Tensor], peers: list[dict], want: str = "") -> str:
     """Why a downloaded state must be refused ("" if it is acceptable).
 
-    Refused: non-finite values; a fingerprint that does not match the bytes; a fingerprint that differs from
-    what live peers at that round report in their heartbeats (when they report one).
+    Refused: non-finite values; a fingerprint that does not match the bytes; a fingerprint other than ``want``
+    (a split's majority, when adopting it), or else one that differs from the model most live peers at that round
+    report in their heartbeats (ties to the smallest fingerprint, as protocol.majority decides everywhere).
     """
     if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
         return "it holds non-finite values"
@@ -337,10 +353,12 @@ def check_state(meta: dict, tensors: list[torch.Tensor], peers: list[dict]) -> s
     actual = fingerprint(tensors)
     if claimed and claimed != actual:
         return "its fingerprint does not match its bytes"
-    reported = [p.get("fingerprint") for p in peers if p.get("round") == meta.get("round") and p.get("fingerprint")]
-    if reported:
-        majority = max(set(reported), key=reported.count)
-        if actual != majority:
-            return (f"its fingerprint {actual[:8]} differs from the {reported.count(majority)} live peer(s) at "
-                    f"round {meta.get('round')} holding {majority[:8]}")
+    if want:
+        return "" if actual == want else f"its fingerprint {actual[:8]} is not the model wanted, {want[:8]}"
+    reported = [str(p.get("fingerprint")) for p in peers if p.get("round") == meta.get("round") and p.get("fingerprint")]
+    wanted = majority(dict(enumerate(reported)))
+    if wanted and actual != wanted:
+        count = reported.count(wanted)
+        return (f"its fingerprint {actual[:8]} differs from the {count} live peer(s) at "
+                f"round {meta.get('round')} holding {wanted[:8]}")
     return ""

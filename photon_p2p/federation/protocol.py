@@ -1,0 +1,141 @@
+"""The round protocol's rules, pure (stdlib only): whom a round waits for and how long, which model wins a split,
+when a finite run ends, and each round's outcome. Every rule here is a function of values that every peer of the
+round reads the same way, or it only decides how long this peer waits (never whom it may meet)."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+
+class Outcome(str, enum.Enum):
+    """What a round did to this peer's model (the round record's ``outcome``)."""
+
+    AVERAGED = "averaged"  # its group's mean Δ applied: the same bytes on every member
+    HEALED = "healed"  # its group held two models and averaged weights: one model again
+    PARTIAL = "partial"  # averaged, but a failed reducer's part was left unchanged (the same on every member)
+    MISSED = "missed"  # no group while others were live: local work folds into the next round
+    SOLO = "solo"  # alone in the swarm: its own Δ applied
+    STOPPED = "stopped"  # the peer is leaving: nothing applied, the work stays in the checkpoint
+
+
+@dataclass(frozen=True)
+class ClockRecord:
+    """A peer's swarm-clock record as read from the DHT: its round, inner steps taken in it by ``time`` (DHT
+    time of the report) and its speed (inner steps per second of compute; 0 = not yet measured)."""
+
+    round: int
+    steps: float = 0.0
+    speed: float = 0.0
+    time: float = 0.0
+
+
+def wait_budget(compute_s: float, matchmaking_time: float, straggler_wait: float, fraction: float,
+                limit: float) -> float:
+    """How long a round's group waits for a member that is still training: a share of the round's compute time,
+    never less than the matchmaking window (or straggler_wait) and never more than ``limit``. A fixed window is too
+    short on a busy machine (a 5 s window left a silo out of 8 of 32 demo rounds) and too long for nothing."""
+    floor = max(matchmaking_time, straggler_wait)
+    return max(floor, min(limit, fraction * max(0.0, compute_s)))
+
+
+@dataclass
+class Roster:
+    """Whom this peer's round waits for: ``members`` (records at the round) and ``waited`` (also records one round
+    behind: a peer landing its last average or seen late). Absent from ``waited``: records two or more rounds
+    behind (gone), members projected to finish their local phase past the budget, and no-shows (``NoShows``)."""
+
+    round: int
+    members: list[str]
+    waited: list[str]
+    late: list[str] = field(default_factory=list)  # members projected past the budget: the group starts without them
+
+
+def arrival_s(record: ClockRecord, round_s: float, now: float) -> float:
+    """Seconds until ``record``'s peer ends a local phase of ``round_s`` seconds of compute (speed quotas give
+    every member about the same), projected from its steps and speed; 0 if it should be done already, or if
+    its speed is unknown (then it is simply waited for)."""
+    if record.speed <= 0 or round_s <= 0:
+        return 0.0
+    return max(0.0, round_s - record.steps / record.speed - max(0.0, now - record.time))
+
+
+def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, budget: float, round_s: float,
+           skip: frozenset[str] | set[str] = frozenset()) -> Roster:
+    """The round's roster from the clock's records as read when this peer's local phase ended (``me`` is a
+    member). ``round_s``: this peer's compute time for the round, about every member's under speed quotas;
+    ``skip``: no-shows not to wait for again."""
+    members = sorted({p for p, r in records.items() if r.round == round_no} | {me})
+    waited, late = [], []
+    for p, r in sorted(records.items()):
+        if p == me or p in skip or not round_no - 1 <= r.round <= round_no:
+            continue
+        if r.round == round_no and arrival_s(r, round_s, now) > budget:
+            late.append(p)
+            continue
+        waited.append(p)
+    return Roster(round_no, members, sorted(waited + [me]), late)
+
+
+class NoShows:
+    """Peers a round waited for that never came, remembered with the record they were waited on. Waited for
+    again only once their record changes (a new report: the peer is alive and moving), so a crashed or stopped
+    peer delays the others by at most one budget, not one per round until its record expires."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, ClockRecord] = {}
+
+    def skip(self, records: dict[str, ClockRecord]) -> set[str]:
+        """The no-shows whose record is still the one they failed to come on."""
+        for p in [p for p, r in self._seen.items() if records.get(p) != r]:
+            del self._seen[p]  # moved (or gone from the DHT): forget
+        return set(self._seen)
+
+    def note(self, waited: list[str], came: list[str], records: dict[str, ClockRecord]) -> list[str]:
+        """After a round: the peers waited for that were not in the group. Returns them."""
+        missing = [p for p in waited if p not in set(came) and p in records]
+        for p in missing:
+            self._seen[p] = records[p]
+        return missing
+
+
+def majority(fingerprints: dict) -> str:
+    """The model that wins a visible split: the fingerprint most peers hold, ties to the smallest fingerprint.
+    Every peer that reads the same heartbeats evaluates it the same way (G2). "" if there is none."""
+    counts: dict[str, int] = {}
+    for fp in fingerprints.values():
+        if fp:
+            counts[fp] = counts.get(fp, 0) + 1
+    if not counts:
+        return ""
+    return min(counts, key=lambda fp: (-counts[fp], fp))
+
+
+def split_winner(mine: str, my_round: int, peers: list[dict]) -> str:
+    """If live peers at this peer's round hold another model than the majority's and ours is not it: the
+    fingerprint to adopt. "" when there is no split, or ours wins. ``peers``: other peers' heartbeats."""
+    at_round = {str(p.get("peer_id")): str(p.get("fingerprint") or "") for p in peers
+                if int(p.get("round", -1)) == my_round}
+    at_round = {p: fp for p, fp in at_round.items() if fp}
+    if not at_round:
+        return ""
+    winner = majority({**at_round, "\0self": mine})  # our own vote counts too
+    return winner if winner and winner != mine else ""
+
+
+def run_over(round_no: int, rounds: int) -> bool:
+    """``federation.rounds: R`` ends the run at the swarm's round R (G5), not after each silo's own R rounds: a
+    silo that joined late or missed rounds stops where the others do. 0 = until stopped."""
+    return rounds > 0 and round_no >= rounds
+
+
+def outcome(solo: bool, reason: str, healed: bool, partial: float, alone: bool) -> Outcome:
+    """A finished round's outcome from the averager's result."""
+    if solo:
+        if reason == "stopped":
+            return Outcome.STOPPED
+        return Outcome.SOLO if alone else Outcome.MISSED
+    if healed:
+        return Outcome.HEALED
+    return Outcome.PARTIAL if partial > 0 and math.isfinite(partial) else Outcome.AVERAGED
