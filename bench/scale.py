@@ -274,6 +274,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.peer:
@@ -286,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scale.py: {out} holds an earlier run; give a new --out", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (timeout, a CI runner) unwinds like Ctrl-C, so every peer's process group is reaped
+    signal.signal(signal.SIGTERM, _interrupt)
     summary = Swarm(args).run()
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     short = {k: v for k, v in summary.items() if k not in ("per_peer", "config")}

@@ -95,6 +95,8 @@ class PeerDaemon:
         self.reads_mark = 0  # the swarm's DHT read count at the last round record
         self.rollbacks = 0  # consecutive rollbacks (the non-finite guard stops at max_rollbacks)
         self.compute_s = 0.0  # the last local phase
+        self.round_s = 0.0  # the last whole round's local phase (what the wait budget scales with)
+        self.late_round = False  # this round began with a download mid-round: its quota is only what was left
         self.clock_steps = self.clock_tokens = 0  # inner steps (what the swarm clock counts) and tokens this round
         self.clock_busy_s = 0.0  # seconds those steps took to compute (the silo's speed, for the swarm clock)
         self.quota = (-1, 0)  # (round, its inner steps for this silo) under the swarm clock
@@ -191,6 +193,8 @@ class PeerDaemon:
                                  tokens_per_s=self.tokens_per_s)
         log.info("round %d: local phase over after %d steps (%d this round)", self.round, steps, self.clock_steps)
         self.compute_s = time.monotonic() - t0 - (self.paused_s - paused0)  # not landing, evaluating, saving
+        if not self.late_round:  # a whole round's local phase (a joiner's first one is only the rest of a round)
+            self.round_s = self.compute_s
         self.compute_total += self.compute_s
         # utilization as of the end of a local phase (a round record lands mid-phase with overlap)
         self.metrics.log("phase", round=self.round, steps=steps, compute_s=self.compute_s,
@@ -214,6 +218,7 @@ class PeerDaemon:
         fixed when the round's first step is asked for and logged."""
         if self.quota[0] != self.round:
             late, self.synced_mid_round = self.synced_mid_round, False
+            self.late_round = late
             self.quota = (self.round, self.swarm.round_quota(self.round, self.cfg.federation.local_steps, late))
             log.info("round %d: %d inner steps for this silo", self.round, self.quota[1])
         return self.quota[1]
@@ -250,7 +255,7 @@ class PeerDaemon:
             return False
         base = [p.detach().clone() for p in self.state.params] if f.overlap else None
         sent = [d.clone() for d in deltas] if self.state.residual is not None else None
-        budget = wait_budget(self.compute_s, f.matchmaking_time, f.straggler_wait, f.wait_fraction,
+        budget = wait_budget(max(self.compute_s, self.round_s), f.matchmaking_time, f.straggler_wait, f.wait_fraction,
                              limit=f.round_deadline / 2)
         future = self.executor.submit(self.swarm.average, deltas, self.round, weight=float(max(1, self.round_tokens)),
                                       stop=self.stop, fingerprint=self.fingerprint(), budget=budget)

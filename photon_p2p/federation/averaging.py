@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import signal
 import threading
 import time
@@ -199,7 +198,8 @@ class PseudoGradientAverager:
                 stop: threading.Event | None = None, fingerprint: str = "",
                 live_target: int | None = None, plan: GroupPlan | None = None,
                 give_up: Callable[[tuple[str, ...]], bool] | None = None,
-                replan: Callable[[], GroupPlan | None] | None = None, wait: float = 0.0) -> RoundResult:
+                replan: Callable[[], GroupPlan | None] | None = None, wait: float = 0.0,
+                leader: str = "") -> RoundResult:
         """All-reduce ``deltas`` (weighted by ``weight``, e.g. tokens) with peers at ``round_no``, within
         federation.round_deadline per stage. On success the swarm's weighted mean (the same bytes on every
         member) is written into ``deltas`` in place; if ``result.healed`` it is the mean of the members' local
@@ -215,7 +215,7 @@ class PseudoGradientAverager:
         Peers that read the members a moment apart (one had not yet reported this round) would otherwise each
         wait, until the deadline, in a grid the others are not in.
         ``wait``: seconds a group waits for its members once the first has come (protocol.wait_budget; at least
-        matchmaking_time)."""
+        matchmaking_time). ``leader``: the peer every member of a one-group round asks first (protocol.round_leader)."""
         give_up = give_up or (lambda _waiting: False)
         weight = max(float(weight), 1e-6)
         deadline = time.monotonic() + self.fed.round_deadline  # the first stage's, across regroupings
@@ -237,7 +237,7 @@ class PseudoGradientAverager:
                 size = max(plan.n, live_target or 0) if plan is not None else live_target
                 result = self._average_stage(deltas, round_no, weight, stop, fingerprint, size, 0, 0,
                                              give_up=lambda: LEFT if give_up(others) else "", regroup=regroup,
-                                             deadline=deadline, wait=wait)
+                                             deadline=deadline, wait=wait, leader=leader)
             elif plan.row_size() == 1:
                 # Alone in its row (3 peers in groups of 2: rows of 2 and 1): its row mean is its own Δ, and it
                 # goes straight to its column (hivemind cannot form a group of one). Nothing is averaged yet, so
@@ -304,7 +304,7 @@ class PseudoGradientAverager:
                        stop: threading.Event | None, fingerprint: str, target: int | None, stage: int, index: int,
                        digest: int = 0, rank: int = 0, weights: bool = False, extra: dict | None = None,
                        give_up: Callable[[], str] = lambda: "", regroup: Callable[[], str] = lambda: "",
-                       deadline: float | None = None, wait: float = 0.0) -> RoundResult:
+                       deadline: float | None = None, wait: float = 0.0, leader: str = "") -> RoundResult:
         """One matchmaking + all-reduce under the key (round, stage, index); see average(). ``give_up``: polled
         while looking for a group, a reason to stop waiting (or ""); ``regroup``: the same, asked after an attempt
         that found no group, before the next one."""
@@ -335,7 +335,7 @@ class PseudoGradientAverager:
         log.debug("round %d: stage %d group %d (key %s) looking for %s peers, weight %.3g", round_no, stage,
                   index, bits, target, weight)
         gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, gather, target,
-                                          bits, give_up, regroup, wait)
+                                          bits, give_up, regroup, wait, leader)
         if gathered is None:
             log.debug("round %d: stage %d group %d ended without averaging (%s)", round_no, stage, index, reason)
             return result(True, reason)
@@ -385,7 +385,8 @@ class PseudoGradientAverager:
                   stop: threading.Event | None, phases: dict[str, float], gather: dict,
                   live_target: int | None, bits: str,
                   give_up: Callable[[], str],
-                  regroup: Callable[[], str] = lambda: "", wait: float = 0.0) -> tuple[dict[str, dict] | None, str]:
+                  regroup: Callable[[], str] = lambda: "", wait: float = 0.0,
+                  leader: str = "") -> tuple[dict[str, dict] | None, str]:
         """Matchmake and all-reduce until success or the deadline: (gathered metadata by peer, "") or (None, why)."""
         t_copy = time.monotonic()
         if not self._lock(deadline):
@@ -410,7 +411,10 @@ class PseudoGradientAverager:
             # straggler_wait) for one that is late; it starts the moment all have joined, so the wait only costs
             # time when a member really is missing.
             window = max(self.fed.matchmaking_time, wait, self.fed.straggler_wait if live_target is not None else 0.0)
-            offset = window + 0.25 * self.fed.matchmaking_time * random.random()  # jitter: leaders change
+            # A follower declares one slot later than the leader would: the leader accepts only followers whose
+            # expiration is not before its own.
+            follower = bool(leader) and leader != self.peer_id
+            offset = self._aligned(window + (self.fed.matchmaking_time if follower else 0.0))
             if live_target is not None:
                 offset = min(offset, remaining - self.fed.matchmaking_time)
             if remaining < offset + 0.5 or offset < self.fed.matchmaking_time:
@@ -418,7 +422,8 @@ class PseudoGradientAverager:
             # Retries are ours, not hivemind's: after a group forms hivemind shifts the group key, and a retry
             # must use this round's key again.
             find_timeout = min(max(remaining - self.fed.allreduce_timeout, offset + 0.5), remaining)
-            control = bounded(lambda: self._start_step(bits, gather, weight, offset, find_timeout, target), 10.0)
+            control = bounded(lambda: self._start_step(bits, gather, weight, offset, find_timeout, target,
+                                                       leader, window), 10.0)
             if control is None:
                 return None, "averager process is not responding"
             try:
@@ -457,11 +462,22 @@ class PseudoGradientAverager:
                 if why:
                     return None, why
 
-    def _start_step(self, bits: str, gather: dict, weight: float, offset: float, find_timeout: float, target: int):
+    def _start_step(self, bits: str, gather: dict, weight: float, offset: float, find_timeout: float, target: int,
+                    leader: str = "", patience: float = 0.0):
         self._averager.set_target_group_size(target)
+        self._averager.set_round_leader(leader or None, patience)
         self._averager.set_group_bits(bits)
         return self._averager.step(gather=gather, weight=weight, scheduled_time=get_dht_time() + offset,
                                    timeout=find_timeout, allow_retries=False, wait=False)
+
+    def _aligned(self, window: float) -> float:
+        """Seconds from now to the step's declared expiration: ``window``, rounded up so that the expiration is a
+        multiple of matchmaking_time in DHT time. hivemind
+        orders potential leaders by (expiration, peer id): peers that come within one such slot declare the SAME
+        expiration, so they all agree the lowest peer id among them leads, instead of each leading a few
+        followers of its own (16 peers with expirations a moment apart formed 2-5 groups per round)."""
+        slot, now = max(0.05, self.fed.matchmaking_time), get_dht_time()
+        return math.ceil((now + window) / slot) * slot - now
 
     def _lock(self, deadline: float) -> bool:
         return self._averager.lock_averaged_tensors.acquire(timeout=max(0.1, deadline - time.monotonic()))

@@ -50,6 +50,7 @@ class Roster:
     members: list[str]
     waited: list[str]
     late: list[str] = field(default_factory=list)  # members projected past the budget: the group starts without them
+    eta: float = 0.0  # seconds until the last waited member is projected to end its local phase
 
 
 def arrival_s(record: ClockRecord, round_s: float, now: float) -> float:
@@ -64,18 +65,29 @@ def arrival_s(record: ClockRecord, round_s: float, now: float) -> float:
 def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, budget: float, round_s: float,
            skip: frozenset[str] | set[str] = frozenset()) -> Roster:
     """The round's roster from the clock's records as read when this peer's local phase ended (``me`` is a
-    member). ``round_s``: this peer's compute time for the round, about every member's under speed quotas;
-    ``skip``: no-shows not to wait for again."""
+    member). ``round_s``: a whole round's compute time, about every member's under speed quotas; ``skip``:
+    no-shows not to wait for again. A peer that came early (a joiner's short first round) waits for the others'
+    projected arrival (``eta``) plus the budget: the wait follows the work."""
     members = sorted({p for p, r in records.items() if r.round == round_no} | {me})
-    waited, late = [], []
+    waited, late, eta = [], [], 0.0
     for p, r in sorted(records.items()):
         if p == me or p in skip or not round_no - 1 <= r.round <= round_no:
             continue
-        if r.round == round_no and arrival_s(r, round_s, now) > budget:
+        arrival = arrival_s(r, round_s, now) if r.round == round_no else 0.0
+        if arrival > budget + round_s:  # projected to come after the whole budget: the group goes without it
             late.append(p)
             continue
         waited.append(p)
-    return Roster(round_no, members, sorted(waited + [me]), late)
+        eta = max(eta, arrival)
+    return Roster(round_no, members, sorted(waited + [me]), late, eta)
+
+
+def round_leader(chosen: Roster) -> str:
+    """The peer every member of the round asks to lead its group: the lowest peer id among the waited members
+    already at the round. Peers whose reads differ by a record may name two leaders; hivemind's own search (the
+    leader with the earlier expiration, then the lower id, takes the other's followers) merges them."""
+    at_round = set(chosen.waited) & set(chosen.members)
+    return min(at_round) if at_round else ""
 
 
 class NoShows:

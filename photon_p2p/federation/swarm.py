@@ -25,7 +25,7 @@ from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
 from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
-from photon_p2p.federation.protocol import ClockRecord, NoShows, Roster, majority, roster
+from photon_p2p.federation.protocol import ClockRecord, NoShows, Roster, majority, round_leader, roster
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
     install_validators,
@@ -60,6 +60,7 @@ class Swarm(Protocol):
     def shutdown(self) -> None: ...
 
 
+REPORT_PERIOD = 2.0  # seconds between two progress reports of one round (SwarmClock.report)
 QUOTA_BAND = 0.25  # a silo within ±25% of the swarm's mean speed takes exactly H steps
 
 
@@ -93,18 +94,25 @@ class SwarmClock:
     def __init__(self, dht, run_id: str, steps_per_peer: int, *, client_mode: bool, private_key,
                  expiration: float, admits: Callable[[str], bool] | None = None) -> None:
         self.steps_per_peer, self.admits = int(steps_per_peer), admits
+        self._reported = (-1, 0.0)  # (round, monotonic time) of the last progress report
         # the key names the unit: peers of versions that counted tokens here must not mix with these
         self.tracker = RoundTracker(dht, f"{run_id}_clock_steps", self.steps_per_peer, client_mode=client_mode,
                                        private_key=private_key, metadata_expiration=expiration,
-                                       min_refresh_period=0.25, max_refresh_period=2.0,
+                                       min_refresh_period=1.0, max_refresh_period=5.0,
                                        default_refresh_period=1.0, start=False)
         self.tracker.admits = admits  # a closed swarm: only admitted peers' records count
         self.tracker.start()
 
     def report(self, round_no: int, steps: int, busy_s: float) -> None:
-        """``steps`` inner steps this round, ``busy_s`` the seconds spent computing them (not waiting)."""
+        """``steps`` inner steps this round, ``busy_s`` the seconds spent computing them (not waiting). Stored at
+        most every REPORT_PERIOD s within a round: every report is a signed DHT store that every replica verifies,
+        and one per inner step cost ~15% of a core per idle peer; readers project steps from the speed."""
         if steps > 0 and busy_s > 0:
             self.tracker.measured_speed = steps / busy_s
+        now = time.monotonic()
+        if round_no == self._reported[0] and now - self._reported[1] < REPORT_PERIOD:
+            return
+        self._reported = (round_no, now)
         self.tracker.report_local_progress(round_no, int(steps))
 
     def quota(self, round_no: int, local_steps: int, late: bool = False) -> int:
@@ -278,7 +286,7 @@ class HivemindSwarm:
         if clock is not None:
             records = clock.records(round_no, self.cfg.network.request_timeout)
             self.dht_reads += 1
-            speed = clock.tracker.measured_speed
+            speed = clock.tracker.measured_speed  # a whole round's compute time (not a joiner's short first one)
             round_s = clock.quota(round_no, f.local_steps) / speed if speed > 0 else 0.0
             chosen = roster(records, round_no, me, get_dht_time(), budget, round_s, self.no_shows.skip(records))
         else:
@@ -287,9 +295,9 @@ class HivemindSwarm:
         if len(chosen.members) > target:
             plan = plan_groups(chosen.members, me, target)  # a grid (groups.py): past the one-group regime
         live_target = max(len(chosen.waited), min(f.min_group_size, 2)) if plan is None else None
-        log.info("round %d: roster %s, waiting for %s (%s late) up to %.1fs", round_no,
+        log.info("round %d: roster %s, waiting for %s (%s late) up to %.1fs + eta %.1fs, leader %s", round_no,
                  " ".join(m[-6:] for m in chosen.members), " ".join(m[-6:] for m in chosen.waited),
-                 " ".join(m[-6:] for m in chosen.late) or "none", budget)
+                 " ".join(m[-6:] for m in chosen.late) or "none", budget, chosen.eta, round_leader(chosen)[-6:])
         self.last_roster = chosen
 
         def give_up(waiting: tuple[str, ...]) -> bool:
@@ -303,7 +311,7 @@ class HivemindSwarm:
             return plan_groups(fresh, me, target) if len(set(fresh) | {me}) > target else None
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
                                        live_target=live_target, plan=plan, give_up=give_up, replan=replan,
-                                       wait=budget)
+                                       wait=budget + chosen.eta, leader=round_leader(chosen) if plan is None else "")
         if not result.solo or result.reason != "stopped":
             missing = self.no_shows.note(chosen.waited, result.peers if not result.solo else [], records)
             if missing and not result.solo:
