@@ -24,7 +24,7 @@ from photon_p2p.federation import FederationError
 from photon_p2p.federation.averaging import RoundResult
 from photon_p2p.federation.compression import roundtrip
 from photon_p2p.federation.network import parse_multiaddrs
-from photon_p2p.federation.protocol import Outcome, run_over, split_winner, wait_budget
+from photon_p2p.federation.protocol import outcome, run_over, split_winner, wait_budget
 from photon_p2p.federation.records import CLIP_WINDOW
 from photon_p2p.federation.swarm import Swarm, check_state
 from photon_p2p.global_state import GlobalState
@@ -294,9 +294,9 @@ class PeerDaemon:
             self.round_steps += job.steps
             return False
         if result.solo:
-            outcome = Outcome.SOLO if self._missed_round(result, job) else Outcome.MISSED
+            alone = self._missed_round(result, job)
         else:
-            outcome = Outcome.HEALED if result.healed else Outcome.PARTIAL if result.partial > 0 else Outcome.AVERAGED
+            alone = False
             if job.sent is not None:  # error feedback: what compression dropped of our Δ is sent again next round
                 for r, d in zip(self.state.residual, job.sent):
                     r.copy_(d - roundtrip(f.compression, d))
@@ -322,7 +322,8 @@ class PeerDaemon:
             evaluated = self.last_eval = self._evaluate_global()
             self.eval_mark = self.trainer.step
         marks.append(("eval", time.monotonic()))
-        log_round(self, result, job, evaluated, outcome)
+        log_round(self, result, job, evaluated,
+                  outcome(result.solo, result.reason, result.healed, result.partial, alone))
         self._checkpoint()
         marks.append(("checkpoint", time.monotonic()))
         if not self.stop.is_set():  # leaving: the final heartbeat says so; no round to begin (the DHT may be gone)

@@ -66,20 +66,18 @@ def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, 
            skip: frozenset[str] | set[str] = frozenset()) -> Roster:
     """The round's roster from the clock's records as read when this peer's local phase ended (``me`` is a
     member). ``round_s``: a whole round's compute time, about every member's under speed quotas; ``skip``:
-    no-shows not to wait for again. A peer that came early (a joiner's short first round) waits for the others'
-    projected arrival (``eta``) plus the budget: the wait follows the work."""
+    no-shows not to wait for again. A member projected to come more than ``budget`` after most of the round is
+    late (not waited for); a peer that came early (a joiner's short first round) waits for the others' projected
+    arrival (``eta``) plus the budget: the wait follows the work."""
     members = sorted({p for p, r in records.items() if r.round == round_no} | {me})
-    waited, late, eta = [], [], 0.0
-    for p, r in sorted(records.items()):
-        if p == me or p in skip or not round_no - 1 <= r.round <= round_no:
-            continue
-        arrival = arrival_s(r, round_s, now) if r.round == round_no else 0.0
-        if arrival > budget + round_s:  # projected to come after the whole budget: the group goes without it
-            late.append(p)
-            continue
-        waited.append(p)
-        eta = max(eta, arrival)
-    return Roster(round_no, members, sorted(waited + [me]), late, eta)
+    candidates = {p: arrival_s(r, round_s, now) if r.round == round_no else 0.0 for p, r in records.items()
+                  if p != me and p not in skip and round_no - 1 <= r.round <= round_no}
+    arrivals = sorted([0.0, *candidates.values()])
+    typical = arrivals[(len(arrivals) - 1) // 2]  # the lower median: when most of the round has come
+    waited = sorted(p for p, a in candidates.items() if a <= typical + budget)
+    late = sorted(p for p in candidates if p not in waited)  # past the budget after the others: not waited for
+    eta = max((candidates[p] for p in waited), default=0.0)
+    return Roster(round_no, members, sorted([*waited, me]), late, eta)
 
 
 def round_leader(chosen: Roster) -> str:

@@ -1,0 +1,86 @@
+"""The round protocol's pure rules (federation/protocol.py): roster, wait budget, leader, no-shows, majority, end."""
+
+from __future__ import annotations
+
+from photon_p2p.federation.protocol import (
+    ClockRecord,
+    NoShows,
+    Outcome,
+    arrival_s,
+    majority,
+    outcome,
+    roster,
+    round_leader,
+    run_over,
+    split_winner,
+    wait_budget,
+)
+
+
+def test_the_budget_follows_the_work_within_its_bounds():
+    assert wait_budget(20.0, 3.0, 0.0, 0.5, limit=60.0) == 10.0  # half a 20 s round
+    assert wait_budget(2.0, 3.0, 0.0, 0.5, limit=60.0) == 3.0  # never below the matchmaking window
+    assert wait_budget(2.0, 3.0, 5.0, 0.5, limit=60.0) == 5.0  # nor below straggler_wait
+    assert wait_budget(600.0, 3.0, 0.0, 0.5, limit=15.0) == 15.0  # nor above round_deadline / 2
+
+
+def test_arrival_is_projected_from_steps_and_speed():
+    r = ClockRecord(round=4, steps=10, speed=2.0, time=100.0)  # 5 s of a 12 s round done at t=100
+    assert arrival_s(r, round_s=12.0, now=101.0) == 6.0
+    assert arrival_s(r, round_s=12.0, now=120.0) == 0.0  # should be done: waited for, not projected negative
+    assert arrival_s(ClockRecord(4), round_s=12.0, now=0.0) == 0.0  # speed unknown: simply waited for
+
+
+def test_roster_waits_for_members_and_the_round_behind_but_not_the_gone():
+    now = 1000.0
+    records = {"a": ClockRecord(5, 20, 2.0, now), "b": ClockRecord(4), "c": ClockRecord(3), "me": ClockRecord(5)}
+    r = roster(records, 5, "me", now, budget=5.0, round_s=12.0)
+    assert r.members == ["a", "me"]  # records at the round (and this peer)
+    assert r.waited == ["a", "b", "me"]  # one round behind: landing its average or seen late; c is gone
+    assert r.eta == 2.0  # a: 12 s round, 10 s done
+    # two reads a moment apart that differ by one member still name the same leader and the same key
+    other = roster({**records, "b": ClockRecord(5)}, 5, "a", now, budget=5.0, round_s=12.0)
+    assert round_leader(r) == round_leader(other) == "a"
+
+
+def test_a_member_projected_past_the_budget_is_not_waited_for():
+    now = 1000.0
+    slow = ClockRecord(5, steps=1, speed=0.05, time=now)  # 20 s done of a 120 s round
+    r = roster({"slow": slow, "me": ClockRecord(5)}, 5, "me", now, budget=5.0, round_s=40.0)
+    assert r.late == ["slow"] and r.waited == ["me"]
+
+
+def test_a_no_show_delays_one_round_only_until_its_record_moves():
+    seen = NoShows()
+    records = {"dead": ClockRecord(4, 3, 1.0, 50.0), "x": ClockRecord(5)}
+    assert seen.skip(records) == set()
+    assert seen.note(["dead", "x", "me"], came=["x", "me"], records=records) == ["dead"]
+    assert seen.skip(records) == {"dead"}  # the same record next round: not waited for again
+    moved = {**records, "dead": ClockRecord(5, 0, 1.0, 60.0)}  # it reported again: alive and moving
+    assert seen.skip(moved) == set()
+
+
+def test_the_majority_wins_a_split_and_ties_go_to_the_smaller_fingerprint():
+    assert majority({"a": "f1", "b": "f2", "c": "f2"}) == "f2"
+    assert majority({"a": "f9", "b": "f1"}) == "f1"
+    assert majority({}) == ""
+    peers = [{"peer_id": "b", "round": 7, "fingerprint": "f2"}, {"peer_id": "c", "round": 7, "fingerprint": "f2"},
+             {"peer_id": "d", "round": 6, "fingerprint": "f0"}]  # d is behind: not part of round 7's split
+    assert split_winner("f1", 7, peers) == "f2"
+    assert split_winner("f2", 7, peers) == ""
+    assert split_winner("f1", 7, [peers[0]]) == ""  # a tie, and ours is the smaller: we keep it
+    assert split_winner("f3", 7, [peers[0]]) == "f2"
+
+
+def test_a_finite_run_ends_at_the_swarms_round():
+    assert not run_over(9, 10) and run_over(10, 10) and run_over(12, 10)
+    assert not run_over(10**6, 0)  # 0: until stopped
+
+
+def test_outcomes():
+    assert outcome(False, "", False, 0.0, False) is Outcome.AVERAGED
+    assert outcome(False, "", True, 0.0, False) is Outcome.HEALED
+    assert outcome(False, "partial", False, 0.25, False) is Outcome.PARTIAL
+    assert outcome(True, "no group found", False, 0.0, False) is Outcome.MISSED
+    assert outcome(True, "no group found", False, 0.0, True) is Outcome.SOLO
+    assert outcome(True, "stopped", False, 0.0, False) is Outcome.STOPPED
