@@ -354,3 +354,17 @@ def test_the_global_model_is_evaluated_past_each_multiple_of_eval_every_steps_no
         evals = records(d, "eval")
         assert [e["step"] for e in evals] == [8, 12, 20], evals
         assert all(r["val_ppl"] > 0 for r in evals)
+
+
+def test_a_finite_run_ends_at_the_swarms_round_on_one_model(tmp_path, kjv_data):
+    """G5: federation.rounds is the swarm's round. c misses the last round (no group): the others, done, keep
+    serving the state until c has caught up (downloaded it), so all three stop at round 3 on one model. Without
+    that, they left at once and c ended on its own model."""
+    net = FakeNet(plan=lambda r, me: ["a", "b"] if r == 2 else None)
+    daemons = [make_daemon(tmp_path, kjv_data, net, n, **{"federation.rounds": 3}) for n in "abc"]
+    out = run_all(daemons)
+    assert {o["round"] for o in out.values()} == {3}, out
+    assert len({o["fingerprint"] for o in out.values()}) == 1, out
+    c = list(read_metrics(daemons[2].run_dir))
+    assert [r["outcome"] for r in c if r["kind"] == "round"][-1] == "missed"
+    assert any(r["kind"] == "sync" for r in c)  # it downloaded the swarm's round-3 state from a lingering peer

@@ -218,16 +218,6 @@ def test_a_stage_gives_up_only_when_its_own_members_have_left_the_round():
     assert not clock.left(6, ())
 
 
-def test_a_group_waits_for_members_one_round_behind_but_not_for_the_dead():
-    from photon_p2p.federation.groups import round_roster
-
-    # b's record still shows round 4 to this reader (it is landing its average, or its new record has not
-    # arrived yet); d stopped at round 3. Round 5's group starts early only once a, b and c have joined.
-    members, expected = round_roster({"a": 5, "b": 4, "c": 5, "d": 3, "e": 6}, 5)
-    assert members == ["a", "c"] and expected == 3
-    assert round_roster({}, 0) == ([], 0)
-
-
 def test_a_silo_takes_h_steps_unless_its_speed_is_far_from_the_swarms():
     from photon_p2p.federation.swarm import speed_quota
 

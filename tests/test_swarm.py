@@ -114,7 +114,7 @@ def test_sigkill_one_of_four_peers_others_continue(swarm):
     for p in (a, *others[:-1]):
         assert p.wait(within(200)) == 0, p.log()[-3000:]
         rounds = p.rounds()
-        assert len(rounds) == 4
+        assert rounds[-1]["round"] == 4  # federation.rounds is the swarm's round: joiners stop there too
         assert all(math.isfinite(r["loss"]) for r in rounds)
     assert all_gone(descendants, 15.0)
 

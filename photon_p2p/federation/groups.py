@@ -97,17 +97,3 @@ class GroupPlan:
 def plan_groups(members: list[str], me: str, target: int) -> GroupPlan:
     """The plan for ``me`` among ``members`` (me is added if missing; order is made canonical here)."""
     return GroupPlan(tuple(sorted(set(members) | {me})), me, max(2, int(target)))
-
-
-def round_roster(records: dict[str, int], round_no: int) -> tuple[list[str], int]:
-    """From the clock's {peer: round} records as read when ``round_no`` ends: the round's members (records at
-    it), and how many peers may still come to its group (records at it or one round behind).
-
-    Reads a moment apart differ: a peer that still saw a member's record at the previous round would count
-    2 of 3 members and start a group at once with the first to join, leaving the third out. A record one round
-    behind is a peer landing its last average, just synced, or seen late; a record two rounds behind is gone
-    (crashed or stopped) and delays nobody.
-    """
-    members = sorted(p for p, r in records.items() if r == round_no)
-    return members, sum(1 for r in records.values() if round_no - 1 <= r <= round_no)
-
