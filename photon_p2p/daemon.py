@@ -412,14 +412,14 @@ class PeerDaemon:
             if got is None:
                 return False
             meta, tensors = got
-            if int(meta.get("round", -1)) < self.round:
+            served = int(meta.get("round", -1))
+            if served < self.round:
                 return False  # never go back to an older state than our own
-            if want and meta.get("fingerprint") != want and int(meta.get("round", -1)) == self.round:
+            if want and served == self.round and meta.get("fingerprint") != want:
                 continue  # not the model the split's majority holds: try another holder
-            if not want and carry_local and int(meta.get("round", -1)) == self.round:
+            if not want and carry_local and served == self.round:
                 continue  # a lagging server's copy of the weights we hold: no catch-up, try another peer
-            same_round = int(meta.get("round", -1)) == self.round
-            why = check_state(meta, tensors, self.swarm.peers(), want=want if same_round else "")
+            why = check_state(meta, tensors, self.swarm.peers(), want=want if served == self.round else "")
             if why:
                 print(f"photon-peer: refused the swarm state for round {meta.get('round')}: {why}", flush=True)
                 self.metrics.log("refused_state", round=int(meta.get("round", -1)), reason=why)

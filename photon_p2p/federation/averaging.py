@@ -1,9 +1,9 @@
 """PseudoGradientAverager: one weighted, compressed all-reduce of Δ per round with a DHT-matched group of peers.
 
 Rounds never mix: the round number is the matchmaking group key (hivemind only groups peers whose keys are equal),
-and every member's gathered metadata is checked after the fact. Which peers end up together changes every round,
-because each peer adds random jitter to its matchmaking deadline and hivemind picks the leader with the earliest
-one. hivemind averages the tensors it owns in its own process; we average a private copy and only write back on
+and every member's gathered metadata is checked after the fact. A one-group round's members all ask the round's
+designated leader first (protocol.round_leader), and declared deadlines are aligned to matchmaking_time slots so
+that hivemind's own choice (the earliest deadline, then the lowest peer id) agrees with it. hivemind averages the tensors it owns in its own process; we average a private copy and only write back on
 success, so a failed, late or mismatched round leaves the caller's Δ untouched.
 """
 
