@@ -312,9 +312,9 @@ class HivemindSwarm:
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
                                        live_target=live_target, plan=plan, give_up=give_up, replan=replan,
                                        wait=budget + chosen.eta, leader=round_leader(chosen) if plan is None else "")
-        if not result.solo or result.reason != "stopped":
-            missing = self.no_shows.note(chosen.waited, result.peers if not result.solo else [], records)
-            if missing and not result.solo:
+        if not result.solo:  # a peer that missed the group cannot tell who else did not come
+            missing = self.no_shows.note(chosen.waited, result.peers, records)
+            if missing:
                 log.info("round %d: %s did not come; not waited for again until their records move", round_no,
                          " ".join(m[-6:] for m in missing))
         if stop is None or not stop.is_set():  # a stopping peer asks p2pd nothing more
