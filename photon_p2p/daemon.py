@@ -37,6 +37,7 @@ from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
 
 log = logging.getLogger("photon_p2p.daemon")
 MAX_ROUND_FACTOR = 4  # a round's local phase never exceeds this many times H inner steps
+STALL_FACTOR = 10.0  # an inner step this many times slower than usual was a suspension, not compute
 SwarmFactory = Callable[[Config, list, Callable], Swarm]
 TrainerFactory = Callable[[Config, Path, bool], LocalTrainer]
 
@@ -99,6 +100,8 @@ class PeerDaemon:
         self.late_round = False  # this round began with a download mid-round: its quota is only what was left
         self.clock_steps = self.clock_tokens = 0  # inner steps (what the swarm clock counts) and tokens this round
         self.clock_busy_s = 0.0  # seconds those steps took to compute (the silo's speed, for the swarm clock)
+        self.step_s = 0.0  # the usual inner step's compute time (a moving average; suspensions excluded)
+        self.stalled_s = 0.0  # time spent suspended inside inner steps (not compute: kept out of compute_s)
         self.quota = (-1, 0)  # (round, its inner steps for this silo) under the swarm clock
         self.synced_mid_round = False  # downloaded the swarm's state: this round's quota is only what is left
         self.inflight: InFlight | None = None
@@ -161,7 +164,7 @@ class PeerDaemon:
         (round_clock: swarm, H scaled by its speed), or a token/time budget, or 4·H steps at most. With an average in flight
         (federation.overlap) the round cannot end before it lands; it is applied between two steps."""
         f, t = self.cfg.federation, self.cfg.train
-        t0, paused0 = time.monotonic(), self.paused_s
+        t0, paused0, stalled0 = time.monotonic(), self.paused_s, self.stalled_s
         steps = 0
         while not self.stop.is_set():
             if self.inflight is not None and self.inflight.future.done():
@@ -174,7 +177,7 @@ class PeerDaemon:
                 break
             t_step = time.monotonic()
             loss = self.trainer.train_step()
-            self.clock_busy_s += time.monotonic() - t_step
+            self.clock_busy_s += self._step_seconds(time.monotonic() - t_step)
             if not self._healthy(loss):
                 self._land()  # a rollback restarts from the newest global weights
                 self._roll_back(f"local loss is {loss:.4g}")
@@ -192,13 +195,25 @@ class PeerDaemon:
                                  loss=loss, lr=self.trainer.optimizer.param_groups[0]["lr"],
                                  tokens_per_s=self.tokens_per_s)
         log.info("round %d: local phase over after %d steps (%d this round)", self.round, steps, self.clock_steps)
-        self.compute_s = time.monotonic() - t0 - (self.paused_s - paused0)  # not landing, evaluating, saving
+        # not landing, evaluating, saving, nor suspended
+        self.compute_s = time.monotonic() - t0 - (self.paused_s - paused0) - (self.stalled_s - stalled0)
         if not self.late_round:  # a whole round's local phase (a joiner's first one is only the rest of a round)
             self.round_s = self.compute_s
         self.compute_total += self.compute_s
         # utilization as of the end of a local phase (a round record lands mid-phase with overlap)
         self.metrics.log("phase", round=self.round, steps=steps, compute_s=self.compute_s,
                          compute_total=self.compute_total, wall_s=time.monotonic() - self.loop_started)
+
+    def _step_seconds(self, took: float) -> float:
+        """The compute time of one inner step, for the silo's speed on the swarm clock. A step that took more than
+        STALL_FACTOR times the usual one spanned a suspension (SIGSTOP, a sleeping laptop), not work: it counts as a
+        usual step. Counted whole, one 30 s stop made the resumed silo look 100× slower; the others' rosters then
+        projected it late and did not wait for it for the next 2-3 rounds."""
+        if self.step_s and took > STALL_FACTOR * self.step_s:
+            self.stalled_s += took - self.step_s
+            return self.step_s
+        self.step_s = took if not self.step_s else 0.9 * self.step_s + 0.1 * took
+        return took
 
     def _round_over(self, steps: int, t0: float) -> bool:
         f = self.cfg.federation

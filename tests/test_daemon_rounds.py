@@ -368,3 +368,15 @@ def test_a_finite_run_ends_at_the_swarms_round_on_one_model(tmp_path, kjv_data):
     c = list(read_metrics(daemons[2].run_dir))
     assert [r["outcome"] for r in c if r["kind"] == "round"][-1] == "missed"
     assert any(r["kind"] == "sync" for r in c)  # it downloaded the swarm's round-3 state from a lingering peer
+
+
+def test_a_suspended_inner_step_does_not_count_as_compute(tmp_path):
+    # SIGSTOP (or a sleeping laptop) inside one inner step: counted whole, a 30 s stop made the resumed silo look
+    # 100x slower on the swarm clock, and the others' rosters did not wait for it for rounds.
+    cfg = load_config([], tiny_overrides(tmp_path / "s", name="s"))
+    daemon = PeerDaemon(cfg, progress=False, make_swarm=factory(FakeNet(), "s"))
+    assert [daemon._step_seconds(t) for t in (0.2, 0.2, 0.3)] == [0.2, 0.2, 0.3]  # usual steps count as taken
+    assert daemon._step_seconds(30.0) == pytest.approx(daemon.step_s)  # a suspension counts as a usual step
+    assert daemon.stalled_s == pytest.approx(30.0 - daemon.step_s)  # and is kept out of the phase's compute time
+    assert daemon._step_seconds(1.0) == 1.0  # a slower machine (5x) is real compute, and the average follows it
+    assert daemon.step_s > 0.2

@@ -244,15 +244,17 @@ class PseudoGradientAverager:
                 # it can still regroup while the column forms.
                 alone = RoundResult(round_no, False, 1, [plan.me], weight, 0.0, 0, 0,
                                     fingerprints={plan.me: fingerprint}, contributors=1)
-                result = self._columns(deltas, round_no, stop, fingerprint, plan, alone, give_up, regroup, deadline)
+                result = self._columns(deltas, round_no, stop, fingerprint, plan, alone, give_up, regroup, deadline,
+                                       wait)
             else:
                 row = self._average_stage(deltas, round_no, weight, stop, fingerprint, plan.row_size(), 1,
                                           plan.row, digest=plan.digest, rank=plan.row,
                                           give_up=lambda: LEFT if give_up(_others(plan.row_members(), plan.me))
-                                          else "", regroup=regroup, deadline=deadline)
+                                          else "", regroup=regroup, deadline=deadline, wait=wait,
+                                          leader=min(plan.row_members()))
                 # Once the row has averaged, the grid is fixed: the column only gives up if its members leave.
                 result = row if row.solo else self._columns(deltas, round_no, stop, fingerprint, plan, row,
-                                                            give_up)
+                                                            give_up, wait=wait)
             if result.reason != REGROUPED:
                 result.members = plan.n if plan is not None else 0
                 return result
@@ -261,8 +263,10 @@ class PseudoGradientAverager:
 
     def _columns(self, deltas: list[torch.Tensor], round_no: int, stop: threading.Event | None, fingerprint: str,
                  plan: GroupPlan, first: RoundResult, give_up: Callable[[tuple[str, ...]], bool],
-                 regroup: Callable[[], str] = lambda: "", deadline: float | None = None) -> RoundResult:
-        """Stage 2: the column, given this peer's row result ``first``; the round's result from both stages."""
+                 regroup: Callable[[], str] = lambda: "", deadline: float | None = None,
+                 wait: float = 0.0) -> RoundResult:
+        """Stage 2: the column, given this peer's row result ``first``; the round's result from both stages.
+        Each stage's group waits ``wait`` like a one-group round and is led by its lowest peer id."""
         # The first member of each row carries the row's weight (and its head count); any other only listens.
         # Only the column's own members leaving ends the wait: the rest of the swarm moving on to the next round
         # is expected while columns finish.
@@ -272,7 +276,8 @@ class PseudoGradientAverager:
                                      weights=first.healed,
                                      extra={"row_size": first.contributors if plan.designated else 0},
                                      give_up=lambda: LEFT if give_up(_others(plan.column_members(), plan.me))
-                                     else "", regroup=regroup, deadline=deadline)
+                                     else "", regroup=regroup, deadline=deadline, wait=wait,
+                                     leader=min(plan.column_members()))
         if second.reason == REGROUPED:
             return second
         merged_phases = {f"rows_{k}": v for k, v in first.phases.items()}

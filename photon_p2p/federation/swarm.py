@@ -282,7 +282,7 @@ class HivemindSwarm:
         a fixed H)."""
         f, target = self.cfg.federation, self.cfg.federation.target_group_size
         clock, me = self.clock, self.peer_id
-        plan = None
+        plan, round_s = None, 0.0
         if clock is not None:
             records = clock.records(round_no, self.cfg.network.request_timeout)
             self.dht_reads += 1
@@ -292,8 +292,12 @@ class HivemindSwarm:
         else:
             at_round = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
             records, chosen = {}, Roster(round_no, sorted({me, *at_round}), sorted({me, *at_round}))
-        if len(chosen.members) > target:
-            plan = plan_groups(chosen.members, me, target)  # a grid (groups.py): past the one-group regime
+        if len(chosen.waited) > target:
+            # a grid (groups.py): past the one-group regime. Its members are the peers waited for (those one round
+            # behind too, landing their last average), not only those already at the round: peers that read the
+            # records a moment apart would otherwise plan different grids (one group for two of them, a grid of
+            # four for the others) and never meet.
+            plan = plan_groups(chosen.waited, me, target)
         live_target = max(len(chosen.waited), min(f.min_group_size, 2)) if plan is None else None
         log.info("round %d: roster %s, waiting for %s (%s late) up to %.1fs + eta %.1fs, leader %s", round_no,
                  " ".join(m[-6:] for m in chosen.members), " ".join(m[-6:] for m in chosen.waited),
@@ -306,9 +310,9 @@ class HivemindSwarm:
         def replan():  # grids only: a member whose report we had not seen yet changes the grid
             if clock is None or plan is None:
                 return None
-            fresh = sorted(p for p, r in clock.records(round_no, min(1.0, float(self.cfg.network.request_timeout))
-                                                       ).items() if r.round == round_no)
-            return plan_groups(fresh, me, target) if len(set(fresh) | {me}) > target else None
+            fresh = roster(clock.records(round_no, min(1.0, float(self.cfg.network.request_timeout))), round_no,
+                           me, get_dht_time(), budget, round_s, self.no_shows.skip(records)).waited
+            return plan_groups(fresh, me, target) if len(fresh) > target else None
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
                                        live_target=live_target, plan=plan, give_up=give_up, replan=replan,
                                        wait=budget + chosen.eta, leader=round_leader(chosen) if plan is None else "")
