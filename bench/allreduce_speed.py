@@ -9,7 +9,7 @@ Usage:
 For each group size, WORLD peer processes start on 127.0.0.1 (one DHT, one gloo process group). Every repeat runs,
 back to back and each behind a barrier so that all peers start together: gloo ``all_reduce`` of the tensor, then one
 ``PseudoGradientAverager.average`` round per mode (``hivemind-defaults``: the averager as it was before tuning,
-``tuned``: photon_p2p's settings, see photon_p2p/federation/averager_process.py). Interleaving keeps the comparison
+``tuned``: photon_p2p's settings, see photon_p2p/federation/hivemind_ext/averager.py). Interleaving keeps the comparison
 fair on a shared, noisy machine. The group is the WORLD peers (target = min = WORLD, so it starts once all joined);
 the extra case "none, target 8" keeps federation.target_group_size at 8 > WORLD (min 2) as in the shipped configs,
 with a heartbeat per peer as daemons publish. A round's time is the slowest peer's (the round is done when every
@@ -93,7 +93,7 @@ def run_worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from photon_p2p.config import FederationConfig, NetworkConfig
-    from photon_p2p.federation.averager_process import HIVEMIND_DEFAULTS, TUNED
+    from photon_p2p.federation.hivemind_ext.averager import HIVEMIND_DEFAULTS, TUNED
     from photon_p2p.federation.averaging import PseudoGradientAverager
     from photon_p2p.federation.network import start_dht, visible_maddrs
 

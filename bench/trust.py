@@ -154,7 +154,7 @@ def micro(repeats: int = 20) -> dict[str, Any]:
 
     from photon_p2p.federation.robust import RobustSettings, reduce_part
 
-    torch.set_num_threads(1)  # the averager process reduces on one thread (averager_process.TUNED)
+    torch.set_num_threads(1)  # the averager process reduces on one thread (hivemind_ext/averager.py, TUNED)
     g = torch.Generator().manual_seed(0)
     base = torch.randn(2**19, generator=g)  # 2 MiB of fp32: one part at the default part_size_bytes
     parts = [base + 0.3 * torch.randn(2**19, generator=g) for _ in range(4)]
@@ -180,7 +180,7 @@ def allreduce_cost(sizes: tuple[int, ...] = (2_000_000, 25_000_000), repeats: in
     import torch
     from hivemind.p2p import P2P
 
-    from photon_p2p.federation.averager_process import ExactAllReduceRunner
+    from photon_p2p.federation.hivemind_ext.allreduce import ExactAllReduceRunner
     from photon_p2p.federation.compression import make_compression
     from photon_p2p.federation.robust import RobustSettings
 

@@ -1,11 +1,12 @@
-"""Atomic checkpoints (temp file + fsync + rename): model, inner and outer optimizer, data cursor, round."""
+"""Atomic checkpoints (temp file + fsync + rename), composed from stateful parts: model, optimizers, cursor, round."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -52,3 +53,41 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has an unknown format")
     return state
+
+
+class Stateful(Protocol):
+    """A part of a checkpoint: torch's convention (modules, optimizers, the trainer, the global state)."""
+
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+@dataclass
+class Part:
+    """A stateful part from two callables, for state whose accessors are named otherwise (or that is only saved:
+    the config is checked before a resume, never loaded from the checkpoint)."""
+
+    save: Callable[[], Any]
+    load: Callable[[Any], None] = lambda _state: None
+
+    def state_dict(self) -> Any:
+        return self.save()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.load(state)
+
+
+class CheckpointManager:
+    """The run dir's checkpoint as one key per stateful part (torchtitan's ``CheckpointManager(states=...)``):
+    ``save`` writes every part atomically; ``restore`` hands each part its own key, in the order given."""
+
+    def __init__(self, run_dir: str | Path, states: dict[str, Stateful]) -> None:
+        self.run_dir, self.states = Path(run_dir), states
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, {key: part.state_dict() for key, part in self.states.items()})
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        for key, part in self.states.items():
+            if key in saved:
+                part.load_state_dict(saved[key])

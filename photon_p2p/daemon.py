@@ -8,36 +8,33 @@ import math
 import os
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from photon_p2p import __version__
-from photon_p2p.checkpoint import save_checkpoint
+from photon_p2p.checkpoint import CheckpointManager, Part
 from photon_p2p.config import Config
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.averaging import RoundResult
 from photon_p2p.federation.compression import roundtrip
 from photon_p2p.federation.network import parse_multiaddrs
 from photon_p2p.federation.protocol import outcome, run_over, split_winner, wait_budget
-from photon_p2p.federation.records import CLIP_WINDOW
 from photon_p2p.federation.swarm import Swarm, check_state
 from photon_p2p.global_state import GlobalState
+from photon_p2p.ledger import InFlight, RoundLedger
 from photon_p2p.metrics import MetricsLogger
 from photon_p2p.observe import start_exporters
 from photon_p2p.peer_report import banner, heartbeat_record, log_round
-from photon_p2p.train.solo import (resolve_data_dir, restore_trainer, resumable_checkpoint, trainer_checkpoint,
+from photon_p2p.train.solo import (resolve_data_dir, resumable_checkpoint, trainer_parts,
                                    write_run_config)
 from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
 
 log = logging.getLogger("photon_p2p.daemon")
 MAX_ROUND_FACTOR = 4  # a round's local phase never exceeds this many times H inner steps
-STALL_FACTOR = 10.0  # an inner step this many times slower than usual was a suspension, not compute
 SwarmFactory = Callable[[Config, list, Callable], Swarm]
 TrainerFactory = Callable[[Config, Path, bool], LocalTrainer]
 
@@ -56,21 +53,6 @@ def local_trainer(cfg: Config, run_dir: Path, progress: bool) -> LocalTrainer:
     return build_trainer(cfg, str(data_dir), peer=cfg.name)
 
 
-@dataclass
-class InFlight:
-    """One round's average, running in a background thread (in the foreground too: then it is waited for at once)."""
-
-    future: Future
-    round: int  # the round being averaged
-    deltas: list[torch.Tensor]  # Δ as handed to the averager; the mean is written into it
-    weight: int  # tokens behind Δ (folded back into the next round if no group averages it)
-    steps: int  # inner steps behind Δ
-    compute_s: float  # the round's local phase
-    base: list[torch.Tensor] | None  # θ_local when Δ was taken (overlap: progress since then is carried over)
-    sent: list[torch.Tensor] | None  # a copy of Δ for error feedback
-    wait_s: float = 0.0  # the trainer idle on this average
-
-
 class PeerDaemon:
     """Trains a round of local steps, averages Δ = θ_global − θ_local with its group, applies the outer step.
 
@@ -84,32 +66,9 @@ class PeerDaemon:
         self.cfg, self.progress, self.make_swarm, self.make_trainer = cfg, progress, make_swarm, make_trainer
         self.stop = stop or threading.Event()
         self.run_dir = Path(cfg.run_dir)
-        self.round_steps = 0  # inner steps taken in the current round (resumable mid-round)
-        self.round_tokens = 0  # this silo's weight: tokens since its last averaged round (missed rounds fold in)
-        self.last_result: RoundResult | None = None
-        self.clip_history: deque[dict[str, float]] = deque(maxlen=CLIP_WINDOW)  # robust aggregation, heartbeat
-        self.last_eval: dict[str, float] = {}
-        self.tokens_per_s = 0.0
-        self.bytes_sent = self.bytes_received = 0
-        self.started_at = time.time()
-        self.finished = self.grouped = 0  # rounds finished by this process, and those spent in a group
-        self.reads_mark = 0  # the swarm's DHT read count at the last round record
-        self.rollbacks = 0  # consecutive rollbacks (the non-finite guard stops at max_rollbacks)
-        self.compute_s = 0.0  # the last local phase
-        self.round_s = 0.0  # the last whole round's local phase (what the wait budget scales with)
-        self.late_round = False  # this round began with a download mid-round: its quota is only what was left
-        self.clock_steps = self.clock_tokens = 0  # inner steps (what the swarm clock counts) and tokens this round
-        self.clock_busy_s = 0.0  # seconds those steps took to compute (the silo's speed, for the swarm clock)
-        self.step_s = 0.0  # the usual inner step's compute time (a moving average; suspensions excluded)
-        self.stalled_s = 0.0  # time spent suspended inside inner steps (not compute: kept out of compute_s)
-        self.quota = (-1, 0)  # (round, its inner steps for this silo) under the swarm clock
-        self.synced_mid_round = False  # downloaded the swarm's state: this round's quota is only what is left
+        self.ledger = RoundLedger()  # the round in progress and the run so far (ledger.py)
         self.inflight: InFlight | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="photon-average")
-        self.loop_started = 0.0
-        self.compute_total = self.wait_total = 0.0  # utilization = compute_total / wall time of the loop
-        self.paused_s = 0.0  # time spent landing averages (waiting, evaluating, checkpointing)
-        self.eval_mark = 0  # the inner step of the last validation (set to the trainer's step once it exists)
 
     # ---- state -------------------------------------------------------------------------------------------
     def _setup_training(self) -> None:
@@ -118,26 +77,37 @@ class PeerDaemon:
         self.trainer: LocalTrainer = self.make_trainer(cfg, self.run_dir, self.progress)
         # torchrun silo: θ_local is synced with the other ranks (train/parallel.py); this process is rank 0
         self.state = GlobalState(self.trainer.local_params(), cfg.federation)
+        self.checkpoint = CheckpointManager(self.run_dir, {
+            **trainer_parts(self.trainer, cfg),  # config, θ_local, inner optimizer and data cursor
+            "global_model": Part(self._global_model, self._load_global_model),  # what the swarm shares
+            "federation": self})  # round, outer optimizer, residual, and the round in progress
         self.resumed = saved is not None
         if saved is not None:
-            restore_trainer(self.trainer, saved)
-            fed = saved.get("federation", {})
-            names = [n for n, _ in self.trainer.model.named_parameters()]
-            weights = [saved["global_model"][n] for n in names] if "global_model" in saved else None
-            self.state.load_state_dict(fed, weights)
-            self.round_steps = int(fed.get("round_steps", 0))
-            self.round_tokens = int(fed.get("round_tokens", 0))
+            self.checkpoint.restore(saved)
         write_run_config(cfg, self.run_dir)
         self.metrics = MetricsLogger(self.run_dir)
-        self.eval_mark = self.trainer.step
+        self.ledger.eval_mark = self.trainer.step
 
-    def _checkpoint(self) -> None:
+    def _global_model(self) -> dict[str, torch.Tensor]:
+        """The model's full state (buffers too) with the global weights in place of θ_local."""
         names = [n for n, _ in self.trainer.model.named_parameters()]
         global_model = dict(self.trainer.model_state_dict())  # gathered from every rank's shard (torchrun)
         global_model.update(dict(zip(names, self.state.weights)))
-        fed = {**self.state.state_dict(), "round_steps": self.round_steps, "round_tokens": self.round_tokens}
-        save_checkpoint(self.run_dir, trainer_checkpoint(self.trainer, self.cfg, global_model=global_model,
-                                                         federation=fed))
+        return global_model
+
+    def _load_global_model(self, saved: dict[str, torch.Tensor]) -> None:
+        self.state.load_weights([saved[n] for n, _ in self.trainer.model.named_parameters()])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's "federation" part: the global state's own, and the round in progress."""
+        return {**self.state.state_dict(), **self.ledger.state_dict()}
+
+    def load_state_dict(self, fed: dict[str, Any]) -> None:
+        self.state.load_state_dict(fed)
+        self.ledger.load_state_dict(fed)
+
+    def _checkpoint(self) -> None:
+        self.checkpoint.save()
 
     @property
     def round(self) -> int:
@@ -153,7 +123,7 @@ class PeerDaemon:
         job = self.inflight
         pending = job.steps if job is not None else 0
         return self.state.serve(run_id=self.cfg.federation.run_id, version=__version__,
-                                inner_step=self.trainer.step - self.round_steps - pending)
+                                inner_step=self.trainer.step - self.ledger.round_steps - pending)
 
     def heartbeat(self) -> dict[str, Any]:
         return heartbeat_record(self)
@@ -164,7 +134,7 @@ class PeerDaemon:
         (round_clock: swarm, H scaled by its speed), or a token/time budget, or 4·H steps at most. With an average in flight
         (federation.overlap) the round cannot end before it lands; it is applied between two steps."""
         f, t = self.cfg.federation, self.cfg.train
-        t0, paused0, stalled0 = time.monotonic(), self.paused_s, self.stalled_s
+        t0, paused0, stalled0 = time.monotonic(), self.ledger.paused_s, self.ledger.stalled_s
         steps = 0
         while not self.stop.is_set():
             if self.inflight is not None and self.inflight.future.done():
@@ -177,53 +147,39 @@ class PeerDaemon:
                 break
             t_step = time.monotonic()
             loss = self.trainer.train_step()
-            self.clock_busy_s += self._step_seconds(time.monotonic() - t_step)
+            took = time.monotonic() - t_step
             if not self._healthy(loss):
                 self._land()  # a rollback restarts from the newest global weights
                 self._roll_back(f"local loss is {loss:.4g}")
                 continue
             steps += 1
-            self.round_steps += 1
-            self.round_tokens += self.trainer.tokens_per_step
-            self.clock_tokens += self.trainer.tokens_per_step
-            self.clock_steps += 1
+            self.ledger.took_step(self.trainer.tokens_per_step, took)
             if self.inflight is None:  # the clock moves to the next round only once this peer has left the last
-                self.swarm.report_progress(self.round, self.clock_steps, self.clock_busy_s)
+                self.swarm.report_progress(self.round, self.ledger.clock_steps, self.ledger.clock_busy_s)
             if self.trainer.step % t.log_every == 0:
-                self.tokens_per_s = rate.update(self.trainer.tokens)
+                self.ledger.tokens_per_s = rate.update(self.trainer.tokens)
                 self.metrics.log("step", round=self.round, step=self.trainer.step, tokens=self.trainer.tokens,
                                  loss=loss, lr=self.trainer.optimizer.param_groups[0]["lr"],
-                                 tokens_per_s=self.tokens_per_s)
-        log.info("round %d: local phase over after %d steps (%d this round)", self.round, steps, self.clock_steps)
+                                 tokens_per_s=self.ledger.tokens_per_s)
+        log.info("round %d: local phase over after %d steps (%d this round)", self.round, steps, self.ledger.clock_steps)
         # not landing, evaluating, saving, nor suspended
-        self.compute_s = time.monotonic() - t0 - (self.paused_s - paused0) - (self.stalled_s - stalled0)
-        if not self.late_round:  # a whole round's local phase (a joiner's first one is only the rest of a round)
-            self.round_s = self.compute_s
-        self.compute_total += self.compute_s
+        self.ledger.compute_s = time.monotonic() - t0 - (self.ledger.paused_s - paused0) - (self.ledger.stalled_s - stalled0)
+        if not self.ledger.late_round:  # a whole round's local phase (a joiner's first one is only the rest of a round)
+            self.ledger.round_s = self.ledger.compute_s
+        self.ledger.compute_total += self.ledger.compute_s
         # utilization as of the end of a local phase (a round record lands mid-phase with overlap)
-        self.metrics.log("phase", round=self.round, steps=steps, compute_s=self.compute_s,
-                         compute_total=self.compute_total, wall_s=time.monotonic() - self.loop_started)
-
-    def _step_seconds(self, took: float) -> float:
-        """The compute time of one inner step, for the silo's speed on the swarm clock. A step that took more than
-        STALL_FACTOR times the usual one spanned a suspension (SIGSTOP, a sleeping laptop), not work: it counts as a
-        usual step. Counted whole, one 30 s stop made the resumed silo look 100× slower; the others' rosters then
-        projected it late and did not wait for it for the next 2-3 rounds."""
-        if self.step_s and took > STALL_FACTOR * self.step_s:
-            self.stalled_s += took - self.step_s
-            return self.step_s
-        self.step_s = took if not self.step_s else 0.9 * self.step_s + 0.1 * took
-        return took
+        self.metrics.log("phase", round=self.round, steps=steps, compute_s=self.ledger.compute_s,
+                         compute_total=self.ledger.compute_total, wall_s=time.monotonic() - self.ledger.loop_started)
 
     def _round_over(self, steps: int, t0: float) -> bool:
         f = self.cfg.federation
-        if f.round_clock == "steps" and self.round_steps >= f.local_steps:
+        if f.round_clock == "steps" and self.ledger.round_steps >= f.local_steps:
             return True
-        if f.round_clock == "swarm" and self.round_steps >= self._quota():
+        if f.round_clock == "swarm" and self.ledger.round_steps >= self._quota():
             return True
         if steps >= MAX_ROUND_FACTOR * f.local_steps:
             return True  # the swarm's clock stalled (e.g. its records stopped): never train forever unaveraged
-        if f.round_token_budget and self.clock_tokens >= f.round_token_budget:
+        if f.round_token_budget and self.ledger.clock_tokens >= f.round_token_budget:
             return True
         # a slow silo averages what it has instead of stalling the group
         return bool(f.round_time_budget and time.monotonic() - t0 >= f.round_time_budget)
@@ -231,12 +187,12 @@ class PeerDaemon:
     def _quota(self) -> int:
         """This round's inner steps under the swarm clock (H, scaled by this silo's speed against the swarm's),
         fixed when the round's first step is asked for and logged."""
-        if self.quota[0] != self.round:
-            late, self.synced_mid_round = self.synced_mid_round, False
-            self.late_round = late
-            self.quota = (self.round, self.swarm.round_quota(self.round, self.cfg.federation.local_steps, late))
-            log.info("round %d: %d inner steps for this silo", self.round, self.quota[1])
-        return self.quota[1]
+        if self.ledger.quota[0] != self.round:
+            late, self.ledger.synced_mid_round = self.ledger.synced_mid_round, False
+            self.ledger.late_round = late
+            self.ledger.quota = (self.round, self.swarm.round_quota(self.round, self.cfg.federation.local_steps, late))
+            log.info("round %d: %d inner steps for this silo", self.round, self.ledger.quota[1])
+        return self.ledger.quota[1]
 
     def _healthy(self, loss: float) -> bool:
         """A finite loss no worse than twice a uniform guess (ln V): anything else has diverged."""
@@ -246,18 +202,17 @@ class PeerDaemon:
     def _roll_back(self, why: str) -> None:
         """Non-finite guard: drop this round's local work (the bad batch is skipped: the cursor moved on), restart
         from the last good global weights with fresh AdamW state; stop if it keeps happening."""
-        self.rollbacks += 1
+        self.ledger.rollbacks += 1
         limit = self.cfg.federation.max_rollbacks
-        self.metrics.log("rollback", round=self.round, step=self.trainer.step, reason=why, count=self.rollbacks)
+        self.metrics.log("rollback", round=self.round, step=self.trainer.step, reason=why, count=self.ledger.rollbacks)
         print(f"photon-peer: {why}: rolled back to the round {self.round} global weights "
-              f"({self.rollbacks}/{limit})", flush=True)
-        if self.rollbacks >= limit:
-            raise FederationError(f"local training diverged {self.rollbacks} times in a row ({why}); this peer "
+              f"({self.ledger.rollbacks}/{limit})", flush=True)
+        if self.ledger.rollbacks >= limit:
+            raise FederationError(f"local training diverged {self.ledger.rollbacks} times in a row ({why}); this peer "
                                   "sent nothing bad to the swarm. Check train.lr and train.grad_clip")
         self.state.reset_local()
         self.trainer.reset_optimizer_state()
-        self.round_steps = self.round_tokens = self.clock_steps = self.clock_tokens = 0
-        self.clock_busy_s = 0.0
+        self.ledger.next_round()
 
     def _start_average(self) -> bool:
         """Hand this round's Δ to the averager (a background thread) and start the next round's counters.
@@ -270,16 +225,15 @@ class PeerDaemon:
             return False
         base = [p.detach().clone() for p in self.state.params] if f.overlap else None
         sent = [d.clone() for d in deltas] if self.state.residual is not None else None
-        budget = wait_budget(max(self.compute_s, self.round_s), f.matchmaking_time, f.straggler_wait, f.wait_fraction,
+        budget = wait_budget(max(self.ledger.compute_s, self.ledger.round_s), f.matchmaking_time, f.straggler_wait, f.wait_fraction,
                              limit=f.round_deadline / 2)
-        future = self.executor.submit(self.swarm.average, deltas, self.round, weight=float(max(1, self.round_tokens)),
+        future = self.executor.submit(self.swarm.average, deltas, self.round, weight=float(max(1, self.ledger.round_tokens)),
                                       stop=self.stop, fingerprint=self.fingerprint(), budget=budget)
-        self.inflight = InFlight(future, self.round, deltas, self.round_tokens, self.round_steps, self.compute_s,
+        self.inflight = InFlight(future, self.round, deltas, self.ledger.round_tokens, self.ledger.round_steps, self.ledger.compute_s,
                                  base, sent)
-        self.metrics.log("averaging", round=self.round, step=self.trainer.step, tokens=self.round_tokens,
+        self.metrics.log("averaging", round=self.round, step=self.trainer.step, tokens=self.ledger.round_tokens,
                          background=f.overlap)
-        self.round_steps = self.round_tokens = self.clock_steps = self.clock_tokens = 0
-        self.clock_busy_s = 0.0
+        self.ledger.next_round()
         return True
 
     def _land(self) -> bool:
@@ -295,18 +249,17 @@ class PeerDaemon:
         except FutureTimeout:
             result = RoundResult(job.round, True, 1, [], job.weight, 0.0, 0, 0, "averager thread did not return")
         job.wait_s = time.monotonic() - t0
-        self.wait_total += job.wait_s
+        self.ledger.wait_total += job.wait_s
         self.inflight = None
         finished = self._finish(job, result)
-        self.paused_s += time.monotonic() - t0
+        self.ledger.paused_s += time.monotonic() - t0
         return finished
 
     def _finish(self, job: InFlight, result: RoundResult) -> bool:
         f, t = self.cfg.federation, self.cfg.train
         marks = [("start", time.monotonic())]  # where the trainer's pause after an average goes (a "pause" record)
         if result.solo and result.reason == "stopped":
-            self.round_tokens += job.weight  # un-averaged: the checkpoint keeps it for the resumed round
-            self.round_steps += job.steps
+            self.ledger.fold(job)  # un-averaged: the checkpoint keeps it for the resumed round
             return False
         if result.solo:
             alone = self._missed_round(result, job)
@@ -317,25 +270,20 @@ class PeerDaemon:
                     r.copy_(d - roundtrip(f.compression, d))
             # healed: the group held different models and averaged local weights; one model again, fresh momentum
             self.state.apply(job.deltas, healed=result.healed, carry_from=job.base)
-            self.grouped += 1
             if f.inner_state == "reset":
                 self.trainer.reset_optimizer_state()
             marks.append(("apply", time.monotonic()))
             self._catch_up(self.swarm.peers(), who="this peer's group")  # a pocket that fell behind together
         marks.append(("catch_up", time.monotonic()))
-        self.rollbacks = 0
-        self.last_result = result
-        self.bytes_sent += result.bytes_sent
-        self.bytes_received += result.bytes_received
-        self.finished += 1
+        self.ledger.landed(result, grouped=not result.solo)
         # Validation runs on the new global weights at the first round end past each multiple of eval_every inner
         # steps (with H < eval_every, not every round: an evaluation costs the trainer the same as a few steps),
         # and after the last round.
         evaluated: dict[str, float] = {}
-        due = t.eval_every and self.trainer.step // t.eval_every > self.eval_mark // t.eval_every
+        due = t.eval_every and self.trainer.step // t.eval_every > self.ledger.eval_mark // t.eval_every
         if (due and self.round != job.round) or run_over(self.round, f.rounds):
-            evaluated = self.last_eval = self._evaluate_global()
-            self.eval_mark = self.trainer.step
+            evaluated = self.ledger.last_eval = self._evaluate_global()
+            self.ledger.eval_mark = self.trainer.step
         marks.append(("eval", time.monotonic()))
         log_round(self, result, job, evaluated,
                   outcome(result.solo, result.reason, result.healed, result.partial, alone))
@@ -344,8 +292,8 @@ class PeerDaemon:
         if not self.stop.is_set():  # leaving: the final heartbeat says so; no round to begin (the DHT may be gone)
             self.swarm.publish_now()
             self.swarm.begin_round(self.round)  # the clock follows: steps trained meanwhile count for the new round
-            if self.clock_steps:
-                self.swarm.report_progress(self.round, self.clock_steps, self.clock_busy_s)
+            if self.ledger.clock_steps:
+                self.swarm.report_progress(self.round, self.ledger.clock_steps, self.ledger.clock_busy_s)
             marks.append(("swarm", time.monotonic()))
         parts = dict.fromkeys(("apply", "catch_up", "eval", "checkpoint", "swarm"), 0.0)  # a solo round: no apply
         parts.update({name: t1 - t0 for (_, t0), (name, t1) in zip(marks, marks[1:])})
@@ -370,7 +318,7 @@ class PeerDaemon:
         if not others:
             self.state.apply(job.deltas, carry_from=job.base)  # a solo result leaves Δ untouched
             return True
-        self.round_tokens += job.weight  # the folded work's weight
+        self.ledger.round_tokens += job.weight  # the folded work's weight
         if self._catch_up(others):
             return False
         self.state.skip_round()
@@ -440,9 +388,9 @@ class PeerDaemon:
                 self.metrics.log("refused_state", round=int(meta.get("round", -1)), reason=why)
                 continue
             self.state.adopt(meta, tensors, carry_local)
-            self.synced_mid_round = True
+            self.ledger.synced_mid_round = True
             if not carry_local:
-                self.round_steps = self.round_tokens = 0
+                self.ledger.round_steps = self.ledger.round_tokens = 0
             # The schedule follows the swarm: a joiner does not re-run warmup at the peak learning rate.
             self.trainer.step = max(self.trainer.step, int(meta.get("inner_step", 0)))
             self.metrics.log("sync", round=self.round, reason=reason, fingerprint=self.fingerprint())
@@ -491,7 +439,7 @@ class PeerDaemon:
         f = self.cfg.federation
         rate = Throughput()
         rate.tokens0 = self.trainer.tokens
-        self.loop_started = time.monotonic()
+        self.ledger.loop_started = time.monotonic()
         try:
             while not self.stop.is_set() and not run_over(self.round, f.rounds):
                 if self.inflight is None:
@@ -514,12 +462,10 @@ class PeerDaemon:
         self._checkpoint()
         return {"round": self.round, "step": self.trainer.step, "tokens": self.trainer.tokens,
                 "loss": self.trainer.last_loss, "fingerprint": self.fingerprint(),
-                "participation": self.grouped / max(1, self.finished), **self.last_eval}
+                "participation": self.ledger.participation, **self.ledger.last_eval}
 
     def utilization(self) -> float:
-        """Share of this peer's wall-clock time (since its round loop began) spent in inner steps."""
-        wall = time.monotonic() - self.loop_started if self.loop_started else 0.0
-        return min(1.0, self.compute_total / wall) if wall > 0 else 0.0
+        return self.ledger.utilization()
 
     def _evaluate_global(self) -> dict[str, float]:
         """Validation of the global weights (what the swarm shares), even while local work is carried over."""

@@ -154,10 +154,15 @@ class GlobalState:
         return {"round": self.round, "outer": self.outer.state_dict(), "residual": self.residual}
 
     @torch.no_grad()
-    def load_state_dict(self, fed: dict[str, Any], weights: list[torch.Tensor] | None) -> None:
-        if weights is not None:
-            for w, saved in zip(self.weights, weights):
-                w.copy_(saved)
+    def load_weights(self, weights: list[torch.Tensor]) -> None:
+        """The global weights from a checkpoint (in the model's parameter order)."""
+        for w, saved in zip(self.weights, weights):
+            w.copy_(saved)
+        self._changed()
+
+    @torch.no_grad()
+    def load_state_dict(self, fed: dict[str, Any]) -> None:
+        """The round, the outer optimizer and the error-feedback residual from a checkpoint."""
         if "outer" in fed:
             self.outer.load_state_dict(fed["outer"])
         if self.residual is not None and fed.get("residual") is not None:

@@ -3,46 +3,59 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from photon_p2p import __version__
 from photon_p2p.config import Config
 from photon_p2p.federation.averaging import RoundResult
 from photon_p2p.federation.records import MAX_CLIPPED
+from photon_p2p.ledger import InFlight, RoundLedger
 
-if TYPE_CHECKING:  # the daemon imports this module; only its types are needed here
-    from photon_p2p.daemon import InFlight, PeerDaemon
+
+class Reporter(Protocol):
+    """What a report reads of a peer (the daemon is one): its config, books, trainer, swarm and global state."""
+
+    cfg: Config
+    ledger: RoundLedger
+    trainer: Any
+    swarm: Any
+    state: Any
+    metrics: Any
+
+    @property
+    def round(self) -> int: ...
+    def fingerprint(self) -> str: ...
 
 
 def _finite(x: float) -> float:
     return float(x) if x is not None and math.isfinite(x) else -1.0
 
 
-def heartbeat_record(d: PeerDaemon) -> dict[str, Any]:
+def heartbeat_record(d: Reporter) -> dict[str, Any]:
     """The heartbeat snapshot (see federation/records.py PeerRecord): round, model fingerprint, group, ..."""
-    res = d.last_result
+    res = d.ledger.last_result
     return {
         "round": d.round, "local_step": d.trainer.step, "tokens": d.trainer.tokens,
-        "loss": _finite(d.trainer.last_loss), "val_ppl": _finite(d.last_eval.get("val_ppl", math.nan)),
-        "tokens_per_s": float(d.tokens_per_s), "compression": d.cfg.federation.compression,
+        "loss": _finite(d.trainer.last_loss), "val_ppl": _finite(d.ledger.last_eval.get("val_ppl", math.nan)),
+        "tokens_per_s": float(d.ledger.tokens_per_s), "compression": d.cfg.federation.compression,
         "group_size": res.group_size if res else 0, "averaging_s": float(res.seconds) if res else 0.0,
-        "bytes_sent": int(d.bytes_sent), "bytes_received": int(d.bytes_received),
+        "bytes_sent": int(d.ledger.bytes_sent), "bytes_received": int(d.ledger.bytes_received),
         "client_mode": bool(d.cfg.network.client_mode), "connection": str(d.swarm.connection),
         "version": __version__,
-        "started_at": float(d.started_at), "maddrs": d.swarm.maddrs,
-        "fingerprint": d.fingerprint(), "participation": d.grouped / max(1, d.finished),
-        "clipped": clip_summary(d.clip_history),
+        "started_at": float(d.ledger.started_at), "maddrs": d.swarm.maddrs,
+        "fingerprint": d.fingerprint(), "participation": d.ledger.participation,
+        "clipped": clip_summary(d.ledger.clip_history),
         "world_size": d.trainer.world_size, "device": d.trainer.device.type,
-        "utilization": round(d.utilization(), 4),
+        "utilization": round(d.ledger.utilization(), 4),
     }
 
 
-def roster_fields(d: PeerDaemon) -> dict[str, Any]:
+def roster_fields(d: Reporter) -> dict[str, Any]:
     """Whom the round waited for, as this peer read the clock (protocol.Roster), and the DHT reads it issued
     since the last round record."""
     chosen, reads = getattr(d.swarm, "last_roster", None), getattr(d.swarm, "dht_reads", 0)
-    fields: dict[str, Any] = {"dht_reads": reads - d.reads_mark}
-    d.reads_mark = reads
+    fields: dict[str, Any] = {"dht_reads": reads - d.ledger.reads_mark}
+    d.ledger.reads_mark = reads
     if chosen is not None:
         fields.update(roster=chosen.members, waited=chosen.waited, late=chosen.late)
     return fields
@@ -73,7 +86,7 @@ def _tail(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 14 else ".." + peer_id[-12:]
 
 
-def log_round(d: PeerDaemon, r: RoundResult, job: InFlight, evaluated: dict[str, float], outcome: Any = None) -> None:
+def log_round(d: Reporter, r: RoundResult, job: InFlight, evaluated: dict[str, float], outcome: Any = None) -> None:
     """One metrics record and one log line per finished round: what this peer now believes.
 
     ``compute_s`` is the averaged round's local phase; ``wait_s`` the time the trainer sat idle on its average
@@ -84,12 +97,12 @@ def log_round(d: PeerDaemon, r: RoundResult, job: InFlight, evaluated: dict[str,
               "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received, "reason": r.reason,
               "partial": r.partial, "phases": r.phases, "healed": r.healed, "transport": r.transport,
               "group_models": len(set(r.fingerprints.values()) - {""}), "compute_s": job.compute_s,
-              "wait_s": job.wait_s, "utilization": d.utilization(), "fingerprint": d.fingerprint(),
+              "wait_s": job.wait_s, "utilization": d.ledger.utilization(), "fingerprint": d.fingerprint(),
               "outer_lr": d.state.last_outer_lr,
-              "participation": d.grouped / max(1, d.finished), "clipped": r.clipped, "rejected": r.rejected,
+              "participation": d.ledger.participation, "clipped": r.clipped, "rejected": r.rejected,
               "outcome": getattr(outcome, "value", outcome or ""), **roster_fields(d), **evaluated}
     if not r.solo:
-        d.clip_history.append(dict(r.clipped))  # a deque of the last CLIP_WINDOW grouped rounds
+        d.ledger.clip_history.append(dict(r.clipped))  # a deque of the last CLIP_WINDOW grouped rounds
     d.metrics.log("round", **fields)
     if evaluated:
         d.metrics.log("eval", step=d.trainer.step, tokens=d.trainer.tokens, round=d.round, **evaluated)

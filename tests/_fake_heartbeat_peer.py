@@ -189,14 +189,15 @@ def main(cfg: dict) -> None:
         print(json.dumps(_forge(dht, cfg)), flush=True)
         dht.shutdown()
         return
-    owner_public, token = None, ""
+    owner_public, token, validators = None, "", []
     if cfg.get("owner_pub"):  # a closed swarm's peer: its token in every record, and published for the swarm
         from photon_p2p.credentials import load_owner_public, public_bytes
-        from photon_p2p.federation.admission import SwarmAdmission
+        from photon_p2p.federation.admission import SwarmAdmission, validators_for
 
         owner_public, token = public_bytes(load_owner_public(cfg["owner_pub"])), Path(cfg["token"]).read_text()
         SwarmAdmission(dht, owner_public, token, dht.peer_id.to_base58(), 5.0, 600.0).publish()
-    owner = install_validators(dht, cfg["run_id"], owner_public=owner_public)
+        validators = validators_for(owner_public, cfg["run_id"])
+    owner = install_validators(dht, cfg["run_id"], extra_validators=validators)
     snap = dict(cfg["values"])
     publisher = HeartbeatPublisher(dht, cfg["run_id"], lambda: snap, cfg["interval"], cfg["ttl"],
                                    request_timeout=5.0, owner_key=owner, admission=token.strip())

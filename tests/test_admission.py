@@ -27,7 +27,7 @@ from photon_p2p.credentials import (
     verify,
 )
 from photon_p2p.federation.admission import AdmissionValidator, AdmissionView, admitted_key, revoked_key
-from photon_p2p.federation.averager_process import admitted_progress
+from photon_p2p.federation.hivemind_ext.progress_tracker import admitted_progress
 from photon_p2p.federation.records import peer_id_of_owner
 
 PEER = "QmY2WkkiQCiuHX1Dzj48DojGrdPXoq71jogh5huJGDAp6f"

@@ -14,6 +14,7 @@ from conftest import tiny_overrides
 from fake_swarm import FakeNet, factory
 from photon_p2p.config import load_config
 from photon_p2p.daemon import PeerDaemon
+from photon_p2p.ledger import RoundLedger
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.swarm import check_state
@@ -302,7 +303,7 @@ def test_sigint_during_a_background_average_saves_the_unaveraged_work(tmp_path, 
     thread = threading.Thread(target=d.run)
     thread.start()
     deadline = time.monotonic() + within(60)
-    while d.inflight is None or d.round_steps < 2:  # round 0 is in the averager, round 1 is training
+    while d.inflight is None or d.ledger.round_steps < 2:  # round 0 is in the averager, round 1 is training
         assert time.monotonic() < deadline and thread.is_alive()
         time.sleep(0.05)
     t0 = time.monotonic()
@@ -370,13 +371,16 @@ def test_a_finite_run_ends_at_the_swarms_round_on_one_model(tmp_path, kjv_data):
     assert any(r["kind"] == "sync" for r in c)  # it downloaded the swarm's round-3 state from a lingering peer
 
 
-def test_a_suspended_inner_step_does_not_count_as_compute(tmp_path):
+def test_a_suspended_inner_step_does_not_count_as_compute():
     # SIGSTOP (or a sleeping laptop) inside one inner step: counted whole, a 30 s stop made the resumed silo look
     # 100x slower on the swarm clock, and the others' rosters did not wait for it for rounds.
-    cfg = load_config([], tiny_overrides(tmp_path / "s", name="s"))
-    daemon = PeerDaemon(cfg, progress=False, make_swarm=factory(FakeNet(), "s"))
-    assert [daemon._step_seconds(t) for t in (0.2, 0.2, 0.3)] == [0.2, 0.2, 0.3]  # usual steps count as taken
-    assert daemon._step_seconds(30.0) == pytest.approx(daemon.step_s)  # a suspension counts as a usual step
-    assert daemon.stalled_s == pytest.approx(30.0 - daemon.step_s)  # and is kept out of the phase's compute time
-    assert daemon._step_seconds(1.0) == 1.0  # a slower machine (5x) is real compute, and the average follows it
-    assert daemon.step_s > 0.2
+    books = RoundLedger()
+    assert [books.step_seconds(t) for t in (0.2, 0.2, 0.3)] == [0.2, 0.2, 0.3]  # usual steps count as taken
+    assert books.step_seconds(30.0) == pytest.approx(books.step_s)  # a suspension counts as a usual step
+    assert books.stalled_s == pytest.approx(30.0 - books.step_s)  # and is kept out of the phase's compute time
+    assert books.step_seconds(1.0) == 1.0  # a slower machine (5x) is real compute, and the average follows it
+    assert books.step_s > 0.2
+    books.took_step(tokens=64, took=0.2)
+    assert (books.round_steps, books.round_tokens, books.clock_steps) == (1, 64, 1)
+    books.next_round()
+    assert (books.round_steps, books.round_tokens, books.clock_busy_s) == (0, 0, 0.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hivemind.p2p import P2P
 
-from photon_p2p.federation.averager_process import ExactAllReduceRunner, models_differ
+from photon_p2p.federation.hivemind_ext.allreduce import ExactAllReduceRunner, models_differ
 from photon_p2p.federation.compression import make_compression
 
 

@@ -7,8 +7,9 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from photon_p2p.federation.averager_process import HIVEMIND_DEFAULTS, TUNED, PhaseClock, all_finite
 from photon_p2p.federation.compression import make_compression
+from photon_p2p.federation.hivemind_ext.averager import HIVEMIND_DEFAULTS, TUNED, PhaseClock
+from photon_p2p.federation.util import all_finite
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -39,7 +40,7 @@ def test_phase_clock_is_shared_with_a_forked_process():
 
 
 def test_live_group_target_counts_fresh_running_peers(monkeypatch):
-    import photon_p2p.federation.averager_process as ap
+    import photon_p2p.federation.hivemind_ext.progress_tracker as ap
 
     def row(peer, state="running", last_seen=1.0):
         return {"peer_id": peer, "state": state, "last_seen": last_seen, "interval": 30.0}

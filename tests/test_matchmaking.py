@@ -1,5 +1,5 @@
-"""No ghost members (federation/matchmaking.py): a follower waits for a leader's late "accepted" (past request_timeout)
-and for its "begin" past the step's deadline, so a leader never counts a member that walked away."""
+"""No ghost members (federation/hivemind_ext/matchmaking.py): a follower waits for a leader's late "accepted" (past
+request_timeout) and for its "begin" past the step's deadline, so a leader never counts a member that walked away."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 
-from photon_p2p.federation.matchmaking import AdmittedMatchmaking
+from photon_p2p.federation.hivemind_ext.matchmaking import AdmittedMatchmaking
 
 GROUP = object()  # stands for the GroupInfo a leader's "begin" message carries
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from photon_p2p.federation.averager_process import OrderedPartReducer
+from photon_p2p.federation.hivemind_ext.partition import OrderedPartReducer
 from photon_p2p.federation.robust import FACTOR_STEP, RobustSettings, merge_factors, reduce_part
 from photon_p2p.peer_report import clip_summary, clip_text
 

@@ -10,6 +10,7 @@ from typing import Iterable, Iterator, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from photon_p2p.data import DataError
+from photon_p2p.data.sources import find_input_files, iter_documents
 
 BUNDLED_TOKENIZER: Path = Path(__file__).resolve().parent.parent / "assets" / "tokenizer.json"
 EOS_TOKEN = "<|endoftext|>"
@@ -58,10 +59,8 @@ def eos_id(tok: Tokenizer) -> int:
 
 
 def _iter_texts(files: Iterable[str | Path]) -> Iterator[str]:
-    # Imported here because prepare.py imports this module; reusing its readers means a tokenizer can be
-    # trained on exactly the formats (txt/jsonl/parquet, compressed or not) that prepare() accepts.
-    from photon_p2p.data.prepare import find_input_files, iter_documents
-
+    # prepare()'s own readers: a tokenizer can be trained on exactly the formats (txt/jsonl/parquet, compressed
+    # or not) that prepare() accepts.
     for f in find_input_files([str(p) for p in files]):
         yield from iter_documents(f)
 

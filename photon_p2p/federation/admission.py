@@ -30,6 +30,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from photon_p2p.credentials import CredentialError, Grant, fingerprint, public_from_bytes, revokes, verify
 from photon_p2p.federation import FederationError
+from photon_p2p.federation.records import heartbeat_key, peer_id_of_owner
 
 log = logging.getLogger("photon_p2p.admission")
 REPUBLISH_S = 60.0  # how often a peer stores again the revocations it has seen (keeps them alive in the DHT)
@@ -122,7 +123,7 @@ class AdmissionValidator(RecordValidatorBase):
         fp = fingerprint(public_from_bytes(owner_public))
         self._admitted = DHTID.generate(source=admitted_key(fp)).to_bytes()
         self._revoked = DHTID.generate(source=revoked_key(fp)).to_bytes()
-        self._heartbeat = DHTID.generate(source=f"{run_id}_heartbeat").to_bytes() if run_id else None
+        self._heartbeat = DHTID.generate(source=heartbeat_key(run_id)).to_bytes() if run_id else None
         self._public = None
 
     def __getstate__(self) -> dict:  # sent to the DHT process: keys as bytes only
@@ -140,8 +141,6 @@ class AdmissionValidator(RecordValidatorBase):
             subkey = MSGPackSerializer.loads(record.subkey)
             value = MSGPackSerializer.loads(record.value)
             if record.key == self._heartbeat:
-                from photon_p2p.federation.records import peer_id_of_owner
-
                 text = value.get("admission", "") if isinstance(value, dict) else ""
                 grant = verify(text, self._key(), "admit")
                 return grant.peer_id == peer_id_of_owner(subkey) and record.expiration_time <= grant.until + 1.0

@@ -25,24 +25,22 @@ from hivemind.utils import get_dht_time
 
 from photon_p2p.config import FederationConfig, NetworkConfig
 from photon_p2p.federation import FederationError
-from photon_p2p.federation.averager_process import (
+from photon_p2p.federation.bulk import GATHER_KEY as BULK_KEY
+from photon_p2p.federation.bulk import BulkEndpoint, direct_ip
+from photon_p2p.federation.compression import ByteCounter, CountingCompression, make_compression
+from photon_p2p.federation.groups import GroupPlan
+from photon_p2p.federation.hivemind_ext.averager import (
     REPORT_KEY,
     TUNED,
     AveragerTuning,
     PhaseClock,
     ProcessAverager,
     StateProvider,
-    all_finite,
-    bounded,
-    describe,
-    live_group_target,
 )
-from photon_p2p.federation.bulk import GATHER_KEY as BULK_KEY
-from photon_p2p.federation.bulk import BulkEndpoint, direct_ip
-from photon_p2p.federation.compression import ByteCounter, CountingCompression, make_compression
-from photon_p2p.federation.groups import GroupPlan
+from photon_p2p.federation.hivemind_ext.progress_tracker import live_group_target
 from photon_p2p.federation.network import lifeline, visible_maddrs
 from photon_p2p.federation.robust import RobustSettings, merge_factors
+from photon_p2p.federation.util import all_finite, bounded, describe
 
 log = logging.getLogger("photon_p2p.federation")
 # hivemind logs every failed matchmaking attempt as an ERROR; our retry loop reports outcomes itself.

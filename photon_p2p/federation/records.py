@@ -10,13 +10,14 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import base58
 import multihash
 from cryptography.hazmat.primitives import serialization
 from hivemind import DHT
 from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
+from hivemind.dht.validation import RecordValidatorBase
 from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
@@ -139,24 +140,23 @@ async def _installed_owner_key(_dht: DHT, node: Any) -> Optional[bytes]:
 
 
 def install_validators(dht: DHT, run_id: Optional[str], identity_path: Optional[str] = None,
-                       owner_public: Optional[bytes] = None) -> bytes:
+                       extra_validators: Sequence[RecordValidatorBase] = ()) -> bytes:
     """Make ``dht`` refuse unsigned or malformed heartbeats for ``run_id``; return the owner subkey it signs with.
 
     The signing key is the peer's libp2p identity when the DHT was started with one (``identity_path`` or the
     DHT's own), so readers can check that a record's peer id belongs to its signer ("verified"). Without an
     identity file p2pd keeps its key to itself and hivemind's per-process RSA key signs instead: records are
     still owner-protected, but the peer id inside them is only a claim. ``run_id=None`` installs the
-    signature check alone (bootstrap nodes: they store records for every run). ``owner_public`` (a closed
-    swarm's owner key) adds the AdmissionValidator: heartbeats must carry their signer's admission token.
+    signature check alone (bootstrap nodes: they store records for every run). ``extra_validators`` are
+    installed in the same call: a closed swarm's caller passes ``admission.validators_for(owner_public, run_id)``
+    (the AdmissionValidator: heartbeats must carry their signer's admission token).
     """
-    from photon_p2p.federation.admission import validators_for
-
     path = identity_path if identity_path is not None else dht.kwargs.get("identity_path") or ""
     signer = RSASignatureValidator(load_identity_key(path) if path else None)
     validators: list = [signer]
     if run_id is not None:
         validators += [SchemaValidator(HeartbeatSchema, prefix=run_id), SchemaValidator(RunsSchema)]
-    validators += validators_for(owner_public, run_id)
+    validators += extra_validators
     dht.add_validators(validators)
     return dht.run_coroutine(_installed_owner_key) or signer.local_public_key
 

@@ -12,7 +12,7 @@ Byzantine Robust Optimization"; Gorbunov et al. 2021 "Secure Distributed Trainin
 
 In ``clip`` and ``centered_clip`` a chunk with a non-finite value is dropped (weight 0). The result is a pure
 function of the chunks, their weights and the canonical sender order, so the reducer computes it once and every
-member receives the same bytes (averager_process.ExactAllReduceRunner).
+member receives the same bytes (hivemind_ext/allreduce.py, ExactAllReduceRunner).
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ from hivemind.utils import get_dht_time
 from photon_p2p.config import Config
 from photon_p2p.credentials import load_owner_public, public_bytes
 from photon_p2p.federation import FederationError
-from photon_p2p.federation.admission import SwarmAdmission
-from photon_p2p.federation.averager_process import RoundTracker, admitted_progress, progress_records
+from photon_p2p.federation.admission import SwarmAdmission, validators_for
 from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
 from photon_p2p.federation.groups import plan_groups
+from photon_p2p.federation.hivemind_ext.progress_tracker import RoundTracker, admitted_progress, progress_records
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
 from photon_p2p.federation.protocol import ClockRecord, NoShows, Roster, majority, round_leader, roster
@@ -196,7 +196,8 @@ class HivemindSwarm:
             self.peer_id = str(self.dht.peer_id)
             self.maddrs = visible_maddrs(self.dht)
             owner = public_bytes(load_owner_public(f.swarm_owner_key)) if f.swarm_owner_key else None
-            self.owner_key = install_validators(self.dht, f.run_id, net.identity_path or None, owner_public=owner)
+            self.owner_key = install_validators(self.dht, f.run_id, net.identity_path or None,
+                                                extra_validators=validators_for(owner, f.run_id))
             if owner is not None:
                 self.admission = SwarmAdmission(self.dht, owner, Path(f.admission_token).expanduser().read_text(),
                                                 self.peer_id, net.request_timeout, f.record_ttl)

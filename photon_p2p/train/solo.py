@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from photon_p2p.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
+from photon_p2p.checkpoint import (CheckpointError, CheckpointManager, Part, Stateful, checkpoint_path,
+                                   load_checkpoint)
 from photon_p2p.config import Config, dump_yaml, from_dict, to_dict
 from photon_p2p.data import DataError
 from photon_p2p.data.embedded import ensure_default_dataset
@@ -32,14 +33,13 @@ def resolve_data_dir(cfg: Config, run_dir: Path, progress: bool = True) -> Path:
         val_fraction=cfg.data.val_fraction, progress=progress and distributed.env().rank == 0))
 
 
-def trainer_checkpoint(trainer: LocalTrainer, cfg: Config, **extra: Any) -> dict[str, Any]:
-    """What a solo checkpoint holds; the daemon adds its global state and round on top."""
-    return {"config": to_dict(cfg), "model": trainer.model_state_dict(), "trainer": trainer.state_dict(), **extra}
-
-
-def restore_trainer(trainer: LocalTrainer, state: dict[str, Any]) -> None:
-    trainer.load_model_state_dict(state["model"])
-    trainer.load_state_dict(state["trainer"])
+def trainer_parts(trainer: LocalTrainer, cfg: Config) -> dict[str, Stateful]:
+    """What a solo checkpoint holds (the daemon adds its global model and federation state): the config it ran
+    with, the model (gathered from every rank's shard under torchrun), and the trainer (inner optimizer, schedule,
+    data cursor)."""
+    return {"config": Part(lambda: to_dict(cfg)),
+            "model": Part(trainer.model_state_dict, trainer.load_model_state_dict),
+            "trainer": trainer}
 
 
 def resumable_checkpoint(cfg: Config, run_dir: Path) -> dict[str, Any] | None:
@@ -79,8 +79,9 @@ def run_solo(cfg: Config, stop: threading.Event | None = None, progress: bool = 
     saved = resumable_checkpoint(cfg, run_dir)
     data_dir = resolve_data_dir(cfg, run_dir, progress)
     trainer = build_trainer(cfg, str(data_dir))
+    checkpoint = CheckpointManager(run_dir, trainer_parts(trainer, cfg))
     if saved is not None:
-        restore_trainer(trainer, saved)
+        checkpoint.restore(saved)
     write_run_config(cfg, run_dir)
     metrics = MetricsLogger(run_dir)
     t = cfg.train
@@ -111,10 +112,10 @@ def run_solo(cfg: Config, stop: threading.Event | None = None, progress: bool = 
                     metrics.log("eval", step=step, tokens=trainer.tokens, **last_eval)
                     bar.write(f"step {step}: val loss {last_eval['val_loss']:.4f}, ppl {last_eval['val_ppl']:.2f}")
             if step % t.checkpoint_every == 0:
-                save_checkpoint(run_dir, trainer_checkpoint(trainer, cfg))
+                checkpoint.save()
         bar.close()
     # Always leave a checkpoint of where we stopped, so an interrupted run resumes exactly.
-    save_checkpoint(run_dir, trainer_checkpoint(trainer, cfg))
+    checkpoint.save()
     return {"step": trainer.step, "tokens": trainer.tokens, "loss": trainer.last_loss, **last_eval}
 
 

@@ -1,26 +1,8 @@
-"""The hivemind averager process as photon_p2p runs it: exact all-reduce, healing, tuning, phase timestamps.
+"""hivemind's DecentralizedAverager as photon_p2p runs it in its own process: mirrors hivemind/averaging/averager.py."""
 
-Every touch of hivemind's private internals lives here and in matchmaking.py (nowhere else), checked against the
-pinned version (the check below runs before either is used):
-- ``ExactAllReduceRunner``: hivemind's butterfly all-reduce returns each member ``own + compress(avg − own)``,
-  so members end on different bytes (always with a lossy codec, by rounding even without one). Our reducers
-  compress each averaged part ONCE and send every member those same bytes; members (the reducer included)
-  adopt the decoded average as is. After a successful round every member holds bit-identical tensors.
-- ``OrderedPartReducer``: a reducer sums its senders' parts in a canonical order (the "rank" each member
-  gathers), not in arrival order, so two groups given the same inputs compute the same bytes (groups.py).
-- Admission (closed swarms, federation/admission.py): ``AdmissionGate`` holds the admitted set in this process;
-  join requests, all-reduce parts and state downloads from peers outside it are refused, and this peer neither
-  follows a leader outside it (``AdmittedMatchmaking``), downloads state from one, nor averages in a group with one.
-- Matchmaking (``AdmittedMatchmaking``, matchmaking.py): no ghost members, i.e. a leader never counts a follower
-  that walked away (late "accepted", late "begin").
-- Healing: when a group's gathered fingerprints differ, the members hold different global models; that round
-  the averager turns Δ = θ_global − θ_local into θ_local in place and averages weights losslessly, so the group
-  leaves the round on one model.
-
-Where one round's time goes (see bench/allreduce_speed.py) is measured here: the forked averager process stamps
-when it receives a step, when its group is assembled and when the all-reduce has written its result back, into
-shared memory that the calling process reads after the round.
-"""
+# Where one round's time goes (see bench/allreduce_speed.py) is measured here: the forked averager process stamps
+# when it receives a step, when its group is assembled and when the all-reduce has written its result back, into
+# shared memory that the calling process reads after the round.
 
 from __future__ import annotations
 
@@ -31,43 +13,34 @@ import logging
 import math
 import multiprocessing as mp
 import random
-import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
-import hivemind
 import hivemind.averaging.averager as _hivemind_averager
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
-from hivemind.averaging.partition import BannedException, TensorPartReducer
-from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, deserialize_torch_tensor
-from hivemind.proto import averaging_pb2, runtime_pb2
-from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.averaging.allreduce import AllreduceException
+from hivemind.compression import NoCompression, deserialize_torch_tensor
+from hivemind.proto import averaging_pb2
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.utils import MPFuture, ValueWithExpiration
-from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
+from hivemind.utils.asyncio import aiter_with_timeout, as_aiter, azip
 from hivemind.utils.streaming import combine_from_streaming
 
-from photon_p2p.federation import FederationError
 from photon_p2p.federation.admission import AdmissionView, read_view_async
 from photon_p2p.federation.bulk import GATHER_KEY as BULK_KEY
 from photon_p2p.federation.bulk import BulkGroups, allreduce_mean, robust_mean
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic
-from photon_p2p.federation.matchmaking import AdmittedMatchmaking
-from photon_p2p.federation.records import is_live, peer_id_of_owner, read_records
+from photon_p2p.federation.hivemind_ext.allreduce import ExactAllReduceRunner, models_differ
+from photon_p2p.federation.hivemind_ext.matchmaking import AdmittedMatchmaking
+from photon_p2p.federation.hivemind_ext.partition import _rank
+from photon_p2p.federation.hivemind_ext.utils import warm_up_codec
 from photon_p2p.federation.robust import ClaimBudget, ReducerCheck, RobustSettings, cap_claims, reduce_part
-
-PINNED_HIVEMIND = "1.1.12"
-if hivemind.__version__ != PINNED_HIVEMIND:
-    # The subclasses below override private coroutines of hivemind's averager and all-reduce runner.
-    raise FederationError(f"photon_p2p needs hivemind=={PINNED_HIVEMIND} (found {hivemind.__version__}); "
-                          f"pip install hivemind=={PINNED_HIVEMIND}")
+from photon_p2p.federation.util import describe
 
 log = logging.getLogger("photon_p2p.federation")
-T = TypeVar("T")
 MISS_REFRESH_S = 1.0  # an unknown peer makes the gate re-read the admitted set, at most this often
 REPORT_KEY = "__photon_report__"  # the averager process's report rides back with the gathered metadata
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
@@ -402,329 +375,3 @@ class ProcessAverager(DecentralizedAverager):
         self._counter.add_sent(traffic.sent)
         self._counter.add_received(traffic.received)
         self._report["transport"] = "gloo"
-
-
-def models_differ(gathered: dict[Any, Any]) -> bool:
-    """Whether a group's members reported different global-model fingerprints (a split swarm meeting again)."""
-    prints = {g.get("fingerprint") for g in gathered.values() if isinstance(g, dict) and g.get("fingerprint")}
-    return len(prints) > 1
-
-
-class ExactAllReduceRunner(AllReduceRunner):
-    """Butterfly all-reduce in which every member receives the same bytes for each averaged part.
-
-    hivemind's runner sends each sender ``compress(avg − sent)``, so members end on different values. Here a
-    reducer encodes each averaged part once, with the group's codec, and streams those bytes to every sender;
-    it decodes the same bytes for its own copy. A part whose reducer failed comes back as zeros (no update),
-    and the reducers that failed are listed in ``failed_reducers``.
-    """
-
-    def __init__(self, *args, compression: CompressionBase = NoCompression(), ranks: list | None = None,
-                 robust: RobustSettings = RobustSettings(mode="none"), claims: list[float] | None = None,
-                 **kwargs) -> None:
-        super().__init__(*args, compression=compression, **kwargs)
-        # Sum senders in the order of their gathered rank (then peer id): the same inputs, the same bytes.
-        by_peer = dict(zip(self.ordered_peer_ids, ranks or [str(p) for p in self.ordered_peer_ids]))
-        order = sorted(range(len(self.sender_peer_ids)), key=lambda i: by_peer.get(self.sender_peer_ids[i], ""))
-        shapes = tuple(part.shape for part in self.parts_for_local_averaging)
-        # super() built hivemind's own reducer, replaced below unused: at collection its __del__ would log
-        # "Reducer: received 0.0% of input tensors" as a warning in every round. Finished, it has nothing to say.
-        self.tensor_part_reducer.finished.set()
-        by_index = dict(zip(self.ordered_peer_ids, claims)) if claims is not None else {}
-        sender_claims = [by_index.get(p) for p in self.sender_peer_ids] if claims is not None else None
-        self.tensor_part_reducer = OrderedPartReducer(shapes, len(self.sender_peer_ids), order, robust,
-                                                      sender_claims)
-        # Check every reducer's averages against the senders' claims (robust.ReducerCheck): a part beyond the
-        # bound is replaced by zeros (no update), the same on every member, and the reducer is reported.
-        self.check = ReducerCheck(claims) if claims is not None and robust.mode != "none" else None
-        register = self.tensor_part_container.register_processed_part
-
-        def checked(peer_index: int, part_index: int, part: torch.Tensor) -> None:
-            if self.check is not None and not self.check.accept(peer_index, part):
-                part = torch.zeros_like(part)
-            register(peer_index, part_index, part)
-
-        self.tensor_part_container.register_processed_part = checked
-        # Encode results without counting (bytes are counted per message actually sent, below).
-        self._codec = compression.inner if isinstance(compression, CountingCompression) else compression
-        self._counter = compression.counter if isinstance(compression, CountingCompression) else None
-        self._encoded: dict[int, asyncio.Future] = {}
-        self._fetched: dict[int, int] = {}
-        self.failed_reducers: list = []
-
-    def clipped(self) -> dict[str, float]:
-        """{sender peer id: smallest share of its contribution this reducer kept} for the senders it clipped or
-        dropped (0.0 = dropped: non-finite, or past its declared norm); empty when everyone was within bounds."""
-        return {str(self.sender_peer_ids[i]): f for i, f in self.tensor_part_reducer.factors.items()}
-
-    def rejected(self) -> list[str]:
-        """Reducers whose returned averages exceeded what their senders' declared norms allow."""
-        return sorted(str(self.ordered_peer_ids[i]) for i in (self.check.rejected if self.check else ()))
-
-    async def _encoded_average(self, part_index: int, averaged: torch.Tensor) -> runtime_pb2.Tensor:
-        """The averaged part, compressed once; every caller gets the very same message."""
-        if part_index not in self._encoded:
-            info = CompressionInfo.from_tensor(averaged, key=part_index)
-            loop = asyncio.get_event_loop()
-            self._encoded[part_index] = asyncio.ensure_future(
-                loop.run_in_executor(None, lambda: self._codec.compress(averaged, info)))
-        message = await self._encoded[part_index]
-        self._fetched[part_index] = self._fetched.get(part_index, 0) + 1
-        if self._fetched[part_index] >= len(self.sender_peer_ids):
-            del self._encoded[part_index]  # every sender has it: free the bytes early
-        return message
-
-    async def _communicate_with_peer(self, peer_id) -> None:
-        if peer_id != self.peer_id:
-            try:
-                return await super()._communicate_with_peer(peer_id)
-            except BaseException:
-                self.failed_reducers.append(peer_id)
-                raise
-        peer_index = self.ordered_peer_ids.index(peer_id)
-        sender_index = self.sender_peer_ids.index(peer_id)
-        loop = asyncio.get_event_loop()
-        for part_index, part in enumerate(self.parts_for_local_averaging):
-            # Our own contribution goes through the codec like every remote one: two groups fed the same
-            # inputs must compute the same bytes whichever member happens to reduce a part (groups.py).
-            info = CompressionInfo.from_tensor(part, key=part_index)
-            part = await loop.run_in_executor(None, lambda: self._codec.extract(self._codec.compress(part, info)))
-            averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part,
-                                                                     weight=self.weight)
-            message = await self._encoded_average(part_index, averaged)
-            decoded = await loop.run_in_executor(None, self._codec.extract, message)
-            self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
-
-    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData],
-                                          sender_index: int):
-        part_index = 0
-        try:
-            async for part, weight in amap_in_executor(
-                    lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight), stream,
-                    max_prefetch=self.tensor_part_container.prefetch):
-                try:
-                    averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part,
-                                                                             weight=weight)
-                    part_index += 1
-                except BannedException:
-                    break  # the sender was banned meanwhile: it gets nothing more
-                message = await self._encoded_average(part_index - 1, averaged)
-                if self._counter is not None:
-                    self._counter.add_sent(message.ByteSize())
-                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=message)
-        finally:
-            if part_index != self.tensor_part_reducer.num_parts:
-                await self._ban_sender(self.sender_peer_ids[sender_index])
-
-
-def progress_records(metadata: Any) -> dict[str, LocalTrainingProgress]:
-    """{peer id: its record} from the clock's DHT value (ProgressTracker's records; the epoch is our round)."""
-    records: dict[str, LocalTrainingProgress] = {}
-    if isinstance(metadata, dict):
-        for entry in metadata.values():
-            try:
-                record = LocalTrainingProgress.parse_obj(entry.value)
-                records[PeerID(record.peer_id).to_base58()] = record
-            except Exception:  # a malformed or foreign entry is simply no member
-                continue
-    return records
-
-
-def progress_members(metadata: Any) -> dict[str, int]:
-    """{peer id: round} from the clock's DHT value."""
-    return {peer: int(r.epoch) for peer, r in progress_records(metadata).items()}
-
-
-def admitted_progress(metadata: Any, admits: Callable[[str], bool] | None) -> Any:
-    """The clock's DHT entries of admitted peers only (each signed by the peer it names); ``admits=None``: all."""
-    if admits is None or not isinstance(metadata, dict):
-        return metadata
-    kept = {}
-    for subkey, entry in metadata.items():
-        try:
-            peer = PeerID(LocalTrainingProgress.parse_obj(entry.value).peer_id).to_base58()
-        except Exception:
-            continue
-        if peer == peer_id_of_owner(subkey) and admits(peer):
-            kept[subkey] = entry
-    return kept
-
-
-class RoundTracker(ProgressTracker):
-    """hivemind's ProgressTracker that also remembers which peers reported which epoch (= round) and speed at its
-    last fetch, and publishes the speed the daemon measured (``measured_speed``, steps per second of compute).
-
-    hivemind's own speed is an EMA of wall time between reports; with federation.overlap several steps are
-    reported at once when an average lands, which it reads as steps of ~0 s, and the speed then grows every
-    round. In a closed swarm (``admits`` set) only admitted peers' records count.
-    """
-
-    members: dict[str, int] = {}
-    records: dict[str, LocalTrainingProgress] = {}  # each peer's record (its round, steps, speed) at last fetch
-    measured_speed: float = 0.0
-    admits: Callable[[str], bool] | None = None
-
-    def _get_local_progress(self, local_epoch: int, samples_accumulated: int) -> LocalTrainingProgress:
-        progress = super()._get_local_progress(local_epoch, samples_accumulated)
-        if self.measured_speed > 0:
-            progress.samples_per_second = self.measured_speed
-        return progress
-
-    def run(self) -> None:
-        # hivemind's run() leaves its thread's loop open; collected at interpreter exit after its self-pipe
-        # socket, it prints an "Exception ignored" traceback. Same body, plus the close.
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(asyncio.gather(self._progress_reporter(), self._progress_fetcher()))
-        finally:
-            self.shutdown_complete.set()
-            # the reporter cancels its last store without awaiting it: finish that before closing, or Python
-            # prints "Task was destroyed but it is pending!" at exit
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.close()
-
-    def _parse_swarm_progress_data(self, metadata):
-        metadata = admitted_progress(metadata, self.admits)
-        records = progress_records(metadata)
-        self.records = records
-        self.members = {peer: int(r.epoch) for peer, r in records.items()}
-        return super()._parse_swarm_progress_data(metadata)
-
-    def begin_epoch(self, epoch: int, timeout: float) -> bool:
-        """``pause_updates`` + ``update_epoch`` with a deadline. hivemind's fetcher holds the progress lock across
-        a DHT read that has none; if the DHT process is gone (a group-wide kill) that read never returns and
-        ``pause_updates`` would wait forever. False: not moved (the lock stayed taken for ``timeout`` s)."""
-        if not self.lock_global_progress.acquire(timeout=timeout):
-            return False
-        try:
-            with self.performance_ema.pause():
-                self.update_epoch(epoch)
-            return True
-        finally:
-            self.lock_global_progress.release()
-
-
-def _rank(gathered: Any, peer_id: str) -> tuple:
-    """A member's place in the canonical summation order: its gathered rank, then its peer id."""
-    rank = gathered.get("rank", 0) if isinstance(gathered, dict) else 0
-    return (rank if isinstance(rank, int) else 0, peer_id)
-
-
-class OrderedPartReducer(TensorPartReducer):
-    """hivemind's part reducer, but parts are summed in a fixed sender order once all have arrived.
-
-    Zero-weight contributions are skipped: a zero-weight sender only receives the average. With ``robust`` on,
-    each sender's influence on the part is bounded and non-finite chunks are dropped (robust.py).
-    """
-
-    def __init__(self, part_shapes, num_senders: int, order: list[int],
-                 robust: RobustSettings = RobustSettings(mode="none"),
-                 claims: list[float | None] | None = None) -> None:
-        self.order, self._pending, self.robust = list(order), {}, robust
-        self._budget = ClaimBudget(claims) if claims is not None and robust.mode != "none" else None
-        self.factors: dict[int, float] = {}  # sender index -> smallest share of its contribution kept (robust.py)
-        super().__init__(part_shapes, num_senders)
-
-    def reset_accumulators(self) -> None:
-        self._pending = {}
-        super().reset_accumulators()
-
-    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
-                              weight: float = 1.0) -> torch.Tensor:
-        assert 0 <= sender_index < self.num_senders and 0 <= part_index < self.num_parts
-        self.num_parts_received[sender_index] += 1
-        while part_index > self.current_part_index:
-            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
-                               return_when=asyncio.FIRST_COMPLETED)
-            if self.finished.is_set():
-                raise AllreduceException("attempted to aggregate a part in a finalized reducer")
-        if self.sender_failed_after[sender_index] != float("inf"):
-            raise BannedException(f"sender {sender_index} was banned in background")
-        assert part_index == self.current_part_index
-        future = self.current_part_future
-        if part_index < self.sender_failed_after[sender_index]:
-            self._pending[sender_index] = (tensor_part, float(weight))
-            self.current_part_accumulated_from += 1
-            self.check_current_part_finished()
-        return await future
-
-    def check_current_part_finished(self) -> None:
-        assert self.current_part_accumulated_from <= self.num_current_senders
-        if self.current_part_accumulated_from == self.num_current_senders:
-            parts = [self._pending.get(i, (None, 0.0))[0] for i in range(self.num_senders)]
-            weights = [self._pending.get(i, (None, 0.0))[1] for i in range(self.num_senders)]
-            spent: dict[int, float] = {}  # no sender counts beyond its own declared norm (robust.ClaimBudget)
-            caps = self._budget.caps() if self._budget is not None else None
-            try:
-                averaged, factors = reduce_part(parts, weights, self.order, self.robust, caps, spent)
-            except ValueError:  # every sender had weight 0: hivemind's reducer divides by zero here too
-                averaged, factors = self.accumulator.div_(self.denominator), {}
-            if self._budget is not None:
-                self._budget.spend(spent)
-            for index, factor in factors.items():
-                self.factors[index] = min(factor, self.factors.get(index, 1.0))
-            self.current_part_future.set_result(averaged)
-            self.reset_accumulators()
-
-
-def live_group_target(dht: DHT, run_id: str, me: str, target: int, min_size: int, timeout: float) -> int:
-    """``target``, capped at the number of live peers in the run's heartbeats (this one included) when they show
-    at least ``min_size``. Peers at other rounds count too: an overestimate only means waiting as before."""
-    try:
-        rows = read_records(dht, run_id, timeout)
-    except Exception:  # no evidence: keep the configured target
-        return target
-    live = {r["peer_id"] for r in rows if is_live(r)}
-    live.add(me)
-    return min(target, len(live)) if len(live) >= max(2, min_size) else target
-
-
-def bounded(fn: Callable[[], T], timeout: float) -> T | None:
-    """Run a call into the averager process that has no timeout of its own; None if it does not return in time.
-
-    hivemind waits on its process without a deadline; if that process died, the call would block forever.
-    """
-    box: list = []
-
-    def call() -> None:
-        try:
-            box.append((True, fn()))
-        except BaseException as e:  # handed to the caller's thread below
-            box.append((False, e))
-
-    worker = threading.Thread(target=call, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if not box:
-        return None
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
-
-
-def describe(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [""])[-1][:200]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def all_finite(tensors: list[torch.Tensor], fast: bool = True) -> bool:
-    """Whether every value is finite; ``fast``: one sum per tensor (inf/nan propagate), exact pass only if needed."""
-    return all((fast and bool(torch.isfinite(t.sum()))) or bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def warm_up_codec(codec) -> None:
-    """Compress and extract a small tensor once, before serving any peer.
-
-    bitsandbytes (blockwise8) and torch's quantizer load lazily on first use, which can take seconds on a loaded
-    machine; inside a round that delay counts against next_chunk_timeout, so a peer waiting for this reducer's
-    first part gives up and that part goes un-averaged.
-    """
-    inner = getattr(codec, "inner", codec)  # not through CountingCompression: these bytes never leave the process
-    sample = torch.linspace(-1.0, 1.0, 8192)
-    inner.extract(inner.compress(sample, CompressionInfo.from_tensor(sample, key=0)))
-

@@ -1,18 +1,17 @@
-"""hivemind's matchmaking (pinned 1.1.12) with admission and with no "ghost" members: mirrors averaging/matchmaking.py.
+"""hivemind's matchmaking with admission and with no "ghost" members: mirrors hivemind/averaging/matchmaking.py."""
 
-A ghost is a peer a leader counts in its group that never joins it. The leader then runs the all-reduce with
-it, loses its parts (a partial round) and the ghost averages nothing: in a grid round (groups.py) that is a
-column that failed, and the two rows' members leave the round on different models. hivemind makes ghosts in two
-places, both fixed here:
-- a follower waits ``request_timeout`` for a leader's first answer, holding its join lock (that breaks the
-  deadlock of two peers asking each other), then walks away; but a leader sends "accepted" and, when that fills
-  its group, assembles it in the same breath. Under CPU load the answer takes longer than request_timeout
-  (0.75 s with the tests' 1.5 s matchmaking window), and the follower is a ghost. ``_request_join_group`` keeps
-  hivemind's request_timeout with the lock held, then goes on waiting for the answer WITHOUT the lock (so no
-  deadlock) until the request's expiration, and joins if it was accepted.
-- a follower the leader accepted gives up at its step's deadline while the leader's "begin" is on its way
-  (``look_for_group``: waits for the begin/disband past the deadline, at most request_timeout).
-"""
+# A ghost is a peer a leader counts in its group that never joins it. The leader then runs the all-reduce with
+# it, loses its parts (a partial round) and the ghost averages nothing: in a grid round (groups.py) that is a
+# column that failed, and the two rows' members leave the round on different models. hivemind makes ghosts in two
+# places, both fixed here:
+# - a follower waits ``request_timeout`` for a leader's first answer, holding its join lock (that breaks the
+#   deadlock of two peers asking each other), then walks away; but a leader sends "accepted" and, when that fills
+#   its group, assembles it in the same breath. Under CPU load the answer takes longer than request_timeout
+#   (0.75 s with the tests' 1.5 s matchmaking window), and the follower is a ghost. ``_request_join_group`` keeps
+#   hivemind's request_timeout with the lock held, then goes on waiting for the answer WITHOUT the lock (so no
+#   deadlock) until the request's expiration, and joins if it was accepted.
+# - a follower the leader accepted gives up at its step's deadline while the leader's "begin" is on its way
+#   (``look_for_group``: waits for the begin/disband past the deadline, at most request_timeout).
 
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ log = logging.getLogger("photon_p2p.federation")
 
 class AdmittedMatchmaking(Matchmaking):
     """hivemind's matchmaking that never asks a non-admitted peer to lead it (nor follows one it is redirected
-    to), and that leaves no ghost members (module docstring). ``gate``: an AdmissionGate (averager_process.py)
+    to), and that leaves no ghost members (comment atop this module). ``gate``: an AdmissionGate (averager.py)
     or None in an open swarm."""
 
     def __init__(self, *args, gate: Any = None, **kwargs) -> None:

@@ -1,0 +1,33 @@
+"""photon_p2p's hivemind adapter: the only place that subclasses or patches hivemind's averaging/optim internals."""
+
+# Files mirror hivemind's own: averager.py (hivemind/averaging/averager.py), allreduce.py, partition.py,
+# matchmaking.py (hivemind/averaging/...), progress_tracker.py (hivemind/optim/progress_tracker.py). They
+# override private coroutines of one hivemind version, checked below before any of them is used (importing a
+# submodule runs this file first); nothing else in photon_p2p touches hivemind's averaging/optim internals.
+# - ``ExactAllReduceRunner`` (allreduce.py): hivemind's butterfly all-reduce returns each member
+#   ``own + compress(avg − own)``, so members end on different bytes (always with a lossy codec, by rounding even
+#   without one). Our reducers compress each averaged part ONCE and send every member those same bytes; members
+#   (the reducer included) adopt the decoded average as is. After a successful round every member holds
+#   bit-identical tensors.
+# - ``OrderedPartReducer`` (partition.py): a reducer sums its senders' parts in a canonical order (the "rank" each
+#   member gathers), not in arrival order, so two groups given the same inputs compute the same bytes (groups.py).
+# - Admission (closed swarms, federation/admission.py): ``AdmissionGate`` (averager.py) holds the admitted set in
+#   the averager process; join requests, all-reduce parts and state downloads from peers outside it are refused,
+#   and this peer neither follows a leader outside it (``AdmittedMatchmaking``), downloads state from one, nor
+#   averages in a group with one.
+# - Matchmaking (``AdmittedMatchmaking``, matchmaking.py): no ghost members, i.e. a leader never counts a follower
+#   that walked away (late "accepted", late "begin").
+# - Healing (``ProcessAverager``, averager.py): when a group's gathered fingerprints differ, the members hold
+#   different global models; that round the averager turns Δ = θ_global − θ_local into θ_local in place and
+#   averages weights losslessly, so the group leaves the round on one model.
+# - ``RoundTracker`` (progress_tracker.py): hivemind's ProgressTracker, which also reports who is at which round.
+
+import hivemind
+
+from photon_p2p.federation import FederationError
+
+PINNED_HIVEMIND = "1.1.12"
+if hivemind.__version__ != PINNED_HIVEMIND:
+    # The subclasses in this package override private coroutines of hivemind's averager and all-reduce runner.
+    raise FederationError(f"photon_p2p needs hivemind=={PINNED_HIVEMIND} (found {hivemind.__version__}); "
+                          f"pip install hivemind=={PINNED_HIVEMIND}")

@@ -1,0 +1,115 @@
+"""Who is at which round, from hivemind's training-progress records: mirrors hivemind/optim/progress_tracker.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+from hivemind import DHT
+from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.p2p import PeerID
+
+from photon_p2p.federation.records import is_live, peer_id_of_owner, read_records
+
+
+def progress_records(metadata: Any) -> dict[str, LocalTrainingProgress]:
+    """{peer id: its record} from the clock's DHT value (ProgressTracker's records; the epoch is our round)."""
+    records: dict[str, LocalTrainingProgress] = {}
+    if isinstance(metadata, dict):
+        for entry in metadata.values():
+            try:
+                record = LocalTrainingProgress.parse_obj(entry.value)
+                records[PeerID(record.peer_id).to_base58()] = record
+            except Exception:  # a malformed or foreign entry is simply no member
+                continue
+    return records
+
+
+def progress_members(metadata: Any) -> dict[str, int]:
+    """{peer id: round} from the clock's DHT value."""
+    return {peer: int(r.epoch) for peer, r in progress_records(metadata).items()}
+
+
+def admitted_progress(metadata: Any, admits: Callable[[str], bool] | None) -> Any:
+    """The clock's DHT entries of admitted peers only (each signed by the peer it names); ``admits=None``: all."""
+    if admits is None or not isinstance(metadata, dict):
+        return metadata
+    kept = {}
+    for subkey, entry in metadata.items():
+        try:
+            peer = PeerID(LocalTrainingProgress.parse_obj(entry.value).peer_id).to_base58()
+        except Exception:
+            continue
+        if peer == peer_id_of_owner(subkey) and admits(peer):
+            kept[subkey] = entry
+    return kept
+
+
+class RoundTracker(ProgressTracker):
+    """hivemind's ProgressTracker that also remembers which peers reported which epoch (= round) and speed at its
+    last fetch, and publishes the speed the daemon measured (``measured_speed``, steps per second of compute).
+
+    hivemind's own speed is an EMA of wall time between reports; with federation.overlap several steps are
+    reported at once when an average lands, which it reads as steps of ~0 s, and the speed then grows every
+    round. In a closed swarm (``admits`` set) only admitted peers' records count.
+    """
+
+    members: dict[str, int] = {}
+    records: dict[str, LocalTrainingProgress] = {}  # each peer's record (its round, steps, speed) at last fetch
+    measured_speed: float = 0.0
+    admits: Callable[[str], bool] | None = None
+
+    def _get_local_progress(self, local_epoch: int, samples_accumulated: int) -> LocalTrainingProgress:
+        progress = super()._get_local_progress(local_epoch, samples_accumulated)
+        if self.measured_speed > 0:
+            progress.samples_per_second = self.measured_speed
+        return progress
+
+    def run(self) -> None:
+        # hivemind's run() leaves its thread's loop open; collected at interpreter exit after its self-pipe
+        # socket, it prints an "Exception ignored" traceback. Same body, plus the close.
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(asyncio.gather(self._progress_reporter(), self._progress_fetcher()))
+        finally:
+            self.shutdown_complete.set()
+            # the reporter cancels its last store without awaiting it: finish that before closing, or Python
+            # prints "Task was destroyed but it is pending!" at exit
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+    def _parse_swarm_progress_data(self, metadata):
+        metadata = admitted_progress(metadata, self.admits)
+        records = progress_records(metadata)
+        self.records = records
+        self.members = {peer: int(r.epoch) for peer, r in records.items()}
+        return super()._parse_swarm_progress_data(metadata)
+
+    def begin_epoch(self, epoch: int, timeout: float) -> bool:
+        """``pause_updates`` + ``update_epoch`` with a deadline. hivemind's fetcher holds the progress lock across
+        a DHT read that has none; if the DHT process is gone (a group-wide kill) that read never returns and
+        ``pause_updates`` would wait forever. False: not moved (the lock stayed taken for ``timeout`` s)."""
+        if not self.lock_global_progress.acquire(timeout=timeout):
+            return False
+        try:
+            with self.performance_ema.pause():
+                self.update_epoch(epoch)
+            return True
+        finally:
+            self.lock_global_progress.release()
+
+
+def live_group_target(dht: DHT, run_id: str, me: str, target: int, min_size: int, timeout: float) -> int:
+    """``target``, capped at the number of live peers in the run's heartbeats (this one included) when they show
+    at least ``min_size``. Peers at other rounds count too: an overestimate only means waiting as before."""
+    try:
+        rows = read_records(dht, run_id, timeout)
+    except Exception:  # no evidence: keep the configured target
+        return target
+    live = {r["peer_id"] for r in rows if is_live(r)}
+    live.add(me)
+    return min(target, len(live)) if len(live) >= max(2, min_size) else target
