@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from photon_p2p.federation.averaging import RoundResult
-from photon_p2p.federation.swarm import speed_quota
+from photon_p2p.federation.protocol import speed_quota
 
 
 @dataclass

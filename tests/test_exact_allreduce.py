@@ -219,7 +219,7 @@ def test_a_stage_gives_up_only_when_its_own_members_have_left_the_round():
 
 
 def test_a_silo_takes_h_steps_unless_its_speed_is_far_from_the_swarms():
-    from photon_p2p.federation.swarm import speed_quota
+    from photon_p2p.federation.protocol import speed_quota
 
     assert speed_quota(8, 0.0, [3.0]) == 8  # own speed unknown (first round)
     assert speed_quota(8, 3.0, []) == 8  # alone

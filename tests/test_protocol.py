@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
+
 from photon_p2p.federation.protocol import (
     ClockRecord,
     NoShows,
     Outcome,
     arrival_s,
     majority,
+    member_round_s,
     outcome,
     roster,
+    speed_quota,
     round_leader,
     run_over,
     split_winner,
@@ -34,20 +38,40 @@ def test_arrival_is_projected_from_steps_and_speed():
 def test_roster_waits_for_members_and_the_round_behind_but_not_the_gone():
     now = 1000.0
     records = {"a": ClockRecord(5, 20, 2.0, now), "b": ClockRecord(4), "c": ClockRecord(3), "me": ClockRecord(5)}
-    r = roster(records, 5, "me", now, budget=5.0, round_s=12.0)
+    r = roster(records, 5, "me", now, budget=5.0, local_steps=24)
     assert r.members == ["a", "me"]  # records at the round (and this peer)
     assert r.waited == ["a", "b", "me"]  # one round behind: landing its average or seen late; c is gone
     assert r.eta == 2.0  # a: 12 s round, 10 s done
     # two reads a moment apart that differ by one member still name the same leader and the same key
-    other = roster({**records, "b": ClockRecord(5)}, 5, "a", now, budget=5.0, round_s=12.0)
+    other = roster({**records, "b": ClockRecord(5)}, 5, "a", now, budget=5.0, local_steps=24)
     assert round_leader(r) == round_leader(other) == "a"
 
 
 def test_a_member_projected_past_the_budget_is_not_waited_for():
     now = 1000.0
     slow = ClockRecord(5, steps=1, speed=0.05, time=now)  # 20 s done of a 120 s round
-    r = roster({"slow": slow, "me": ClockRecord(5)}, 5, "me", now, budget=5.0, round_s=40.0)
-    assert r.late == ["slow"] and r.waited == ["me"]
+    on_time = ClockRecord(5, steps=2, speed=1.0, time=now)  # done
+    # a fixed clock (every member takes H = 2 steps; under the swarm clock the slow one would get 1 step)
+    r = roster({"slow": slow, "b": on_time, "me": ClockRecord(5)}, 5, "me", now, budget=5.0, local_steps=2,
+               by_speed=False)
+    assert r.late == ["slow"] and r.waited == ["b", "me"]
+    # a joiner that came early (its first round is short) waits for the others, however long they still need
+    joiner = roster({"slow": slow, "me": ClockRecord(5)}, 5, "me", now, budget=5.0, local_steps=2, by_speed=False)
+    assert joiner.waited == ["me", "slow"] and joiner.eta == 20.0
+
+
+def test_each_member_is_projected_from_its_own_quota():
+    # A silo 1.6x faster than the others gets 11 steps of an H = 8 round (speed_quota): projected from the reader's
+    # own 8-step round it looked due 4 s before it came, and the group left without it.
+    now = 1000.0
+    records = {"fast": ClockRecord(5, steps=4, speed=1.6, time=now), "me": ClockRecord(5, 8, 1.0, now),
+               "b": ClockRecord(5, 8, 1.0, now)}
+    fast_s = member_round_s(records, "fast", 5, local_steps=8)
+    assert fast_s == pytest.approx(speed_quota(8, 1.6, [1.0, 1.0]) / 1.6) and speed_quota(8, 1.6, [1.0, 1.0]) == 11
+    r = roster(records, 5, "me", now, budget=5.0, local_steps=8)
+    assert r.waited == ["b", "fast", "me"] and r.eta == pytest.approx(fast_s - 4 / 1.6)
+    # a fixed clock (round_clock: steps): every member takes H steps
+    assert member_round_s(records, "fast", 5, local_steps=8, by_speed=False) == pytest.approx(8 / 1.6)
 
 
 def test_a_no_show_delays_one_round_only_until_its_record_moves():

@@ -62,18 +62,56 @@ def arrival_s(record: ClockRecord, round_s: float, now: float) -> float:
     return max(0.0, round_s - record.steps / record.speed - max(0.0, now - record.time))
 
 
-def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, budget: float, round_s: float,
-           skip: frozenset[str] | set[str] = frozenset()) -> Roster:
+QUOTA_BAND = 0.25  # a silo within ±25% of the swarm's mean speed takes exactly H steps
+
+
+def speed_quota(local_steps: int, own: float, others: list[float], band: float = QUOTA_BAND) -> int:
+    """A silo's inner steps for a round: H while it is about as fast as the swarm's mean (within ±band), else
+    H × its speed over the mean, so every silo trains about the same wall time and all reach matchmaking
+    together. Unknown speeds (the first round, alone): H.
+
+    Why not end the round for everyone when the swarm's total reaches H × peers (hivemind's ProgressTracker
+    target): equally fast silos then took anywhere from 1 to 16 steps of an H = 8 round, depending on when
+    each began it, and the non-IID run ended 12% worse than with a fixed H (BENCHMARKS.md, "The swarm clock").
+    """
+    speeds = [s for s in others if s > 0]
+    if own <= 0 or not speeds:
+        return local_steps
+    ratio = own * (len(speeds) + 1) / (own + sum(speeds))
+    if abs(ratio - 1) <= band:
+        return local_steps
+    return max(1, round(local_steps * ratio))
+
+
+def member_round_s(records: dict[str, ClockRecord], member: str, round_no: int, local_steps: int,
+                   by_speed: bool = True) -> float:
+    """Seconds of compute ``member``'s local phase takes: its own quota (speed_quota over the speeds of the live
+    records, as the member computes it, or H with a fixed clock) at its own speed; 0 if its speed is unknown."""
+    record = records[member]
+    if record.speed <= 0:
+        return 0.0
+    others = [r.speed for p, r in records.items() if p != member and r.round >= round_no - 1]
+    quota = speed_quota(local_steps, record.speed, others) if by_speed else local_steps
+    return quota / record.speed
+
+
+def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, budget: float, local_steps: int,
+           skip: frozenset[str] | set[str] = frozenset(), by_speed: bool = True) -> Roster:
     """The round's roster from the clock's records as read when this peer's local phase ended (``me`` is a
-    member). ``round_s``: a whole round's compute time, about every member's under speed quotas; ``skip``:
-    no-shows not to wait for again. A member projected to come more than ``budget`` after most of the round is
-    late (not waited for); a peer that came early (a joiner's short first round) waits for the others' projected
-    arrival (``eta``) plus the budget: the wait follows the work."""
+    member). Each member's arrival is projected from its own quota and speed (``local_steps`` = H; ``by_speed``:
+    quotas scale with speed, the swarm clock); ``skip``: no-shows not to wait for again. A member projected to
+    come more than ``budget`` after most of the other members is late (not waited for); a peer that came early
+    (a joiner's short first round) waits for the others' projected arrival (``eta``) plus the budget: the wait
+    follows the work. (Projected from this reader's own round time, a fast silo given 11 steps of an H = 8
+    round looked due 4 s before it came, and the group left without it by 0.1 s.)"""
     members = sorted({p for p, r in records.items() if r.round == round_no} | {me})
-    candidates = {p: arrival_s(r, round_s, now) if r.round == round_no else 0.0 for p, r in records.items()
+    candidates = {p: arrival_s(r, member_round_s(records, p, round_no, local_steps, by_speed), now)
+                  if r.round == round_no else 0.0 for p, r in records.items()
                   if p != me and p not in skip and round_no - 1 <= r.round <= round_no}
-    arrivals = sorted([0.0, *candidates.values()])
-    typical = arrivals[(len(arrivals) - 1) // 2]  # the lower median: when most of the round has come
+    # When most of the others have come (their lower median): this peer's own arrival does not count, or a joiner
+    # that came early (a short first round) would call a member due a few seconds later late.
+    arrivals = sorted(candidates.values()) or [0.0]
+    typical = arrivals[(len(arrivals) - 1) // 2]
     waited = sorted(p for p, a in candidates.items() if a <= typical + budget)
     late = sorted(p for p in candidates if p not in waited)  # past the budget after the others: not waited for
     eta = max((candidates[p] for p in waited), default=0.0)

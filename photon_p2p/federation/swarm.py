@@ -25,7 +25,8 @@ from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.hivemind_ext.progress_tracker import RoundTracker, admitted_progress, progress_records
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
-from photon_p2p.federation.protocol import ClockRecord, NoShows, Roster, majority, round_leader, roster
+from photon_p2p.federation.protocol import (ClockRecord, NoShows, Roster, majority, round_leader, roster,
+                                             speed_quota)
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
     install_validators,
@@ -61,27 +62,6 @@ class Swarm(Protocol):
 
 
 REPORT_PERIOD = 2.0  # seconds between two progress reports of one round (SwarmClock.report)
-QUOTA_BAND = 0.25  # a silo within ±25% of the swarm's mean speed takes exactly H steps
-
-
-def speed_quota(local_steps: int, own: float, others: list[float], band: float = QUOTA_BAND) -> int:
-    """This silo's inner steps for a round: H while it is about as fast as the swarm's mean (within ±band), else
-    H × its speed over the mean, so every silo trains about the same wall time and all reach matchmaking
-    together. Unknown speeds (the first round, alone): H.
-
-    Why not end the round for everyone when the swarm's total reaches H × peers (hivemind's ProgressTracker
-    target): equally fast silos then took anywhere from 1 to 16 steps of an H = 8 round, depending on when
-    each began it, and the non-IID run ended 12% worse than with a fixed H (BENCHMARKS.md, "The swarm clock").
-    """
-    speeds = [s for s in others if s > 0]
-    if own <= 0 or not speeds:
-        return local_steps
-    ratio = own * (len(speeds) + 1) / (own + sum(speeds))
-    if abs(ratio - 1) <= band:
-        return local_steps
-    return max(1, round(local_steps * ratio))
-
-
 class SwarmClock:
     """Each round's members and each silo's share of it: hivemind's ProgressTracker, rounds as its epochs.
 
@@ -164,6 +144,11 @@ class SwarmClock:
                                   float(r.time)) for p, r in raw.items()}
         log.info("round %d: clock records %s", round_no, {p[-6:]: r.round for p, r in records.items()})
         return records
+
+    def cached(self) -> dict[str, ClockRecord]:
+        """Every clock record as of the tracker's last periodic fetch (seconds old at most; no DHT read)."""
+        return {p: ClockRecord(int(r.epoch), float(r.samples_accumulated), float(r.samples_per_second), float(r.time))
+                for p, r in dict(self.tracker.records).items()}
 
     def left(self, round_no: int, waiting: tuple[str, ...]) -> bool:
         """Whether the peers in ``waiting`` have all moved past ``round_no`` (as of the tracker's last fetch):
@@ -283,13 +268,12 @@ class HivemindSwarm:
         a fixed H)."""
         f, target = self.cfg.federation, self.cfg.federation.target_group_size
         clock, me = self.clock, self.peer_id
-        plan, round_s = None, 0.0
+        plan, by_speed = None, f.round_clock == "swarm"
         if clock is not None:
             records = clock.records(round_no, self.cfg.network.request_timeout)
             self.dht_reads += 1
-            speed = clock.tracker.measured_speed  # a whole round's compute time (not a joiner's short first one)
-            round_s = clock.quota(round_no, f.local_steps) / speed if speed > 0 else 0.0
-            chosen = roster(records, round_no, me, get_dht_time(), budget, round_s, self.no_shows.skip(records))
+            chosen = roster(records, round_no, me, get_dht_time(), budget, f.local_steps,
+                            self.no_shows.skip(records), by_speed)
         else:
             at_round = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
             records, chosen = {}, Roster(round_no, sorted({me, *at_round}), sorted({me, *at_round}))
@@ -312,11 +296,22 @@ class HivemindSwarm:
             if clock is None or plan is None:
                 return None
             fresh = roster(clock.records(round_no, min(1.0, float(self.cfg.network.request_timeout))), round_no,
-                           me, get_dht_time(), budget, round_s, self.no_shows.skip(records)).waited
+                           me, get_dht_time(), budget, f.local_steps, self.no_shows.skip(records), by_speed).waited
             return plan_groups(fresh, me, target) if len(fresh) > target else None
+        def grow() -> int:  # one group: a peer whose first record appeared while we wait (a joiner) is waited for
+            fresh = roster(clock.cached(), round_no, me, get_dht_time(), budget, f.local_steps,
+                           self.no_shows.skip(records), by_speed)
+            new = sorted(set(fresh.waited) - set(chosen.waited))
+            if new:
+                log.info("round %d: also waiting for %s (its record appeared meanwhile)", round_no,
+                         " ".join(m[-6:] for m in new))
+                chosen.waited = sorted({*chosen.waited, *new})
+                chosen.members = sorted({*chosen.members, *(set(new) & set(fresh.members))})
+            return len(chosen.waited)
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
                                        live_target=live_target, plan=plan, give_up=give_up, replan=replan,
-                                       wait=budget + chosen.eta, leader=round_leader(chosen) if plan is None else "")
+                                       wait=budget + chosen.eta, leader=round_leader(chosen) if plan is None else "",
+                                       grow=grow if clock is not None and plan is None else None)
         if not result.solo:  # a peer that missed the group cannot tell who else did not come
             missing = self.no_shows.note(chosen.waited, result.peers, records)
             if missing:
