@@ -121,8 +121,9 @@ class FederationConfig:
     straggler_wait: float = 0.0
     # A round's group waits for a member still training up to this share of the round's compute time (at least
     # matchmaking_time or straggler_wait, at most round_deadline / 2): a fixed window is too short on a busy
-    # machine and too long for nothing (protocol.wait_budget).
-    wait_fraction: float = 0.5
+    # machine and too long for nothing (protocol.wait_budget). 1.0: on a busy 2-core machine a silo's round varies
+    # ±50% (another silo's evaluation, a checkpoint); with 0.5 one README demo round in 32 left a silo behind.
+    wait_fraction: float = 1.0
     allreduce_timeout: float = 60.0
     round_deadline: float = 120.0  # max seconds to wait for averaging; then the round goes solo
     compression: str = "none"  # none | fp16 | scaled-fp16 | uint8 | blockwise8

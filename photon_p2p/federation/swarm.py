@@ -283,7 +283,12 @@ class HivemindSwarm:
             # records a moment apart would otherwise plan different grids (one group for two of them, a grid of
             # four for the others) and never meet.
             plan = plan_groups(chosen.waited, me, target)
-        live_target = max(len(chosen.waited), min(f.min_group_size, 2)) if plan is None else None
+        # One group: it starts the moment every waited-for member has joined. A peer that knows of no other member
+        # (the swarm's first round, joiners whose records are not out yet) takes whoever comes within its wait
+        # instead of starting with the first: two joiners 0.1 s apart otherwise split round 0 into 2 + 1.
+        live_target = None
+        if plan is None:
+            live_target = len(chosen.waited) if len(chosen.waited) > 1 else max(2, target)
         log.info("round %d: roster %s, waiting for %s (%s late) up to %.1fs + eta %.1fs, leader %s", round_no,
                  " ".join(m[-6:] for m in chosen.members), " ".join(m[-6:] for m in chosen.waited),
                  " ".join(m[-6:] for m in chosen.late) or "none", budget, chosen.eta, round_leader(chosen)[-6:])
