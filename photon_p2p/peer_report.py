@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from photon_p2p import __version__
 from photon_p2p.config import Config
 from photon_p2p.federation.averaging import RoundResult
+from photon_p2p.federation.protocol import round_leader
 from photon_p2p.federation.records import MAX_CLIPPED
 from photon_p2p.ledger import InFlight, RoundLedger
 
@@ -46,8 +47,14 @@ def heartbeat_record(d: Reporter) -> dict[str, Any]:
         "fingerprint": d.fingerprint(), "participation": d.ledger.participation,
         "clipped": clip_summary(d.ledger.clip_history),
         "world_size": d.trainer.world_size, "device": d.trainer.device.type,
-        "utilization": round(d.ledger.utilization(), 4),
+        "utilization": round(d.ledger.utilization(), 4), **roster_belief(d.swarm),
     }
+
+
+def roster_belief(swarm: Any) -> dict[str, Any]:
+    """Whom this peer's last round waited for and which peer it asked to lead (heartbeat and status)."""
+    chosen = getattr(swarm, "last_roster", None)
+    return {"waited": len(chosen.waited), "leader": round_leader(chosen)} if chosen is not None else {}
 
 
 def roster_fields(d: Reporter) -> dict[str, Any]:

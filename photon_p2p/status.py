@@ -188,6 +188,11 @@ def _short_id(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 14 else ".." + peer_id[-12:]
 
 
+def _group(r: dict) -> str:
+    """'3/3': the peer's last group size over the peers its round waited for (older peers: the size alone)."""
+    return f"{r['group_size']}/{r['waited']}" if r.get("waited") else str(r["group_size"])
+
+
 def _short_model(fingerprint: str) -> str:
     # 8 hex digits (32 bits) tell a handful of models apart at a glance; JSON output keeps the full hash.
     return fingerprint[:8] if fingerprint else "-"
@@ -262,13 +267,13 @@ def render_table(status: dict) -> str:
             lines.append(f"CLIPPED: peer {_short_id(r['peer_id'])} was clipped or dropped by {len(c['reporters'])} "
                          f"reducer(s) in up to {c['rounds']} of their last rounds (smallest share kept "
                          f"{c['factor']:.2g}): its updates are far from the others'; check it")
-    table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "MODEL", "PART", "CLIPPED", "UTIL", "TOKENS", "TOK/S",
-              "LOSS", "VAL PPL", "SILO", "LAST SEEN")]
+    table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "MODEL", "PART", "CLIPPED", "GROUP", "UTIL", "TOKENS",
+              "TOK/S", "LOSS", "VAL PPL", "SILO", "LAST SEEN")]
     for r in rows:
         c = r.get("clipped_by_others")
         table.append((_short_id(r["peer_id"]) + ("" if r["verified"] else "?"), _address(r), r["status"],
                       str(r["round"]), str(r["lag"]), _short_model(r["fingerprint"]), f"{r['participation']:.0%}",
-                      f"{c['rounds']}x{len(c['reporters'])}" if c else "-", _pct(r.get("utilization")),
+                      f"{c['rounds']}x{len(c['reporters'])}" if c else "-", _group(r), _pct(r.get("utilization")),
                       _count(r["tokens"]), f"{r['tokens_per_s']:,.0f}", _num(r["loss"], ".4f"),
                       _num(r["val_ppl"], ".2f"), _silo(r), _ago(r["last_seen"]) + " ago"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 from deadlines import within
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,3 +88,19 @@ def test_gpu_throughput_smoke_runs_every_code_path_on_cpu(tmp_path):
     (probe,) = doc["fsdp_probe"]
     assert probe["status"] == "ok" and probe["parallel"] == "fsdp+ac" and probe["tok_s"] > 0
     assert doc["largest_fsdp_ac_preset"] == "tiny"
+
+
+@pytest.mark.slow
+def test_eight_simulated_peers_average_as_one_group_on_one_model(tmp_path):
+    # Issue 22's testbed at its smallest goal size: 8 real peers (DHT, p2pd, averager, matchmaking, all-reduce on
+    # 127.0.0.1) whose local phase sleeps. Every round that every live peer recorded ends on one model, the run
+    # ends at the swarm's round on one model, and once the joiners are in, rounds are one group of all 8.
+    out = tmp_path / "s8"
+    proc = subprocess.run([sys.executable, "bench/scale.py", "--peers", "8", "--rounds", "8", "--local-steps", "16",
+                           "--step-s", "0.25", "--numel", "65536", "--cap", "400", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=within(480))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["one_model_rounds"] == s["rounds_total"], s
+    assert s["distinct_models_at_end"] == 1 and s["last_rounds"] == [8], s
+    assert s["participation"] >= 0.75, s  # the start-up rounds (7 joiners downloading) may miss; later ones not

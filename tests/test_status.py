@@ -124,7 +124,8 @@ def test_peers_without_a_fingerprint_are_not_a_model_of_their_own():
 
 
 def test_table_has_model_and_participation_columns():
-    status = collect_status(fake_swarm([{"round": 12, "fingerprint": A, "participation": 0.875},
+    status = collect_status(fake_swarm([{"round": 12, "fingerprint": A, "participation": 0.875, "group_size": 3,
+                                         "waited": 3, "leader": "x"},
                                         {"round": 12, "fingerprint": "", "participation": 0.0}]), RUN, 1.0)
     lines = render_table(status).splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
@@ -132,6 +133,9 @@ def test_table_has_model_and_participation_columns():
     rows = {line.split()[0]: line.split() for line in lines[header + 1:] if line.startswith("..")}
     assert rows["..aaaaaaaaaaaa?"][5:7] == [A[:8], "88%"]
     assert rows["..bbbbbbbbbbbb?"][5:7] == ["-", "0%"]
+    # GROUP: the last group's size over the peers its round waited for (the peer's roster); an older peer: the size
+    assert lines[header].split()[8] == "GROUP" and rows["..aaaaaaaaaaaa?"][8] == "3/3"
+    assert rows["..bbbbbbbbbbbb?"][8] == str(status["peers"][1]["group_size"])
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,10 @@ class PeerRecord(BaseModel):
     # share of wall-clock time in inner steps (the rest: waiting on the network, evaluating, saving); optional so
     # records of peers that predate it still validate
     utilization: Optional[confloat(ge=0.0, le=1.0, strict=True)] = None
+    # What the peer's last round waited for (protocol.Roster): how many peers, itself included, and the round's
+    # designated leader; 0 and "" from peers older than these fields
+    waited: _Count = 0
+    leader: constr(strict=True, max_length=128) = ""
 
 
 class HeartbeatSchema(BaseModel):
