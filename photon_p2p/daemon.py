@@ -161,9 +161,10 @@ class PeerDaemon:
                 self.metrics.log("step", round=self.round, step=self.trainer.step, tokens=self.trainer.tokens,
                                  loss=loss, lr=self.trainer.optimizer.param_groups[0]["lr"],
                                  tokens_per_s=self.ledger.tokens_per_s)
-        log.info("round %d: local phase over after %d steps (%d this round)", self.round, steps, self.ledger.clock_steps)
+        books = self.ledger
+        log.info("round %d: local phase over after %d steps (%d this round)", self.round, steps, books.clock_steps)
         # not landing, evaluating, saving, nor suspended
-        self.ledger.compute_s = time.monotonic() - t0 - (self.ledger.paused_s - paused0) - (self.ledger.stalled_s - stalled0)
+        books.compute_s = time.monotonic() - t0 - (books.paused_s - paused0) - (books.stalled_s - stalled0)
         if not self.ledger.late_round:  # a whole round's local phase (a joiner's first one is only the rest of a round)
             self.ledger.round_s = self.ledger.compute_s
         self.ledger.compute_total += self.ledger.compute_s
@@ -225,11 +226,16 @@ class PeerDaemon:
             return False
         base = [p.detach().clone() for p in self.state.params] if f.overlap else None
         sent = [d.clone() for d in deltas] if self.state.residual is not None else None
-        budget = wait_budget(max(self.ledger.compute_s, self.ledger.round_s), f.matchmaking_time, f.straggler_wait, f.wait_fraction,
-                             limit=f.round_deadline / 2)
-        future = self.executor.submit(self.swarm.average, deltas, self.round, weight=float(max(1, self.ledger.round_tokens)),
-                                      stop=self.stop, fingerprint=self.fingerprint(), budget=budget)
-        self.inflight = InFlight(future, self.round, deltas, self.ledger.round_tokens, self.ledger.round_steps, self.ledger.compute_s,
+        books = self.ledger
+        budget = wait_budget(max(books.compute_s, books.round_s), f.matchmaking_time, f.straggler_wait,
+                             f.wait_fraction, limit=f.round_deadline / 2)
+        # joined: this round began with a download (a joiner, or a catch-up); its roster is a first read of records
+        joined = books.late_round or books.synced_mid_round
+        if f.round_clock != "swarm":
+            books.synced_mid_round = False  # (the swarm clock's quota consumes it when the round begins)
+        future = self.executor.submit(self.swarm.average, deltas, self.round, weight=float(max(1, books.round_tokens)),
+                                      stop=self.stop, fingerprint=self.fingerprint(), budget=budget, joined=joined)
+        self.inflight = InFlight(future, self.round, deltas, books.round_tokens, books.round_steps, books.compute_s,
                                  base, sent)
         self.metrics.log("averaging", round=self.round, step=self.trainer.step, tokens=self.ledger.round_tokens,
                          background=f.overlap)

@@ -65,7 +65,7 @@ class FakeSwarm:
         old = self.net.progress.get(self.peer_id, (0, 0, 0.0))
         self.net.progress[self.peer_id] = (round_no, 0, old[2])  # the last measured speed carries over
 
-    def average(self, deltas, round_no, weight, *, stop, fingerprint, budget) -> RoundResult:
+    def average(self, deltas, round_no, weight, *, stop, fingerprint, budget, joined=False) -> RoundResult:
         group = self.net.plan(round_no, self.peer_id)
         if group is None:
             group = [n for n, p in self.net.peers.items() if p.live]

@@ -54,7 +54,7 @@ class Swarm(Protocol):
     def round_quota(self, round_no: int, local_steps: int, late: bool = False) -> int: ...
     def begin_round(self, round_no: int) -> None: ...
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float, *, stop, fingerprint: str,
-                budget: float) -> RoundResult: ...
+                budget: float, joined: bool = False) -> RoundResult: ...
     def load_state(self, timeout: float, progress: bool,
                    only: list[str] | None = None) -> tuple[dict, list[torch.Tensor]] | None: ...
     def publish_now(self) -> None: ...
@@ -261,7 +261,7 @@ class HivemindSwarm:
             self.clock.begin(round_no, timeout=float(self.cfg.network.request_timeout))
 
     # ---- averaging and state -----------------------------------------------------------------------------
-    def average(self, deltas, round_no, weight, *, stop, fingerprint, budget) -> RoundResult:
+    def average(self, deltas, round_no, weight, *, stop, fingerprint, budget, joined=False) -> RoundResult:
         """Average with every live peer of this round (protocol.roster): one group under the round's key, which
         starts the moment every waited-for peer has joined, else ``budget`` seconds after the first came. Past
         target_group_size: rows then columns (groups.py). Members come from the clock's records (heartbeats with
@@ -283,12 +283,13 @@ class HivemindSwarm:
             # records a moment apart would otherwise plan different grids (one group for two of them, a grid of
             # four for the others) and never meet.
             plan = plan_groups(chosen.waited, me, target)
-        # One group: it starts the moment every waited-for member has joined. A peer that knows of no other member
-        # (the swarm's first round, joiners whose records are not out yet) takes whoever comes within its wait
-        # instead of starting with the first: two joiners 0.1 s apart otherwise split round 0 into 2 + 1.
+        # One group: it starts the moment every waited-for member has joined. A peer whose roster is a first read of
+        # a swarm still forming (it knows of no other member, or it ``joined`` this round with a download) takes
+        # whoever comes within its wait instead of starting once its roster is complete: two joiners 0.1 s apart
+        # otherwise split round 0 into 2 + 1, the one leading having not yet seen the other's record.
         live_target = None
         if plan is None:
-            live_target = len(chosen.waited) if len(chosen.waited) > 1 else max(2, target)
+            live_target = len(chosen.waited) if len(chosen.waited) > 1 and not joined else max(2, target)
         log.info("round %d: roster %s, waiting for %s (%s late) up to %.1fs + eta %.1fs, leader %s", round_no,
                  " ".join(m[-6:] for m in chosen.members), " ".join(m[-6:] for m in chosen.waited),
                  " ".join(m[-6:] for m in chosen.late) or "none", budget, chosen.eta, round_leader(chosen)[-6:])
