@@ -3,8 +3,9 @@
 Rounds never mix: the round number is the matchmaking group key (hivemind only groups peers whose keys are equal),
 and every member's gathered metadata is checked after the fact. A one-group round's members all ask the round's
 designated leader first (protocol.round_leader), and declared deadlines are aligned to matchmaking_time slots so
-that hivemind's own choice (the earliest deadline, then the lowest peer id) agrees with it. hivemind averages the tensors it owns in its own process; we average a private copy and only write back on
-success, so a failed, late or mismatched round leaves the caller's Δ untouched.
+that hivemind's own choice (the earliest deadline, then the lowest peer id) agrees with it. hivemind averages the
+tensors it owns in its own process; we average a private copy and only write back on success, so a failed, late
+or mismatched round leaves the caller's Δ untouched.
 """
 
 from __future__ import annotations
@@ -441,7 +442,7 @@ class PseudoGradientAverager:
                         if why:
                             control.cancel()
                             return None, why
-                        wanted = grow() if grow is not None and target is not None else 0
+                        wanted = grow() if grow is not None else 0
                         if wanted > target:  # raised before the group assembles: it waits for the newcomer
                             target = wanted
                             self._averager.set_target_group_size(target)

@@ -62,6 +62,12 @@ class Swarm(Protocol):
 
 
 REPORT_PERIOD = 2.0  # seconds between two progress reports of one round (SwarmClock.report)
+def _clock_records(raw: dict) -> dict[str, ClockRecord]:
+    """hivemind's progress records (LocalTrainingProgress by peer) as the protocol's ClockRecords."""
+    return {p: ClockRecord(int(r.epoch), float(r.samples_accumulated), float(r.samples_per_second), float(r.time))
+            for p, r in raw.items()}
+
+
 class SwarmClock:
     """Each round's members and each silo's share of it: hivemind's ProgressTracker, rounds as its epochs.
 
@@ -140,15 +146,13 @@ class SwarmClock:
             log.info("round %d: no fresh read of the clock's records (%r); using the last fetch", round_no, e)
             future.cancel()
             raw = dict(self.tracker.records)
-        records = {p: ClockRecord(int(r.epoch), float(r.samples_accumulated), float(r.samples_per_second),
-                                  float(r.time)) for p, r in raw.items()}
+        records = _clock_records(raw)
         log.info("round %d: clock records %s", round_no, {p[-6:]: r.round for p, r in records.items()})
         return records
 
     def cached(self) -> dict[str, ClockRecord]:
         """Every clock record as of the tracker's last periodic fetch (seconds old at most; no DHT read)."""
-        return {p: ClockRecord(int(r.epoch), float(r.samples_accumulated), float(r.samples_per_second), float(r.time))
-                for p, r in dict(self.tracker.records).items()}
+        return _clock_records(dict(self.tracker.records))
 
     def left(self, round_no: int, waiting: tuple[str, ...]) -> bool:
         """Whether the peers in ``waiting`` have all moved past ``round_no`` (as of the tracker's last fetch):
