@@ -15,7 +15,8 @@ an inner step sleeps ``--step-s`` (× 2 for peer 1, the half-speed silo; ± ``--
 tiny preset (one embedded corpus source per silo), as peers/local_swarm.py does.
 
 ``--churn``: every ``--churn-every`` rounds (first at half that), kill -9 one peer's process group, SIGSTOP
-another's for 30 s, and start a new peer. It writes DIR/summary.json (see ``summarize``) and prints it.
+another's for 30 s, and start a new peer; ``--stop-leader`` stops the lowest peer id but peer 0's (the round's
+designated leader, unless peer 0's id is lower still). It writes DIR/summary.json (see ``summarize``) and prints it.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class Swarm:
         self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.dirs[i] = run_dir
 
+    def peer_id(self, i: int) -> str:
+        return str(json.loads((self.dirs[i] / "peer.json").read_text()).get("peer_id", ""))
+
     def address(self, i: int) -> list[str]:
         return local_swarm.wait_for_address(self.procs[i], self.dirs[i], timeout=180.0)[:1]
 
@@ -149,12 +153,15 @@ class Swarm:
                 if next_churn is not None and self.newest_round() >= next_churn and next_churn < a.rounds - 2:
                     victims = [i for i in self.live() if i != 0]  # peer 0 is every joiner's bootstrap address
                     rng.shuffle(victims)
+                    if a.stop_leader and len(victims) >= 2:  # the worst case: stop the lowest peer id (the leader)
+                        lowest = min(victims, key=self.peer_id)
+                        victims.sort(key=lambda i: i == lowest)  # last: the one stopped
                     if len(victims) >= 2:
                         os.killpg(self.procs[victims[0]].pid, signal.SIGKILL)
                         self.event("killed", victims[0])
-                        os.killpg(self.procs[victims[1]].pid, signal.SIGSTOP)
-                        self.event("stopped", victims[1])
-                        stopped = (victims[1], time.monotonic() + STOP_S)
+                        os.killpg(self.procs[victims[-1]].pid, signal.SIGSTOP)
+                        self.event("stopped", victims[-1])
+                        stopped = (victims[-1], time.monotonic() + STOP_S)
                         new = max(self.procs) + 1
                         self.start(new, initial)
                         self.event("joined", new)
@@ -254,6 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--trainer", choices=("sim", "real"), default="sim")
     ap.add_argument("--churn", action="store_true")
     ap.add_argument("--churn-every", type=int, default=10)
+    ap.add_argument("--stop-leader", action="store_true",
+                    help="churn stops the lowest peer id but peer 0's (the designated leader when not peer 0)")
     ap.add_argument("--local-steps", type=int, default=32)
     ap.add_argument("--step-s", type=float, default=0.25, help="simulated seconds per inner step")
     ap.add_argument("--jitter", type=float, default=0.2, help="± share of --step-s drawn per step")

@@ -148,3 +148,42 @@ def test_a_follower_accepted_after_request_timeout_joins_the_group_instead_of_be
 def test_a_leader_that_never_answers_is_left_when_the_request_expires():
     got, took, _ = join(AdmittedMatchmaking._request_join_group, 60.0, 0.6)
     assert got is None and 0.7 < took < 2.0  # expiration 0.6 s + request_timeout 0.2 s
+
+
+def test_a_designated_leader_that_goes_silent_is_left_at_once_for_the_next():
+    # A SIGSTOPped designated leader answers nothing: waiting out the request (here 30 s) cost a churn run its
+    # round. Once the daemon names another leader (the old one's clock record went silent), the follower asks it.
+    async def main():
+        mm = follower(60.0, 30.0)
+        mm.round_leader, mm.leader_patience, mm.last_answer = "leader", 30.0, None
+        asked = []
+
+        async def request(leader):
+            asked.append(leader)
+            if leader == "leader":
+                return await AdmittedMatchmaking._request_join_group(mm, leader)
+            return GROUP
+        mm._request_join_group = request
+
+        async def silence():
+            await asyncio.sleep(0.5)
+            mm.round_leader = "next"
+        async with mm.lock_looking_for_group:
+            t0, _ = time.monotonic(), asyncio.create_task(silence())
+            got = await mm._request_join_potential_leaders(None)
+            return got, time.monotonic() - t0, asked
+    got, took, asked = asyncio.run(main())
+    assert got is GROUP and asked == ["leader", "next"] and took < 2.0
+
+
+def test_a_clock_record_that_stops_moving_goes_silent(monkeypatch):
+    # Judged by our own clock (silo clocks may disagree): a record whose store time has not changed for the limit.
+    from photon_p2p.federation.hivemind_ext import progress_tracker as pt
+    now = [100.0]
+    monkeypatch.setattr(pt, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    tracker, rec = SimpleNamespace(heard={}), (lambda t: SimpleNamespace(time=t))
+    pt.RoundTracker.observe(tracker, {"a": rec(1.0), "b": rec(1.0), "gone": rec(1.0)})
+    now[0] = 110.0
+    pt.RoundTracker.observe(tracker, {"a": rec(11.0), "b": rec(1.0)})  # a stored again; b did not; gone expired
+    now[0] = 113.0
+    assert pt.RoundTracker.silent(tracker, 12.0) == {"b"} and "gone" not in tracker.heard

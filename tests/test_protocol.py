@@ -74,6 +74,27 @@ def test_each_member_is_projected_from_its_own_quota():
     assert member_round_s(records, "fast", 5, local_steps=8, by_speed=False) == pytest.approx(8 / 1.6)
 
 
+def test_round_zero_is_projected_at_h_steps_for_everyone():
+    # No silo knows its own speed when it fixes its first quota, so each takes H: a half-speed silo projected from
+    # speed_quota looked due a whole round early, and the group of 8 started without it.
+    now = 1000.0
+    records = {"half": ClockRecord(0, steps=2, speed=0.5, time=now), "me": ClockRecord(0, 8, 1.0, now),
+               "b": ClockRecord(0, 8, 1.0, now)}
+    assert member_round_s(records, "half", 0, local_steps=8) == pytest.approx(16.0)
+    assert member_round_s(records, "half", 1, local_steps=8) < 16.0  # later rounds: its speed quota
+    r = roster(records, 0, "me", now, budget=16.0, local_steps=8)
+    assert r.waited == ["b", "half", "me"] and r.eta == pytest.approx(12.0)
+
+
+def test_a_silent_member_is_neither_waited_for_nor_the_leader():
+    # "a" has the lowest id but its record stopped moving (SIGSTOP): asking it to lead cost a churn run its round.
+    now = 1000.0
+    records = {"a": ClockRecord(5, 3, 1.0, now - 30), "b": ClockRecord(5, 8, 1.0, now), "me": ClockRecord(5)}
+    r = roster(records, 5, "me", now, budget=5.0, local_steps=8, quiet={"a"})
+    assert r.silent == ["a"] and r.waited == ["b", "me"] and round_leader(r) == "b"
+    assert round_leader(roster(records, 5, "me", now, budget=5.0, local_steps=8)) == "a"
+
+
 def test_a_no_show_delays_one_round_only_until_its_record_moves():
     seen = NoShows()
     records = {"dead": ClockRecord(4, 3, 1.0, 50.0), "x": ClockRecord(5)}

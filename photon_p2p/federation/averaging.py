@@ -198,7 +198,7 @@ class PseudoGradientAverager:
                 live_target: int | None = None, plan: GroupPlan | None = None,
                 give_up: Callable[[tuple[str, ...]], bool] | None = None,
                 replan: Callable[[], GroupPlan | None] | None = None, wait: float = 0.0,
-                leader: str = "", grow: Callable[[], int] | None = None) -> RoundResult:
+                leader: str = "", follow: Callable[[], tuple[int, str]] | None = None) -> RoundResult:
         """All-reduce ``deltas`` (weighted by ``weight``, e.g. tokens) with peers at ``round_no``, within
         federation.round_deadline per stage. On success the swarm's weighted mean (the same bytes on every
         member) is written into ``deltas`` in place; if ``result.healed`` it is the mean of the members' local
@@ -215,8 +215,10 @@ class PseudoGradientAverager:
         wait, until the deadline, in a grid the others are not in.
         ``wait``: seconds a group waits for its members once the first has come (protocol.wait_budget; at least
         matchmaking_time). ``leader``: the peer every member of a one-group round asks first (protocol.round_leader).
-        ``grow``: polled while a one-group round waits, the number of members it now waits for (a peer whose
-        record appeared meanwhile, e.g. a joiner): the group waits for it instead of starting without it."""
+        ``follow``: polled while a one-group round waits, the number of members it now waits for and its leader: a
+        peer whose record appeared meanwhile (a joiner) is waited for instead of started without; one whose record
+        went silent (a stopped or dead process) is not waited for any longer, and if it was the leader the
+        members ask the next one."""
         give_up = give_up or (lambda _waiting: False)
         weight = max(float(weight), 1e-6)
         deadline = time.monotonic() + self.fed.round_deadline  # the first stage's, across regroupings
@@ -238,7 +240,7 @@ class PseudoGradientAverager:
                 size = max(plan.n, live_target or 0) if plan is not None else live_target
                 result = self._average_stage(deltas, round_no, weight, stop, fingerprint, size, 0, 0,
                                              give_up=lambda: LEFT if give_up(others) else "", regroup=regroup,
-                                             deadline=deadline, wait=wait, leader=leader, grow=grow)
+                                             deadline=deadline, wait=wait, leader=leader, follow=follow)
             elif plan.row_size() == 1:
                 # Alone in its row (3 peers in groups of 2: rows of 2 and 1): its row mean is its own Δ, and it
                 # goes straight to its column (hivemind cannot form a group of one). Nothing is averaged yet, so
@@ -311,7 +313,7 @@ class PseudoGradientAverager:
                        digest: int = 0, rank: int = 0, weights: bool = False, extra: dict | None = None,
                        give_up: Callable[[], str] = lambda: "", regroup: Callable[[], str] = lambda: "",
                        deadline: float | None = None, wait: float = 0.0, leader: str = "",
-                       grow: Callable[[], int] | None = None) -> RoundResult:
+                       follow: Callable[[], tuple[int, str]] | None = None) -> RoundResult:
         """One matchmaking + all-reduce under the key (round, stage, index); see average(). ``give_up``: polled
         while looking for a group, a reason to stop waiting (or ""); ``regroup``: the same, asked after an attempt
         that found no group, before the next one."""
@@ -342,7 +344,7 @@ class PseudoGradientAverager:
         log.debug("round %d: stage %d group %d (key %s) looking for %s peers, weight %.3g", round_no, stage,
                   index, bits, target, weight)
         gathered, reason = self._run_step(deltas, round_no, weight, deadline, stop, phases, gather, target,
-                                          bits, give_up, regroup, wait, leader, grow)
+                                          bits, give_up, regroup, wait, leader, follow)
         if gathered is None:
             log.debug("round %d: stage %d group %d ended without averaging (%s)", round_no, stage, index, reason)
             return result(True, reason)
@@ -393,7 +395,8 @@ class PseudoGradientAverager:
                   live_target: int | None, bits: str,
                   give_up: Callable[[], str],
                   regroup: Callable[[], str] = lambda: "", wait: float = 0.0,
-                  leader: str = "", grow: Callable[[], int] | None = None) -> tuple[dict[str, dict] | None, str]:
+                  leader: str = "", follow: Callable[[], tuple[int, str]] | None = None,
+                  ) -> tuple[dict[str, dict] | None, str]:
         """Matchmake and all-reduce until success or the deadline: (gathered metadata by peer, "") or (None, why)."""
         t_copy = time.monotonic()
         if not self._lock(deadline):
@@ -442,10 +445,15 @@ class PseudoGradientAverager:
                         if why:
                             control.cancel()
                             return None, why
-                        wanted = grow() if grow is not None else 0
-                        if wanted > target:  # raised before the group assembles: it waits for the newcomer
-                            target = wanted
-                            self._averager.set_target_group_size(target)
+                        if follow is not None:
+                            wanted, now_leader = follow()
+                            wanted = max(self.fed.min_group_size, wanted)
+                            if wanted != target:  # before the group assembles: a newcomer, or one gone silent
+                                target = wanted
+                                self._averager.set_target_group_size(target)
+                            if now_leader != leader:
+                                leader = now_leader
+                                self._averager.set_round_leader(leader or None, window)
                     try:
                         control.result(timeout=0.2)
                     except (Exception, asyncio.CancelledError):  # hivemind cancels a step whose process died

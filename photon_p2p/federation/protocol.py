@@ -23,12 +23,16 @@ class Outcome(str, enum.Enum):
 @dataclass(frozen=True)
 class ClockRecord:
     """A peer's swarm-clock record as read from the DHT: its round, inner steps taken in it by ``time`` (DHT
-    time of the report) and its speed (inner steps per second of compute; 0 = not yet measured)."""
+    time of the store: a running process stores its record every few seconds) and its speed (inner steps per
+    second of compute; 0 = not yet measured)."""
 
     round: int
     steps: float = 0.0
     speed: float = 0.0
     time: float = 0.0
+
+
+SILENT_S = 12.0  # a record that has not moved for this long belongs to a stopped or dead process (stored every ~2 s)
 
 
 def wait_budget(compute_s: float, matchmaking_time: float, straggler_wait: float, fraction: float,
@@ -50,6 +54,7 @@ class Roster:
     members: list[str]
     waited: list[str]
     late: list[str] = field(default_factory=list)  # members projected past the budget: the group starts without them
+    silent: list[str] = field(default_factory=list)  # records no longer stored (stopped or dead): not waited for
     eta: float = 0.0  # seconds until the last waited member is projected to end its local phase
 
 
@@ -86,28 +91,35 @@ def speed_quota(local_steps: int, own: float, others: list[float], band: float =
 def member_round_s(records: dict[str, ClockRecord], member: str, round_no: int, local_steps: int,
                    by_speed: bool = True) -> float:
     """Seconds of compute ``member``'s local phase takes: its own quota (speed_quota over the speeds of the live
-    records, as the member computes it, or H with a fixed clock) at its own speed; 0 if its speed is unknown."""
+    records, as the member computes it, or H with a fixed clock) at its own speed; 0 if its speed is unknown.
+    Round 0 is H for everyone: no silo knows its own speed when it fixes its first quota (projected from
+    speed_quota, a half-speed silo of 8 was expected a whole round early and left out of round 0)."""
     record = records[member]
     if record.speed <= 0:
         return 0.0
+    if round_no == 0:
+        return local_steps / record.speed
     others = [r.speed for p, r in records.items() if p != member and r.round >= round_no - 1]
     quota = speed_quota(local_steps, record.speed, others) if by_speed else local_steps
     return quota / record.speed
 
 
 def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, budget: float, local_steps: int,
-           skip: frozenset[str] | set[str] = frozenset(), by_speed: bool = True) -> Roster:
+           skip: frozenset[str] | set[str] = frozenset(), by_speed: bool = True,
+           quiet: frozenset[str] | set[str] = frozenset()) -> Roster:
     """The round's roster from the clock's records as read when this peer's local phase ended (``me`` is a
     member). Each member's arrival is projected from its own quota and speed (``local_steps`` = H; ``by_speed``:
-    quotas scale with speed, the swarm clock); ``skip``: no-shows not to wait for again. A member projected to
-    come more than ``budget`` after most of the other members is late (not waited for); a peer that came early
-    (a joiner's short first round) waits for the others' projected arrival (``eta``) plus the budget: the wait
-    follows the work. (Projected from this reader's own round time, a fast silo given 11 steps of an H = 8
-    round looked due 4 s before it came, and the group left without it by 0.1 s.)"""
+    quotas scale with speed, the swarm clock); ``skip``: no-shows not to wait for again; ``quiet``: peers whose
+    record has not moved for SILENT_S (a stopped or killed process), neither waited for nor asked to lead. A
+    member projected to come more than ``budget`` after most of the other members is late (not waited for); a
+    peer that came early (a joiner's short first round) waits for the others' projected arrival (``eta``) plus
+    the budget: the wait follows the work. (Projected from this reader's own round time, a fast silo given 11
+    steps of an H = 8 round looked due 4 s before it came, and the group left without it by 0.1 s.)"""
     members = sorted({p for p, r in records.items() if r.round == round_no} | {me})
+    near = {p: r for p, r in records.items() if p != me and p not in skip and round_no - 1 <= r.round <= round_no}
+    quiet = sorted(set(near) & set(quiet))
     candidates = {p: arrival_s(r, member_round_s(records, p, round_no, local_steps, by_speed), now)
-                  if r.round == round_no else 0.0 for p, r in records.items()
-                  if p != me and p not in skip and round_no - 1 <= r.round <= round_no}
+                  if r.round == round_no else 0.0 for p, r in near.items() if p not in quiet}
     # When most of the others have come (their lower median): this peer's own arrival does not count, or a joiner
     # that came early (a short first round) would call a member due a few seconds later late.
     arrivals = sorted(candidates.values()) or [0.0]
@@ -115,7 +127,7 @@ def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, 
     waited = sorted(p for p, a in candidates.items() if a <= typical + budget)
     late = sorted(p for p in candidates if p not in waited)  # past the budget after the others: not waited for
     eta = max((candidates[p] for p in waited), default=0.0)
-    return Roster(round_no, members, sorted([*waited, me]), late, eta)
+    return Roster(round_no, members, sorted([*waited, me]), late, quiet, eta)
 
 
 def round_leader(chosen: Roster) -> str:

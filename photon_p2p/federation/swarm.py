@@ -25,7 +25,7 @@ from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.hivemind_ext.progress_tracker import RoundTracker, admitted_progress, progress_records
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
-from photon_p2p.federation.protocol import (ClockRecord, NoShows, Roster, majority, round_leader, roster,
+from photon_p2p.federation.protocol import (SILENT_S, ClockRecord, NoShows, Roster, majority, round_leader, roster,
                                              speed_quota)
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
@@ -61,7 +61,6 @@ class Swarm(Protocol):
     def shutdown(self) -> None: ...
 
 
-REPORT_PERIOD = 2.0  # seconds between two progress reports of one round (SwarmClock.report)
 def _clock_records(raw: dict) -> dict[str, ClockRecord]:
     """hivemind's progress records (LocalTrainingProgress by peer) as the protocol's ClockRecords."""
     return {p: ClockRecord(int(r.epoch), float(r.samples_accumulated), float(r.samples_per_second), float(r.time))
@@ -80,7 +79,7 @@ class SwarmClock:
     def __init__(self, dht, run_id: str, steps_per_peer: int, *, client_mode: bool, private_key,
                  expiration: float, admits: Callable[[str], bool] | None = None) -> None:
         self.steps_per_peer, self.admits = int(steps_per_peer), admits
-        self._reported = (-1, 0.0)  # (round, monotonic time) of the last progress report
+        self._reported = -1  # the round of the last progress report
         # the key names the unit: peers of versions that counted tokens here must not mix with these
         self.tracker = RoundTracker(dht, f"{run_id}_clock_steps", self.steps_per_peer, client_mode=client_mode,
                                        private_key=private_key, metadata_expiration=expiration,
@@ -90,15 +89,16 @@ class SwarmClock:
         self.tracker.start()
 
     def report(self, round_no: int, steps: int, busy_s: float) -> None:
-        """``steps`` inner steps this round, ``busy_s`` the seconds spent computing them (not waiting). Stored at
-        most every REPORT_PERIOD s within a round: every report is a signed DHT store that every replica verifies,
-        and one per inner step cost ~15% of a core per idle peer; readers project steps from the speed."""
+        """``steps`` inner steps this round, ``busy_s`` the seconds spent computing them (not waiting). Stored by
+        the tracker's keepalive every KEEPALIVE_S (a round's first report at once): every store is a signed DHT
+        store that every replica verifies, and one per inner step cost ~15% of a core per idle peer; readers
+        project steps from the speed."""
         if steps > 0 and busy_s > 0:
             self.tracker.measured_speed = steps / busy_s
-        now = time.monotonic()
-        if round_no == self._reported[0] and now - self._reported[1] < REPORT_PERIOD:
+        if round_no == self._reported:
+            self.tracker.note_progress(round_no, int(steps))
             return
-        self._reported = (round_no, now)
+        self._reported = round_no
         self.tracker.report_local_progress(round_no, int(steps))
 
     def quota(self, round_no: int, local_steps: int, late: bool = False) -> int:
@@ -110,11 +110,15 @@ class SwarmClock:
         others = [float(r.samples_per_second) for p, r in self.tracker.records.items()
                   if p != me and r.epoch >= round_no - 1]
         quota = speed_quota(local_steps, self.tracker.measured_speed, others)
-        if not late:
-            return quota
+        if late:
+            quota = self._rest_of_round(round_no, local_steps, quota)
+        return quota
+
+    def _rest_of_round(self, round_no: int, local_steps: int, quota: int) -> int:
+        """The share of ``quota`` left of a round the others are already into."""
         # Joined mid-round (a download): only the rest of the round is left. Training a whole quota, a joiner
         # arrived after the others had averaged, downloaded again, and chased the swarm round after round.
-        now = get_dht_time()
+        now, me = get_dht_time(), str(self.tracker.dht.peer_id)
         done = sorted(min(float(local_steps), r.samples_accumulated + max(0.0, now - r.time) * r.samples_per_second)
                       for p, r in self.tracker.records.items() if p != me and r.epoch == round_no)
         if not done:
@@ -146,6 +150,7 @@ class SwarmClock:
             log.info("round %d: no fresh read of the clock's records (%r); using the last fetch", round_no, e)
             future.cancel()
             raw = dict(self.tracker.records)
+        self.tracker.observe(raw)
         records = _clock_records(raw)
         log.info("round %d: clock records %s", round_no, {p[-6:]: r.round for p, r in records.items()})
         return records
@@ -153,6 +158,10 @@ class SwarmClock:
     def cached(self) -> dict[str, ClockRecord]:
         """Every clock record as of the tracker's last periodic fetch (seconds old at most; no DHT read)."""
         return _clock_records(dict(self.tracker.records))
+
+    def silent(self) -> set[str]:
+        """Peers whose clock record stopped moving SILENT_S ago: stopped or dead, not waited for (protocol)."""
+        return self.tracker.silent(SILENT_S)
 
     def left(self, round_no: int, waiting: tuple[str, ...]) -> bool:
         """Whether the peers in ``waiting`` have all moved past ``round_no`` (as of the tracker's last fetch):
@@ -277,7 +286,7 @@ class HivemindSwarm:
             records = clock.records(round_no, self.cfg.network.request_timeout)
             self.dht_reads += 1
             chosen = roster(records, round_no, me, get_dht_time(), budget, f.local_steps,
-                            self.no_shows.skip(records), by_speed)
+                            self.no_shows.skip(records), by_speed, clock.silent())
         else:
             at_round = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
             records, chosen = {}, Roster(round_no, sorted({me, *at_round}), sorted({me, *at_round}))
@@ -294,9 +303,11 @@ class HivemindSwarm:
         live_target = None
         if plan is None:
             live_target = len(chosen.waited) if len(chosen.waited) > 1 and not joined else max(2, target)
-        log.info("round %d: roster %s, waiting for %s (%s late) up to %.1fs + eta %.1fs, leader %s", round_no,
-                 " ".join(m[-6:] for m in chosen.members), " ".join(m[-6:] for m in chosen.waited),
-                 " ".join(m[-6:] for m in chosen.late) or "none", budget, chosen.eta, round_leader(chosen)[-6:])
+        leader = round_leader(chosen) if plan is None else ""  # grid stages ask their own (averaging.py)
+        log.info("round %d: roster %s, waiting for %s (%s late, %s silent) up to %.1fs + eta %.1fs, leader %s",
+                 round_no, " ".join(m[-6:] for m in chosen.members), " ".join(m[-6:] for m in chosen.waited),
+                 " ".join(m[-6:] for m in chosen.late) or "none", " ".join(m[-6:] for m in chosen.silent) or "none",
+                 budget, chosen.eta, leader[-6:] or "per stage")
         self.last_roster = chosen
 
         def give_up(waiting: tuple[str, ...]) -> bool:
@@ -306,22 +317,34 @@ class HivemindSwarm:
             if clock is None or plan is None:
                 return None
             fresh = roster(clock.records(round_no, min(1.0, float(self.cfg.network.request_timeout))), round_no,
-                           me, get_dht_time(), budget, f.local_steps, self.no_shows.skip(records), by_speed).waited
+                           me, get_dht_time(), budget, f.local_steps, self.no_shows.skip(records), by_speed,
+                           clock.silent()).waited
             return plan_groups(fresh, me, target) if len(fresh) > target else None
-        def grow() -> int:  # one group: a peer whose first record appeared while we wait (a joiner) is waited for
+        want = live_target or 0
+
+        def follow() -> tuple[int, str]:  # one group: members whose record appeared or went silent while we wait
+            nonlocal want, leader
             fresh = roster(clock.cached(), round_no, me, get_dht_time(), budget, f.local_steps,
-                           self.no_shows.skip(records), by_speed)
+                           self.no_shows.skip(records), by_speed, clock.silent())
             new = sorted(set(fresh.waited) - set(chosen.waited))
-            if new:
+            gone = sorted(set(chosen.waited) & set(fresh.silent))
+            if new:  # a joiner: waited for, not started without
                 log.info("round %d: also waiting for %s (its record appeared meanwhile)", round_no,
                          " ".join(m[-6:] for m in new))
-                chosen.waited = sorted({*chosen.waited, *new})
                 chosen.members = sorted({*chosen.members, *(set(new) & set(fresh.members))})
-            return len(chosen.waited)
+            if gone:
+                log.info("round %d: %s went silent (stopped or dead); not waited for", round_no,
+                         " ".join(m[-6:] for m in gone))
+            chosen.waited = sorted((set(chosen.waited) | set(new)) - set(gone))
+            want += len(new) - len(gone)
+            # The leader changes only when it goes silent: every member sees that within seconds of the others.
+            if leader in gone:
+                leader = round_leader(chosen)
+            return want, leader
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
                                        live_target=live_target, plan=plan, give_up=give_up, replan=replan,
-                                       wait=budget + chosen.eta, leader=round_leader(chosen) if plan is None else "",
-                                       grow=grow if clock is not None and plan is None else None)
+                                       wait=budget + chosen.eta, leader=leader,
+                                       follow=follow if clock is not None and plan is None else None)
         if not result.solo:  # a peer that missed the group cannot tell who else did not come
             missing = self.no_shows.note(chosen.waited, result.peers, records)
             if missing:

@@ -245,11 +245,19 @@ class ProcessAverager(DecentralizedAverager):
         self._matchmaking.leader_patience = patience
 
     async def _set_target_group_size(self, size: int) -> None:
-        self._matchmaking.target_group_size = size
+        mm = self._matchmaking
+        mm.target_group_size = size
         # The key manager sizes its post-round key shuffle by the constructor's target and fails a leader whose
         # group is larger (random.sample(range(target), size)). We set the group bits before every step, so that
         # shuffle only needs to be valid: None sizes it by the group actually assembled.
-        self._matchmaking.group_key_manager.target_group_size = None
+        mm.group_key_manager.target_group_size = None
+        # Lowered while we lead (a member we waited for went silent): start with the followers already here, as
+        # hivemind does when the last awaited follower joins.
+        if mm.is_looking_for_group and mm.current_followers and len(mm.current_followers) + 1 >= size:
+            async with mm.lock_request_join_group:
+                if not mm.assembled_group.done() and mm.current_leader is None and not mm.client_mode \
+                        and len(mm.current_followers) + 1 >= size:
+                    await mm.leader_assemble_group()
 
     # The stamps wrap hivemind's internal coroutines and pass every argument through unchanged.
     async def _step(self, *args, **kwargs):

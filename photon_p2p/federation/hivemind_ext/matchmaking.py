@@ -45,25 +45,46 @@ class AdmittedMatchmaking(Matchmaking):
         for a group under this key), for up to ``leader_patience`` s; then hivemind's search. Every peer of a
         round names the same leader (the lowest peer id of its roster, protocol.round_leader), so they meet in
         ONE group without waiting to discover each other through the DHT: that discovery lags under load, and
-        16 peers each leading a few followers formed 2-5 groups per round."""
-        leader = self.round_leader
-        if leader is None or leader == self.peer_id or self.client_mode:
-            return await super()._request_join_potential_leaders(step)
+        16 peers each leading a few followers formed 2-5 groups per round. The designated leader may change while
+        we ask (it went silent: ``round_leader`` is set anew); then we ask the new one, or lead if it is us."""
         give_up_at = get_dht_time() + self.leader_patience
         waiting = (averaging_pb2.NOT_LOOKING_FOR_GROUP, averaging_pb2.NOT_DECLARED, averaging_pb2.BAD_GROUP_KEY)
+        leader = None
         while get_dht_time() < give_up_at and not self.assembled_group.done():
+            leader = self.round_leader
+            if leader is None or leader == self.peer_id or self.client_mode:
+                break
             self.last_answer = None
-            group = await self._request_join_group(leader)
+            group = await self._ask_designated(leader)
             if group is not None:
                 return group
             if self.assembled_group.done():
                 return self.assembled_group.result()
+            if self.round_leader != leader:
+                continue  # a new designated leader: ask it at once
             if self.last_answer not in waiting:
                 break  # gone, full or already begun: look for whoever else leads
             await asyncio.sleep(0.2)
-        log.debug("designated leader %s did not take us (%s); searching", str(leader)[-6:],
-                  averaging_pb2.MessageCode.Name(self.last_answer) if self.last_answer is not None else "no answer")
+        if leader is not None and leader != self.peer_id:
+            log.debug("designated leader %s did not take us (%s); searching", str(leader)[-6:],
+                      averaging_pb2.MessageCode.Name(self.last_answer) if self.last_answer is not None
+                      else "no answer")
         return await super()._request_join_potential_leaders(step)
+
+    async def _ask_designated(self, leader: PeerID):
+        """_request_join_group(leader), abandoned if the designated leader changes before it accepts us: our
+        daemon saw its record go silent (a stopped process). A stopped leader answers nothing, and waiting out
+        the request (up to the round's whole wait) cost a churn run its round."""
+        task = asyncio.ensure_future(self._request_join_group(leader))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if self.round_leader != leader and self.current_leader != leader:
+                await cancel_and_wait(task)
+                log.debug("designated leader %s went silent; asking %s", str(leader)[-6:],
+                          str(self.round_leader)[-6:] if self.round_leader else "nobody")
+                return None
 
     async def _request_join_group(self, leader: PeerID):
         if self.gate is not None and not await self.gate.allows(leader):

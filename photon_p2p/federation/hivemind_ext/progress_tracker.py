@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Callable
 
 from hivemind import DHT
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
 
 from photon_p2p.federation.records import is_live, peer_id_of_owner, read_records
+
+
+KEEPALIVE_S = 2.0  # seconds between two stores of this peer's record while it does not report (waits, evaluates)
 
 
 def progress_records(metadata: Any) -> dict[str, LocalTrainingProgress]:
@@ -58,6 +63,7 @@ class RoundTracker(ProgressTracker):
     records: dict[str, LocalTrainingProgress] = {}  # each peer's record (its round, steps, speed) at last fetch
     measured_speed: float = 0.0
     admits: Callable[[str], bool] | None = None
+    heard: dict[str, tuple[float, float]] = {}  # peer: (its record's time, our monotonic time when it last moved)
 
     def _get_local_progress(self, local_epoch: int, samples_accumulated: int) -> LocalTrainingProgress:
         progress = super()._get_local_progress(local_epoch, samples_accumulated)
@@ -65,13 +71,37 @@ class RoundTracker(ProgressTracker):
             progress.samples_per_second = self.measured_speed
         return progress
 
+    # hivemind stores ``local_progress`` as last reported, stamped with the report's time. Ours is stamped when
+    # stored, and kept current by note_progress between stores: its ``time`` then says the process is alive (it
+    # is stored every KEEPALIVE_S), and readers project steps from it as before.
+    @property
+    def local_progress(self) -> LocalTrainingProgress:
+        return self._local_progress.copy(update={"time": get_dht_time()})
+
+    @local_progress.setter
+    def local_progress(self, progress: LocalTrainingProgress) -> None:
+        self._local_progress = progress
+
+    def note_progress(self, epoch: int, steps: int) -> None:
+        """The steps taken so far, stored with the next store (a report or the keepalive), not now."""
+        self._local_progress = self._get_local_progress(epoch, steps)
+
+    async def _keepalive(self) -> None:
+        """Store the record every KEEPALIVE_S even while the daemon reports nothing (hivemind refreshes it only
+        every metadata_expiration / 2): its ``time`` is how readers tell a waiting peer from a stopped one."""
+        loop = asyncio.get_event_loop()
+        while not self.shutdown_triggered.is_set():
+            await loop.run_in_executor(None, self.shutdown_triggered.wait, KEEPALIVE_S)
+            self.should_report_progress.set()
+
     def run(self) -> None:
         # hivemind's run() leaves its thread's loop open; collected at interpreter exit after its self-pipe
         # socket, it prints an "Exception ignored" traceback. Same body, plus the close.
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(asyncio.gather(self._progress_reporter(), self._progress_fetcher()))
+            loop.run_until_complete(asyncio.gather(self._progress_reporter(), self._progress_fetcher(),
+                                                   self._keepalive()))
         finally:
             self.shutdown_complete.set()
             # the reporter cancels its last store without awaiting it: finish that before closing, or Python
@@ -82,9 +112,24 @@ class RoundTracker(ProgressTracker):
             loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
+    def observe(self, records: dict[str, LocalTrainingProgress]) -> None:
+        """Note which records moved since the last read (their store time changed)."""
+        now, heard = time.monotonic(), dict(self.heard)
+        for peer, record in records.items():
+            if heard.get(peer, (None, 0.0))[0] != record.time:
+                heard[peer] = (record.time, now)
+        self.heard = {p: h for p, h in heard.items() if p in records}
+
+    def silent(self, limit: float) -> set[str]:
+        """Peers whose record has not moved for ``limit`` s of our own clock: their process stopped storing it
+        (stopped or dead). Our clock, not the records' DHT times: silo clocks may disagree by seconds."""
+        now = time.monotonic()
+        return {p for p, (_, moved) in self.heard.items() if now - moved > limit}
+
     def _parse_swarm_progress_data(self, metadata):
         metadata = admitted_progress(metadata, self.admits)
         records = progress_records(metadata)
+        self.observe(records)
         self.records = records
         self.members = {peer: int(r.epoch) for peer, r in records.items()}
         return super()._parse_swarm_progress_data(metadata)
