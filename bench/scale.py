@@ -44,7 +44,7 @@ STOP_S = 30.0  # how long a churn event SIGSTOPs a peer
 
 # ---- one simulated peer (a child process) ----------------------------------------------------------------------
 def run_sim_peer(args: argparse.Namespace) -> int:
-    from photon_p2p.cli import _graceful_stop
+    from photon_p2p.cli import _graceful_stop, _log_to_stderr
     from photon_p2p.config import load_config
     from photon_p2p.daemon import PeerDaemon
     from photon_p2p.train.simulated import SimTrainer
@@ -59,6 +59,7 @@ def run_sim_peer(args: argparse.Namespace) -> int:
     def trainer(cfg, run_dir, progress):
         return SimTrainer(cfg.name, numel=args.numel, step_s=args.step_s, slow=args.slow, jitter=args.jitter)
 
+    _log_to_stderr(args.log_level)  # each round's roster, leader and no-shows in peer.log
     stop = _graceful_stop(cfg.federation.stop_timeout)
     PeerDaemon(cfg, stop=stop, progress=False, make_trainer=trainer).run()
     return 0
@@ -87,7 +88,7 @@ class Swarm:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--peer", "--name", f"silo-{i}", "--dir",
                str(run_dir), "--run-id", a.run_id, "--rounds", str(a.rounds), "--local-steps", str(a.local_steps),
                "--numel", str(a.numel), "--step-s", str(a.step_s), "--jitter", str(a.jitter),
-               "--slow", str(2.0 if i == 1 else 1.0), *[x for o in a.overrides for x in ("--set", o)]]
+               "--slow", str(2.0 if i == 1 else 1.0), "--log-level", a.log_level, *[x for o in a.overrides for x in ("--set", o)]]
         if initial:
             cmd += ["--initial", *initial]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -271,6 +272,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cap", type=float, default=1800.0, help="wall-clock cap (s)")
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--log-level", choices=("warning", "info", "debug"), default="info",
+                    help="simulated peers' log level (peer.log)")
     ap.add_argument("--summarize", metavar="DIR", help="only re-score a finished run's DIR")
     ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)  # internal: one simulated peer
     ap.add_argument("--name", help=argparse.SUPPRESS)

@@ -11,6 +11,7 @@ from photon_p2p.federation.protocol import (
     arrival_s,
     majority,
     member_round_s,
+    moved_on,
     outcome,
     roster,
     speed_quota,
@@ -93,6 +94,16 @@ def test_a_silent_member_is_neither_waited_for_nor_the_leader():
     r = roster(records, 5, "me", now, budget=5.0, local_steps=8, quiet={"a"})
     assert r.silent == ["a"] and r.waited == ["b", "me"] and round_leader(r) == "b"
     assert round_leader(roster(records, 5, "me", now, budget=5.0, local_steps=8)) == "a"
+
+
+def test_a_round_averages_once_the_peers_left_at_it_catch_up():
+    # Five peers averaged round 0 and moved on; three that came later must not average round 0 among themselves.
+    past = {f"p{i}": ClockRecord(1) for i in range(5)}
+    late = {"me": ClockRecord(0), "x": ClockRecord(0), "y": ClockRecord(0)}
+    assert moved_on({**past, **late}, 0, "me")
+    assert not moved_on({"p0": ClockRecord(1), **late}, 0, "me")  # one record past the round is not the swarm
+    assert not moved_on({**past, **late}, 0, "me", quiet=set(past))  # silent records do not count
+    assert not moved_on(late, 0, "me") and not moved_on({}, 3, "me")
 
 
 def test_a_no_show_delays_one_round_only_until_its_record_moves():

@@ -130,6 +130,19 @@ def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, 
     return Roster(round_no, members, sorted([*waited, me]), late, quiet, eta)
 
 
+def moved_on(records: dict[str, ClockRecord], round_no: int, me: str,
+             quiet: frozenset[str] | set[str] = frozenset()) -> bool:
+    """Whether the swarm averaged ``round_no`` without this peer: at least as many live records are past it as
+    are still at it (this peer included). A round averages once (G1): the peers left at it must catch up, not
+    average among themselves. (Three joiners that came after the first group of round 0 had formed averaged
+    round 0 again as a group of their own: two models until the next round healed them.) A majority, not any
+    one record past the round: a single peer that claims a later round cannot make a group give up."""
+    live = {p: r for p, r in records.items() if p not in quiet}
+    ahead = sum(1 for r in live.values() if r.round > round_no)
+    here = len({p for p, r in live.items() if r.round == round_no} | {me})
+    return ahead >= here
+
+
 def round_leader(chosen: Roster) -> str:
     """The peer every member of the round asks to lead its group: the lowest peer id among the waited members
     already at the round. Peers whose reads differ by a record may name two leaders; hivemind's own search (the

@@ -20,12 +20,13 @@ from photon_p2p.config import Config
 from photon_p2p.credentials import load_owner_public, public_bytes
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.admission import SwarmAdmission, validators_for
-from photon_p2p.federation.averaging import PseudoGradientAverager, RoundResult
+from photon_p2p.federation.averaging import LEFT, PseudoGradientAverager, RoundResult
 from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.hivemind_ext.progress_tracker import RoundTracker, admitted_progress, progress_records
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
-from photon_p2p.federation.protocol import (SILENT_S, ClockRecord, NoShows, Roster, majority, round_leader, roster,
+from photon_p2p.federation.protocol import (SILENT_S, ClockRecord, NoShows, Roster, majority, moved_on, round_leader,
+                                             roster,
                                              speed_quota)
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
@@ -112,6 +113,10 @@ class SwarmClock:
         quota = speed_quota(local_steps, self.tracker.measured_speed, others)
         if late:
             quota = self._rest_of_round(round_no, local_steps, quota)
+        # A joiner's share of the round is the rest of it, which no reader can project from its speed (one that
+        # projected a joiner's whole quota called it late and named another leader than the others did): its
+        # record shows no speed this round, and it is simply waited for.
+        self.tracker.hide_speed = late
         return quota
 
     def _rest_of_round(self, round_no: int, local_steps: int, quota: int) -> int:
@@ -290,6 +295,10 @@ class HivemindSwarm:
         else:
             at_round = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
             records, chosen = {}, Roster(round_no, sorted({me, *at_round}), sorted({me, *at_round}))
+        if clock is not None and moved_on(records, round_no, me, clock.silent()):
+            log.info("round %d: most live peers are past this round: the swarm averaged it without this peer",
+                     round_no)
+            return RoundResult(round_no, True, 1, [], weight, 0.0, 0, 0, LEFT)
         if len(chosen.waited) > target:
             # a grid (groups.py): past the one-group regime. Its members are the peers waited for (those one round
             # behind too, landing their last average), not only those already at the round: peers that read the
@@ -310,8 +319,12 @@ class HivemindSwarm:
                  budget, chosen.eta, leader[-6:] or "per stage")
         self.last_roster = chosen
 
-        def give_up(waiting: tuple[str, ...]) -> bool:
-            return clock is not None and clock.left(round_no, waiting or tuple(set(chosen.waited) - {me}))
+        def give_up(waiting: tuple[str, ...]) -> bool:  # one group: no names; a grid stage: its other members
+            if clock is None:
+                return False
+            if not waiting and moved_on(clock.cached(), round_no, me, clock.silent()):
+                return True
+            return clock.left(round_no, waiting or tuple(set(chosen.waited) - {me}))
 
         def replan():  # grids only: a member whose report we had not seen yet changes the grid
             if clock is None or plan is None:

@@ -65,10 +65,14 @@ class RoundTracker(ProgressTracker):
     admits: Callable[[str], bool] | None = None
     heard: dict[str, tuple[float, float]] = {}  # peer: (its record's time, our monotonic time when it last moved)
 
+    hide_speed: bool = False  # this round's quota is not what others would project from our speed (a joiner's)
+
     def _get_local_progress(self, local_epoch: int, samples_accumulated: int) -> LocalTrainingProgress:
         progress = super()._get_local_progress(local_epoch, samples_accumulated)
         if self.measured_speed > 0:
             progress.samples_per_second = self.measured_speed
+        if self.hide_speed:
+            progress.samples_per_second = 0.0  # readers cannot project us: they simply wait for us (the budget)
         return progress
 
     # hivemind stores ``local_progress`` as last reported, stamped with the report's time. Ours is stamped when
