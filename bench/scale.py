@@ -202,7 +202,7 @@ def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any
     """Scores from every peer's metrics.jsonl. For each averaged round r, the live peers of r are those that
     recorded it (a killed peer records nothing; a stopped one records it late, as missed):
     - participation: live peer-rounds spent in a group holding every live peer of that round / all of them
-    - one_model_rounds: rounds after which every peer that recorded it holds one fingerprint
+    - one_model_rounds: rounds after which every peer that averaged it holds one fingerprint (G1)
     - distinct_models_at_end: fingerprints among the peers alive at the end (their last round or sync record)
     - round_overhead_s: per round, the last landing minus the last end of a local phase (median, max)
     - per peer: rounds recorded, outcomes, DHT reads per round (what the daemon issued)."""
@@ -234,7 +234,10 @@ def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any
         n = len(recs)
         total += n
         full += sum(1 for r in recs.values() if not r["solo"] and int(r["group_size"]) == n)
-        fps = {r["fingerprint"] for r in recs.values()}
+        # G1 is about the peers that averaged the round: one that missed it records the state it caught up to
+        # (a later round's), or the round's old weights, and is scored by the rounds it averages next.
+        grouped = [r for r in recs.values() if not r["solo"]] or list(recs.values())
+        fps = {r["fingerprint"] for r in grouped}
         if len(fps) == 1:
             one += 1
         else:

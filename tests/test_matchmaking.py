@@ -177,13 +177,16 @@ def test_a_designated_leader_that_goes_silent_is_left_at_once_for_the_next():
 
 
 def test_a_clock_record_that_stops_moving_goes_silent(monkeypatch):
-    # Judged by our own clock (silo clocks may disagree): a record whose store time has not changed for the limit.
+    # Judged on our own clock (silo clocks may disagree), against the last read in which any record moved.
     from photon_p2p.federation.hivemind_ext import progress_tracker as pt
     now = [100.0]
     monkeypatch.setattr(pt, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    tracker, rec = SimpleNamespace(heard={}), (lambda t: SimpleNamespace(time=t))
+    tracker, rec = SimpleNamespace(heard={}, fresh=0.0), (lambda t: SimpleNamespace(time=t))
     pt.RoundTracker.observe(tracker, {"a": rec(1.0), "b": rec(1.0), "gone": rec(1.0)})
-    now[0] = 110.0
-    pt.RoundTracker.observe(tracker, {"a": rec(11.0), "b": rec(1.0)})  # a stored again; b did not; gone expired
     now[0] = 113.0
+    pt.RoundTracker.observe(tracker, {"a": rec(11.0), "b": rec(1.0)})  # a stored again; b did not; gone expired
     assert pt.RoundTracker.silent(tracker, 12.0) == {"b"} and "gone" not in tracker.heard
+    # our own reads stall (an overloaded DHT: the same values again and again): nobody else goes silent
+    now[0] = 200.0
+    pt.RoundTracker.observe(tracker, {"a": rec(11.0), "b": rec(1.0)})
+    assert pt.RoundTracker.silent(tracker, 12.0) == {"b"}

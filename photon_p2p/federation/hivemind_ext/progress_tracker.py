@@ -64,6 +64,7 @@ class RoundTracker(ProgressTracker):
     measured_speed: float = 0.0
     admits: Callable[[str], bool] | None = None
     heard: dict[str, tuple[float, float]] = {}  # peer: (its record's time, our monotonic time when it last moved)
+    fresh: float = 0.0  # our monotonic time of the last read in which any record moved
 
     hide_speed: bool = False  # this round's quota is not what others would project from our speed (a joiner's)
 
@@ -117,18 +118,19 @@ class RoundTracker(ProgressTracker):
             loop.close()
 
     def observe(self, records: dict[str, LocalTrainingProgress]) -> None:
-        """Note which records moved since the last read (their store time changed)."""
+        """Note which records moved since the last read (their store time changed), and when any last did."""
         now, heard = time.monotonic(), dict(self.heard)
         for peer, record in records.items():
             if heard.get(peer, (None, 0.0))[0] != record.time:
                 heard[peer] = (record.time, now)
+                self.fresh = now
         self.heard = {p: h for p, h in heard.items() if p in records}
 
     def silent(self, limit: float) -> set[str]:
-        """Peers whose record has not moved for ``limit`` s of our own clock: their process stopped storing it
-        (stopped or dead). Our clock, not the records' DHT times: silo clocks may disagree by seconds."""
-        now = time.monotonic()
-        return {p for p, (_, moved) in self.heard.items() if now - moved > limit}
+        """Peers whose record had not moved for ``limit`` s when others' last did: their process stopped storing
+        it (stopped or dead). Measured against the last read that saw any record move, on our own clock: if
+        our reads stall (an overloaded DHT), nobody looks silent; silo clocks may disagree by seconds."""
+        return {p for p, (_, moved) in self.heard.items() if self.fresh - moved > limit}
 
     def _parse_swarm_progress_data(self, metadata):
         metadata = admitted_progress(metadata, self.admits)
