@@ -289,6 +289,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _commit() -> str:
+    """The code's commit (a trailing + when the working tree differs from it), for the raw result file."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("+" if dirty else "")
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -308,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (timeout, a CI runner) unwinds like Ctrl-C, so every peer's process group is reaped
     signal.signal(signal.SIGTERM, _interrupt)
     summary = Swarm(args).run()
+    summary.update(command=" ".join(["python", "bench/scale.py", *(argv if argv is not None else sys.argv[1:])]),
+                   commit=_commit())
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     short = {k: v for k, v in summary.items() if k not in ("per_peer", "config")}
     print(json.dumps(short, indent=1))

@@ -32,7 +32,7 @@ class ClockRecord:
     time: float = 0.0
 
 
-SILENT_S = 12.0  # a record that has not moved for this long belongs to a stopped or dead process (stored every ~2 s)
+SILENT_S = 12.0  # a record that has not moved for this long belongs to a stopped or dead process (stored every 3 s)
 
 
 def wait_budget(compute_s: float, matchmaking_time: float, straggler_wait: float, fraction: float,

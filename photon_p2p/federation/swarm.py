@@ -62,6 +62,9 @@ class Swarm(Protocol):
     def shutdown(self) -> None: ...
 
 
+FETCH_S = 2.0  # the shortest time between two reads of every clock record by the tracker (one DHT get each)
+
+
 def _clock_records(raw: dict) -> dict[str, ClockRecord]:
     """hivemind's progress records (LocalTrainingProgress by peer) as the protocol's ClockRecords."""
     return {p: ClockRecord(int(r.epoch), float(r.samples_accumulated), float(r.samples_per_second), float(r.time))
@@ -84,8 +87,8 @@ class SwarmClock:
         # the key names the unit: peers of versions that counted tokens here must not mix with these
         self.tracker = RoundTracker(dht, f"{run_id}_clock_steps", self.steps_per_peer, client_mode=client_mode,
                                        private_key=private_key, metadata_expiration=expiration,
-                                       min_refresh_period=1.0, max_refresh_period=5.0,
-                                       default_refresh_period=1.0, start=False)
+                                       min_refresh_period=FETCH_S, max_refresh_period=5.0,
+                                       default_refresh_period=FETCH_S, start=False)
         self.tracker.admits = admits  # a closed swarm: only admitted peers' records count
         self.tracker.start()
 
@@ -145,16 +148,19 @@ class SwarmClock:
         return int(self.tracker.global_progress.epoch)
 
     def records(self, round_no: int, timeout: float) -> dict[str, ClockRecord]:
-        """Every clock record, read fresh from the DHT as ``round_no`` ends; the tracker's last periodic fetch
-        (seconds old at most) if the read times out."""
+        """Every clock record, read fresh from the DHT as ``round_no`` ends, merged with the tracker's last
+        periodic fetch (seconds old at most; the newer record of each peer wins). One read can miss records: the
+        replica that answered had not yet got them (8 peers: four read a roster without the peer that had waited
+        longest, and started a group of their own the moment it was complete)."""
+        raw = dict(self.tracker.records)
         future = self.tracker.dht.get(self.tracker.training_progress_key, latest=True, return_future=True)
         try:
             found = future.result(timeout=timeout)
-            raw = progress_records(admitted_progress(found.value if found is not None else None, self.admits))
+            fresh = progress_records(admitted_progress(found.value if found is not None else None, self.admits))
+            raw.update({p: r for p, r in fresh.items() if p not in raw or r.time >= raw[p].time})
         except Exception as e:
             log.info("round %d: no fresh read of the clock's records (%r); using the last fetch", round_no, e)
             future.cancel()
-            raw = dict(self.tracker.records)
         self.tracker.observe(raw)
         records = _clock_records(raw)
         log.info("round %d: clock records %s", round_no, {p[-6:]: r.round for p, r in records.items()})
@@ -350,8 +356,11 @@ class HivemindSwarm:
                          " ".join(m[-6:] for m in gone))
             chosen.waited = sorted((set(chosen.waited) | set(new)) - set(gone))
             want += len(new) - len(gone)
-            # The leader changes only when it goes silent: every member sees that within seconds of the others.
-            if leader in gone:
+            # The leader is the lowest id of the roster as it grows or loses members: a peer whose first read missed
+            # records (a replica without them) named another leader than the rest, and its group started apart.
+            # Members that have not joined a group yet ask the new one; one already leading is merged into it
+            # by hivemind's search (the lower id of one expiration slot leads).
+            if new or gone:
                 leader = round_leader(chosen)
             return want, leader
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,

@@ -14,7 +14,7 @@ from hivemind.utils import get_dht_time
 from photon_p2p.federation.records import is_live, peer_id_of_owner, read_records
 
 
-KEEPALIVE_S = 2.0  # seconds between two stores of this peer's record while it does not report (waits, evaluates)
+KEEPALIVE_S = 3.0  # seconds between two stores of this peer's record while it does not report (waits, evaluates)
 
 
 def progress_records(metadata: Any) -> dict[str, LocalTrainingProgress]:
