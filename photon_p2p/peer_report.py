@@ -64,7 +64,7 @@ def roster_fields(d: Reporter) -> dict[str, Any]:
     fields: dict[str, Any] = {"dht_reads": reads - d.ledger.reads_mark}
     d.ledger.reads_mark = reads
     if chosen is not None:
-        fields.update(roster=chosen.members, waited=chosen.waited, late=chosen.late)
+        fields.update(roster=chosen.members, waited=chosen.waited, late=chosen.late, silent=chosen.silent)
     return fields
 
 
