@@ -123,15 +123,17 @@ class SwarmClock:
         return quota
 
     def _rest_of_round(self, round_no: int, local_steps: int, quota: int) -> int:
-        """The share of ``quota`` left of a round the others are already into."""
-        # Joined mid-round (a download): only the rest of the round is left. Training a whole quota, a joiner
-        # arrived after the others had averaged, downloaded again, and chased the swarm round after round.
+        """The share of ``quota`` left of a round the others are already into: as far as its most advanced member
+        is. (Joined mid-round with a download: a joiner that trained a whole quota arrived after the others had
+        averaged, downloaded again, and chased the swarm round after round. Measured from the median member,
+        joiners that started together saw each other just begun and took 15 of 16 steps while the first silo
+        already waited at the round's end: they missed round 0.)"""
         now, me = get_dht_time(), str(self.tracker.dht.peer_id)
-        done = sorted(min(float(local_steps), r.samples_accumulated + max(0.0, now - r.time) * r.samples_per_second)
-                      for p, r in self.tracker.records.items() if p != me and r.epoch == round_no)
+        done = [min(float(local_steps), r.samples_accumulated + max(0.0, now - r.time) * r.samples_per_second)
+                for p, r in self.tracker.records.items() if p != me and r.epoch == round_no]
         if not done:
             return quota
-        return max(1, round(quota * (1 - done[len(done) // 2] / local_steps)))
+        return max(1, round(quota * (1 - max(done) / local_steps)))
 
     def begin(self, round_no: int, timeout: float) -> None:
         if not self.tracker.begin_epoch(round_no, timeout):
