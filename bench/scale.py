@@ -319,9 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # SIGTERM (timeout, a CI runner) unwinds like Ctrl-C, so every peer's process group is reaped
     signal.signal(signal.SIGTERM, _interrupt)
+    commit = _commit()  # the code the peers run: read before they start
     summary = Swarm(args).run()
     summary.update(command=" ".join(["python", "bench/scale.py", *(argv if argv is not None else sys.argv[1:])]),
-                   commit=_commit())
+                   commit=commit)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     short = {k: v for k, v in summary.items() if k not in ("per_peer", "config")}
     print(json.dumps(short, indent=1))
