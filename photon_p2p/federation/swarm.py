@@ -26,8 +26,7 @@ from photon_p2p.federation.hivemind_ext.progress_tracker import RoundTracker, ad
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
 from photon_p2p.federation.protocol import (SILENT_S, ClockRecord, NoShows, Roster, majority, moved_on, round_leader,
-                                             roster,
-                                             speed_quota)
+                                             roster, speed_quota)
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
     install_validators,
