@@ -190,3 +190,21 @@ def test_a_clock_record_that_stops_moving_goes_silent(monkeypatch):
     now[0] = 200.0
     pt.RoundTracker.observe(tracker, {"a": rec(11.0), "b": rec(1.0)})
     assert pt.RoundTracker.silent(tracker, 12.0) == {"b"}
+
+
+def test_a_cancelled_search_takes_its_request_to_the_designated_leader_with_it():
+    # hivemind cancels the search when a group assembles; an orphaned request went on into the next step.
+    async def main():
+        mm = follower(60.0, 30.0)
+        mm.round_leader, mm.leader_patience, mm.last_answer = "leader", 30.0, None
+        async with mm.lock_looking_for_group:
+            search = asyncio.create_task(mm._request_join_potential_leaders(None))
+            await asyncio.sleep(0.3)  # asking the leader, which has not answered
+            search.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await search
+            await asyncio.sleep(0)
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            return mm.lock_request_join_group.locked(), others
+    locked, others = asyncio.run(main())
+    assert not locked and not others

@@ -76,15 +76,21 @@ class AdmittedMatchmaking(Matchmaking):
         daemon saw its record go silent (a stopped process). A stopped leader answers nothing, and waiting out
         the request (up to the round's whole wait) cost a churn run its round."""
         task = asyncio.ensure_future(self._request_join_group(leader))
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
-            if self.round_leader != leader and self.current_leader != leader:
-                await cancel_and_wait(task)
-                log.debug("designated leader %s went silent; asking %s", str(leader)[-6:],
-                          str(self.round_leader)[-6:] if self.round_leader else "nobody")
-                return None
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                if self.round_leader != leader and self.current_leader != leader:
+                    await cancel_and_wait(task)
+                    log.debug("designated leader %s went silent; asking %s", str(leader)[-6:],
+                              str(self.round_leader)[-6:] if self.round_leader else "nobody")
+                    return None
+        except asyncio.CancelledError:
+            # hivemind cancels the search once a group has assembled: the request must not outlive it, holding
+            # the join lock or following a leader into the next step (a grid's column stage then failed)
+            await cancel_and_wait(task)
+            raise
 
     async def _request_join_group(self, leader: PeerID):
         if self.gate is not None and not await self.gate.allows(leader):
