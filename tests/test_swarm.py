@@ -99,6 +99,7 @@ def test_join_mid_run_downloads_current_state(swarm):
     assert sync["fingerprint"] == host_rounds[sync["round"]]["fingerprint"]
 
 
+@pytest.mark.slow  # ~40 s: the default suite stays under 10 minutes on 2 cores
 def test_sigkill_one_of_four_peers_others_continue(swarm):
     common = {"federation.rounds": 4, "federation.min_group_size": 2, "federation.round_deadline": 15.0}
     a = swarm.start("k-a", extra=common)
