@@ -295,14 +295,14 @@ class HivemindSwarm:
         clock, me = self.clock, self.peer_id
         plan, by_speed = None, f.round_clock == "swarm"
         if clock is not None:
-            records = clock.records(round_no, self.cfg.network.request_timeout)
+            records, quiet = clock.records(round_no, self.cfg.network.request_timeout), clock.silent()
             self.dht_reads += 1
             chosen = roster(records, round_no, me, get_dht_time(), budget, f.local_steps,
-                            self.no_shows.skip(records), by_speed, clock.silent())
+                            self.no_shows.skip(records), by_speed, quiet)
         else:
             at_round = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
             records, chosen = {}, Roster(round_no, sorted({me, *at_round}), sorted({me, *at_round}))
-        if clock is not None and moved_on(records, round_no, me, clock.silent()):
+        if clock is not None and moved_on(records, round_no, me, quiet):
             log.info("round %d: most live peers are past this round: the swarm averaged it without this peer",
                      round_no)
             return RoundResult(round_no, True, 1, [], weight, 0.0, 0, 0, LEFT)

@@ -65,7 +65,6 @@ class RoundTracker(ProgressTracker):
     admits: Callable[[str], bool] | None = None
     heard: dict[str, tuple[float, float]] = {}  # peer: (its record's time, our monotonic time when it last moved)
     fresh: float = 0.0  # our monotonic time of the last read in which any record moved
-
     hide_speed: bool = False  # this round's quota is not what others would project from our speed (a joiner's)
 
     def _get_local_progress(self, local_epoch: int, samples_accumulated: int) -> LocalTrainingProgress:
