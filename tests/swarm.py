@@ -78,7 +78,7 @@ class Swarm:
                      "train.eval_every": 10, **(extra or {})}
         launcher = cli or (torchrun(nproc) if nproc > 1 else CLI)
         # info: each round's clock records and members, matchmaking attempts, regrouping (why a round went solo)
-        cmd = [*launcher, "run", "--no-progress", "--log-level", "info", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+        cmd = [*launcher, "run", "--no-progress", "--log-level", os.environ.get("PHOTON_TEST_LOG_LEVEL", "info"), "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
         for o in tiny_overrides(run_dir, **overrides):
             cmd += ["--set", o]
         if initial:

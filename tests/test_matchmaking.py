@@ -114,7 +114,7 @@ def follower(accept_after: float, expires_in: float) -> AdmittedMatchmaking:
     @contextlib.asynccontextmanager
     async def pause_search():
         yield
-    mm.potential_leaders = SimpleNamespace(pause_search=pause_search)
+    mm.potential_leaders = SimpleNamespace(pause_search=pause_search, declared_expiration_time=float("inf"))
 
     async def follower_assemble_group(leader, message):
         return GROUP
@@ -170,7 +170,7 @@ def test_a_designated_leader_that_goes_silent_is_left_at_once_for_the_next():
             mm.round_leader = "next"
         async with mm.lock_looking_for_group:
             t0, _ = time.monotonic(), asyncio.create_task(silence())
-            got = await mm._request_join_potential_leaders(None)
+            got = await mm._ask_round_leader()
             return got, time.monotonic() - t0, asked
     got, took, asked = asyncio.run(main())
     assert got is GROUP and asked == ["leader", "next"] and took < 2.0
@@ -198,7 +198,7 @@ def test_a_cancelled_search_takes_its_request_to_the_designated_leader_with_it()
         mm = follower(60.0, 30.0)
         mm.round_leader, mm.leader_patience, mm.last_answer = "leader", 30.0, None
         async with mm.lock_looking_for_group:
-            search = asyncio.create_task(mm._request_join_potential_leaders(None))
+            search = asyncio.create_task(mm._ask_round_leader())
             await asyncio.sleep(0.3)  # asking the leader, which has not answered
             search.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -208,3 +208,74 @@ def test_a_cancelled_search_takes_its_request_to_the_designated_leader_with_it()
             return mm.lock_request_join_group.locked(), others
     locked, others = asyncio.run(main())
     assert not locked and not others
+
+
+def test_the_designated_leader_asks_no_one_and_takes_the_group_it_is_joined_by():
+    # Had it searched, it could follow a member that had begun leading, and the rest, told NOT_A_LEADER, formed a
+    # second group: 3 + 5 of 8 peers on two models, seen at start-up.
+    async def main():
+        mm = follower(60.0, 30.0)
+        mm.peer_id = mm.round_leader = "me"
+        mm.leader_patience, mm.last_answer = 0.3, None
+        declared = []
+
+        @contextlib.asynccontextmanager
+        async def begin_search(step, key_manager, declare):
+            declared.append(declare)  # it must be declared: followers asking an undeclared one hear NOT_DECLARED
+            yield
+        mm.potential_leaders.begin_search = begin_search
+        mm.potential_leaders.declared_expiration_time = get_dht_time() + 0.6  # past the 0.3 s patience
+        asked = []
+        mm._request_join_group = asked.append
+
+        async def searched():
+            raise AssertionError("the designated leader searched for another leader")
+        mm._search = searched
+
+        async def joined():  # hivemind's handler assembles the group at our expiration
+            await asyncio.sleep(0.5)
+            mm.assembled_group.set_result(GROUP)
+        async with mm.lock_looking_for_group:
+            t0, _ = time.monotonic(), asyncio.create_task(joined())
+            got = await mm._request_join_potential_leaders(None)
+            return got, time.monotonic() - t0, asked, declared
+    got, took, asked, declared = asyncio.run(main())
+    assert got is GROUP and asked == [] and declared == [True] and 0.4 < took < 1.5
+
+
+def test_a_follower_told_not_yet_asks_the_designated_leader_again_instead_of_leading():
+    # BAD_EXPIRATION_TIME or NOT_A_LEADER from the designated leader used to send the follower to hivemind's search,
+    # where it led a group of its own.
+    async def main():
+        mm = follower(60.0, 30.0)
+        mm.round_leader, mm.leader_patience, mm.last_answer = "leader", 5.0, None
+        answers = [averaging_pb2.BAD_EXPIRATION_TIME, averaging_pb2.NOT_A_LEADER, averaging_pb2.NOT_LOOKING_FOR_GROUP]
+        asked = []
+
+        async def request(leader):
+            asked.append(leader)
+            if answers:
+                mm.last_answer = answers.pop(0)
+                return None
+            return GROUP
+        mm._request_join_group = request
+        async with mm.lock_looking_for_group:
+            return await mm._ask_round_leader(), asked
+    got, asked = asyncio.run(main())
+    assert got is GROUP and asked == ["leader"] * 4
+
+
+def test_the_designated_leader_takes_a_member_whose_window_ends_before_its_own(monkeypatch):
+    def check(round_leader, request_expiration):
+        mm = object.__new__(AdmittedMatchmaking)
+        mm.peer_id, mm.round_leader = "me", round_leader
+        mm.potential_leaders = SimpleNamespace(declared_expiration_time=100.0, declared_group_key="k")
+        seen = []
+        monkeypatch.setattr(Matchmaking, "_check_reasons_to_reject",
+                            lambda self, request, context: seen.append(request.expiration))
+        mm._check_reasons_to_reject(averaging_pb2.JoinRequest(expiration=request_expiration), None)
+        return seen[0]
+    assert check("me", 97.0) == 100.0  # the designated leader: hivemind sees our own expiration, no rejection
+    assert check("me", 103.0) == 103.0
+    assert check("other", 97.0) == 97.0  # anyone else keeps hivemind's rule
+    assert check(None, 97.0) == 97.0

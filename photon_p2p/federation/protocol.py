@@ -145,8 +145,9 @@ def moved_on(records: dict[str, ClockRecord], round_no: int, me: str,
 
 def round_leader(chosen: Roster) -> str:
     """The peer every member of the round asks to lead its group: the lowest peer id among the waited members
-    already at the round. Peers whose reads differ by a record may name two leaders; hivemind's own search (the
-    leader with the earlier expiration, then the lower id, takes the other's followers) merges them."""
+    already at the round. Peers whose reads differ by a record may name two leaders for a moment; each re-reads
+    the roster while it waits (swarm.average's ``follow``), and the one that finds a lower id asks it to lead,
+    sending its own followers along."""
     at_round = set(chosen.waited) & set(chosen.members)
     return min(at_round) if at_round else ""
 

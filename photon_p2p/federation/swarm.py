@@ -319,7 +319,10 @@ class HivemindSwarm:
         live_target = None
         if plan is None:
             live_target = len(chosen.waited) if len(chosen.waited) > 1 and not joined else max(2, target)
-        leader = round_leader(chosen) if plan is None else ""  # grid stages ask their own (averaging.py)
+        # Grid stages ask their own leaders (averaging.py). Without the swarm clock the roster is one heartbeat read
+        # that nothing refreshes while we wait: a first peer that read only itself would lead alone, never
+        # learning of the others; hivemind's search merges such groups instead.
+        leader = round_leader(chosen) if plan is None and clock is not None else ""
         log.info("round %d: roster %s, waiting for %s (%s late, %s silent) up to %.1fs + eta %.1fs, leader %s",
                  round_no, " ".join(m[-6:] for m in chosen.members), " ".join(m[-6:] for m in chosen.waited),
                  " ".join(m[-6:] for m in chosen.late) or "none", " ".join(m[-6:] for m in chosen.silent) or "none",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from math import isfinite
 from typing import Any
 
 from hivemind.averaging.matchmaking import Matchmaking
@@ -26,6 +27,12 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import anext, cancel_and_wait
 
 log = logging.getLogger("photon_p2p.federation")
+
+# A designated leader's answers that mean "not yet, ask again": still training or between steps (not looking, not
+# declared, another key), an expiration it will accept once it leads (_check_reasons_to_reject), or a moment in
+# which it followed a leader it had named before. No answer, a full group or a wrong schema mean "not this step".
+ASK_AGAIN = (averaging_pb2.NOT_LOOKING_FOR_GROUP, averaging_pb2.NOT_DECLARED, averaging_pb2.BAD_GROUP_KEY,
+             averaging_pb2.BAD_EXPIRATION_TIME, averaging_pb2.NOT_A_LEADER)
 
 
 class AdmittedMatchmaking(Matchmaking):
@@ -41,35 +48,95 @@ class AdmittedMatchmaking(Matchmaking):
         super().__init__(*args, **kwargs)
 
     async def _request_join_potential_leaders(self, step):
-        """Ask the round's designated leader first, again and again while it is still training (not yet looking
-        for a group under this key), for up to ``leader_patience`` s; then hivemind's search. Every peer of a
-        round names the same leader (the lowest peer id of its roster, protocol.round_leader), so they meet in
-        ONE group without waiting to discover each other through the DHT: that discovery lags under load, and
-        16 peers each leading a few followers formed 2-5 groups per round. The designated leader may change while
-        we ask (it went silent: ``round_leader`` is set anew); then we ask the new one, or lead if it is us."""
-        give_up_at = get_dht_time() + self.leader_patience
-        waiting = (averaging_pb2.NOT_LOOKING_FOR_GROUP, averaging_pb2.NOT_DECLARED, averaging_pb2.BAD_GROUP_KEY)
-        leader = None
-        while get_dht_time() < give_up_at and not self.assembled_group.done():
+        """Ask the round's designated leader, again and again, for up to ``leader_patience`` s; then hivemind's
+        search. Every peer of a round names the same leader (the lowest peer id of its roster,
+        protocol.round_leader), so they meet in ONE group without waiting to discover each other through the DHT:
+        that discovery lags under load, and 16 peers each leading a few followers formed 2-5 groups per round.
+        The designated leader asks no one: it waits to be joined (hivemind's handler assembles the group at its
+        expiration). Had it searched, it could follow a member that had begun leading, and the rest of the round,
+        told NOT_A_LEADER, formed a second group: two models in one round (3 + 5 of 8 peers, seen at start-up).
+        The designated leader may change while we ask (it went silent, or a record we had missed named a lower
+        id: ``round_leader`` is set anew); then we ask the new one, or lead if it is us."""
+        if self.round_leader is None or self.client_mode:
+            return await super()._request_join_potential_leaders(step)  # grid stages ask whoever leads
+        async with self.potential_leaders.begin_search(step, self.group_key_manager, declare=True):
+            group = await self._ask_round_leader()
+            return group if group is not None else await self._search()
+
+    async def _ask_round_leader(self):
+        """The designated-leader part of the search: the group, or None once patience is spent or it refused us."""
+        started, leader = get_dht_time(), None
+        while get_dht_time() < self._patience_ends(started) and not self.assembled_group.done():
             leader = self.round_leader
-            if leader is None or leader == self.peer_id or self.client_mode:
+            if leader is None:
                 break
+            if leader == self.peer_id:
+                await asyncio.wait({self.assembled_group}, timeout=0.2)
+                continue
             self.last_answer = None
             group = await self._ask_designated(leader)
             if group is not None:
                 return group
             if self.assembled_group.done():
-                return self.assembled_group.result()
+                break
             if self.round_leader != leader:
                 continue  # a new designated leader: ask it at once
-            if self.last_answer not in waiting:
-                break  # gone, full or already begun: look for whoever else leads
+            if self.last_answer not in ASK_AGAIN:
+                break  # full, or refuses us for good: look for whoever else leads
             await asyncio.sleep(0.2)
+        if self.assembled_group.done():
+            return self.assembled_group.result()
         if leader is not None and leader != self.peer_id:
             log.debug("designated leader %s did not take us (%s); searching", str(leader)[-6:],
                       averaging_pb2.MessageCode.Name(self.last_answer) if self.last_answer is not None
                       else "no answer")
-        return await super()._request_join_potential_leaders(step)
+        return None
+
+    async def _search(self):
+        """hivemind's search (Matchmaking._request_join_potential_leaders, inside the same begin_search): the
+        leader with the earliest expiration, then the lowest id, takes the others; at our own expiration we lead
+        whoever joined us."""
+        while True:
+            try:
+                group = await self._request_join_group(await self.potential_leaders.pop_next_leader())
+                if group is not None:
+                    return group
+            except asyncio.TimeoutError:  # our declared expiration came
+                async with self.lock_request_join_group:
+                    if self.assembled_group.done():
+                        return self.assembled_group.result()
+                    if len(self.current_followers) + 1 >= self.min_group_size:
+                        return await self.leader_assemble_group()
+                    if len(self.current_followers) > 0:
+                        await self.leader_disband_group()
+            except asyncio.CancelledError:
+                return None
+            except Exception as e:
+                if not self.assembled_group.done():
+                    self.assembled_group.set_exception(e)
+                raise
+
+    def _patience_ends(self, started: float) -> float:
+        """When we stop asking the designated leader (or waiting to be joined, if we lead): ``leader_patience``
+        after the search began, and never before our own declared expiration has passed. Our expiration is a slot
+        later than any leader's (averaging.py): asking until then, we never lead a rival group while the
+        designated one may still take us."""
+        declared = self.potential_leaders.declared_expiration_time
+        return max(started + self.leader_patience, declared + self.request_timeout if isfinite(declared) else 0.0)
+
+    def _check_reasons_to_reject(self, request, context):
+        """hivemind's checks, except that the designated leader takes its round's members whatever expiration
+        they declared: each peer sizes its wait from its own round, and a follower whose window ended a slot
+        before ours was told BAD_EXPIRATION_TIME and went off to lead a group of its own. The handler still
+        assembles at OUR expiration, and an accepted follower waits for our "begin" until its step's deadline
+        (``_join``)."""
+        if self.round_leader is not None and self.round_leader == self.peer_id and \
+                isfinite(self.potential_leaders.declared_expiration_time):
+            relaxed = averaging_pb2.JoinRequest()
+            relaxed.CopyFrom(request)
+            relaxed.expiration = max(request.expiration, self.potential_leaders.declared_expiration_time)
+            request = relaxed
+        return super()._check_reasons_to_reject(request, context)
 
     async def _ask_designated(self, leader: PeerID):
         """_request_join_group(leader), abandoned if the designated leader changes before it accepts us: our
@@ -137,7 +204,9 @@ class AdmittedMatchmaking(Matchmaking):
                 return None
 
             async with self.potential_leaders.pause_search():
-                time_to_expiration = max(0.0, request_expiration_time - get_dht_time())
+                # The leader begins at ITS expiration, which may be later than ours (_check_reasons_to_reject)
+                step_deadline = getattr(self.step_control, "deadline", None) or request_expiration_time
+                time_to_expiration = max(0.0, max(request_expiration_time, step_deadline) - get_dht_time())
                 message = await asyncio.wait_for(anext(stream), time_to_expiration + self.request_timeout)
                 if message.code == averaging_pb2.BEGIN_ALLREDUCE:
                     async with self.lock_request_join_group:
