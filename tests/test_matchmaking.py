@@ -155,7 +155,7 @@ def test_a_designated_leader_that_goes_silent_is_left_at_once_for_the_next():
     # round. Once the daemon names another leader (the old one's clock record went silent), the follower asks it.
     async def main():
         mm = follower(60.0, 30.0)
-        mm.round_leader, mm.leader_patience, mm.last_answer = "leader", 30.0, None
+        mm.round_leader, mm.last_answer = "leader", None
         asked = []
 
         async def request(leader):
@@ -196,7 +196,7 @@ def test_a_cancelled_search_takes_its_request_to_the_designated_leader_with_it()
     # hivemind cancels the search when a group assembles; an orphaned request went on into the next step.
     async def main():
         mm = follower(60.0, 30.0)
-        mm.round_leader, mm.leader_patience, mm.last_answer = "leader", 30.0, None
+        mm.round_leader, mm.last_answer = "leader", None
         async with mm.lock_looking_for_group:
             search = asyncio.create_task(mm._ask_round_leader())
             await asyncio.sleep(0.3)  # asking the leader, which has not answered
@@ -216,7 +216,7 @@ def test_the_designated_leader_asks_no_one_and_takes_the_group_it_is_joined_by()
     async def main():
         mm = follower(60.0, 30.0)
         mm.peer_id = mm.round_leader = "me"
-        mm.leader_patience, mm.last_answer = 0.3, None
+        mm.last_answer = None
         declared = []
 
         @contextlib.asynccontextmanager
@@ -224,7 +224,6 @@ def test_the_designated_leader_asks_no_one_and_takes_the_group_it_is_joined_by()
             declared.append(declare)  # it must be declared: followers asking an undeclared one hear NOT_DECLARED
             yield
         mm.potential_leaders.begin_search = begin_search
-        mm.potential_leaders.declared_expiration_time = get_dht_time() + 0.6  # past the 0.3 s patience
         asked = []
         mm._request_join_group = asked.append
 
@@ -243,13 +242,14 @@ def test_the_designated_leader_asks_no_one_and_takes_the_group_it_is_joined_by()
     assert got is GROUP and asked == [] and declared == [True] and 0.4 < took < 1.5
 
 
-def test_a_follower_told_not_yet_asks_the_designated_leader_again_instead_of_leading():
+def test_a_refused_follower_asks_the_designated_leader_again_instead_of_leading():
     # BAD_EXPIRATION_TIME or NOT_A_LEADER from the designated leader used to send the follower to hivemind's search,
-    # where it led a group of its own.
+    # where it led a group of its own; so did a leader that had begun without it (GROUP_IS_FULL).
     async def main():
         mm = follower(60.0, 30.0)
-        mm.round_leader, mm.leader_patience, mm.last_answer = "leader", 5.0, None
-        answers = [averaging_pb2.BAD_EXPIRATION_TIME, averaging_pb2.NOT_A_LEADER, averaging_pb2.NOT_LOOKING_FOR_GROUP]
+        mm.round_leader, mm.last_answer = "leader", None
+        answers = [averaging_pb2.BAD_EXPIRATION_TIME, averaging_pb2.NOT_A_LEADER, averaging_pb2.GROUP_IS_FULL,
+                   averaging_pb2.NOT_LOOKING_FOR_GROUP]
         asked = []
 
         async def request(leader):
@@ -262,7 +262,7 @@ def test_a_follower_told_not_yet_asks_the_designated_leader_again_instead_of_lea
         async with mm.lock_looking_for_group:
             return await mm._ask_round_leader(), asked
     got, asked = asyncio.run(main())
-    assert got is GROUP and asked == ["leader"] * 4
+    assert got is GROUP and asked == ["leader"] * 5
 
 
 def test_the_designated_leader_takes_a_member_whose_window_ends_before_its_own(monkeypatch):

@@ -140,3 +140,12 @@ def test_outcomes():
     assert outcome(True, "no group found", False, 0.0, False) is Outcome.MISSED
     assert outcome(True, "no group found", False, 0.0, True) is Outcome.SOLO
     assert outcome(True, "stopped", False, 0.0, False) is Outcome.STOPPED
+
+
+def test_a_client_mode_peer_is_waited_for_but_never_asked_to_lead():
+    # It cannot be reached: every member asking it would wait out the round.
+    now = 1000.0
+    records = {"a": ClockRecord(5, 8, 2.0, now, client=True), "b": ClockRecord(5, 8, 2.0, now),
+               "me": ClockRecord(5, 8, 2.0, now)}
+    r = roster(records, 5, "me", now, budget=5.0, local_steps=8)
+    assert r.waited == ["a", "b", "me"] and r.clients == ["a"] and round_leader(r) == "b"

@@ -433,7 +433,7 @@ class PseudoGradientAverager:
             # must use this round's key again.
             find_timeout = min(max(remaining - self.fed.allreduce_timeout, offset + 0.5), remaining)
             control = bounded(lambda: self._start_step(bits, gather, weight, offset, find_timeout, target,
-                                                       leader, window), 10.0)
+                                                       leader), 10.0)
             if control is None:
                 return None, "averager process is not responding"
             try:
@@ -453,7 +453,7 @@ class PseudoGradientAverager:
                                 self._averager.set_target_group_size(target)
                             if now_leader != leader:
                                 leader = now_leader
-                                self._averager.set_round_leader(leader or None, window)
+                                self._averager.set_round_leader(leader or None)
                     try:
                         control.result(timeout=0.2)
                     except (Exception, asyncio.CancelledError):  # hivemind cancels a step whose process died
@@ -482,9 +482,9 @@ class PseudoGradientAverager:
                     return None, why
 
     def _start_step(self, bits: str, gather: dict, weight: float, offset: float, find_timeout: float, target: int,
-                    leader: str = "", patience: float = 0.0):
+                    leader: str = ""):
         self._averager.set_target_group_size(target)
-        self._averager.set_round_leader(leader or None, patience)
+        self._averager.set_round_leader(leader or None)
         self._averager.set_group_bits(bits)
         return self._averager.step(gather=gather, weight=weight, scheduled_time=get_dht_time() + offset,
                                    timeout=find_timeout, allow_retries=False, wait=False)

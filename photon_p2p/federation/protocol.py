@@ -24,12 +24,13 @@ class Outcome(str, enum.Enum):
 class ClockRecord:
     """A peer's swarm-clock record as read from the DHT: its round, inner steps taken in it by ``time`` (DHT
     time of the store: a running process stores its record every few seconds) and its speed (inner steps per
-    second of compute; 0 = not yet measured)."""
+    second of compute; 0 = not yet measured); ``client``: a client-mode peer (it cannot be reached, so never leads)."""
 
     round: int
     steps: float = 0.0
     speed: float = 0.0
     time: float = 0.0
+    client: bool = False
 
 
 SILENT_S = 12.0  # a record that has not moved for this long belongs to a stopped or dead process (stored every 3 s)
@@ -56,6 +57,7 @@ class Roster:
     late: list[str] = field(default_factory=list)  # members projected past the budget: the group starts without them
     silent: list[str] = field(default_factory=list)  # records no longer stored (stopped or dead): not waited for
     eta: float = 0.0  # seconds until the last waited member is projected to end its local phase
+    clients: list[str] = field(default_factory=list)  # client-mode peers among ``waited``: never asked to lead
 
 
 def arrival_s(record: ClockRecord, round_s: float, now: float) -> float:
@@ -127,7 +129,8 @@ def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, 
     waited = sorted(p for p, a in candidates.items() if a <= typical + budget)
     late = sorted(p for p in candidates if p not in waited)  # past the budget after the others: not waited for
     eta = max((candidates[p] for p in waited), default=0.0)
-    return Roster(round_no, members, sorted([*waited, me]), late, quiet, eta)
+    clients = sorted(p for p in [*waited, me] if p in records and records[p].client)
+    return Roster(round_no, members, sorted([*waited, me]), late, quiet, eta, clients)
 
 
 def moved_on(records: dict[str, ClockRecord], round_no: int, me: str,
@@ -145,10 +148,10 @@ def moved_on(records: dict[str, ClockRecord], round_no: int, me: str,
 
 def round_leader(chosen: Roster) -> str:
     """The peer every member of the round asks to lead its group: the lowest peer id among the waited members
-    already at the round. Peers whose reads differ by a record may name two leaders for a moment; each re-reads
-    the roster while it waits (swarm.average's ``follow``), and the one that finds a lower id asks it to lead,
-    sending its own followers along."""
-    at_round = set(chosen.waited) & set(chosen.members)
+    already at the round that can be reached (not in client mode). Peers whose reads differ by a record may name
+    two leaders for a moment; each re-reads the roster while it waits (swarm.average's ``follow``), and the one
+    that finds a lower id asks it to lead, sending its own followers along."""
+    at_round = (set(chosen.waited) & set(chosen.members)) - set(chosen.clients)
     return min(at_round) if at_round else ""
 
 

@@ -23,6 +23,8 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic.v1 import BaseModel, StrictBool, StrictFloat, confloat, conint, conlist, constr, validator
 
+from photon_p2p.federation.hivemind_ext.validation import cache_validation
+
 log = logging.getLogger("photon_p2p.records")
 
 RUNS_KEY = "photon_p2p_runs"  # unsigned hint: which run ids published lately (status names them on a miss)
@@ -162,6 +164,7 @@ def install_validators(dht: DHT, run_id: Optional[str], identity_path: Optional[
         validators += [SchemaValidator(HeartbeatSchema, prefix=run_id), SchemaValidator(RunsSchema)]
     validators += extra_validators
     dht.add_validators(validators)
+    cache_validation(dht)  # each record's signature and schema checked once, not on every read (hivemind_ext)
     return dht.run_coroutine(_installed_owner_key) or signer.local_public_key
 
 

@@ -66,8 +66,8 @@ FETCH_S = 2.0  # the shortest time between two reads of every clock record by th
 
 def _clock_records(raw: dict) -> dict[str, ClockRecord]:
     """hivemind's progress records (LocalTrainingProgress by peer) as the protocol's ClockRecords."""
-    return {p: ClockRecord(int(r.epoch), float(r.samples_accumulated), float(r.samples_per_second), float(r.time))
-            for p, r in raw.items()}
+    return {p: ClockRecord(int(r.epoch), float(r.samples_accumulated), float(r.samples_per_second), float(r.time),
+                        bool(r.client_mode)) for p, r in raw.items()}
 
 
 class SwarmClock:
@@ -355,6 +355,7 @@ class HivemindSwarm:
                 log.info("round %d: also waiting for %s (its record appeared meanwhile)", round_no,
                          " ".join(m[-6:] for m in new))
                 chosen.members = sorted({*chosen.members, *(set(new) & set(fresh.members))})
+                chosen.clients = sorted({*chosen.clients, *(set(new) & set(fresh.clients))})
             if gone:
                 log.info("round %d: %s went silent (stopped or dead); not waited for", round_no,
                          " ".join(m[-6:] for m in gone))

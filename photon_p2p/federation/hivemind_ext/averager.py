@@ -236,13 +236,12 @@ class ProcessAverager(DecentralizedAverager):
         """
         self._outer_pipe.send(("_set_target_group_size", [int(size)], {}))
 
-    def set_round_leader(self, leader: str | None, patience: float) -> None:
+    def set_round_leader(self, leader: str | None) -> None:
         """The designated leader of the next step (matchmaking.AdmittedMatchmaking.round_leader), or None."""
-        self._outer_pipe.send(("_set_round_leader", [leader, float(patience)], {}))
+        self._outer_pipe.send(("_set_round_leader", [leader], {}))
 
-    async def _set_round_leader(self, leader: str | None, patience: float) -> None:
+    async def _set_round_leader(self, leader: str | None) -> None:
         self._matchmaking.round_leader = PeerID.from_base58(leader) if leader else None
-        self._matchmaking.leader_patience = patience
 
     async def _set_target_group_size(self, size: int) -> None:
         mm = self._matchmaking

@@ -28,11 +28,6 @@ from hivemind.utils.asyncio import anext, cancel_and_wait
 
 log = logging.getLogger("photon_p2p.federation")
 
-# A designated leader's answers that mean "not yet, ask again": still training or between steps (not looking, not
-# declared, another key), an expiration it will accept once it leads (_check_reasons_to_reject), or a moment in
-# which it followed a leader it had named before. No answer, a full group or a wrong schema mean "not this step".
-ASK_AGAIN = (averaging_pb2.NOT_LOOKING_FOR_GROUP, averaging_pb2.NOT_DECLARED, averaging_pb2.BAD_GROUP_KEY,
-             averaging_pb2.BAD_EXPIRATION_TIME, averaging_pb2.NOT_A_LEADER)
 
 
 class AdmittedMatchmaking(Matchmaking):
@@ -43,33 +38,35 @@ class AdmittedMatchmaking(Matchmaking):
     def __init__(self, *args, gate: Any = None, **kwargs) -> None:
         self.gate = gate
         self.round_leader: PeerID | None = None  # the step's designated leader (set before each step)
-        self.leader_patience = 0.0  # seconds to keep asking it while it is not (yet) looking for a group
         self.last_answer: int | None = None  # the code of the last leader's first answer (None: no answer)
         super().__init__(*args, **kwargs)
 
     async def _request_join_potential_leaders(self, step):
-        """Ask the round's designated leader, again and again, for up to ``leader_patience`` s; then hivemind's
-        search. Every peer of a round names the same leader (the lowest peer id of its roster,
-        protocol.round_leader), so they meet in ONE group without waiting to discover each other through the DHT:
-        that discovery lags under load, and 16 peers each leading a few followers formed 2-5 groups per round.
-        The designated leader asks no one: it waits to be joined (hivemind's handler assembles the group at its
-        expiration). Had it searched, it could follow a member that had begun leading, and the rest of the round,
-        told NOT_A_LEADER, formed a second group: two models in one round (3 + 5 of 8 peers, seen at start-up).
-        The designated leader may change while we ask (it went silent, or a record we had missed named a lower
-        id: ``round_leader`` is set anew); then we ask the new one, or lead if it is us."""
-        if self.round_leader is None or self.client_mode:
-            return await super()._request_join_potential_leaders(step)  # grid stages ask whoever leads
-        async with self.potential_leaders.begin_search(step, self.group_key_manager, declare=True):
+        """Ask the round's designated leader until it takes us or the step ends; hivemind's search only for a step
+        that names no leader (a grid's stages). Every peer of a round names the same leader (the lowest reachable
+        peer id of its roster, protocol.round_leader), so they meet in ONE group without waiting to discover each
+        other through the DHT: that discovery lags under load, and 16 peers each leading a few followers formed
+        2-5 groups per round. Nobody else leads, so a round forms one group or fewer members than it waited
+        for, never two (G1): those the leader began without catch up (swarm.py), as any peer that missed it.
+        - The designated leader asks no one: it waits to be joined (hivemind's handler assembles the group at its
+          expiration). Had it searched, it could follow a member that had begun leading, and the rest of the
+          round, told NOT_A_LEADER, formed a second group (3 + 5 of 8 peers, two models, seen at start-up).
+        - A follower that is refused asks again. Falling back to hivemind's search after a refusal, or after a few
+          seconds, let the peers a leader had begun without form a group of their own: two models (16 peers).
+        - The designated leader changes while we ask when it goes silent, or when a record we had missed names a
+          lower id (``round_leader`` is set anew); then we ask the new one, or lead if it is us."""
+        if self.round_leader is None:
+            return await super()._request_join_potential_leaders(step)
+        async with self.potential_leaders.begin_search(step, self.group_key_manager, declare=not self.client_mode):
             group = await self._ask_round_leader()
             return group if group is not None else await self._search()
 
     async def _ask_round_leader(self):
-        """The designated-leader part of the search: the group, or None once patience is spent or it refused us."""
-        started, leader = get_dht_time(), None
-        while get_dht_time() < self._patience_ends(started) and not self.assembled_group.done():
+        """The designated-leader search: the group once it assembles; None once the step names no leader."""
+        while not self.assembled_group.done():
             leader = self.round_leader
             if leader is None:
-                break
+                return None
             if leader == self.peer_id:
                 await asyncio.wait({self.assembled_group}, timeout=0.2)
                 continue
@@ -77,20 +74,9 @@ class AdmittedMatchmaking(Matchmaking):
             group = await self._ask_designated(leader)
             if group is not None:
                 return group
-            if self.assembled_group.done():
-                break
-            if self.round_leader != leader:
-                continue  # a new designated leader: ask it at once
-            if self.last_answer not in ASK_AGAIN:
-                break  # full, or refuses us for good: look for whoever else leads
-            await asyncio.sleep(0.2)
-        if self.assembled_group.done():
-            return self.assembled_group.result()
-        if leader is not None and leader != self.peer_id:
-            log.debug("designated leader %s did not take us (%s); searching", str(leader)[-6:],
-                      averaging_pb2.MessageCode.Name(self.last_answer) if self.last_answer is not None
-                      else "no answer")
-        return None
+            if self.round_leader == leader and not self.assembled_group.done():
+                await asyncio.sleep(0.2)  # refused (still training, or began without us): ask again
+        return self.assembled_group.result()
 
     async def _search(self):
         """hivemind's search (Matchmaking._request_join_potential_leaders, inside the same begin_search): the
@@ -115,14 +101,6 @@ class AdmittedMatchmaking(Matchmaking):
                 if not self.assembled_group.done():
                     self.assembled_group.set_exception(e)
                 raise
-
-    def _patience_ends(self, started: float) -> float:
-        """When we stop asking the designated leader (or waiting to be joined, if we lead): ``leader_patience``
-        after the search began, and never before our own declared expiration has passed. Our expiration is a slot
-        later than any leader's (averaging.py): asking until then, we never lead a rival group while the
-        designated one may still take us."""
-        declared = self.potential_leaders.declared_expiration_time
-        return max(started + self.leader_patience, declared + self.request_timeout if isfinite(declared) else 0.0)
 
     def _check_reasons_to_reject(self, request, context):
         """hivemind's checks, except that the designated leader takes its round's members whatever expiration
