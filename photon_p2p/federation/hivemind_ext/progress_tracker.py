@@ -65,6 +65,7 @@ class RoundTracker(ProgressTracker):
     admits: Callable[[str], bool] | None = None
     heard: dict[str, tuple[float, float]] = {}  # peer: (its record's time, our monotonic time when it last moved)
     fresh: float = 0.0  # our monotonic time of the last read in which any record moved
+    unadmitted: set[str] = set()  # peers whose records the last fetch dropped (no token in our view yet, or none)
     hide_speed: bool = False  # this round's quota is not what others would project from our speed (a joiner's)
 
     def _get_local_progress(self, local_epoch: int, samples_accumulated: int) -> LocalTrainingProgress:
@@ -132,8 +133,10 @@ class RoundTracker(ProgressTracker):
         return {p for p, (_, moved) in self.heard.items() if self.fresh - moved > limit}
 
     def _parse_swarm_progress_data(self, metadata):
+        everyone = progress_records(metadata)
         metadata = admitted_progress(metadata, self.admits)
         records = progress_records(metadata)
+        self.unadmitted = set(everyone) - set(records)
         self.observe(records)
         self.records = records
         self.members = {peer: int(r.epoch) for peer, r in records.items()}
