@@ -155,7 +155,7 @@ def test_a_designated_leader_that_goes_silent_is_left_at_once_for_the_next():
     # round. Once the daemon names another leader (the old one's clock record went silent), the follower asks it.
     async def main():
         mm = follower(60.0, 30.0)
-        mm.round_leader, mm.last_answer = "leader", None
+        mm.round_leader = "leader"
         asked = []
 
         async def request(leader):
@@ -196,7 +196,7 @@ def test_a_cancelled_search_takes_its_request_to_the_designated_leader_with_it()
     # hivemind cancels the search when a group assembles; an orphaned request went on into the next step.
     async def main():
         mm = follower(60.0, 30.0)
-        mm.round_leader, mm.last_answer = "leader", None
+        mm.round_leader = "leader"
         async with mm.lock_looking_for_group:
             search = asyncio.create_task(mm._ask_round_leader())
             await asyncio.sleep(0.3)  # asking the leader, which has not answered
@@ -216,7 +216,6 @@ def test_the_designated_leader_asks_no_one_and_takes_the_group_it_is_joined_by()
     async def main():
         mm = follower(60.0, 30.0)
         mm.peer_id = mm.round_leader = "me"
-        mm.last_answer = None
         declared = []
 
         @contextlib.asynccontextmanager
@@ -247,7 +246,7 @@ def test_a_refused_follower_asks_the_designated_leader_again_instead_of_leading(
     # where it led a group of its own; so did a leader that had begun without it (GROUP_IS_FULL).
     async def main():
         mm = follower(60.0, 30.0)
-        mm.round_leader, mm.last_answer = "leader", None
+        mm.round_leader = "leader"
         answers = [averaging_pb2.BAD_EXPIRATION_TIME, averaging_pb2.NOT_A_LEADER, averaging_pb2.GROUP_IS_FULL,
                    averaging_pb2.NOT_LOOKING_FOR_GROUP]
         asked = []
@@ -255,7 +254,7 @@ def test_a_refused_follower_asks_the_designated_leader_again_instead_of_leading(
         async def request(leader):
             asked.append(leader)
             if answers:
-                mm.last_answer = answers.pop(0)
+                answers.pop(0)  # refused with this code
                 return None
             return GROUP
         mm._request_join_group = request

@@ -29,7 +29,6 @@ from hivemind.utils.asyncio import anext, cancel_and_wait
 log = logging.getLogger("photon_p2p.federation")
 
 
-
 class AdmittedMatchmaking(Matchmaking):
     """hivemind's matchmaking that never asks a non-admitted peer to lead it (nor follows one it is redirected
     to), and that leaves no ghost members (comment atop this module). ``gate``: an AdmissionGate (averager.py)
@@ -38,7 +37,6 @@ class AdmittedMatchmaking(Matchmaking):
     def __init__(self, *args, gate: Any = None, **kwargs) -> None:
         self.gate = gate
         self.round_leader: PeerID | None = None  # the step's designated leader (set before each step)
-        self.last_answer: int | None = None  # the code of the last leader's first answer (None: no answer)
         super().__init__(*args, **kwargs)
 
     async def _request_join_potential_leaders(self, step):
@@ -70,7 +68,6 @@ class AdmittedMatchmaking(Matchmaking):
             if leader == self.peer_id:
                 await asyncio.wait({self.assembled_group}, timeout=0.2)
                 continue
-            self.last_answer = None
             group = await self._ask_designated(leader)
             if group is not None:
                 return group
@@ -175,7 +172,6 @@ class AdmittedMatchmaking(Matchmaking):
                         await self._follow(leader)
 
             message = first.result()
-            self.last_answer = message.code
             if message.code != averaging_pb2.ACCEPTED:
                 log.debug("requested %s to be our leader, rejected with %s", str(leader)[-6:],
                           averaging_pb2.MessageCode.Name(message.code))

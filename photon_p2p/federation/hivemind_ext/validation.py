@@ -27,7 +27,6 @@ class CachedValidator(CompositeValidator):
     def __init__(self, validators=(), size: int = CACHED_RECORDS) -> None:
         self._passed: OrderedDict[DHTRecord, None] = OrderedDict()
         self._size = int(size)
-        self.hits = self.misses = 0
         super().__init__(validators)
 
     def extend(self, validators) -> None:
@@ -37,9 +36,7 @@ class CachedValidator(CompositeValidator):
     def validate(self, record: DHTRecord) -> bool:
         if record in self._passed:
             self._passed.move_to_end(record)
-            self.hits += 1
             return True
-        self.misses += 1
         if not super().validate(record):
             return False
         self._passed[record] = None
