@@ -201,7 +201,8 @@ def read_records(run_dir: Path, kind: str | None = None) -> list[dict]:
 def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any]:
     """Scores from every peer's metrics.jsonl. For each averaged round r, the live peers of r are those that
     recorded it (a killed peer records nothing; a stopped one records it late, as missed):
-    - participation: live peer-rounds spent in a group holding every live peer of that round / all of them
+    - participation: live peer-rounds spent in a group holding every live peer of that round / all of them (a
+      round with one live peer, alone in the swarm, counts as full: nobody else was there to average with)
     - one_model_rounds: rounds after which every peer that averaged it holds one fingerprint (G1)
     - distinct_models_at_end: fingerprints among the peers alive at the end (their last round or sync record)
     - round_overhead_s: per round, the last landing minus the last end of a local phase (median, max)
@@ -233,7 +234,9 @@ def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any
     for rnd, recs in sorted(by_round.items()):
         n = len(recs)
         total += n
-        full += sum(1 for r in recs.values() if not r["solo"] and int(r["group_size"]) == n)
+        # a peer alone in the swarm (the first, before anyone joined) is a group holding every live peer of its round
+        full += sum(1 for r in recs.values()
+                    if (not r["solo"] and int(r["group_size"]) == n) or (n == 1 and r.get("outcome") == "solo"))
         # G1 is about the peers that averaged the round: one that missed it records the state it caught up to
         # (a later round's), or the round's old weights, and is scored by the rounds it averages next.
         grouped = [r for r in recs.values() if not r["solo"]] or list(recs.values())

@@ -108,3 +108,32 @@ def test_eight_simulated_peers_average_as_one_group_on_one_model(tmp_path):
     assert s["split_rounds"] in ([], [0]), s
     assert s["distinct_models_at_end"] == 1 and s["last_rounds"] == [8], s
     assert s["participation"] >= 0.75, s  # the start-up rounds (7 joiners downloading) may miss; later ones not
+
+
+def test_scale_scores_participation_and_one_model_from_round_records(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale", REPO / "bench" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+
+    def peer(i: int, *rounds: tuple) -> None:
+        d = tmp_path / f"peer-{i}"
+        d.mkdir()
+        lines = [{"kind": "round", "round": r + 1, "averaged_round": r, "time": 100.0 + r, "outcome": o,
+                  "solo": o in ("solo", "missed"), "group_size": g, "fingerprint": fp} for r, o, g, fp in rounds]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{cut by kill -9")
+
+    # round 0: peer 0 alone in the swarm (full); round 1: all three; round 2: peer 2 missed it (a group of 2)
+    peer(0, (0, "solo", 1, "a"), (1, "averaged", 3, "b"), (2, "averaged", 2, "c"))
+    peer(1, (1, "averaged", 3, "b"), (2, "averaged", 2, "c"))
+    peer(2, (1, "averaged", 3, "b"), (2, "missed", 1, "c"))
+    s = scale.summarize(tmp_path)
+    assert s["rounds_total"] == 3 and s["peer_rounds"] == 7 and s["one_model_rounds"] == 3
+    assert s["participation"] == round(4 / 7, 4) and s["split_rounds"] == [] and s["distinct_models_at_end"] == 1
+    # two models after a round that two groups averaged: a split; a lone peer that missed is not a full round
+    (tmp_path / "peer-1" / "metrics.jsonl").write_text(json.dumps(
+        {"kind": "round", "round": 3, "averaged_round": 2, "time": 102.0, "outcome": "averaged", "solo": False,
+         "group_size": 2, "fingerprint": "z"}) + "\n")
+    s = scale.summarize(tmp_path)
+    assert s["split_rounds"] == [2] and s["distinct_models_at_end"] == 2

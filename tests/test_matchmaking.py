@@ -278,3 +278,28 @@ def test_the_designated_leader_takes_a_member_whose_window_ends_before_its_own(m
     assert check("me", 103.0) == 103.0
     assert check("other", 97.0) == 97.0  # anyone else keeps hivemind's rule
     assert check(None, 97.0) == 97.0
+
+
+def test_only_the_designated_leader_assembles_a_group(monkeypatch):
+    # A peer that began leading on a read without a lower id, and learned of it while it waited, assembles nothing
+    # at its expiration or once "full": its followers and the new leader's averaged round 0 as two groups (2 + 6).
+    assembled = []
+
+    async def hivemind_assembles(self):
+        assembled.append(self.peer_id)
+        return GROUP
+    monkeypatch.setattr(Matchmaking, "leader_assemble_group", hivemind_assembles)
+
+    async def main(round_leader):
+        mm = object.__new__(AdmittedMatchmaking)
+        mm.peer_id, mm.round_leader, mm.client_mode = "me", round_leader, False
+        mm.current_followers = {"follower": object()}
+        mm.lock_request_join_group = asyncio.Lock()
+        async with mm.lock_request_join_group:
+            return await mm.leader_assemble_group(), mm.current_followers
+    got, followers = asyncio.run(main("lower"))
+    assert got is None and followers == {} and assembled == []  # disbanded: the followers ask again
+    got, followers = asyncio.run(main("me"))
+    assert got is GROUP and assembled == ["me"] and followers
+    got, _ = asyncio.run(main(None))  # a step that names no leader (a grid's stage): hivemind's rules
+    assert got is GROUP and assembled == ["me", "me"]

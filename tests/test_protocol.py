@@ -9,6 +9,7 @@ from photon_p2p.federation.protocol import (
     NoShows,
     Outcome,
     arrival_s,
+    fold,
     majority,
     member_round_s,
     moved_on,
@@ -149,3 +150,28 @@ def test_a_client_mode_peer_is_waited_for_but_never_asked_to_lead():
                "me": ClockRecord(5, 8, 2.0, now)}
     r = roster(records, 5, "me", now, budget=5.0, local_steps=8)
     assert r.waited == ["a", "b", "me"] and r.clients == ["a"] and round_leader(r) == "b"
+
+
+def test_a_member_that_comes_from_one_round_behind_becomes_the_leader():
+    # A slow silo that caught up by download ("a", the lowest id) was one round behind when the others read the
+    # records: they named "b" and kept it while "c" came and named itself; "a" missed 44 of 44 rounds of a CI run.
+    now = 1000.0
+    first = {"b": ClockRecord(10, 6, 1.0, now), "a": ClockRecord(9, 1, 1.0, now), "me": ClockRecord(10, 6, 1.0, now)}
+    chosen = roster(first, 10, "me", now, budget=2.0, local_steps=6)
+    assert chosen.waited == ["a", "b", "me"] and round_leader(chosen) == "b"
+    later = {**first, "a": ClockRecord(10, 0, 1.0, now + 1)}
+    change = fold(chosen, roster(later, 10, "me", now + 1, budget=2.0, local_steps=6))
+    assert change and change.arrived == ["a"] and not change.new and not change.gone
+    assert round_leader(chosen) == "a" and chosen.waited == ["a", "b", "me"]
+    # nothing moved: no change, the same leader
+    assert not fold(chosen, roster(later, 10, "me", now + 2, budget=2.0, local_steps=6))
+
+
+def test_folding_a_joiner_and_a_silent_member_into_the_roster():
+    now = 1000.0
+    chosen = roster({"b": ClockRecord(3, 8, 1.0, now), "me": ClockRecord(3)}, 3, "me", now, 5.0, 8)
+    later = {"a": ClockRecord(3, 6, 1.0, now), "b": ClockRecord(3, 8, 1.0, now), "me": ClockRecord(3)}
+    change = fold(chosen, roster(later, 3, "me", now, 5.0, 8))
+    assert change.new == ["a"] and round_leader(chosen) == "a"
+    change = fold(chosen, roster(later, 3, "me", now, 5.0, 8, quiet={"a"}))
+    assert change.gone == ["a"] and chosen.waited == ["b", "me"] and round_leader(chosen) == "b"

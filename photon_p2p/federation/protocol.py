@@ -155,6 +155,32 @@ def round_leader(chosen: Roster) -> str:
     return min(at_round) if at_round else ""
 
 
+@dataclass(frozen=True)
+class RosterChange:
+    """What a later read of the records changed in a round's roster while its members wait (``fold``)."""
+
+    new: list[str]  # joiners: now waited for, not started without
+    gone: list[str]  # waited members whose record went silent (stopped or dead): no longer waited for
+    arrived: list[str]  # waited members one round behind (landing an average, catching up) now at the round
+
+    def __bool__(self) -> bool:
+        return bool(self.new or self.gone or self.arrived)
+
+
+def fold(chosen: Roster, fresh: Roster) -> RosterChange:
+    """Fold ``fresh`` (the roster from a later read) into ``chosen`` (updated in place) and say what changed; the
+    round's leader is then round_leader(chosen) again. A member that came from one round behind counts: a slow
+    silo that caught up by download came to each round after the others had read it one round behind, named
+    itself (the lowest id) while they kept the leader they had named, and missed every round of a CI run."""
+    new = sorted(set(fresh.waited) - set(chosen.waited))
+    gone = sorted(set(chosen.waited) & set(fresh.silent))
+    arrived = sorted((set(fresh.members) & set(chosen.waited)) - set(chosen.members))
+    chosen.members = sorted({*chosen.members, *(set(new) & set(fresh.members)), *arrived})
+    chosen.clients = sorted({*chosen.clients, *(set(new) & set(fresh.clients))})
+    chosen.waited = sorted((set(chosen.waited) | set(new)) - set(gone))
+    return RosterChange(new, gone, arrived)
+
+
 class NoShows:
     """Peers a round waited for that never came, remembered with the record they were waited on. Waited for
     again only once their record changes (a new report: the peer is alive and moving), so a crashed or stopped

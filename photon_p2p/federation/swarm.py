@@ -25,8 +25,8 @@ from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.hivemind_ext.progress_tracker import RoundTracker, admitted_progress, progress_records
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
-from photon_p2p.federation.protocol import (SILENT_S, ClockRecord, NoShows, Roster, majority, moved_on, round_leader,
-                                             roster, speed_quota)
+from photon_p2p.federation.protocol import (SILENT_S, ClockRecord, NoShows, Roster, fold, majority, moved_on,
+                                             round_leader, roster, speed_quota)
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
     install_validators,
@@ -149,7 +149,7 @@ class SwarmClock:
         """The newest round any (non-client) peer reports, as of the tracker's last fetch."""
         return int(self.tracker.global_progress.epoch)
 
-    def records(self, round_no: int, timeout: float) -> dict[str, ClockRecord]:
+    def records(self, round_no: int, timeout: float, quiet: bool = False) -> dict[str, ClockRecord]:
         """Every clock record, read fresh from the DHT as ``round_no`` ends, merged with the tracker's last
         periodic fetch (seconds old at most; the newer record of each peer wins). One read can miss records: the
         replica that answered had not yet got them (8 peers: four read a roster without the peer that had waited
@@ -166,7 +166,8 @@ class SwarmClock:
         raw = self._admitted(raw)
         self.tracker.observe(raw)
         records = _clock_records(raw)
-        log.info("round %d: clock records %s", round_no, {p[-6:]: r.round for p, r in records.items()})
+        if not quiet:
+            log.info("round %d: clock records %s", round_no, {p[-6:]: r.round for p, r in records.items()})
         return records
 
     def cached(self) -> dict[str, ClockRecord]:
@@ -366,25 +367,30 @@ class HivemindSwarm:
                 # it leads the rest (a closed swarm's first two silos never met).
                 self._tokens_read = time.monotonic()
                 self.admission.refresh()
-            fresh = roster(clock.cached(), round_no, me, get_dht_time(), budget, f.local_steps,
+            # The leader reads the records afresh (one DHT get a second, one peer per round): the tracker's last
+            # fetch can be 5 s old, as long as the wait, and a leader that has not seen a lower id join would
+            # assemble its group apart from the lower id's. Everyone else follows the leader and the cache.
+            if leader == me:
+                now_read = clock.records(round_no, min(1.0, float(self.cfg.network.request_timeout)), quiet=True)
+                self.dht_reads += 1
+            else:
+                now_read = clock.cached()
+            fresh = roster(now_read, round_no, me, get_dht_time(), budget, f.local_steps,
                            self.no_shows.skip(records), by_speed, clock.silent())
-            new = sorted(set(fresh.waited) - set(chosen.waited))
-            gone = sorted(set(chosen.waited) & set(fresh.silent))
-            if new:  # a joiner: waited for, not started without
+            change = fold(chosen, fresh)
+            if change.new:
                 log.info("round %d: also waiting for %s (its record appeared meanwhile)", round_no,
-                         " ".join(m[-6:] for m in new))
-                chosen.members = sorted({*chosen.members, *(set(new) & set(fresh.members))})
-                chosen.clients = sorted({*chosen.clients, *(set(new) & set(fresh.clients))})
-            if gone:
+                         " ".join(m[-6:] for m in change.new))
+            if change.gone:
                 log.info("round %d: %s went silent (stopped or dead); not waited for", round_no,
-                         " ".join(m[-6:] for m in gone))
-            chosen.waited = sorted((set(chosen.waited) | set(new)) - set(gone))
-            want += len(new) - len(gone)
-            # The leader is the lowest id of the roster as it grows or loses members: a peer whose first read missed
-            # records (a replica without them) named another leader than the rest, and its group started apart.
-            # Members that have not joined a group yet ask the new one; one already leading is merged into it
-            # by hivemind's search (the lower id of one expiration slot leads).
-            if new or gone:
+                         " ".join(m[-6:] for m in change.gone))
+            want += len(change.new) - len(change.gone)
+            # The leader is the lowest id of the roster's members at the round as they come, arrive from one round
+            # behind, or go silent: a peer whose first read missed records (a replica without them) named another
+            # leader than the rest, and its group started apart. Members not yet in a group ask the new leader; one
+            # that had begun leading assembles nothing (matchmaking.py) and sends its followers along once the new
+            # leader takes it.
+            if change:
                 leader = round_leader(chosen)
             return want, leader
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,

@@ -255,7 +255,7 @@ class ProcessAverager(DecentralizedAverager):
         if mm.is_looking_for_group and mm.current_followers and len(mm.current_followers) + 1 >= size:
             async with mm.lock_request_join_group:
                 if not mm.assembled_group.done() and mm.current_leader is None and not mm.client_mode \
-                        and len(mm.current_followers) + 1 >= size:
+                        and not mm.designated_elsewhere() and len(mm.current_followers) + 1 >= size:
                     await mm.leader_assemble_group()
 
     # The stamps wrap hivemind's internal coroutines and pass every argument through unchanged.

@@ -99,6 +99,24 @@ class AdmittedMatchmaking(Matchmaking):
                     self.assembled_group.set_exception(e)
                 raise
 
+    def designated_elsewhere(self) -> bool:
+        """Whether the step names a leader other than us: then we assemble no group (leader_assemble_group)."""
+        return self.round_leader is not None and self.round_leader != self.peer_id
+
+    async def leader_assemble_group(self):
+        """hivemind's, but only the step's designated leader assembles a group (G1). A peer that began leading
+        on a read that lacked a lower id (a joiner's record not yet seen, or a member that came from one round
+        behind) learns of it while it waits (swarm.py's ``follow`` names the new leader); were it to assemble at its
+        expiration or once "full", its followers and the new leader's would average the round as two groups, on
+        two models (round 0 of a CI run: 2 + 6 of 8). It disbands instead: its followers are sent to the new
+        leader once that one accepts us (hivemind's GROUP_DISBANDED with suggested_leader), or at our expiration
+        they ask their own designated leader again."""
+        if self.designated_elsewhere():
+            log.debug("not assembling: %s leads this step", str(self.round_leader)[-6:])
+            await self.leader_disband_group()
+            return None
+        return await super().leader_assemble_group()
+
     def _check_reasons_to_reject(self, request, context):
         """hivemind's checks, except that the designated leader takes its round's members whatever expiration
         they declared: each peer sizes its wait from its own round, and a follower whose window ended a slot
