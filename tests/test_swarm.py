@@ -248,6 +248,52 @@ def test_three_silos_at_different_speeds_average_every_round(swarm):
 
 
 @pytest.mark.slow
+def test_two_pairs_on_two_models_become_one_swarm_on_one_model(swarm):
+    # The two-pair split of issue 22, made for real: two pairs train as two swarms (two DHTs, one run id) and
+    # drift apart onto two models; then a fifth silo bootstraps from both, the DHTs merge, and the four see each
+    # other's records at different models (G2). Within a round of meeting, all five hold one model, and from
+    # then on they average as one group of five on it.
+    common = {"federation.rounds": 0, "federation.min_group_size": 2, "federation.local_steps": 6,
+              "federation.target_group_size": 8}
+    a1 = swarm.start("pa-1", extra=common)
+    a_addr = a1.address()
+    a2 = swarm.start("pa-2", initial=[a_addr], extra=common)
+    b1 = swarm.start("pb-1", extra=common)
+    b_addr = b1.address()
+    b2 = swarm.start("pb-2", initial=[b_addr], extra=common)
+    pairs = (a1, a2, b1, b2)
+
+    def averaged_as_pair(p) -> int:
+        return sum(1 for r in p.rounds() if r["group_size"] == 2 and not r["solo"])
+
+    swarm.wait_for(pairs, lambda: min(averaged_as_pair(p) for p in pairs) >= 2, timeout=within(180), poll=0.5)
+    models = {p.name: p.rounds()[-1]["fingerprint"] for p in pairs}
+    assert models["pa-1"] != models["pb-1"], models  # two swarms, two models: the split is real
+    bridge = swarm.start("bridge", initial=[a_addr, b_addr], extra=common)
+    peers = (*pairs, bridge)
+
+    def full(r) -> bool:
+        return r["group_size"] == 5 and not r["solo"]
+
+    def three_full_rounds() -> bool:  # every peer has recorded three rounds in a group of all five
+        return all(sum(1 for r in p.rounds() if full(r)) >= 3 for p in peers)
+
+    swarm.wait_for(peers, three_full_rounds, timeout=within(240), poll=0.5)
+    swarm.stop(peers)
+    by_round = [{r["round"]: r for r in p.rounds()} for p in peers]
+    first = min(r["round"] for r in bridge.rounds() if full(r))
+    for rnd in range(first, first + 3):  # one group of five, one model, every round once they have met
+        rows = [b.get(rnd) for b in by_round]
+        assert all(r is not None and full(r) for r in rows), (rnd, rows)
+        assert len({r["fingerprint"] for r in rows}) == 1, (rnd, rows)
+    # one side gave its model up for the other's: by adopting the majority's (G2), catching up, or a healing round
+    gave_up = [p.name for p in pairs if p.records("split") or any(r.get("outcome") == "healed" for r in p.rounds())
+               or any(r.get("reason") != "joining" for r in p.records("sync"))]
+    assert gave_up, [p.log()[-1500:] for p in pairs]
+    assert all("Traceback" not in p.log() for p in peers)
+
+
+@pytest.mark.slow
 def test_a_diverging_silo_poisons_no_one(swarm):
     common = {"federation.rounds": 3, "federation.min_group_size": 2, "federation.round_clock": "steps",
               "federation.round_deadline": 12.0}

@@ -17,7 +17,6 @@ from hivemind.compression import (
     ScaledFloat16Compression,
     Uniform8BitQuantization,
 )
-from hivemind.compression import serialization as _serialization
 from hivemind.proto import runtime_pb2
 
 from photon_p2p.federation import FederationError
@@ -128,17 +127,3 @@ class CountingCompression(CompressionBase):
 
     def __repr__(self) -> str:
         return f"Counting({self.inner!r})"
-
-
-def count_registry_traffic(counter: ByteCounter) -> None:
-    """Count the traffic that hivemind (de)serializes through its codec registry rather than our codec object.
-
-    In an all-reduce, a peer's own parts go out through the codec object passed to the averager, but the averaged
-    parts it returns as a reducer and everything it receives go through ``serialize_torch_tensor`` /
-    ``deserialize_torch_tensor``, which look codecs up in a module-level registry. Call this only inside the
-    averager's own (forked) process, so that the parent process's registry stays untouched.
-    """
-    registry = _serialization._BASE_COMPRESSION_TYPES
-    for key, codec in list(registry.items()):
-        if not isinstance(codec, CountingCompression):
-            registry[key] = CountingCompression(codec, counter)

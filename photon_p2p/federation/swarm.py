@@ -333,6 +333,11 @@ class HivemindSwarm:
         live_target = None
         if plan is None:
             live_target = len(chosen.waited) if len(chosen.waited) > 1 and not joined else max(2, target)
+        # A peer that knows of no other member (the swarm's first peer, its joiners still starting) waits in ONE
+        # attempt up to the round's deadline, as it would have in several short ones, and once members appear it
+        # starts when every one it knows of has joined: cut at a short window's end, a group of 7 of 8 formed while
+        # the 8th, whose record had just appeared, was asking to join.
+        alone = clock is not None and plan is None and len(chosen.waited) == 1
         # Grid stages ask their own leaders (averaging.py). Without the swarm clock the roster is one heartbeat read
         # that nothing refreshes while we wait: a first peer that read only itself would lead alone, never
         # learning of the others; hivemind's search merges such groups instead.
@@ -384,7 +389,10 @@ class HivemindSwarm:
             if change.gone:
                 log.info("round %d: %s went silent (stopped or dead); not waited for", round_no,
                          " ".join(m[-6:] for m in change.gone))
-            want += len(change.new) - len(change.gone)
+            if joined:  # takes whoever comes within its wait
+                want += len(change.new) - len(change.gone)
+            elif change:
+                want = len(chosen.waited) if len(chosen.waited) > 1 else max(2, target)
             # The leader is the lowest id of the roster's members at the round as they come, arrive from one round
             # behind, or go silent: a peer whose first read missed records (a replica without them) named another
             # leader than the rest, and its group started apart. Members not yet in a group ask the new leader; one
@@ -395,7 +403,8 @@ class HivemindSwarm:
             return want, leader
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
                                        live_target=live_target, plan=plan, give_up=give_up, replan=replan,
-                                       wait=budget + chosen.eta, leader=leader,
+                                       wait=max(budget + chosen.eta, f.round_deadline - f.allreduce_timeout)
+                                       if alone else budget + chosen.eta, leader=leader,
                                        follow=follow if clock is not None and plan is None else None)
         if not result.solo:  # a peer that missed the group cannot tell who else did not come
             missing = self.no_shows.note(chosen.waited, result.peers, records)

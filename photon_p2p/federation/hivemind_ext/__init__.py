@@ -2,7 +2,7 @@
 
 # Files mirror hivemind's own: averager.py (hivemind/averaging/averager.py), allreduce.py, partition.py,
 # matchmaking.py (hivemind/averaging/...), progress_tracker.py (hivemind/optim/progress_tracker.py), validation.py
-# (hivemind/dht/validation.py). They
+# (hivemind/dht/validation.py), serialization.py (hivemind/compression/serialization.py). They
 # override private coroutines of one hivemind version, checked below before any of them is used (importing a
 # submodule runs this file first); nothing else in photon_p2p touches hivemind's averaging/optim internals.
 # - ``ExactAllReduceRunner`` (allreduce.py): hivemind's butterfly all-reduce returns each member
@@ -22,6 +22,8 @@
 #   different global models; that round the averager turns Δ = θ_global − θ_local into θ_local in place and
 #   averages weights losslessly, so the group leaves the round on one model.
 # - ``RoundTracker`` (progress_tracker.py): hivemind's ProgressTracker, which also reports who is at which round.
+# - ``count_registry_traffic`` (serialization.py): wraps the codecs of hivemind's module-level registry, through
+#   which a reducer's returned parts and everything received are (de)serialized, so their bytes are counted.
 # - ``CachedValidator`` (validation.py): hivemind's CompositeValidator that remembers the records it has passed, so
 #   a record is not re-verified (RSA signature, schema) on every DHT answer that carries it.
 

@@ -32,10 +32,11 @@ from hivemind.utils.streaming import combine_from_streaming
 from photon_p2p.federation.admission import AdmissionView, read_view_async
 from photon_p2p.federation.bulk import GATHER_KEY as BULK_KEY
 from photon_p2p.federation.bulk import BulkGroups, allreduce_mean, robust_mean
-from photon_p2p.federation.compression import ByteCounter, CountingCompression, count_registry_traffic
+from photon_p2p.federation.compression import ByteCounter, CountingCompression
 from photon_p2p.federation.hivemind_ext.allreduce import ExactAllReduceRunner, models_differ
 from photon_p2p.federation.hivemind_ext.matchmaking import AdmittedMatchmaking
 from photon_p2p.federation.hivemind_ext.partition import _rank
+from photon_p2p.federation.hivemind_ext.serialization import count_registry_traffic
 from photon_p2p.federation.hivemind_ext.utils import warm_up_codec
 from photon_p2p.federation.robust import ClaimBudget, ReducerCheck, RobustSettings, cap_claims, reduce_part
 from photon_p2p.federation.util import describe
