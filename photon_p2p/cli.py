@@ -225,7 +225,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         from photon_p2p.credentials import load_owner_public, public_bytes
 
         owner = public_bytes(load_owner_public(args.swarm_owner_key))
-    return run_status(net, args.run_id, as_json=args.json, watch=args.watch, owner_public=owner)
+    return run_status(net, args.run_id, as_json=args.json, watch=args.watch, owner_public=owner, wide=args.wide)
 
 
 def cmd_swarm_key(args: argparse.Namespace) -> int:
@@ -375,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
     p.add_argument("--run-id", default="photon")
     p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    p.add_argument("--wide", action="store_true",
+                   help="every column (addresses, lag, clipping, tokens, silos); the default fits 80 columns")
     p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="refresh every SECONDS")
     p.add_argument("--timeout", type=float, default=20.0, help="seconds to reach the swarm")
     p.add_argument("--swarm-owner-key", metavar="PUB",

@@ -11,6 +11,7 @@ import time
 from typing import Any, Optional, TextIO
 
 from photon_p2p.config import NetworkConfig
+from photon_p2p.status_view import admission_line, render_table  # noqa: F401 (re-exported)
 
 _ORDER = {"live": 0, "stale": 1, "left": 2}
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home + clear screen: --watch redraws in place on a terminal
@@ -40,6 +41,24 @@ def _consistency(live: list[dict], newest: int) -> dict[str, Any]:
         "model_groups": [{"fingerprint": fp, "round": rnd, "peers": sorted(peers)} for (rnd, fp), peers in ordered],
         "behind_peers": sum(r["round"] < newest for r in live),
     }
+
+
+def _most(values: list) -> Any:
+    """The most common value (ties to the largest), or None."""
+    values = [v for v in values if v]
+    return max(set(values), key=lambda v: (values.count(v), v)) if values else None
+
+
+def _last_round(live: list[dict]) -> dict[str, Any]:
+    """What the live peers' heartbeats say of their last rounds: the group most of them averaged in (``group``),
+    the roster size they waited for (``waited``), the leader they named, and who ``missed`` it: a live peer whose
+    last round was a group of one while its roster waited for others (or, from a peer older than rosters, while
+    others were live). A peer yet to finish a round (group 0) missed nothing."""
+    missed = sorted(r["peer_id"] for r in live if r["group_size"] == 1
+                    and (r.get("waited", 0) > 1 or (not r.get("waited") and len(live) > 1)))
+    return {"group": _most([r["group_size"] for r in live if r["group_size"] > 1]) or 0,
+            "waited": _most([r.get("waited", 0) for r in live]) or 0,
+            "leader": _most([r.get("leader", "") for r in live]) or "", "missed": missed}
 
 
 CLIP_FLAG_ROUNDS = 3  # a peer clipped in this many of a reporter's last rounds gets a warning line
@@ -81,16 +100,6 @@ def _admission(rows: list[dict], dht: Any, owner_public: Optional[bytes], timeou
     return kept, {"closed": True, "owner": view.fingerprint, "admitted": len(view.admitted()),
                   "hidden": len(rows) - len(kept), "revoked": sorted(view.revocations)}
 
-
-def admission_line(a: dict) -> str:
-    """One line on who may join: the open-swarm warning, or the owner key and how many peers it admits."""
-    if a.get("closed"):
-        line = f"closed swarm, owner key {a['owner']}, {a['admitted']} admitted"
-        return line + (f" ({a['hidden']} record(s) of non-admitted or revoked peers hidden)" if a["hidden"] else "")
-    if a.get("claimed_owners"):
-        return (f"records claim a closed swarm (owner key {', '.join(a['claimed_owners'])}); pass "
-                "--swarm-owner-key to verify them and hide non-admitted peers")
-    return "OPEN swarm: anyone who can reach a peer can join"
 
 
 def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[float] = None,
@@ -135,6 +144,7 @@ def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[
         "median_utilization": _median([r.get("utilization") for r in live]),
         **_consistency(live, newest),
         "clipped_peers": sorted(p for p, c in clipping.items() if c["rounds"] >= CLIP_FLAG_ROUNDS),
+        "last_round": _last_round(live),
     }
     status = {"run_id": run_id, "time": time.time(), "reached": reached, "summary": summary, "peers": rows,
               "admission": admission}
@@ -150,143 +160,10 @@ def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[
     return status
 
 
-def _ago(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def _count(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def _pct(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x:.0%}"
-
-
-def _num(x: Optional[float], fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def _address(row: dict) -> str:
-    if row["client_mode"]:
-        return "(client mode)"  # it accepts no connections: its listen address would mislead
-    if not row["maddrs"]:
-        return "-"
-    relayed = "(relayed) " if row.get("connection") == "relayed" else ""  # reached through a circuit relay
-    return relayed + row["maddrs"][0].split("/p2p/")[0]  # the peer id has its own column
-
-
-def _short_id(peer_id: str) -> str:
-    # Peer ids share long prefixes (Qm..., 12D3KooW...): the tail is what tells them apart.
-    return peer_id if len(peer_id) <= 14 else ".." + peer_id[-12:]
-
-
-def _group(r: dict) -> str:
-    """'3/3': the peer's last group size over the peers its round waited for (older peers: the size alone)."""
-    return f"{r['group_size']}/{r['waited']}" if r.get("waited") else str(r["group_size"])
-
-
-def _short_model(fingerprint: str) -> str:
-    # 8 hex digits (32 bits) tell a handful of models apart at a glance; JSON output keeps the full hash.
-    return fingerprint[:8] if fingerprint else "-"
-
-
-_MAX_NAMED = 5  # peers named per model in the SPLIT line; a big swarm would otherwise print a wall of ids
-
-
-def _named(peers: list[str]) -> str:
-    names = ", ".join(_short_id(p) for p in peers[:_MAX_NAMED])
-    return names + (f", +{len(peers) - _MAX_NAMED} more" if len(peers) > _MAX_NAMED else "")
-
-
-def _model_line(s: dict) -> str:
-    """One line on whether the live peers at the newest round hold the same model ("" when there is nothing to say).
-
-    Summaries without the consistency fields (an older status document) get no line.
-    """
-    rnd = s["global_round"]
-    at_newest = [g for g in s.get("model_groups", []) if g["round"] == rnd]
-    known = [g for g in at_newest if g["fingerprint"]]
-    if not known:  # no live peer at the newest round, or none reports a fingerprint yet
-        return ""
-    unknown = sum(len(g["peers"]) for g in at_newest if not g["fingerprint"])
-    no_fp = f"{unknown} report{'s' * (unknown == 1)} no fingerprint" if unknown else ""
-    if s["split"]:
-        models = ", ".join(f"{_short_model(g['fingerprint'])} (peers {_named(g['peers'])})" for g in known)
-        return (f"SPLIT: live peers at round {rnd} hold {len(known)} different models: {models}"
-                f"{'; ' + no_fp if no_fp else ''}; they re-merge when they next meet in a group")
-    [group] = known
-    holders = len(group["peers"])
-    line = f"one model: {_short_model(group['fingerprint'])} held by "
-    if unknown:
-        line += f"{holders} of {holders + unknown} live peers ({no_fp})"
-    else:
-        line += f"all {holders} live peers" if holders > 1 else "the only live peer"
-    line += f" at round {rnd}"
-    behind = s.get("behind_peers", 0)
-    return line + (f", {behind} behind" if behind else "")
-
-
-def _silo(row: dict) -> str:
-    """Ranks x device of the silo behind a peer, e.g. "2xcuda" (just "1" for peers older than these fields)."""
-    n, device = row.get("world_size", 1), row.get("device", "")
-    return f"{n}x{device}" if device else str(n)
-
-
-def render_table(status: dict) -> str:
-    """Plain-text swarm summary and peer table (what `photon-peer status` prints)."""
-    s, rows = status["summary"], status["peers"]
-    if not rows:
-        text = status.get("message", f"no peers in run '{status['run_id']}'")
-        closed = status.get("admission", {}).get("closed")  # an open swarm without peers: nothing to add
-        return text + ("\n" + admission_line(status["admission"]) if closed else "")
-    head = (f"run '{status['run_id']}': {s['live_peers']} live peer{'s' * (s['live_peers'] != 1)}, "
-            f"global round {s['global_round']}, {_count(s['total_tokens'])} tokens, "
-            f"{s['tokens_per_s']:,.0f} tokens/s, median loss {_num(s['median_loss'], '.4f')}, "
-            f"median val ppl {_num(s['median_val_ppl'], '.2f')}")
-    if s["stale_peers"] or s["left_peers"]:
-        head += f" ({s['stale_peers']} stale, {s['left_peers']} left)"
-    lines = [head]
-    model_line = _model_line(s)
-    if model_line:
-        lines.append(model_line)
-    if "admission" in status:
-        lines.append(admission_line(status["admission"]))
-    if status.get("message"):
-        lines.append(status["message"])
-    for r in rows:
-        c = r.get("clipped_by_others")
-        if r["peer_id"] in s.get("clipped_peers", []) and c:
-            lines.append(f"CLIPPED: peer {_short_id(r['peer_id'])} was clipped or dropped by {len(c['reporters'])} "
-                         f"reducer(s) in up to {c['rounds']} of their last rounds (smallest share kept "
-                         f"{c['factor']:.2g}): its updates are far from the others'; check it")
-    table = [("PEER", "ADDRESS", "STATE", "ROUND", "LAG", "MODEL", "PART", "CLIPPED", "GROUP", "UTIL", "TOKENS",
-              "TOK/S", "LOSS", "VAL PPL", "SILO", "LAST SEEN")]
-    for r in rows:
-        c = r.get("clipped_by_others")
-        table.append((_short_id(r["peer_id"]) + ("" if r["verified"] else "?"), _address(r), r["status"],
-                      str(r["round"]), str(r["lag"]), _short_model(r["fingerprint"]), f"{r['participation']:.0%}",
-                      f"{c['rounds']}x{len(c['reporters'])}" if c else "-", _group(r), _pct(r.get("utilization")),
-                      _count(r["tokens"]), f"{r['tokens_per_s']:,.0f}", _num(r["loss"], ".4f"),
-                      _num(r["val_ppl"], ".2f"), _silo(r), _ago(r["last_seen"]) + " ago"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines.append("")
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
-    if not all(r["verified"] for r in rows):
-        lines.append("? = peer id not proven by the record's signing key (the peer runs without --identity)")
-    return "\n".join(lines)
-
 
 def run_status(net: NetworkConfig, run_id: str, *, as_json: bool = False, watch: float = 0.0,
                stale_after: Optional[float] = None, out: Optional[TextIO] = None,
-               owner_public: Optional[bytes] = None) -> int:
+               owner_public: Optional[bytes] = None, wide: bool = False) -> int:
     """Join the DHT as a client (never part of the swarm), print the status (every ``watch`` s), leave."""
     from photon_p2p.federation import FederationError
     from photon_p2p.federation.network import parse_multiaddrs, start_dht, stop_dht
@@ -308,7 +185,7 @@ def run_status(net: NetworkConfig, run_id: str, *, as_json: bool = False, watch:
             try:
                 status = collect_status(dht, run_id, net.request_timeout, stale_after, reached=", ".join(initial),
                                         owner_public=owner_public)
-                text = json.dumps(status, indent=None if watch else 2) if as_json else render_table(status)
+                text = json.dumps(status, indent=None if watch else 2) if as_json else render_table(status, wide)
             except FederationError as e:
                 if not watch:
                     raise

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from photon_p2p.federation.network import connection_kind  # noqa: E402
 from photon_p2p.federation.records import make_record  # noqa: E402
-from photon_p2p.status import _address  # noqa: E402
+from photon_p2p.status_view import _address  # noqa: E402
 
 ROUNDS = 4
 

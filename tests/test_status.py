@@ -21,6 +21,7 @@ from photon_p2p.config import NetworkConfig  # noqa: E402
 from photon_p2p.federation import FederationError  # noqa: E402
 from photon_p2p.federation.records import make_record  # noqa: E402
 from photon_p2p.status import collect_status, render_table, run_status  # noqa: E402
+from photon_p2p.status_view import WIDTH, model_line as summary_model_line  # noqa: E402
 from deadlines import within
 
 A, B, C = fingerprint("A"), fingerprint("B"), fingerprint("C")
@@ -55,7 +56,7 @@ def test_collect_status_marks_stale_and_left_and_sorts():
     assert (s["live_peers"], s["stale_peers"], s["left_peers"], s["global_round"]) == (2, 1, 1, 4)
     assert s["total_tokens"] == 1000 + 2000 + 3000 + 4000 and s["tokens_per_s"] == pytest.approx(100 + 400)
     assert s["median_loss"] == pytest.approx(4.5)  # live peers only: 3.0 and 6.0
-    text = render_table(status)
+    text = render_table(status, wide=True)
     assert "2 live peers" in text and "(1 stale, 1 left)" in text and "30s ago" in text
     assert "/ip4/10.0.0.1/tcp/4000 " in text and "/p2p/" not in text  # the id has its own column
     assert "? = peer id not proven" in text
@@ -65,9 +66,13 @@ def test_collect_status_marks_stale_and_left_and_sorts():
 
 
 def model_line(status: dict) -> str:
-    """The consistency line render_table prints right under the header ("" if none)."""
-    second = render_table(status).splitlines()[1]
-    return second if second.startswith(("SPLIT:", "one model:")) else ""
+    """The consistency line render_table prints right under the header ("" if none), unwrapped."""
+    line = summary_model_line(status["summary"])
+    if line:  # printed second, wrapped at 80 columns
+        second = render_table(status).split("\n", 1)[1]
+        flat = " ".join(line.split())
+        assert " ".join(second.split())[:len(flat)] == flat
+    return line
 
 
 def test_one_model_at_the_newest_round_and_peers_behind_are_not_a_split():
@@ -127,7 +132,7 @@ def test_table_has_model_and_participation_columns():
     status = collect_status(fake_swarm([{"round": 12, "fingerprint": A, "participation": 0.875, "group_size": 3,
                                          "waited": 3, "leader": "x"},
                                         {"round": 12, "fingerprint": "", "participation": 0.0}]), RUN, 1.0)
-    lines = render_table(status).splitlines()
+    lines = render_table(status, wide=True).splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
     assert lines[header].split()[5:7] == ["MODEL", "PART"]
     rows = {line.split()[0]: line.split() for line in lines[header + 1:] if line.startswith("..")}
@@ -162,10 +167,11 @@ def status_of(addr: str, run_id: str = RUN, **kwargs) -> str:
 
 @pytest.mark.timeout(60)
 def test_status_table_lists_peers(swarm):
-    text = status_of(swarm["addr"])
+    text = status_of(swarm["addr"], wide=True)
     head = text.splitlines()[0]
-    assert f"run '{RUN}': 3 live peers, global round 12" in head
-    assert "6.00k tokens" in head and "600 tokens/s" in head and "median loss 4.0000" in head
+    assert head == f"run '{RUN}': round 12, 3 live peers"
+    flat = " ".join(text.split())
+    assert "6.00k tokens, 600 tokens/s, median loss 4.0000" in flat
     newest_model = values(2)["fingerprint"][:8]  # each fake peer is at its own round: two are behind
     assert text.splitlines()[1] == f"one model: {newest_model} held by the only live peer at round 12, 2 behind"
     table = [line for line in text.splitlines()[1:] if line.startswith("..")]
@@ -309,8 +315,8 @@ def test_a_peer_that_keeps_being_clipped_is_flagged():
     row = {r["peer_id"]: r for r in status["peers"]}
     assert row[bad]["clipped_by_others"] == {"rounds": 4, "factor": 0.0002, "reporters": [peer(0), peer(1)]}
     assert row[peer(0)]["clipped_by_others"]["rounds"] == 1 and row[peer(1)]["clipped_by_others"] is None
-    text = render_table(status)
-    assert f"CLIPPED: peer ..{bad[-12:]} was clipped or dropped by 2 reducer(s) in up to 4" in text
+    text = render_table(status, wide=True)
+    assert f"CLIPPED: peer ..{bad[-12:]} was clipped or dropped by 2 reducer(s) in up to 4" in " ".join(text.split())
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
     assert lines[header].split()[7] == "CLIPPED"
@@ -320,7 +326,7 @@ def test_table_shows_each_silos_ranks_and_device():
     """A torchrun silo reports world_size and device in its heartbeat; records from older peers have neither."""
     status = collect_status(fake_swarm([{"world_size": 8, "device": "cuda"}, {}]), RUN, 1.0)
     assert sorted((r["world_size"], r["device"]) for r in status["peers"]) == [(1, ""), (8, "cuda")]
-    lines = render_table(status).splitlines()
+    lines = render_table(status, wide=True).splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
     assert lines[header].split()[-3:] == ["SILO", "LAST", "SEEN"]
     rows = {line.split()[0]: line.split() for line in lines[header + 1:] if line.startswith("..")}
@@ -330,8 +336,35 @@ def test_table_shows_each_silos_ranks_and_device():
 def test_table_shows_each_peers_compute_utilization():
     status = collect_status(fake_swarm([{"utilization": 0.984}, {}]), RUN, 1.0)
     assert status["summary"]["median_utilization"] == pytest.approx(0.984)
-    lines = render_table(status).splitlines()
+    lines = render_table(status, wide=True).splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
     col = lines[header].split().index("UTIL")
     cells = sorted(line.split()[col] for line in lines[header + 1:] if line.startswith(".."))
     assert cells == ["-", "98%"]  # a peer that predates the field shows "-"
+
+
+def test_a_big_swarm_fits_an_80_column_terminal_summary_first():
+    # issue 23 (22 peers, as many as the fake holds; the widths do not grow with N): the round, how many models, the roster and who missed the last round come first; the table fits
+    # 80 columns (--wide has every column); --json carries the same summary.
+    specs = [{"round": 57, "fingerprint": A, "group_size": 30, "waited": 32, "leader": peer(0),
+              "tokens_per_s": 12345.0, "participation": 0.97} for _ in range(22)]
+    specs[3].update(group_size=1)  # missed round 56: averaged alone while its roster waited for 32
+    specs[4].update(group_size=1, round=56, fingerprint=B)  # ... and one still catching up
+    specs[5].update(age=30.0)  # stale
+    status = collect_status(fake_swarm(specs), RUN, timeout=1.0)
+    s = status["summary"]
+    assert s["last_round"] == {"group": 30, "waited": 32, "leader": peer(0), "missed": [peer(3), peer(4)]}
+    text = render_table(status)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= WIDTH, max(lines, key=len)
+    assert lines[0] == f"run '{RUN}': round 57, 21 live peers (1 stale, 0 left)"
+    assert lines[1].startswith(f"one model: {A[:8]} held by all 20 live peers at round 57, 1 behind")
+    flat = " ".join(text.split())
+    assert f"last round: group of 30 of 32 waited for, leader ..{peer(0)[-12:]}; missed by ..{peer(3)[-12:]}, " \
+           f"..{peer(4)[-12:]}" in flat
+    header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
+    assert header < 10 and lines[header].split() == ["PEER", "STATE", "ROUND", "MODEL", "GROUP", "PART", "TOK/S",
+                                                     "LOSS", "SEEN"]
+    assert len([line for line in lines[header + 1:] if line.startswith("..")]) == 22
+    assert max(len(line) for line in render_table(status, wide=True).splitlines()) > WIDTH  # everything: wide
+    assert json.loads(json.dumps(status))["summary"]["last_round"]["missed"] == [peer(3), peer(4)]
