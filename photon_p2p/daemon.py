@@ -22,13 +22,14 @@ from photon_p2p.federation import FederationError
 from photon_p2p.federation.averaging import RoundResult
 from photon_p2p.federation.compression import roundtrip
 from photon_p2p.federation.network import parse_multiaddrs
-from photon_p2p.federation.protocol import outcome, run_over, split_winner, wait_budget
-from photon_p2p.federation.swarm import Swarm, check_state
+from photon_p2p.federation.protocol import outcome, run_over, wait_budget
+from photon_p2p.federation.swarm import Swarm
 from photon_p2p.global_state import GlobalState
 from photon_p2p.ledger import InFlight, RoundLedger
 from photon_p2p.metrics import MetricsLogger
 from photon_p2p.observe import start_exporters
 from photon_p2p.peer_report import banner, heartbeat_record, log_round
+from photon_p2p.rejoin import Rejoin
 from photon_p2p.train.solo import (resolve_data_dir, resumable_checkpoint, trainer_parts,
                                    write_run_config)
 from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
@@ -53,7 +54,7 @@ def local_trainer(cfg: Config, run_dir: Path, progress: bool) -> LocalTrainer:
     return build_trainer(cfg, str(data_dir), peer=cfg.name)
 
 
-class PeerDaemon:
+class PeerDaemon(Rejoin):
     """Trains a round of local steps, averages Δ = θ_global − θ_local with its group, applies the outer step.
 
     ``make_swarm`` builds the federation once the model exists (it needs the global weights and a state callback):
@@ -108,13 +109,6 @@ class PeerDaemon:
 
     def _checkpoint(self) -> None:
         self.checkpoint.save()
-
-    @property
-    def round(self) -> int:
-        return self.state.round
-
-    def fingerprint(self) -> str:
-        return self.state.fingerprint()
 
     def shared_state(self) -> tuple[dict, list[torch.Tensor]]:
         """What a joining peer downloads: the global model and outer optimizer state at a round boundary."""
@@ -306,119 +300,6 @@ class PeerDaemon:
         self.metrics.log("pause", round=self.round, wait_s=job.wait_s, **{f"{name}_s": v for name, v in parts.items()},
                          total_s=marks[-1][1] - marks[0][1])
         return True
-
-    def _catch_up(self, others: list[dict], who: str = "this peer") -> bool:
-        """Adopt the swarm's state, keeping local progress, if live peers (``others``' heartbeats) are past this
-        peer's round. After a grouped round too: a group can be a pocket of peers that fell behind together
-        (slowed down at once, they kept averaging with each other while the swarm moved on)."""
-        newest = max((int(p["round"]) for p in others), default=-1)
-        return newest > self.round and self._sync_from_swarm(f"swarm is at round {newest}, {who} at {self.round}",
-                                                             carry_local=True)
-
-    def _missed_round(self, result: RoundResult, job: InFlight) -> bool:
-        """No group this round. Alone in the swarm: apply our own Δ. Otherwise keep the local work and fold it into
-        the next round: adopt the swarm's newer state if it averaged without us (carrying our progress over),
-        else move to the next round on the same global weights, like every other peer that missed this one.
-        True: alone (solo)."""
-        others = self.swarm.peers()
-        if not others:
-            self.state.apply(job.deltas, carry_from=job.base)  # a solo result leaves Δ untouched
-            return True
-        self.ledger.round_tokens += job.weight  # the folded work's weight
-        if self._catch_up(others):
-            return False
-        self.state.skip_round()
-        print(f"photon-peer: round {self.round - 1} missed ({result.reason}); its local work is folded into "
-              f"round {self.round}", flush=True)
-        return False
-
-    def _adopt_majority(self, others: list[dict]) -> bool:
-        """G2: if live peers at this peer's round hold another model and ours is not the majority's (ties to the
-        smallest fingerprint, protocol.split_winner), adopt the majority's, keeping local progress. Every peer
-        evaluates the same rule, so a split does not outlive the next round whatever groups form."""
-        want = split_winner(self.fingerprint(), self.round, others)
-        if not want:
-            return False
-        holders = [str(p["peer_id"]) for p in others if p.get("round") == self.round and p.get("fingerprint") == want]
-        self.metrics.log("split", round=self.round, mine=self.fingerprint(), majority=want, holders=holders)
-        return self._sync_from_swarm(f"a split at round {self.round}: the majority holds model {want[:8]}, this "
-                                     f"peer {self.fingerprint()[:8]}", carry_local=True, want=want, only=holders)
-
-    def _settle(self) -> None:
-        """G5: the run is over at the swarm's round R. Before leaving, serve peers still finishing their last
-        round (a peer that missed it downloads from us) and adopt the majority's model if the last round split;
-        up to round_deadline."""
-        f = self.cfg.federation
-        deadline = time.monotonic() + f.round_deadline
-        said = False
-        while time.monotonic() < deadline and not self.stop.is_set():
-            others = self.swarm.peers()
-            self._adopt_majority(others)
-            behind = [p for p in others if int(p.get("round", -1)) < self.round]
-            split = {p.get("fingerprint") for p in others if p.get("round") == self.round} - {self.fingerprint()}
-            if not behind and not split:
-                return
-            if not said:
-                print(f"photon-peer: round {self.round} reached; serving the swarm's state until "
-                      f"{len(behind)} peer(s) behind and {len(split)} other model(s) settle", flush=True)
-                said = True
-                self.swarm.publish_now()
-            time.sleep(0.5)
-
-    def _sync_from_swarm(self, reason: str, carry_local: bool = False, want: str = "",
-                         only: list[str] | None = None) -> bool:
-        """Download and adopt the swarm's global state (refusing bad ones); ``carry_local`` keeps this silo's
-        un-averaged progress on top of it (θ_local ← θ_new − Δ_own), to be averaged next round. ``want``: the
-        fingerprint to adopt (a split's majority), from the peers in ``only``."""
-        timeout = self.cfg.federation.state_sync_timeout
-        print(f"photon-peer: downloading the swarm's state ({reason}), up to {timeout:.0f}s", flush=True)
-        deadline = time.monotonic() + timeout
-        for _ in range(3):  # peers are tried by round, ties at random: a refused state may be followed by a good one
-            remaining = deadline - time.monotonic()
-            if remaining <= 1 or self.stop.is_set():
-                return False
-            got = self.swarm.load_state(timeout=remaining, progress=self.progress, only=only)
-            if got is None:
-                return False
-            meta, tensors = got
-            served = int(meta.get("round", -1))
-            if served < self.round:
-                return False  # never go back to an older state than our own
-            if want and served == self.round and meta.get("fingerprint") != want:
-                continue  # not the model the split's majority holds: try another holder
-            if not want and carry_local and served == self.round:
-                continue  # a lagging server's copy of the weights we hold: no catch-up, try another peer
-            why = check_state(meta, tensors, self.swarm.peers(), want=want if served == self.round else "")
-            if why:
-                print(f"photon-peer: refused the swarm state for round {meta.get('round')}: {why}", flush=True)
-                self.metrics.log("refused_state", round=int(meta.get("round", -1)), reason=why)
-                continue
-            self.state.adopt(meta, tensors, carry_local)
-            self.ledger.synced_mid_round = True
-            if not carry_local:
-                self.ledger.round_steps = self.ledger.round_tokens = 0
-            # The schedule follows the swarm: a joiner does not re-run warmup at the peak learning rate.
-            self.trainer.step = max(self.trainer.step, int(meta.get("inner_step", 0)))
-            self.metrics.log("sync", round=self.round, reason=reason, fingerprint=self.fingerprint())
-            print(f"photon-peer: synced with the swarm at round {self.round} (model {self.fingerprint()[:8]})",
-                  flush=True)
-            return True
-        return False
-
-    def _join(self) -> None:
-        net, f = self.cfg.network, self.cfg.federation
-        if not net.initial_peers:
-            return
-        self.swarm.check_run()
-        if self._sync_from_swarm("joining"):
-            return
-        if self.resumed:
-            print("photon-peer: no peer served state in time; resuming from the local checkpoint", flush=True)
-        elif not f.allow_solo_start:
-            raise FederationError(f"could not download the swarm's state within {f.state_sync_timeout:.0f}s "
-                                  "and federation.allow_solo_start is false")
-        else:
-            print("photon-peer: no peer served state in time; starting from scratch", flush=True)
 
     def run(self) -> dict[str, Any]:
         net = self.cfg.network

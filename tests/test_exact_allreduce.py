@@ -206,7 +206,7 @@ def test_a_stage_gives_up_only_when_its_own_members_have_left_the_round():
     # is still matching give up (that left 4 silos in groups of 2 on two models); its own members leaving must.
     from types import SimpleNamespace
 
-    from photon_p2p.federation.swarm import SwarmClock
+    from photon_p2p.federation.clock import SwarmClock
 
     clock = object.__new__(SwarmClock)
     clock.tracker = SimpleNamespace(members={"a": 5, "b": 6, "c": 6, "d": 5},
@@ -236,7 +236,7 @@ def test_a_silo_that_synced_mid_round_takes_only_what_is_left_of_it():
 
     from hivemind.utils import get_dht_time
 
-    from photon_p2p.federation.swarm import SwarmClock
+    from photon_p2p.federation.clock import SwarmClock
 
     now = get_dht_time()
     rec = lambda steps, epoch=7: SimpleNamespace(epoch=epoch, samples_accumulated=steps, time=now, samples_per_second=2.0)
