@@ -124,17 +124,32 @@ class GlobalState:
             return {"round": self.round, "n_params": len(self.weights), "fingerprint": self.fingerprint(),
                     **meta}, tensors
 
+    def mismatch(self, meta: Any, tensors: list[torch.Tensor]) -> str:
+        """Why a downloaded state cannot be this peer's ("" if it can): checked before anything is copied, so a
+        bad state from the network is refused whole. A state whose round or parameter count is not a count, or
+        whose outer state had another shape, once raised halfway through adopting it and stopped the daemon."""
+        def count(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+        if not isinstance(meta, dict) or not count(meta.get("round")) or not count(meta.get("inner_step", 0)):
+            return "its round or step is not a count"
+        n = len(self.weights)
+        if meta.get("n_params") != n or len(tensors) < n:
+            return "the swarm's model does not match this peer's config (different model shape)"
+        for w, t in zip(self.weights, tensors[:n]):
+            if not isinstance(t, torch.Tensor) or w.shape != t.shape or w.dtype != t.dtype:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                return f"the swarm's model has a tensor of shape {shape} where this config has {tuple(w.shape)}"
+        return self.outer.state_mismatch(tensors[n:])
+
     @torch.no_grad()
     def adopt(self, meta: dict, tensors: list[torch.Tensor], carry_local: bool = False) -> None:
-        """Take a downloaded state; ``carry_local`` keeps this silo's un-averaged progress on top of it
-        (θ_local ← θ_new − Δ_own), to be averaged in the next round."""
+        """Take a downloaded state (``mismatch`` first: nothing is copied from one that does not fit);
+        ``carry_local`` keeps this silo's un-averaged progress on top of it (θ_local ← θ_new − Δ_own), to be
+        averaged in the next round."""
+        why = self.mismatch(meta, tensors)
+        if why:
+            raise FederationError(why)
         n = len(self.weights)
-        if int(meta.get("n_params", -1)) != n or len(tensors) < n:
-            raise FederationError("the swarm's model does not match this peer's config (different model shape)")
-        for w, t in zip(self.weights, tensors[:n]):
-            if w.shape != t.shape:
-                raise FederationError(f"the swarm's model has a tensor of shape {tuple(t.shape)} where this "
-                                      f"config has {tuple(w.shape)}")
         if carry_local and self.local is not None:
             self.local.pull()
         with self.lock:

@@ -111,7 +111,12 @@ class Rejoin:
             if got is None:
                 return False
             meta, tensors = got
-            served = int(meta.get("round", -1))
+            why = self.state.mismatch(meta, tensors)  # before reading anything from it: it came from the network
+            if why:
+                print(f"photon-peer: refused the swarm state: {why}", flush=True)
+                self.metrics.log("refused_state", round=-1, reason=why)
+                continue
+            served = meta["round"]
             if served < self.round:
                 return False  # never go back to an older state than our own
             if want and served == self.round and meta.get("fingerprint") != want:
@@ -121,14 +126,14 @@ class Rejoin:
             why = check_state(meta, tensors, self.swarm.peers(), want=want if served == self.round else "")
             if why:
                 print(f"photon-peer: refused the swarm state for round {meta.get('round')}: {why}", flush=True)
-                self.metrics.log("refused_state", round=int(meta.get("round", -1)), reason=why)
+                self.metrics.log("refused_state", round=served, reason=why)
                 continue
             self.state.adopt(meta, tensors, carry_local)
             self.ledger.synced_mid_round = True
             if not carry_local:
                 self.ledger.round_steps = self.ledger.round_tokens = 0
             # The schedule follows the swarm: a joiner does not re-run warmup at the peak learning rate.
-            self.trainer.step = max(self.trainer.step, int(meta.get("inner_step", 0)))
+            self.trainer.step = max(self.trainer.step, meta.get("inner_step", 0))
             self.metrics.log("sync", round=self.round, reason=reason, fingerprint=self.fingerprint())
             print(f"photon-peer: synced with the swarm at round {self.round} (model {self.fingerprint()[:8]})",
                   flush=True)

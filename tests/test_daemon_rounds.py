@@ -384,3 +384,37 @@ def test_a_suspended_inner_step_does_not_count_as_compute():
     assert (books.round_steps, books.round_tokens, books.clock_steps) == (1, 64, 1)
     books.next_round()
     assert (books.round_steps, books.round_tokens, books.clock_busy_s) == (0, 0, 0.0)
+
+
+def test_a_malformed_state_from_a_peer_is_refused_and_the_peer_trains_on(tmp_path, kjv_data):
+    # issue 24, item 2: a server whose state's round was a string (or NaN), or whose outer state had another shape,
+    # made int() or adopt() raise in the peer downloading it, and the daemon exited. Here the two peers ahead
+    # serve such states to a pocket that fell behind: the pocket refuses each one, and every daemon finishes.
+    pairs = {"a": ["a", "b"], "b": ["a", "b"], "c": ["c", "d"], "d": ["c", "d"]}
+    net = FakeNet(plan=lambda r, me: pairs[me])
+    fast = [make_daemon(tmp_path, kjv_data, net, n, **{"federation.rounds": 6}) for n in "ab"]
+    for i, d in enumerate(fast):
+        honest = d.shared_state
+
+        def malformed(honest=honest, i=i):
+            meta, tensors = honest()
+            if i == 0:
+                return {**meta, "round": str(meta["round"] + 90)}, tensors
+            return meta, [*tensors[:-1], torch.zeros(3)]  # fedavg's state is empty: a stray tensor is refused too
+        d.shared_state = malformed
+
+    def behind() -> None:
+        deadline = time.monotonic() + within(60)
+        while min(f.round if hasattr(f, "state") else 0 for f in fast) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    slow = [make_daemon(tmp_path, kjv_data, net, n, slow=0.2, hold=behind, **{"federation.rounds": 2})
+            for n in "cd"]
+    out = run_all(fast + slow)
+    failed = {n: "".join(traceback.format_exception(v)) for n, v in out.items() if isinstance(v, Exception)}
+    assert not failed, failed
+    for d in slow:
+        refused = records(d, "refused_state")
+        assert refused and all("not a count" in r["reason"] or "shape" in r["reason"] or "does not match"
+                               in r["reason"] for r in refused), refused
+        assert not [r for r in records(d, "sync") if "group at" in r["reason"]]  # nothing bad was adopted

@@ -135,6 +135,40 @@ def test_global_state_fingerprints_and_serves_adam_moments():
     assert s2.fingerprint() != s1.fingerprint()  # the moments are part of the one model
 
 
+def _bad_states(meta: dict, tensors: list[torch.Tensor]):
+    n = 2
+    yield {**meta, "round": float("nan")}, tensors, "not a count"
+    yield {**meta, "round": "12"}, tensors, "not a count"
+    yield {**meta, "round": -1}, tensors, "not a count"
+    yield {**meta, "round": True}, tensors, "not a count"
+    yield {**meta, "inner_step": 1.5}, tensors, "not a count"
+    yield "not a dict", tensors, "not a count"
+    yield {**meta, "n_params": 3}, tensors, "different model shape"
+    yield meta, tensors[:1], "different model shape"
+    yield meta, [torch.zeros(7), *tensors[1:]], "shape (7,)"
+    yield meta, [tensors[0].double(), *tensors[1:]], "shape"
+    yield meta, [*tensors[:n], torch.zeros(7), *tensors[n + 1:]], "outer optimizer state does not match"
+
+
+def test_a_bad_downloaded_state_is_refused_whole_before_anything_is_copied():
+    # issue 24, item 2: a state whose outer state had another shape, or whose round was NaN or a string, raised
+    # halfway through adopt (weights already copied, the fingerprint stale) and the daemon exited.
+    fed = FederationConfig(outer_optimizer="fedadam", outer_lr=0.01, outer_momentum=0.9)
+    server = GlobalState([torch.nn.Parameter(t + 1.0) for t in _params()], fed)
+    meta, tensors = server.serve(inner_step=40)
+    peer = GlobalState([torch.nn.Parameter(t) for t in _params()], fed)
+    before, weights = peer.fingerprint(), [w.clone() for w in peer.weights]
+    for bad_meta, bad_tensors, why in _bad_states(meta, tensors):
+        assert why in peer.mismatch(bad_meta, bad_tensors), (bad_meta, why)
+        with pytest.raises(FederationError, match="not a count|shape|does not match"):
+            peer.adopt(bad_meta, bad_tensors)
+        assert peer.fingerprint() == before and all(torch.equal(a, b) for a, b in zip(weights, peer.weights))
+        assert peer.round == 0
+    assert peer.mismatch(meta, tensors) == ""
+    peer.adopt(meta, tensors)
+    assert peer.fingerprint() == server.fingerprint()
+
+
 @pytest.mark.parametrize("override, message", [
     ("federation.outer_optimizer=adam", "fedadam, fedyogi"),
     ("federation.outer_beta2=1", "'federation.outer_beta2' must be in [0, 1)"),

@@ -91,6 +91,24 @@ def test_zero_weight_senders_only_listen():
     assert torch.allclose(avg, plain_mean(parts[:3], [1.0] * 3), atol=1e-5)
 
 
+@pytest.mark.parametrize("settings", [CLIP, CENTERED, OFF])
+@pytest.mark.parametrize("bad", [-4.0, float("nan"), float("inf"), float("-inf")])
+def test_a_negative_or_non_finite_weight_is_dropped_in_every_mode(settings, bad):
+    # issue 24, item 4: zeros sent with weight -4 against three honest senders made the mean -3x the honest one;
+    # a NaN weight made every member's part NaN. Such a sender is dropped (factor 0), whatever the mode.
+    parts = honest()
+    parts[3] = torch.zeros_like(parts[3])
+    avg, factors = reduce_part(parts, [1.0, 1.0, 1.0, bad], [0, 1, 2, 3], settings)
+    assert factors.get(3) == 0.0 and bool(torch.isfinite(avg).all())
+    if settings is OFF:
+        assert torch.equal(avg, reduce_part(parts[:3], [1.0] * 3, [0, 1, 2], OFF)[0])
+    else:
+        assert torch.allclose(avg, plain_mean(parts[:3], [1.0] * 3), atol=1e-5)
+    # every sender bad: no update for this part (zeros), each of them reported dropped
+    avg, factors = reduce_part(parts, [bad] * 4, [0, 1, 2, 3], settings)
+    assert factors == {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0} and not bool(avg.any())
+
+
 @pytest.mark.parametrize("settings", [CLIP, CENTERED])
 def test_the_result_is_a_pure_function_of_inputs_and_order(settings):
     """Same chunks, same order: the same bytes (what lets one encoding go to every member and two groups agree)."""

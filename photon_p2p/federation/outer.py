@@ -141,6 +141,15 @@ class OuterOptimizer:
         """Copies of the optimizer state (empty for fedavg), for sharing with joining peers and checkpoints."""
         return [t.detach().clone() for t in self._slots()]
 
+    def state_mismatch(self, tensors: list[torch.Tensor]) -> str:
+        """Why ``tensors`` cannot be this optimizer's state ("" if they can, or if there is nothing to load)."""
+        slots = self._slots()
+        if not slots or not tensors:
+            return ""
+        if len(tensors) != len(slots) or any(s.shape != t.shape or s.dtype != t.dtype for s, t in zip(slots, tensors)):
+            return "outer optimizer state does not match this model (different shapes or kinds)"
+        return ""
+
     @torch.no_grad()
     def load_state_tensors(self, tensors: list[torch.Tensor]) -> None:
         """Adopt state from ``state_tensors()``; an empty list (e.g. from a fedavg peer, or a healed round)
@@ -151,7 +160,8 @@ class OuterOptimizer:
         if not tensors:
             self._init_state()
             return
-        if len(tensors) != len(slots) or any(s.shape != t.shape for s, t in zip(slots, tensors)):
-            raise FederationError("outer optimizer state does not match this model (different shapes or kinds)")
+        why = self.state_mismatch(tensors)
+        if why:
+            raise FederationError(why)
         for s, t in zip(slots, tensors):
             s.copy_(t)

@@ -64,8 +64,14 @@ def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: l
     ``spent``: filled with each sender's squared norm as it counted (to charge its budget).
     """
     spent = {} if spent is None else spent
-    senders = [i for i in order if parts[i] is not None and weights[i] != 0.0]
+    # A weight is a token count: an honest sender declares one >= 1 (0: it only receives). A negative, NaN or
+    # infinite weight is dropped like a non-finite chunk, in every mode: with weight -4 against three honest
+    # senders of 1, zeros came out as -3x the honest mean, and a NaN weight made every member's part NaN.
+    bad = {i: 0.0 for i in order if parts[i] is not None and not (math.isfinite(weights[i]) and weights[i] >= 0)}
+    senders = [i for i in order if parts[i] is not None and weights[i] != 0.0 and i not in bad]
     if not senders:
+        if bad:
+            return torch.zeros_like(parts[next(iter(bad))]), bad  # nothing usable: no update for this part
         raise ValueError("no sender contributed to this part")
     like = parts[senders[0]]
     if settings.mode == "none":
@@ -73,8 +79,8 @@ def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: l
         for i in senders:
             acc.add_(parts[i], alpha=weights[i])
             den += weights[i]
-        return acc.div_(den), {}
-    factors: dict[int, float] = {}
+        return acc.div_(den), bad
+    factors: dict[int, float] = dict(bad)
     finite, norms = [], {}
     for i in senders:
         # One pass: nan/inf propagate into the norm; an overflow (values past ~1e19) is confirmed exactly.
