@@ -381,7 +381,7 @@ RANGES: dict[str, str] = {
     "federation.outer_momentum": "in [0, 1)", "federation.state_sync_timeout": "> 0", "federation.stop_timeout": "> 0",
     "federation.outer_beta2": "in [0, 1)", "federation.outer_eps": "> 0", "federation.outer_warmup_rounds": ">= 0",
     "federation.outer_min_lr_ratio": "in [0, 1]",
-    "federation.heartbeat_interval": "> 0", "federation.record_ttl": "> 0", "federation.max_rollbacks": ">= 1",
+    "federation.heartbeat_interval": "in (0, 600]", "federation.record_ttl": "> 0", "federation.max_rollbacks": ">= 1",
     "federation.divergence_loss": ">= 0", "federation.clip_multiplier": "in [1, 1000]",
     "federation.clip_iterations": "in [1, 100]",
     "network.bootstrap_timeout": "> 0", "network.request_timeout": "> 0",
@@ -391,6 +391,7 @@ _RANGE_TESTS: dict[str, Callable[[float], bool]] = {
     "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
     "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 65535]": lambda v: 0 <= v <= 65535,
     "in [1, 1000]": lambda v: 1 <= v <= 1000, "in [1, 100]": lambda v: 1 <= v <= 100, "in [0, 10]": lambda v: 0 <= v <= 10,
+    "in (0, 600]": lambda v: 0 < v <= 600,  # readers judge a record stale by at most 600 s beats (records.py)
 }
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Rules of single keys that are neither a range nor a list of choices: (test, what the message says it must).

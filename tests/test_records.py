@@ -23,7 +23,7 @@ from hivemind.utils import MSGPackSerializer, ValueWithExpiration, get_dht_time 
 from hivemind.utils.crypto import RSAPrivateKey  # noqa: E402
 
 from photon_p2p.federation.records import (  # noqa: E402
-    HeartbeatPublisher, HeartbeatSchema, PeerRecord, RSASignatureValidator, SchemaValidator, heartbeat_key,
+    HeartbeatPublisher, HeartbeatSchema, PeerRecord, RSASignatureValidator, SchemaValidator, heartbeat_key, is_live,
     load_identity_key, make_record, peer_id_of_owner, read_records)
 from deadlines import within  # noqa: E402
 
@@ -173,6 +173,22 @@ def test_reader_drops_malformed_and_prefers_proven_then_newest(tmp_path):
     assert rows[pid]["round"] == 5 and rows[pid]["verified"]
     assert rows["QmZ"]["round"] == 7 and not rows["QmZ"]["verified"]  # a restarted peer: the newest record wins
     assert rows["QmZ"]["last_seen"] == pytest.approx(1, abs=0.5) and rows["QmZ"]["expires"] <= 30
+
+
+def test_a_ghost_cannot_stay_live_by_its_own_clock_or_interval():
+    # issue 24, item 9: a record stamped in the future looked live forever (last seen 0 s ago), and so did one
+    # with a huge interval; a ghost at a high round then made every peer try a full-model download every round.
+    now = get_dht_time()
+    rec = lambda pid, **kw: make_record(SNAP, **{**KNOWN, "peer_id": pid, "time": now, **kw}).dict()  # noqa: E731
+    dht = FakeDHT()
+    dht.entries = {
+        b"[owner:a]": ValueWithExpiration(rec("QmFuture", time=now + 3600, round=900), now + 3600),
+        b"[owner:b]": ValueWithExpiration(rec("QmSkewed", time=now + 20), now + 60),  # a clock a little ahead
+        b"[owner:c]": ValueWithExpiration(rec("QmSlowBeat", time=now - 3600, interval=1e9), now + 3600),
+    }
+    rows = {r["peer_id"]: r for r in read_records(dht, "r", timeout=1)}
+    assert set(rows) == {"QmSkewed", "QmSlowBeat"}  # the far-future record is dropped
+    assert is_live(rows["QmSkewed"]) and not is_live(rows["QmSlowBeat"])  # 2.5 beats of at most 600 s
 
 
 @pytest.mark.timeout(90)

@@ -29,6 +29,12 @@ log = logging.getLogger("photon_p2p.records")
 
 RUNS_KEY = "photon_p2p_runs"  # unsigned hint: which run ids published lately (status names them on a miss)
 STALE_BEATS = 2.5  # a record older than this many of its publisher's intervals is stale: a missed beat + slack
+# A heartbeat's time and interval are its publisher's word. A record stamped further ahead than FUTURE_SKEW_S
+# (honest clocks differ by seconds) is dropped, and staleness is judged by at most MAX_INTERVAL_S beats
+# (federation.heartbeat_interval's own limit): either made a ghost look live forever, and a ghost at a high
+# round made every peer try a full-model download after every round.
+FUTURE_SKEW_S = 60.0
+MAX_INTERVAL_S = 600.0
 _PUBLIC_KEY_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
 _Str = constr(strict=True, max_length=256)
 _Count = conint(ge=0, strict=True)
@@ -317,7 +323,8 @@ def _get(dht: DHT, key: str, timeout: float) -> Any:
 def read_records(dht: DHT, run_id: str, timeout: float) -> list[dict]:
     """Every current record of ``run_id``: PeerRecord fields plus last_seen, expires (s) and verified.
 
-    Malformed entries are dropped silently. One row per peer id: a verified record beats a claimed one (so a
+    Malformed entries are dropped silently, and so are records stamped more than FUTURE_SKEW_S ahead. One row per
+    peer id: a verified record beats a claimed one (so a
     forger cannot shadow a verified peer), then the newest wins (a restarted peer with a fresh key).
     Raises concurrent.futures.TimeoutError if the DHT does not answer within ``timeout`` seconds.
     """
@@ -330,7 +337,7 @@ def read_records(dht: DHT, run_id: str, timeout: float) -> list[dict]:
             record = PeerRecord.parse_obj(item.value)
         except Exception:  # anything a foreign or buggy peer may have managed to store
             continue
-        if record.run_id != run_id:
+        if record.run_id != run_id or record.time > now + FUTURE_SKEW_S:
             continue
         row = record.dict()
         row.update(last_seen=max(0.0, now - record.time), expires=max(0.0, item.expiration_time - now),
@@ -343,7 +350,7 @@ def read_records(dht: DHT, run_id: str, timeout: float) -> list[dict]:
 
 def is_live(record: dict, stale_after: Optional[float] = None) -> bool:
     """A read record of a running peer that beat recently (within ``stale_after`` s, default STALE_BEATS beats)."""
-    limit = stale_after if stale_after is not None else STALE_BEATS * record["interval"]
+    limit = stale_after if stale_after is not None else STALE_BEATS * min(record["interval"], MAX_INTERVAL_S)
     return record["state"] != "left" and record["last_seen"] <= limit
 
 
