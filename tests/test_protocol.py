@@ -175,3 +175,12 @@ def test_folding_a_joiner_and_a_silent_member_into_the_roster():
     assert change.new == ["a"] and round_leader(chosen) == "a"
     change = fold(chosen, roster(later, 3, "me", now, 5.0, 8, quiet={"a"}))
     assert change.gone == ["a"] and chosen.waited == ["b", "me"] and round_leader(chosen) == "b"
+
+
+def test_one_absurd_speed_record_cannot_shrink_every_quota():
+    # issue 24, item 10: samples_per_second only had to be >= 0; one record of 1e30 gave every silo one step.
+    honest = [1.0, 1.1, 0.9]
+    assert speed_quota(16, 1.0, honest) == 16
+    assert speed_quota(16, 1.0, [*honest, 1e30]) == 10  # counted as 4x the others' median: 16 x 5 / 8
+    assert speed_quota(16, 1.0, [*honest, 3.5]) == 11  # within the cap: counted as it is, 16 x 5 / 7.5
+    assert speed_quota(8, 4.0, [1.0, 1.0, 1.0]) == 18 and speed_quota(8, 0.01, [10.0]) == 1  # as before

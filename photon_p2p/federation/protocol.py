@@ -70,6 +70,7 @@ def arrival_s(record: ClockRecord, round_s: float, now: float) -> float:
 
 
 QUOTA_BAND = 0.25  # a silo within ±25% of the swarm's mean speed takes exactly H steps
+SPEED_CAP = 4.0  # another silo's declared speed counts up to this many times the others' median (speed_quota)
 
 
 def speed_quota(local_steps: int, own: float, others: list[float], band: float = QUOTA_BAND) -> int:
@@ -81,9 +82,14 @@ def speed_quota(local_steps: int, own: float, others: list[float], band: float =
     target): equally fast silos then took anywhere from 1 to 16 steps of an H = 8 round, depending on when
     each began it, and the non-IID run ended 12% worse than with a fixed H (BENCHMARKS.md, "The swarm clock").
     """
-    speeds = [s for s in others if s > 0]
+    speeds = sorted(s for s in others if s > 0)
     if own <= 0 or not speeds:
         return local_steps
+    # A record's speed is its publisher's word: one record of 1e30 gave every silo a quota of one step. Another's
+    # speed counts up to SPEED_CAP x the others' lower median (honest silos differ far less), which fewer than
+    # half of them cannot move.
+    cap = SPEED_CAP * speeds[(len(speeds) - 1) // 2]
+    speeds = [min(s, cap) for s in speeds]
     ratio = own * (len(speeds) + 1) / (own + sum(speeds))
     if abs(ratio - 1) <= band:
         return local_steps
