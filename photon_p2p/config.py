@@ -448,6 +448,11 @@ def validate(cfg: Config) -> None:
     if cfg.federation.transport == "gloo" and cfg.network.client_mode:
         raise ConfigError("federation.transport 'gloo' needs peers that others can dial; a client-mode peer "
                           "(network.client_mode) cannot use it (use transport: auto)")
+    if cfg.federation.transport == "gloo" and cfg.federation.swarm_owner_key:
+        # gloo's rendezvous (a TCPStore) and its traffic are not authenticated: anyone who reaches the port could
+        # join a closed swarm's round or corrupt it. auto keeps a closed swarm on hivemind's authenticated streams.
+        raise ConfigError("federation.transport 'gloo' is not allowed in a closed swarm (federation.swarm_owner_key): "
+                          "its connections are not authenticated (use transport: auto or hivemind)")
     validate_network(cfg.network)
     _validate_admission(cfg.federation, cfg.network)
     _validate_observe(cfg.observe)

@@ -85,6 +85,10 @@ def test_run_refuses_bad_credentials_before_starting(closed):
         (["--swarm-owner-key", key, "--identity", ident, "--token", str(d / "owner.key.pub")],
          ["should start with 'photon-admit-v1.'"]),
         (["--identity", ident, "--token", str(d / "a.token")], ["swarm_owner_key (--swarm-owner-key) is not"]),
+        # issue 24, item 6: gloo's rendezvous and traffic are unauthenticated, so a closed swarm refuses it
+        (["--swarm-owner-key", key, "--identity", ident, "--token", str(d / "a.token"),
+          "--set", "federation.transport=gloo", "--set", "federation.compression=none"],
+         ["transport 'gloo' is not allowed in a closed swarm"]),
     ]
     for args, needles in cases:
         assert_one_line_error(run_cli("run", "--run-dir", run, *args), *needles)
