@@ -318,24 +318,34 @@ def test_sigint_during_a_background_average_saves_the_unaveraged_work(tmp_path, 
     assert saved["round_tokens"] == d.trainer.tokens and saved["round_steps"] == d.trainer.step
 
 
-def test_a_pocket_of_peers_that_fell_behind_together_adopts_the_swarms_state(tmp_path, kjv_data):
-    # c and d slowed down at once and keep averaging with each other (a group is a group) while a and b move on:
-    # two models under one run id. After a round of their own, they see live peers past it and adopt that state.
+def run_pocket(tmp_path, data, fast_rounds: int, serve: Callable[[PeerDaemon, int], None] | None = None):
+    """a and b average as a pair for ``fast_rounds``; c and d fall behind together (each step waits until the pair
+    is two rounds ahead, on any machine) and average as a pocket of their own for 2 rounds. ``serve(daemon, i)``
+    may replace what the i-th of a, b serves. Every daemon must finish; returns (the pair, the pocket)."""
     pairs = {"a": ["a", "b"], "b": ["a", "b"], "c": ["c", "d"], "d": ["c", "d"]}
     net = FakeNet(plan=lambda r, me: pairs[me])
-    fast = [make_daemon(tmp_path, kjv_data, net, n, **{"federation.rounds": 8}) for n in "ab"]
+    fast = [make_daemon(tmp_path, data, net, n, **{"federation.rounds": fast_rounds}) for n in "ab"]
+    for i, d in enumerate(fast):
+        if serve is not None:
+            serve(d, i)
 
-    def behind() -> None:  # they fell behind: each step waits until the swarm is two rounds ahead (on any machine)
+    def behind() -> None:
         deadline = time.monotonic() + within(60)
         # a fast silo may still be setting up (setups are serialized): it has no round yet, count it as 0
         while min(f.round if hasattr(f, "state") else 0 for f in fast) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    slow = [make_daemon(tmp_path, kjv_data, net, n, slow=0.2, hold=behind, **{"federation.rounds": 2})
-            for n in "cd"]
+    slow = [make_daemon(tmp_path, data, net, n, slow=0.2, hold=behind, **{"federation.rounds": 2}) for n in "cd"]
     out = run_all(fast + slow)
     failed = {n: "".join(traceback.format_exception(v)) for n, v in out.items() if isinstance(v, Exception)}
     assert not failed, failed
+    return fast, slow
+
+
+def test_a_pocket_of_peers_that_fell_behind_together_adopts_the_swarms_state(tmp_path, kjv_data):
+    # c and d slowed down at once and keep averaging with each other (a group is a group) while a and b move on:
+    # two models under one run id. After a round of their own, they see live peers past it and adopt that state.
+    fast, slow = run_pocket(tmp_path, kjv_data, fast_rounds=8)
     for d in slow:
         syncs = records(d, "sync")
         assert any("group at" in r["reason"] for r in syncs), syncs
@@ -390,29 +400,17 @@ def test_a_malformed_state_from_a_peer_is_refused_and_the_peer_trains_on(tmp_pat
     # issue 24, item 2: a server whose state's round was a string (or NaN), or whose outer state had another shape,
     # made int() or adopt() raise in the peer downloading it, and the daemon exited. Here the two peers ahead
     # serve such states to a pocket that fell behind: the pocket refuses each one, and every daemon finishes.
-    pairs = {"a": ["a", "b"], "b": ["a", "b"], "c": ["c", "d"], "d": ["c", "d"]}
-    net = FakeNet(plan=lambda r, me: pairs[me])
-    fast = [make_daemon(tmp_path, kjv_data, net, n, **{"federation.rounds": 6}) for n in "ab"]
-    for i, d in enumerate(fast):
+    def malformed(d: PeerDaemon, i: int) -> None:
         honest = d.shared_state
 
-        def malformed(honest=honest, i=i):
+        def serve():
             meta, tensors = honest()
             if i == 0:
                 return {**meta, "round": str(meta["round"] + 90)}, tensors
             return meta, [*tensors[:-1], torch.zeros(3)]  # fedavg's state is empty: a stray tensor is refused too
-        d.shared_state = malformed
+        d.shared_state = serve
 
-    def behind() -> None:
-        deadline = time.monotonic() + within(60)
-        while min(f.round if hasattr(f, "state") else 0 for f in fast) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    slow = [make_daemon(tmp_path, kjv_data, net, n, slow=0.2, hold=behind, **{"federation.rounds": 2})
-            for n in "cd"]
-    out = run_all(fast + slow)
-    failed = {n: "".join(traceback.format_exception(v)) for n, v in out.items() if isinstance(v, Exception)}
-    assert not failed, failed
+    _, slow = run_pocket(tmp_path, kjv_data, fast_rounds=6, serve=malformed)
     for d in slow:
         refused = records(d, "refused_state")
         assert refused and all("not a count" in r["reason"] or "shape" in r["reason"] or "does not match"

@@ -190,9 +190,9 @@ class HivemindSwarm:
         # a swarm still forming (it knows of no other member, or it ``joined`` this round with a download) takes
         # whoever comes within its wait instead of starting once its roster is complete: two joiners 0.1 s apart
         # otherwise split round 0 into 2 + 1, the one leading having not yet seen the other's record.
-        live_target = None
-        if plan is None:
-            live_target = len(chosen.waited) if len(chosen.waited) > 1 and not joined else max(2, target)
+        def group_size() -> int:  # whom the group starts at once with: its waited members, or whoever comes
+            return len(chosen.waited) if len(chosen.waited) > 1 and not joined else max(2, target)
+        live_target = group_size() if plan is None else None
         # A peer that knows of no other member (the swarm's first peer, its joiners still starting) waits in ONE
         # attempt up to the round's deadline, as it would have in several short ones, and once members appear it
         # starts when every one it knows of has joined: cut at a short window's end, a group of 7 of 8 formed while
@@ -252,7 +252,7 @@ class HivemindSwarm:
             if joined:  # takes whoever comes within its wait
                 want += len(change.new) - len(change.gone)
             elif change:
-                want = len(chosen.waited) if len(chosen.waited) > 1 else max(2, target)
+                want = group_size()
             # The leader is the lowest id of the roster's members at the round as they come, arrive from one round
             # behind, or go silent: a peer whose first read missed records (a replica without them) named another
             # leader than the rest, and its group started apart. Members not yet in a group ask the new leader; one
@@ -261,10 +261,12 @@ class HivemindSwarm:
             if change:
                 leader = round_leader(chosen)
             return want, leader
+        wait = budget + chosen.eta
+        if alone:
+            wait = max(wait, f.round_deadline - f.allreduce_timeout)
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
                                        live_target=live_target, plan=plan, give_up=give_up, replan=replan,
-                                       wait=max(budget + chosen.eta, f.round_deadline - f.allreduce_timeout)
-                                       if alone else budget + chosen.eta, leader=leader,
+                                       wait=wait, leader=leader,
                                        follow=follow if clock is not None and plan is None else None)
         if not result.solo:  # a peer that missed the group cannot tell who else did not come
             missing = self.no_shows.note(chosen.waited, result.peers, records)
