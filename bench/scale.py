@@ -200,7 +200,8 @@ def read_records(run_dir: Path, kind: str | None = None) -> list[dict]:
 
 def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any]:
     """Scores from every peer's metrics.jsonl. For each averaged round r, the live peers of r are those that
-    recorded it (a killed peer records nothing; a stopped one records it late, as missed):
+    recorded it (a killed peer records nothing; a stopped one records it late, as missed; a joiner whose first
+    round had closed before it came records it as joined_late, and is not live in it):
     - participation: live peer-rounds spent in a group holding every live peer of that round / all of them (a
       round with one live peer, alone in the swarm, counts as full: nobody else was there to average with)
     - one_model_rounds: rounds after which every peer that averaged it holds one fingerprint (G1)
@@ -216,7 +217,8 @@ def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any
         recs = read_records(d)
         rounds = [r for r in recs if r["kind"] == "round"]
         for r in rounds:
-            by_round[int(r.get("averaged_round", r["round"] - 1))][i] = r
+            if r.get("outcome") != "joined_late":  # it came after its first round had closed: not live in it
+                by_round[int(r.get("averaged_round", r["round"] - 1))][i] = r
         for r in recs:
             if r["kind"] == "averaging":
                 started[int(r["round"])][i] = float(r["time"])
@@ -237,9 +239,10 @@ def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any
         # a peer alone in the swarm (the first, before anyone joined) is a group holding every live peer of its round
         full += sum(1 for r in recs.values()
                     if (not r["solo"] and int(r["group_size"]) == n) or (n == 1 and r.get("outcome") == "solo"))
-        # G1 is about the peers that averaged the round: one that missed it records the state it caught up to
-        # (a later round's), or the round's old weights, and is scored by the rounds it averages next.
-        grouped = [r for r in recs.values() if not r["solo"]] or list(recs.values())
+        # G1 is about the peers that averaged the round (alone in the swarm too): one that missed it records the
+        # state it caught up to (a later round's), or the round's old weights, and is scored by the rounds it
+        # averages next.
+        grouped = [r for r in recs.values() if not r["solo"] or r.get("outcome") == "solo"] or list(recs.values())
         fps = {r["fingerprint"] for r in grouped}
         if len(fps) == 1:
             one += 1

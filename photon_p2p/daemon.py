@@ -19,7 +19,7 @@ from photon_p2p import __version__
 from photon_p2p.checkpoint import CheckpointManager, Part
 from photon_p2p.config import Config
 from photon_p2p.federation import FederationError
-from photon_p2p.federation.averaging import RoundResult
+from photon_p2p.federation.averaging import LEFT, RoundResult
 from photon_p2p.federation.compression import roundtrip
 from photon_p2p.federation.network import parse_multiaddrs
 from photon_p2p.federation.protocol import outcome, run_over, wait_budget
@@ -223,8 +223,9 @@ class PeerDaemon(Rejoin):
         books = self.ledger
         budget = wait_budget(max(books.compute_s, books.round_s), f.matchmaking_time, f.straggler_wait,
                              f.wait_fraction, limit=f.round_deadline / 2)
-        # joined: this round began with a download (a joiner, or a catch-up); its roster is a first read of records
-        joined = books.late_round or books.synced_mid_round
+        # joined: this round began with a download (a joiner, or a catch-up); its roster is a first read of records.
+        # The server's id: a joiner gives the round up once its server has moved past it (protocol.server_moved).
+        joined = (books.synced_from or "?") if books.late_round or books.synced_mid_round else ""
         if f.round_clock != "swarm":
             books.synced_mid_round = False  # (the swarm clock's quota consumes it when the round begins)
         future = self.executor.submit(self.swarm.average, deltas, self.round, weight=float(max(1, books.round_tokens)),
@@ -275,7 +276,8 @@ class PeerDaemon(Rejoin):
             marks.append(("apply", time.monotonic()))
             self._catch_up(self.swarm.peers(), who="this peer's group")  # a pocket that fell behind together
         marks.append(("catch_up", time.monotonic()))
-        self.ledger.landed(result, grouped=not result.solo)
+        late_join = result.solo and result.reason == LEFT and self.ledger.joining
+        self.ledger.landed(result, grouped=not result.solo, late_join=late_join)
         # Validation runs on the new global weights at the first round end past each multiple of eval_every inner
         # steps (with H < eval_every, not every round: an evaluation costs the trainer the same as a few steps),
         # and after the last round.
@@ -286,7 +288,7 @@ class PeerDaemon(Rejoin):
             self.ledger.eval_mark = self.trainer.step
         marks.append(("eval", time.monotonic()))
         log_round(self, result, job, evaluated,
-                  outcome(result.solo, result.reason, result.healed, result.partial, alone))
+                  outcome(result.solo, result.reason, result.healed, result.partial, alone, late_join))
         self._checkpoint()
         marks.append(("checkpoint", time.monotonic()))
         if not self.stop.is_set():  # leaving: the final heartbeat says so; no round to begin (the DHT may be gone)

@@ -44,6 +44,8 @@ class RoundLedger:
     quota: tuple[int, int] = (-1, 0)  # (round, its inner steps for this silo) under the swarm clock
     synced_mid_round: bool = False  # downloaded the swarm's state: this round's quota is only what is left
     late_round: bool = False  # this round began with a download mid-round: its quota is only what was left
+    synced_from: str = ""  # the peer whose state the last download adopted
+    joining: bool = False  # joined with a download and has not yet taken part in a round
     # speeds
     step_s: float = 0.0  # the usual inner step's compute time (a moving average; suspensions excluded)
     stalled_s: float = 0.0  # time spent suspended inside inner steps (not compute: kept out of compute_s)
@@ -96,12 +98,16 @@ class RoundLedger:
         self.round_tokens += job.weight
         self.round_steps += job.steps
 
-    def landed(self, result: Any, grouped: bool) -> None:
-        """A round finished (grouped or not): the run's totals."""
+    def landed(self, result: Any, grouped: bool, late_join: bool = False) -> None:
+        """A round finished (grouped or not): the run's totals. ``late_join``: a joiner's first round, closed
+        before it came; part of joining, not a round it missed."""
         self.rollbacks = 0
         self.last_result = result
         self.bytes_sent += result.bytes_sent
         self.bytes_received += result.bytes_received
+        if late_join:
+            return
+        self.joining = False
         self.finished += 1
         self.grouped += int(grouped)
 

@@ -130,6 +130,7 @@ class Rejoin:
                 continue
             self.state.adopt(meta, tensors, carry_local)
             self.ledger.synced_mid_round = True
+            self.ledger.synced_from = str(meta.get("served_by") or "")
             if not carry_local:
                 self.ledger.round_steps = self.ledger.round_tokens = 0
             # The schedule follows the swarm: a joiner does not re-run warmup at the peak learning rate.
@@ -146,6 +147,7 @@ class Rejoin:
             return
         self.swarm.check_run()
         if self._sync_from_swarm("joining"):
+            self.ledger.joining = True
             return
         if self.resumed:
             print("photon-peer: no peer served state in time; resuming from the local checkpoint", flush=True)

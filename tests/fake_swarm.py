@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from photon_p2p.federation.averaging import RoundResult
+from photon_p2p.federation.averaging import LEFT, RoundResult
 from photon_p2p.federation.protocol import speed_quota
 
 
@@ -65,7 +65,7 @@ class FakeSwarm:
         old = self.net.progress.get(self.peer_id, (0, 0, 0.0))
         self.net.progress[self.peer_id] = (round_no, 0, old[2])  # the last measured speed carries over
 
-    def average(self, deltas, round_no, weight, *, stop, fingerprint, budget, joined=False) -> RoundResult:
+    def average(self, deltas, round_no, weight, *, stop, fingerprint, budget, joined="") -> RoundResult:
         group = self.net.plan(round_no, self.peer_id)
         if group is None:
             group = [n for n, p in self.net.peers.items() if p.live]
@@ -73,9 +73,10 @@ class FakeSwarm:
             # like a real straggler, matchmaking gives up only after the group it missed has finished the round
             others = [p for n, p in self.net.peers.items() if p.live and n != self.peer_id]
             with self.net.cond:
-                self.net.cond.wait_for(lambda: all(p.snapshot and p.snapshot()["round"] > round_no for p in others),
-                                       self.net.barrier_timeout)
-            return RoundResult(round_no, True, 1, [], weight, 0.0, 0, 0, "no group found")
+                past = self.net.cond.wait_for(
+                    lambda: all(p.snapshot and p.snapshot()["round"] > round_no for p in others),
+                    self.net.barrier_timeout)
+            return RoundResult(round_no, True, 1, [], weight, 0.0, 0, 0, LEFT if past and others else "no group found")
         key = (round_no, tuple(sorted(group)))
         with self.net.cond:
             box = self.net.pending.setdefault(key, {})
@@ -100,12 +101,13 @@ class FakeSwarm:
     def load_state(self, timeout: float, progress: bool, only: list[str] | None = None):
         if only is not None and not self.net.targeted_downloads:
             return None
-        servers = [p for n, p in self.net.peers.items() if n != self.peer_id and p.live and p.snapshot
+        servers = [(n, p) for n, p in self.net.peers.items() if n != self.peer_id and p.live and p.snapshot
                    and (only is None or n in only)]
         if not servers:
             return None
-        best = max(servers, key=lambda p: p.snapshot()["round"])
-        return best.state_provider()
+        name, best = max(servers, key=lambda s: s[1].snapshot()["round"])
+        meta, tensors = best.state_provider()
+        return {**meta, "served_by": name}, tensors  # as the real averager stamps it
 
     def publish_now(self) -> None:
         with self.net.cond:

@@ -137,3 +137,32 @@ def test_scale_scores_participation_and_one_model_from_round_records(tmp_path):
          "group_size": 2, "fingerprint": "z"}) + "\n")
     s = scale.summarize(tmp_path)
     assert s["split_rounds"] == [2] and s["distinct_models_at_end"] == 2
+
+
+def test_scale_scores_a_late_joiner_apart_and_a_lone_round_beside_a_group_as_a_split(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale", REPO / "bench" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+
+    def peer(i: int, *rounds: tuple) -> None:
+        d = tmp_path / f"peer-{i}"
+        d.mkdir(exist_ok=True)
+        lines = [{"kind": "round", "round": r + 1, "averaged_round": r, "time": 100.0 + r, "outcome": o,
+                  "solo": o in ("solo", "missed", "joined_late"), "group_size": g, "fingerprint": fp}
+                 for r, o, g, fp in rounds]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+    # round 0 closed (the first peer alone) before the joiners came: they caught up, then all three averaged
+    peer(0, (0, "solo", 1, "a"), (1, "averaged", 3, "b"))
+    peer(1, (0, "joined_late", 1, "a"), (1, "averaged", 3, "b"))
+    peer(2, (0, "joined_late", 1, "a"), (1, "averaged", 3, "b"))
+    s = scale.summarize(tmp_path)
+    assert s["peer_rounds"] == 4 and s["participation"] == 1.0 and s["one_model_rounds"] == 2
+    assert s["per_peer"]["peer-1"]["outcomes"] == {"joined_late": 1, "averaged": 1}
+    # the joiners averaged round 0 again among themselves: two models, and nobody's round 0 was full
+    peer(1, (0, "averaged", 2, "x"), (1, "healed", 3, "b"))
+    peer(2, (0, "averaged", 2, "x"), (1, "healed", 3, "b"))
+    s = scale.summarize(tmp_path)
+    assert s["split_rounds"] == [0] and s["participation"] == round(3 / 6, 4)

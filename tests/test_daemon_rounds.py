@@ -416,3 +416,33 @@ def test_a_malformed_state_from_a_peer_is_refused_and_the_peer_trains_on(tmp_pat
         assert refused and all("not a count" in r["reason"] or "shape" in r["reason"] or "does not match"
                                in r["reason"] for r in refused), refused
         assert not [r for r in records(d, "sync") if "group at" in r["reason"]]  # nothing bad was adopted
+
+
+def test_a_joiner_whose_first_round_closed_before_it_came_catches_up_and_counts_it_as_joining(tmp_path, kjv_data):
+    # c downloads the state at round 0 while a and b are already averaging it without c: c catches up to round 1
+    # (it must not average round 0 again), records round 0 as joined_late, and its participation counts from
+    # round 1, where all three average on one model.
+    net = FakeNet(plan=lambda r, me: ["a", "b"] if r == 0 else None)
+    joined = threading.Event()
+
+    def until_c_joined() -> None:  # a and b stay in round 0 until c holds its state
+        joined.wait(within(60))
+    a, b = (make_daemon(tmp_path, kjv_data, net, n, hold=until_c_joined, **{"federation.rounds": 3}) for n in "ab")
+    c = make_daemon(tmp_path, kjv_data, net, "c", **{"federation.rounds": 3, "network.initial_peers": [
+        "/ip4/127.0.0.1/tcp/1/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"]})
+    join = c._join
+
+    def join_once_the_swarm_serves() -> None:
+        deadline = time.monotonic() + within(60)
+        while not all(n in net.peers and net.peers[n].snapshot for n in "ab") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        join()
+        joined.set()
+    c._join = join_once_the_swarm_serves
+    out = run_all([a, b, c])
+    assert {o["round"] for o in out.values()} == {3}, out
+    assert len({o["fingerprint"] for o in out.values()}) == 1, out
+    got = rounds(c)
+    assert [r["outcome"] for r in got] == ["joined_late", "averaged", "averaged"], got
+    assert got[-1]["participation"] == 1.0  # joining is not a missed round
+    assert any(r["reason"].startswith("swarm is at round 1") for r in records(c, "sync"))

@@ -15,6 +15,7 @@ from photon_p2p.federation.protocol import (
     moved_on,
     outcome,
     roster,
+    server_moved,
     speed_quota,
     round_leader,
     run_over,
@@ -184,3 +185,19 @@ def test_one_absurd_speed_record_cannot_shrink_every_quota():
     assert speed_quota(16, 1.0, [*honest, 1e30]) == 10  # counted as 4x the others' median: 16 x 5 / 8
     assert speed_quota(16, 1.0, [*honest, 3.5]) == 11  # within the cap: counted as it is, 16 x 5 / 7.5
     assert speed_quota(8, 4.0, [1.0, 1.0, 1.0]) == 18 and speed_quota(8, 0.01, [10.0]) == 1  # as before
+
+
+def test_a_joiner_gives_its_round_up_once_the_peer_it_joined_from_has_moved_past_it():
+    records = {"server": ClockRecord(1), "j1": ClockRecord(0), "j2": ClockRecord(0), "j3": ClockRecord(0)}
+    # three joiners outnumber the one peer past the round: the majority rule alone keeps them at it
+    assert not moved_on(records, 0, "j1")
+    assert server_moved(records, "server", 0)
+    assert not server_moved(records, "j2", 0) and not server_moved(records, "", 0)
+    assert not server_moved(records, "gone", 0)  # a server with no record says nothing
+    assert not server_moved({"server": ClockRecord(0)}, "server", 0)
+
+
+def test_a_late_joiners_first_round_is_part_of_joining_not_a_missed_round():
+    assert outcome(True, "closed", False, 0.0, False, late_join=True) is Outcome.JOINED_LATE
+    assert outcome(True, "closed", False, 0.0, True, late_join=True) is Outcome.SOLO  # alone: its own Δ applied
+    assert outcome(False, "", False, 0.0, False, late_join=True) is Outcome.AVERAGED

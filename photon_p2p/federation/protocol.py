@@ -17,6 +17,7 @@ class Outcome(str, enum.Enum):
     PARTIAL = "partial"  # averaged, but a failed reducer's part was left unchanged (the same on every member)
     MISSED = "missed"  # no group while others were live: local work folds into the next round
     SOLO = "solo"  # alone in the swarm: its own Δ applied
+    JOINED_LATE = "joined_late"  # a joiner whose first round closed before it came: caught up, part of joining
     STOPPED = "stopped"  # the peer is leaving: nothing applied, the work stays in the checkpoint
 
 
@@ -152,6 +153,18 @@ def moved_on(records: dict[str, ClockRecord], round_no: int, me: str,
     return ahead >= here
 
 
+def server_moved(records: dict[str, ClockRecord], server: str, round_no: int) -> bool:
+    """Whether the peer this joiner downloaded its state from has moved past the round it joined at: that round
+    closed before the joiner came (G1: it averages once). The majority rule (moved_on) cannot see this when the
+    joiners outnumber the swarm: 15 joiners that booted in 34 s, while the first peer's round 0 ended alone after
+    26 s, averaged round 0 again among themselves, and the next round healed two models. Trusting the server
+    this much costs nothing: the joiner has just adopted its state."""
+    return bool(server) and server in records and records[server].round > round_no
+
+
+SETTLE_S = 2.0  # a group does not start within this long of a new member's record appearing (joiners come in bursts)
+
+
 def round_leader(chosen: Roster) -> str:
     """The peer every member of the round asks to lead its group: the lowest peer id among the waited members
     already at the round that can be reached (not in client mode). Peers whose reads differ by a record may name
@@ -239,12 +252,15 @@ def run_over(round_no: int, rounds: int) -> bool:
     return rounds > 0 and round_no >= rounds
 
 
-def outcome(solo: bool, reason: str, healed: bool, partial: float, alone: bool) -> Outcome:
-    """A finished round's outcome from the averager's result."""
+def outcome(solo: bool, reason: str, healed: bool, partial: float, alone: bool, late_join: bool = False) -> Outcome:
+    """A finished round's outcome from the averager's result. ``late_join``: the peer's first round since it
+    joined, which the swarm closed before it came (part of joining, not a missed round)."""
     if solo:
         if reason == "stopped":
             return Outcome.STOPPED
-        return Outcome.SOLO if alone else Outcome.MISSED
+        if alone:
+            return Outcome.SOLO
+        return Outcome.JOINED_LATE if late_join else Outcome.MISSED
     if healed:
         return Outcome.HEALED
     return Outcome.PARTIAL if partial > 0 and math.isfinite(partial) else Outcome.AVERAGED

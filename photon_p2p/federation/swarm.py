@@ -25,7 +25,8 @@ from photon_p2p.federation.clock import SwarmClock
 from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
-from photon_p2p.federation.protocol import NoShows, Roster, fold, majority, moved_on, round_leader, roster
+from photon_p2p.federation.protocol import (SETTLE_S, NoShows, Roster, fold, majority, moved_on, round_leader, roster,
+                                           server_moved)
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
     install_validators,
@@ -53,7 +54,7 @@ class Swarm(Protocol):
     def round_quota(self, round_no: int, local_steps: int, late: bool = False) -> int: ...
     def begin_round(self, round_no: int) -> None: ...
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float, *, stop, fingerprint: str,
-                budget: float, joined: bool = False) -> RoundResult: ...
+                budget: float, joined: str = "") -> RoundResult: ...
     def load_state(self, timeout: float, progress: bool,
                    only: list[str] | None = None) -> tuple[dict, list[torch.Tensor]] | None: ...
     def publish_now(self) -> None: ...
@@ -160,11 +161,11 @@ class HivemindSwarm:
             self.clock.begin(round_no, timeout=float(self.cfg.network.request_timeout))
 
     # ---- averaging and state -----------------------------------------------------------------------------
-    def average(self, deltas, round_no, weight, *, stop, fingerprint, budget, joined=False) -> RoundResult:
+    def average(self, deltas, round_no, weight, *, stop, fingerprint, budget, joined="") -> RoundResult:
         """Average with every live peer of this round (protocol.roster): one group under the round's key, which
         starts the moment every waited-for peer has joined, else ``budget`` seconds after the first came. Past
         target_group_size: rows then columns (groups.py). Members come from the clock's records (heartbeats with
-        a fixed H)."""
+        a fixed H). ``joined``: the peer whose state this round began with ("": no download this round)."""
         f, target = self.cfg.federation, self.cfg.federation.target_group_size
         clock, me = self.clock, self.peer_id
         plan, by_speed = None, f.round_clock == "swarm"
@@ -176,9 +177,12 @@ class HivemindSwarm:
         else:
             at_round = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
             records, chosen = {}, Roster(round_no, sorted({me, *at_round}), sorted({me, *at_round}))
-        if clock is not None and moved_on(records, round_no, me, quiet):
-            log.info("round %d: most live peers are past this round: the swarm averaged it without this peer",
-                     round_no)
+        def closed(now_read) -> bool:  # the swarm averaged this round without us: catch up, never average it again
+            return moved_on(now_read, round_no, me, clock.silent()) or server_moved(now_read, joined, round_no)
+        if clock is not None and closed(records):
+            log.info("round %d: %s past this round: the swarm averaged it without this peer", round_no,
+                     "the peer this one joined from is" if server_moved(records, joined, round_no) else
+                     "most live peers are")
             return RoundResult(round_no, True, 1, [], weight, 0.0, 0, 0, LEFT)
         if len(chosen.waited) > target:
             # a grid (groups.py): past the one-group regime. Its members are the peers waited for (those one round
@@ -211,7 +215,7 @@ class HivemindSwarm:
         def give_up(waiting: tuple[str, ...]) -> bool:  # one group: no names; a grid stage: its other members
             if clock is None:
                 return False
-            if not waiting and moved_on(clock.cached(), round_no, me, clock.silent()):
+            if not waiting and closed(clock.cached()):
                 return True
             return clock.left(round_no, waiting or tuple(set(chosen.waited) - {me}))
 
@@ -222,10 +226,10 @@ class HivemindSwarm:
                            me, get_dht_time(), budget, f.local_steps, self.no_shows.skip(records), by_speed,
                            clock.silent()).waited
             return plan_groups(fresh, me, target) if len(fresh) > target else None
-        want = live_target or 0
+        want, appeared = live_target or 0, 0.0
 
         def follow() -> tuple[int, str]:  # one group: members whose record appeared or went silent while we wait
-            nonlocal want, leader
+            nonlocal want, leader, appeared
             if self.admission is not None and (clock.unadmitted or clock.tracker.unadmitted) and \
                     time.monotonic() - self._tokens_read > 5.0:
                 # A joiner's record came before we read its token: read the tokens again, or we lead alone while
@@ -244,6 +248,7 @@ class HivemindSwarm:
                            self.no_shows.skip(records), by_speed, clock.silent())
             change = fold(chosen, fresh)
             if change.new:
+                appeared = time.monotonic()
                 log.info("round %d: also waiting for %s (its record appeared meanwhile)", round_no,
                          " ".join(m[-6:] for m in change.new))
             if change.gone:
@@ -260,6 +265,11 @@ class HivemindSwarm:
             # leader takes it.
             if change:
                 leader = round_leader(chosen)
+            # Joiners come in bursts (processes booting together): a group started the moment the members it knew
+            # of had joined left out the 8th of 8, whose record appeared 0.3 s later. Not within SETTLE_S of a new
+            # record, then; the round's wait still bounds it.
+            if time.monotonic() - appeared < SETTLE_S:
+                return max(want, len(chosen.waited)) + 1, leader
             return want, leader
         wait = budget + chosen.eta
         if alone:

@@ -221,7 +221,8 @@ class ProcessAverager(DecentralizedAverager):
                         parts.append(message.tensor_part)
                     if parts:
                         tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                    if metadata:
+                    if isinstance(metadata, dict):
+                        metadata["served_by"] = peer.to_base58()  # ours, not the server's word
                         future.set_result((metadata, tensors))
                         return
                 except Exception as e:  # that peer failed: try the next one
