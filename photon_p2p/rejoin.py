@@ -146,8 +146,10 @@ class Rejoin:
         if not net.initial_peers:
             return
         self.swarm.check_run()
+        # Joining until it takes part in a round, download or not: a first round that closed before it came (a
+        # boot storm of 16 processes, a download that timed out) is part of joining, not a missed round.
+        self.ledger.joining = True
         if self._sync_from_swarm("joining"):
-            self.ledger.joining = True
             return
         if self.resumed:
             print("photon-peer: no peer served state in time; resuming from the local checkpoint", flush=True)
