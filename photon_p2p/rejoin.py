@@ -102,14 +102,20 @@ class Rejoin:
         fingerprint to adopt (a split's majority), from the peers in ``only``."""
         timeout = self.cfg.federation.state_sync_timeout
         print(f"photon-peer: downloading the swarm's state ({reason}), up to {timeout:.0f}s", flush=True)
-        deadline = time.monotonic() + timeout
-        for _ in range(3):  # peers are tried by round, ties at random: a refused state may be followed by a good one
+        deadline, refused = time.monotonic() + timeout, 0
+        while refused < 3:  # peers are tried by round, ties at random: a refused state may be followed by a good one
             remaining = deadline - time.monotonic()
             if remaining <= 1 or self.stop.is_set():
                 return False
             got = self.swarm.load_state(timeout=remaining, progress=self.progress, only=only)
             if got is None:
-                return False
+                if reason != "joining":
+                    return False
+                # Nobody answered in time: a joiner asks again until its deadline. In a boot storm (15 joiners
+                # starting at once on 2 cores) one pass timed out for 5 of 15, which then began from scratch.
+                self.stop.wait(1.0)
+                continue
+            refused += 1
             meta, tensors = got
             why = self.state.mismatch(meta, tensors)  # before reading anything from it: it came from the network
             if why:

@@ -178,6 +178,18 @@ def test_folding_a_joiner_and_a_silent_member_into_the_roster():
     assert change.gone == ["a"] and chosen.waited == ["b", "me"] and round_leader(chosen) == "b"
 
 
+def test_a_leader_that_moved_past_the_round_is_no_longer_waited_for():
+    # 13 peers at round 0 kept asking a leader that had caught up to round 1 until their deadline, 30 s
+    now = 1000.0
+    first = {"a": ClockRecord(0, 6, 1.0, now), "b": ClockRecord(0, 6, 1.0, now), "me": ClockRecord(0, 6, 1.0, now)}
+    chosen = roster(first, 0, "me", now, budget=2.0, local_steps=6)
+    assert round_leader(chosen) == "a"
+    later = {**first, "a": ClockRecord(1, 0, 1.0, now + 1)}
+    change = fold(chosen, roster(later, 0, "me", now + 1, budget=2.0, local_steps=6))
+    assert change and change.ahead == ["a"] and chosen.waited == ["b", "me"] and "a" not in chosen.members
+    assert round_leader(chosen) == "b"
+
+
 def test_one_absurd_speed_record_cannot_shrink_every_quota():
     # issue 24, item 10: samples_per_second only had to be >= 0; one record of 1e30 gave every silo one step.
     honest = [1.0, 1.1, 0.9]

@@ -59,6 +59,7 @@ class Roster:
     silent: list[str] = field(default_factory=list)  # records no longer stored (stopped or dead): not waited for
     eta: float = 0.0  # seconds until the last waited member is projected to end its local phase
     clients: list[str] = field(default_factory=list)  # client-mode peers among ``waited``: never asked to lead
+    ahead: list[str] = field(default_factory=list)  # peers whose record is past the round: it closed for them
 
 
 def arrival_s(record: ClockRecord, round_s: float, now: float) -> float:
@@ -137,7 +138,8 @@ def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, 
     late = sorted(p for p in candidates if p not in waited)  # past the budget after the others: not waited for
     eta = max((candidates[p] for p in waited), default=0.0)
     clients = sorted(p for p in [*waited, me] if p in records and records[p].client)
-    return Roster(round_no, members, sorted([*waited, me]), late, quiet, eta, clients)
+    ahead = sorted(p for p, r in records.items() if p != me and r.round > round_no)
+    return Roster(round_no, members, sorted([*waited, me]), late, quiet, eta, clients, ahead)
 
 
 def moved_on(records: dict[str, ClockRecord], round_no: int, me: str,
@@ -181,9 +183,10 @@ class RosterChange:
     new: list[str]  # joiners: now waited for, not started without
     gone: list[str]  # waited members whose record went silent (stopped or dead): no longer waited for
     arrived: list[str]  # waited members one round behind (landing an average, catching up) now at the round
+    ahead: list[str] = field(default_factory=list)  # waited members now past the round (they caught up elsewhere)
 
     def __bool__(self) -> bool:
-        return bool(self.new or self.gone or self.arrived)
+        return bool(self.new or self.gone or self.arrived or self.ahead)
 
 
 def fold(chosen: Roster, fresh: Roster) -> RosterChange:
@@ -194,10 +197,13 @@ def fold(chosen: Roster, fresh: Roster) -> RosterChange:
     new = sorted(set(fresh.waited) - set(chosen.waited))
     gone = sorted(set(chosen.waited) & set(fresh.silent))
     arrived = sorted((set(fresh.members) & set(chosen.waited)) - set(chosen.members))
-    chosen.members = sorted({*chosen.members, *(set(new) & set(fresh.members)), *arrived})
-    chosen.clients = sorted({*chosen.clients, *(set(new) & set(fresh.clients))})
-    chosen.waited = sorted((set(chosen.waited) | set(new)) - set(gone))
-    return RosterChange(new, gone, arrived)
+    # A member past the round is not coming (it caught up to a later round): 13 peers at round 0 kept asking a
+    # leader that had left for round 1 until their round's deadline, 30 s.
+    ahead = sorted(set(chosen.waited) & set(fresh.ahead))
+    chosen.members = sorted({*chosen.members, *(set(new) & set(fresh.members)), *arrived} - set(ahead))
+    chosen.clients = sorted({*chosen.clients, *(set(new) & set(fresh.clients))} - set(ahead))
+    chosen.waited = sorted((set(chosen.waited) | set(new)) - set(gone) - set(ahead))
+    return RosterChange(new, gone, arrived, ahead)
 
 
 class NoShows:

@@ -197,11 +197,10 @@ class HivemindSwarm:
         def group_size() -> int:  # whom the group starts at once with: its waited members, or whoever comes
             return len(chosen.waited) if len(chosen.waited) > 1 and not joined else max(2, target)
         live_target = group_size() if plan is None else None
-        # A peer that knows of no other member (the swarm's first peer, its joiners still starting) waits in ONE
-        # attempt up to the round's deadline, as it would have in several short ones, and once members appear it
-        # starts when every one it knows of has joined: cut at a short window's end, a group of 7 of 8 formed while
-        # the 8th, whose record had just appeared, was asking to join.
-        alone = clock is not None and plan is None and len(chosen.waited) == 1
+        # A peer that knows of no other member (the swarm's first peer, its joiners still starting) waits one budget
+        # like any round, for members whose records appear meanwhile, and then goes on alone. (Waiting up to the
+        # round's deadline instead, the first of 16 peers gave round 0 up just as 15 joiners that took 33 s to boot
+        # appeared: nobody averaged round 0, and a pocket that caught up to round 1 trained apart from the rest.)
         # Grid stages ask their own leaders (averaging.py). Without the swarm clock the roster is one heartbeat read
         # that nothing refreshes while we wait: a first peer that read only itself would lead alone, never
         # learning of the others; hivemind's search merges such groups instead.
@@ -254,8 +253,11 @@ class HivemindSwarm:
             if change.gone:
                 log.info("round %d: %s went silent (stopped or dead); not waited for", round_no,
                          " ".join(m[-6:] for m in change.gone))
+            if change.ahead:
+                log.info("round %d: %s moved past this round (caught up); not waited for", round_no,
+                         " ".join(m[-6:] for m in change.ahead))
             if joined:  # takes whoever comes within its wait
-                want += len(change.new) - len(change.gone)
+                want += len(change.new) - len(change.gone) - len(change.ahead)
             elif change:
                 want = group_size()
             # The leader is the lowest id of the roster's members at the round as they come, arrive from one round
@@ -272,8 +274,6 @@ class HivemindSwarm:
                 return max(want, len(chosen.waited)) + 1, leader
             return want, leader
         wait = budget + chosen.eta
-        if alone:
-            wait = max(wait, f.round_deadline - f.allreduce_timeout)
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
                                        live_target=live_target, plan=plan, give_up=give_up, replan=replan,
                                        wait=wait, leader=leader,
