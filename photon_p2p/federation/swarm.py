@@ -20,7 +20,7 @@ from photon_p2p.config import Config
 from photon_p2p.credentials import load_owner_public, public_bytes
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.admission import SwarmAdmission, validators_for
-from photon_p2p.federation.averaging import LEFT, PseudoGradientAverager, RoundResult
+from photon_p2p.federation.averaging import ALONE, LEFT, PseudoGradientAverager, RoundResult
 from photon_p2p.federation.clock import SwarmClock
 from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.identity import fingerprint
@@ -198,9 +198,7 @@ class HivemindSwarm:
             return len(chosen.waited) if len(chosen.waited) > 1 and not joined else max(2, target)
         live_target = group_size() if plan is None else None
         # A peer that knows of no other member (the swarm's first peer, its joiners still starting) waits one budget
-        # like any round, for members whose records appear meanwhile, and then goes on alone. (Waiting up to the
-        # round's deadline instead, the first of 16 peers gave round 0 up just as 15 joiners that took 33 s to boot
-        # appeared: nobody averaged round 0, and a pocket that caught up to round 1 trained apart from the rest.)
+        # like any round, for members whose records appear meanwhile, and then goes on alone (give_up: ALONE).
         # Grid stages ask their own leaders (averaging.py). Without the swarm clock the roster is one heartbeat read
         # that nothing refreshes while we wait: a first peer that read only itself would lead alone, never
         # learning of the others; hivemind's search merges such groups instead.
@@ -211,12 +209,21 @@ class HivemindSwarm:
                  budget, chosen.eta, leader[-6:] or "per stage")
         self.last_roster = chosen
 
-        def give_up(waiting: tuple[str, ...]) -> bool:  # one group: no names; a grid stage: its other members
+        began = time.monotonic()
+
+        def give_up(waiting: tuple[str, ...]) -> str:  # one group: no names; a grid stage: its other members
             if clock is None:
-                return False
+                return ""
             if not waiting and closed(clock.cached()):
-                return True
-            return clock.left(round_no, waiting or tuple(set(chosen.waited) - {me}))
+                return LEFT
+            if clock.left(round_no, waiting or tuple(set(chosen.waited) - {me})):
+                return LEFT
+            # Nobody else in the records after a whole wait: a first peer goes on alone (retried until the round's
+            # deadline, the first of 16 gave round 0 up just as 15 joiners that took 33 s to boot appeared, and
+            # nobody averaged round 0). Joiners that come later download its state and join the next round.
+            if plan is None and chosen.waited == [me] and time.monotonic() - began > wait:
+                return ALONE
+            return ""
 
         def replan():  # grids only: a member whose report we had not seen yet changes the grid
             if clock is None or plan is None:
