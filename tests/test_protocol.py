@@ -10,6 +10,7 @@ from photon_p2p.federation.protocol import (
     Outcome,
     arrival_s,
     fold,
+    heals,
     majority,
     member_round_s,
     moved_on,
@@ -201,3 +202,15 @@ def test_a_late_joiners_first_round_is_part_of_joining_not_a_missed_round():
     assert outcome(True, "closed", False, 0.0, False, late_join=True) is Outcome.JOINED_LATE
     assert outcome(True, "closed", False, 0.0, True, late_join=True) is Outcome.SOLO  # alone: its own Δ applied
     assert outcome(False, "", False, 0.0, False, late_join=True) is Outcome.AVERAGED
+
+
+def test_a_group_heals_only_on_more_than_one_members_word():
+    # issue 24, item 3: one member declaring another fingerprint made the round a healing round (weights averaged,
+    # no claim budget, no reducer check), and its -θ halved the model
+    assert not heals(["x", "x", "x", "fake"], [False] * 4, stage=0)
+    assert not heals(["x", "y"], [False, False], stage=0)  # a pair: the split rule (G2) settles it by download
+    assert heals(["x", "x", "y", "y"], [False] * 4, stage=0)  # a pocket of two meets the swarm
+    assert heals(["x", "x", "x", "y", "y"], [False] * 5, stage=0)
+    assert not heals(["x", "", "", "y"], [False] * 4, stage=0)  # unknown is not a model
+    assert not heals(["x", "x", "x"], [True, False, False], stage=0)  # "weights" means something only in stage 2
+    assert heals(["x", "x", "x"], [True, False, False], stage=2)  # a healed first stage sends weights

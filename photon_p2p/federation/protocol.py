@@ -246,6 +246,22 @@ def split_winner(mine: str, my_round: int, peers: list[dict]) -> str:
     return winner if winner and winner != mine else ""
 
 
+def heals(fingerprints: list[str], weights: list[bool], stage: int) -> bool:
+    """Whether a group averages its members' weights instead of their updates (a healing round): two models
+    each held by at least two members (a pocket meeting the swarm), or, in a grid's second stage (2), a member
+    whose first stage healed (its buffer holds weights). One member's word is not enough: a member that declared
+    a fake fingerprint made every round a healing round (no claim budget, no reducer check) and its -θ, which
+    has θ's norm, halved the model. A lone member on another model is healed by the split rule (G2): it adopts
+    the majority's state. Every member evaluates this on the same gathered metadata."""
+    if stage == 2 and any(weights):
+        return True
+    counts: dict[str, int] = {}
+    for fp in fingerprints:
+        if fp:
+            counts[fp] = counts.get(fp, 0) + 1
+    return sum(1 for n in counts.values() if n >= 2) >= 2
+
+
 def run_over(round_no: int, rounds: int) -> bool:
     """``federation.rounds: R`` ends the run at the swarm's round R (G5), not after each silo's own R rounds: a
     silo that joined late or missed rounds stops where the others do. 0 = until stopped."""
