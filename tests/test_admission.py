@@ -147,6 +147,8 @@ def test_validator_tokens_revocations_and_heartbeats(owner):
     assert not validator.validate(_record(admitted_key(fp), PEER, token, until + 60))  # outliving the token
     assert not validator.validate(_record(admitted_key(fp), PEER, "photon-admit-v1.garbage.x", until - 1))
     assert validator.validate(_record(revoked_key(fp), PEER, make_revocation(owner, PEER, 60), time.time() + 30))
+    # issue 24, item 8: an old revocation re-stored with a far-future expiration kept the owner's next one out
+    assert not validator.validate(_record(revoked_key(fp), PEER, make_revocation(owner, PEER, 60), time.time() + 1e6))
     assert not validator.validate(_record(revoked_key(fp), PEER, token, time.time() + 30))
     assert validator.validate(_record("unrelated", "x", "anything", time.time() + 30))
 
