@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -284,7 +285,7 @@ def cmd_admit(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     from photon_p2p.config import NetworkConfig, check_value, validate_network
-    from photon_p2p.credentials import check_peer_id, load_owner_private, make_revocation, parse_duration
+    from photon_p2p.credentials import check_peer_id, load_owner_private, parse_duration
 
     check_value("network.bootstrap_timeout", args.timeout, "--timeout")
     valid_for = parse_duration(args.expires)
@@ -294,8 +295,11 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     validate_network(net)
     from photon_p2p.federation.admission import revoke_via
 
-    fp = revoke_via(net, make_revocation(key, args.peer_id, valid_for), key.public_key())
-    print(f"revoked {args.peer_id} in swarm {fp}: admitted peers refuse it from their next round on")
+    fp, grant, token = revoke_via(net, key, args.peer_id, valid_for)
+    until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(grant.until))
+    outlasts = ", past its token's expiry" if token is not None and grant.until > token.until else ""
+    print(f"revoked {args.peer_id} in swarm {fp} until {until}{outlasts}: admitted peers refuse it from their "
+          "next round on")
     return 0
 
 

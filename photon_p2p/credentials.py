@@ -108,6 +108,22 @@ def _read(path: str | Path, what: str) -> bytes:
         raise CredentialError(f"{what} {p} cannot be read: {e.strerror}") from None
 
 
+def check_private(path: str | Path, what: str) -> None:
+    """Refuse a secret key file that another user owns (one planted in a shared directory would be used silently)
+    or that others may read or write (as ssh does): a one-line error that says how to fix it."""
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise CredentialError(f"{what} {p} cannot be read: {e.strerror}") from None
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise CredentialError(f"{what} {p} belongs to another user (uid {st.st_uid}); refusing a key this user "
+                              "did not create")
+    if st.st_mode & 0o077:
+        raise CredentialError(f"{what} {p} is accessible to other users (mode {st.st_mode & 0o777:o}); run: "
+                              f"chmod 600 {p}")
+
+
 def load_owner_private(path: str | Path) -> Ed25519PrivateKey:
     data = _read(path, "swarm owner key")
     try:
@@ -117,6 +133,7 @@ def load_owner_private(path: str | Path) -> Ed25519PrivateKey:
             from None
     if not isinstance(key, Ed25519PrivateKey):
         raise CredentialError(f"swarm owner key {path} is not an Ed25519 key (photon-peer swarm-key writes one)")
+    check_private(path, "swarm owner key")
     return key
 
 

@@ -45,6 +45,7 @@ class RoundLedger:
     synced_mid_round: bool = False  # downloaded the swarm's state: this round's quota is only what is left
     late_round: bool = False  # this round began with a download mid-round: its quota is only what was left
     synced_from: str = ""  # the peer whose state the last download adopted
+    joined_from: str = ""  # the peer whose state the join adopted: trusted on first use (protocol.state_verdict)
     joining: bool = False  # joined with a download and has not yet taken part in a round
     # speeds
     step_s: float = 0.0  # the usual inner step's compute time (a moving average; suspensions excluded)

@@ -10,7 +10,7 @@ from typing import Any
 from photon_p2p.config import Config
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.averaging import RoundResult
-from photon_p2p.federation.protocol import split_winner
+from photon_p2p.federation.protocol import catch_up_round, split_winner
 from photon_p2p.federation.swarm import Swarm, check_state
 from photon_p2p.global_state import GlobalState
 from photon_p2p.ledger import InFlight, RoundLedger
@@ -41,7 +41,7 @@ class Rejoin:
         """Adopt the swarm's state, keeping local progress, if live peers (``others``' heartbeats) are past this
         peer's round. After a grouped round too: a group can be a pocket of peers that fell behind together
         (slowed down at once, they kept averaging with each other while the swarm moved on)."""
-        newest = max((int(p["round"]) for p in others), default=-1)
+        newest = catch_up_round(others, self.ledger.joined_from)
         return newest > self.round and self._sync_from_swarm(f"swarm is at round {newest}, {who} at {self.round}",
                                                              carry_local=True)
 
@@ -129,7 +129,8 @@ class Rejoin:
                 continue  # not the model the split's majority holds: try another holder
             if not want and carry_local and served == self.round:
                 continue  # a lagging server's copy of the weights we hold: no catch-up, try another peer
-            why = check_state(meta, tensors, self.swarm.peers(), want=want if served == self.round else "")
+            why = check_state(meta, tensors, self.swarm.peers(), want=want if served == self.round else "",
+                              trusted=self.ledger.joined_from)
             if why:
                 print(f"photon-peer: refused the swarm state for round {meta.get('round')}: {why}", flush=True)
                 self.metrics.log("refused_state", round=served, reason=why)
@@ -156,6 +157,7 @@ class Rejoin:
         # boot storm of 16 processes, a download that timed out) is part of joining, not a missed round.
         self.ledger.joining = True
         if self._sync_from_swarm("joining"):
+            self.ledger.joined_from = self.ledger.synced_from  # trusted on first use (protocol.state_verdict)
             return
         if self.resumed:
             print("photon-peer: no peer served state in time; resuming from the local checkpoint", flush=True)

@@ -7,6 +7,13 @@ from typing import Optional
 
 WIDTH = 80  # the summary wraps here, and the default table fits it at 32 peers and more
 
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: run ids, addresses, states and devices come from other peers'
+    records, and an escape sequence in one would drive the reader's terminal."""
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
+
+
 def admission_line(a: dict) -> str:
     """One line on who may join: the open-swarm warning, or the owner key and how many peers it admits."""
     if a.get("closed"):
@@ -174,10 +181,10 @@ def render_table(status: dict, wide: bool = False) -> str:
     if not rows:
         text = status.get("message", f"no peers in run '{status['run_id']}'")
         closed = status.get("admission", {}).get("closed")  # an open swarm without peers: nothing to add
-        return text + ("\n" + admission_line(status["admission"]) if closed else "")
-    table = [WIDE if wide else COMPACT] + [(_wide if wide else _compact)(r) for r in rows]
+        return printable(text + ("\n" + admission_line(status["admission"]) if closed else ""))
+    table = [WIDE if wide else COMPACT] + [tuple(printable(c) for c in (_wide if wide else _compact)(r)) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = _summary(status) + [""]
+    lines = [printable(line) for line in _summary(status)] + [""]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     if not all(r["verified"] for r in rows):
         lines.append("? = peer id not proven by the record's key (the peer runs without --identity)")

@@ -147,6 +147,8 @@ def test_validator_tokens_revocations_and_heartbeats(owner):
     assert not validator.validate(_record(admitted_key(fp), PEER, token, until + 60))  # outliving the token
     assert not validator.validate(_record(admitted_key(fp), PEER, "photon-admit-v1.garbage.x", until - 1))
     assert validator.validate(_record(revoked_key(fp), PEER, make_revocation(owner, PEER, 60), time.time() + 30))
+    # issue 24, item 8: an old revocation re-stored with a far-future expiration kept the owner's next one out
+    assert not validator.validate(_record(revoked_key(fp), PEER, make_revocation(owner, PEER, 60), time.time() + 1e6))
     assert not validator.validate(_record(revoked_key(fp), PEER, token, time.time() + 30))
     assert validator.validate(_record("unrelated", "x", "anything", time.time() + 30))
 
@@ -230,3 +232,25 @@ def test_swarm_admission_publishes_reads_and_stops_a_revoked_peer(owner):
     object.__setattr__(expired, "grant", verify(make_token(owner, PEER, 1, now=time.time() - 10), owner.public_key()))
     with pytest.raises(FederationError, match="has expired"):
         expired.check_self()
+
+
+def test_key_files_must_be_private_and_a_missing_identity_is_created_private(tmp_path):
+    # issue 24, item 14: hivemind wrote a missing identity under the umask (often 0644), and a pre-planted or
+    # world-readable key was used silently
+    import os
+    import stat
+
+    from photon_p2p.federation import FederationError
+    from photon_p2p.federation.network import use_identity
+
+    path = tmp_path / "sub" / "id.key"
+    assert use_identity(str(path)) == str(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    use_identity(str(path))  # reused as it is
+    os.chmod(path, 0o644)
+    with pytest.raises(FederationError, match=r"accessible to other users \(mode 644\); run: chmod 600"):
+        use_identity(str(path))
+    create_owner_key(tmp_path / "owner.key")
+    os.chmod(tmp_path / "owner.key", 0o640)
+    with pytest.raises(CredentialError, match="swarm owner key .* accessible to other users"):
+        load_owner_private(tmp_path / "owner.key")

@@ -78,9 +78,10 @@ def test_revoked_peer_is_out_within_a_round(spawn, tmp_path, owner):
     assert all(not r["solo"] and r["group_size"] == 3 for r in first), first  # all admitted: one group of 3
 
     victim = others[1].ready["peer_id"]
+    # asked for one shorter than the victim's token: it lasts past the token (expired first, it let the peer back)
     r = run_cli("revoke", "--peer-id", victim, "--key", str(tmp_path / "owner.key"), "--initial-peers", addr[0],
-                "--timeout", "30")
-    assert r.returncode == 0 and "revoked" in r.stdout, r.stderr
+                "--timeout", "30", "--expires", "60s")
+    assert r.returncode == 0 and "revoked" in r.stdout and "past its token's expiry" in r.stdout, r.stderr
     second = average_all(peers, tmp_path, 2, "r2_")  # the very next round
     assert [sorted(x["peers"]) for x in second[:2]] == [sorted(p.ready["peer_id"] for p in peers[:2])] * 2, second
     assert second[2]["solo"], second[2]

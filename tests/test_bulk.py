@@ -184,3 +184,30 @@ def test_scratch_buffers_are_reused_up_to_their_byte_limit():
     b = small.get("received", 600)  # 1200 values > the limit: allocated for this round only
     assert small.get("received", 600) is not b
     assert small.get("send", 300) is not a  # another size: replaced
+
+
+def _weights_member(rank: int, endpoints: list[str], weight: float, out_path: str) -> None:
+    from photon_p2p.federation.bulk import gather_weights
+
+    groups = BulkGroups(30.0)
+    with groups.group(rank, endpoints, "weights") as kept:
+        got = gather_weights(kept.pg, weight, len(endpoints), groups.delta)
+    try:
+        allreduce_mean([torch.ones(8)], weight, rank, endpoints, "negative", groups)
+        verdict = "applied"
+    except Exception as e:  # every member refuses the same round
+        verdict = str(e)
+    torch.save((got, verdict), out_path)
+
+
+@pytest.mark.timeout(120)
+def test_each_members_weight_is_what_it_sent_and_a_negative_one_fails_the_round_for_all(tmp_path):
+    # issue 24, item 5: the weights were summed from vectors each member filled at its own rank, so one member
+    # could add into the others' slots (zero their weights, own the update). Gathered, a slot is its sender's.
+    host = BulkEndpoint("127.0.0.1", timeout=30.0)
+    endpoints = [host.address, "127.0.0.1:1", "127.0.0.1:2"]
+    weights = [1.0, 2.0, -4.0]
+    results = run_members(tmp_path, [(_weights_member, (r, endpoints, w)) for r, w in enumerate(weights)])
+    for got, verdict in results:
+        assert got.tolist() == weights
+        assert verdict == "member 2 declared the weight -4.0"

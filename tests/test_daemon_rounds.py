@@ -192,14 +192,44 @@ def test_a_diverging_silo_rolls_back_never_sends_and_stops(tmp_path, kjv_data):
 def test_downloaded_states_are_checked():
     t = [torch.ones(3), torch.zeros(2)]
     fp = fingerprint(t)
-    assert check_state({"round": 4, "fingerprint": fp}, t, [{"round": 4, "fingerprint": fp}]) == ""
+    meta = {"round": 4, "fingerprint": fp, "served_by": "s"}
+    assert check_state(meta, t, [{"peer_id": "a", "round": 4, "fingerprint": fp}]) == ""
     assert "non-finite" in check_state({"round": 4}, [torch.tensor([float("nan")])], [])
     assert "does not match" in check_state({"round": 4, "fingerprint": "0" * 64}, t, [])
     other = fingerprint([torch.ones(3), torch.ones(2)])
-    why = check_state({"round": 4, "fingerprint": fp}, t, [{"round": 4, "fingerprint": other}] * 2)
+    why = check_state(meta, t, [{"peer_id": p, "round": 4, "fingerprint": other} for p in "ab"])
     assert "differs from the 2 live peer(s)" in why
-    # heartbeats of peers at other rounds say nothing about this state
-    assert check_state({"round": 4, "fingerprint": fp}, t, [{"round": 5, "fingerprint": other}]) == ""
+    # the server alone in the swarm: nothing to compare with
+    assert check_state(meta, t, [{"peer_id": "s", "round": 4, "fingerprint": fp}]) == ""
+    # others, but none at the state's round: only the peer this one joined from is believed
+    behind = [{"peer_id": "a", "round": 3, "fingerprint": other}, {"peer_id": "s", "round": 4, "fingerprint": fp}]
+    assert "no live peer other than its server" in check_state(meta, t, behind)
+    assert check_state(meta, t, behind, trusted="s") == ""
+
+
+def test_a_far_future_state_with_its_own_heartbeat_replaces_no_model(tmp_path, kjv_data):
+    # issue 24, item 1: "m" advertises round 99 in its heartbeat and serves a forged state for it. Its own word
+    # vouched for it and every peer that synced adopted it; peers also tried to download it after every round.
+    net = FakeNet(plan=lambda r, me: ["a", "b", "c"])
+    daemons = [make_daemon(tmp_path, kjv_data, net, n, **{"federation.rounds": 3}) for n in "abc"]
+    forged_fp = {}
+
+    def serve_forged():
+        meta, tensors = daemons[0].shared_state()
+        forged = [torch.zeros_like(t) for t in tensors]
+        forged_fp["m"] = fingerprint(forged)
+        return {**meta, "round": 99, "fingerprint": forged_fp["m"]}, forged
+
+    from fake_swarm import FakeSwarm
+    attacker = FakeSwarm(net, "m", [], serve_forged)
+    attacker.start(lambda: {"round": 99, "fingerprint": forged_fp.get("m", ""), "state": "running"})
+    out = run_all(daemons)
+    serve_forged()
+    assert {o["round"] for o in out.values()} == {3}, out
+    held = {o["fingerprint"] for o in out.values()}
+    assert len(held) == 1 and forged_fp["m"] not in held
+    for d in daemons:
+        assert not records(d, "sync") and not records(d, "refused_state")  # not even tried: nobody vouched for 99
 
 
 # ---- federation.overlap: average round r while round r+1 trains --------------------------------------------------

@@ -217,6 +217,31 @@ def test_a_group_holding_two_models_averages_weights_and_leaves_on_one(spawn, tm
                 assert torch.equal(got, first_t)
 
 
+@pytest.mark.timeout(150)
+def test_one_member_declaring_another_model_does_not_make_a_healing_round(spawn, tmp_path):
+    # issue 24, item 3: a member declaring a fake fingerprint made the round average weights, with no claim
+    # budget and no reducer check (its -θ then halved the model). Now one member's word heals nothing: the
+    # round averages updates, as if it had declared the others' model.
+    fed = {"target_group_size": 4, "min_group_size": 4}
+    first = spawn({"shapes": SHAPES, "averagers": {"main": fed}, "global_seed": 101})
+    maddrs = first.expect("ready", within(60))["maddrs"]
+    peers = [first] + [spawn({"shapes": SHAPES, "averagers": {"main": fed}, "initial_peers": maddrs[:1],
+                              "global_seed": 101}) for _ in range(3)]
+    for p in peers[1:]:
+        p.expect("ready", within(60))
+    prints, seeds, outs = ["x", "x", "x", "fake"], [61, 62, 63, 64], [tmp_path / f"f{i}.pt" for i in range(4)]
+    for p, fp, s, out in zip(peers, prints, seeds, outs):
+        p.send(cmd="average", round=9, weight=1.0, seed=s, out=str(out), fingerprint=fp)
+    results = [p.expect("averaged", within(60)) for p in peers]
+    for res in results:
+        assert not res["healed"] and not res["solo"] and res["group_size"] == 4, res
+    expected = [sum(make_tensors(SHAPES, s)[i] for s in seeds) / 4 for i in range(len(SHAPES))]
+    after = [torch.load(out) for out in outs]
+    if all(r["partial"] == 0 for r in results):
+        for got, exp in zip(after[0], expected):  # the mean of the updates, not of weights
+            torch.testing.assert_close(got, exp, atol=1e-2, rtol=1e-2)
+
+
 def grid_round(peers, tmp_path, round_no: int, weights, seeds, members, timeout: float = 60,
                later: dict | None = None):
     """One round with a members list (groups.py): each peer averages its seed's tensors with its weight.

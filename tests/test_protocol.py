@@ -9,13 +9,16 @@ from photon_p2p.federation.protocol import (
     NoShows,
     Outcome,
     arrival_s,
+    catch_up_round,
     fold,
+    heals,
     majority,
     member_round_s,
     moved_on,
     outcome,
     roster,
     server_moved,
+    state_verdict,
     speed_quota,
     round_leader,
     run_over,
@@ -213,3 +216,36 @@ def test_a_late_joiners_first_round_is_part_of_joining_not_a_missed_round():
     assert outcome(True, "closed", False, 0.0, False, late_join=True) is Outcome.JOINED_LATE
     assert outcome(True, "closed", False, 0.0, True, late_join=True) is Outcome.SOLO  # alone: its own Δ applied
     assert outcome(False, "", False, 0.0, False, late_join=True) is Outcome.AVERAGED
+
+
+def test_a_group_heals_only_on_more_than_one_members_word():
+    # issue 24, item 3: one member declaring another fingerprint made the round a healing round (weights averaged,
+    # no claim budget, no reducer check), and its -θ halved the model
+    assert not heals(["x", "x", "x", "fake"], [False] * 4, stage=0)
+    assert not heals(["x", "y"], [False, False], stage=0)  # a pair: the split rule (G2) settles it by download
+    assert heals(["x", "x", "y", "y"], [False] * 4, stage=0)  # a pocket of two meets the swarm
+    assert heals(["x", "x", "x", "y", "y"], [False] * 5, stage=0)
+    assert not heals(["x", "", "", "y"], [False] * 4, stage=0)  # unknown is not a model
+    assert not heals(["x", "x", "x"], [True, False, False], stage=0)  # "weights" means something only in stage 2
+    assert heals(["x", "x", "x"], [True, False, False], stage=2)  # a healed first stage sends weights
+
+
+def test_a_state_is_vouched_for_by_live_peers_other_than_its_server():
+    hb = lambda p, r, fp: {"peer_id": p, "round": r, "fingerprint": fp}  # noqa: E731
+    assert state_verdict("x", 5, "s", [hb("s", 5, "x"), hb("a", 5, "x"), hb("b", 5, "y"), hb("c", 5, "x")]) == ""
+    # the server's own heartbeat does not count: a and b hold y at round 5
+    assert "differs" in state_verdict("x", 5, "s", [hb("s", 5, "x"), hb("a", 5, "y"), hb("b", 5, "y")])
+    # a far-future round nobody else reports is refused, unless the server is the swarm or the peer we joined from
+    assert "to vouch" in state_verdict("x", 99, "m", [hb("m", 99, "x"), hb("a", 5, "y")])
+    assert state_verdict("x", 99, "m", [hb("m", 99, "x")]) == ""
+    assert state_verdict("x", 6, "m", [hb("m", 6, "x"), hb("a", 5, "y")], trusted="m") == ""
+
+
+def test_one_heartbeat_ahead_is_no_round_to_catch_up_to():
+    hb = lambda p, r: {"peer_id": p, "round": r}  # noqa: E731
+    assert catch_up_round([hb("m", 99), hb("a", 5), hb("b", 5)]) == 5  # one ghost at 99: not a round to chase
+    assert catch_up_round([hb("m", 99), hb("a", 7), hb("b", 7)]) == 7
+    assert catch_up_round([hb("a", 8), hb("b", 8), hb("c", 3)]) == 8
+    assert catch_up_round([hb("m", 6)]) == 6  # the only other peer
+    assert catch_up_round([hb("f", 1), hb("j", 0), hb("k", 0)], trusted="f") == 1  # the peer we joined from
+    assert catch_up_round([]) == -1

@@ -146,9 +146,10 @@ class AdmissionValidator(RecordValidatorBase):
                 return grant.peer_id == peer_id_of_owner(subkey) and record.expiration_time <= grant.until + 1.0
             kind = "admit" if record.key == self._admitted else "revoke"
             grant = verify(value, self._key(), kind)
-            if grant.peer_id != _peer_of_subkey(subkey):
-                return False
-            return kind == "revoke" or record.expiration_time <= grant.until + 1.0
+            # Neither a token nor a revocation may outlive its own expiry in the DHT: the DHT keeps the entry that
+            # expires last, so a revoked peer that re-stored an old revocation with a far-future expiration kept
+            # the owner's next one (for a later token) from ever being stored.
+            return grant.peer_id == _peer_of_subkey(subkey) and record.expiration_time <= grant.until + 1.0
         except Exception:  # undecodable bytes or a token that does not verify
             return False
 
@@ -252,21 +253,32 @@ def publish_revocation(dht: DHT, text: str, owner_public: bytes, timeout: float)
     return grant
 
 
-def revoke_via(net: Any, text: str, owner_public_key: Any) -> str:
-    """`photon-peer revoke`: join the swarm's DHT as a client, publish the revocation, leave; the owner fingerprint."""
+def revoke_via(net: Any, owner_key: Any, peer_id: str, valid_for: float) -> tuple[str, Grant, Optional[Grant]]:
+    """`photon-peer revoke`: join the swarm's DHT as a client, publish a revocation of ``peer_id`` that lasts
+    ``valid_for`` s and at least as long as the peer's newest published token (one that expired first silently
+    let the peer back in), leave. (owner fingerprint, the revocation, the token it outlasts or None)."""
     import dataclasses
 
-    from photon_p2p.credentials import public_bytes
+    from photon_p2p.credentials import make_revocation, public_bytes
     from photon_p2p.federation.network import start_dht, stop_dht
 
     client = dataclasses.replace(net, host_maddrs=["/ip4/127.0.0.1/tcp/0"], announce_maddrs=[], identity_path="",
                                  client_mode=True, use_auto_relay=False)
     dht = start_dht(client, client_mode=True)
     try:
-        owner = public_bytes(owner_public_key)
+        owner = public_bytes(owner_key.public_key())
         dht.add_validators(validators_for(owner, None))
-        publish_revocation(dht, text, owner, timeout=float(net.request_timeout))
-        return fingerprint(owner_public_key)
+        try:
+            token = read_view(dht, owner, float(net.request_timeout)).tokens.get(peer_id)
+        except Exception as e:  # a timeout: the revocation would not know how long to last
+            raise FederationError(f"could not read the swarm's tokens within {net.request_timeout:g}s ({e!r})") \
+                from None
+        now = time.time()
+        if token is not None:
+            valid_for = max(valid_for, token.until - now + 60.0)
+        grant = publish_revocation(dht, make_revocation(owner_key, peer_id, valid_for, now), owner,
+                                   timeout=float(net.request_timeout))
+        return fingerprint(owner_key.public_key()), grant, token
     finally:
         stop_dht(dht)
 

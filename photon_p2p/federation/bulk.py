@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import math
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -245,6 +246,15 @@ def _parts(valid: int, part_numel: int) -> Iterator[slice]:
         yield slice(start, min(valid, start + part_numel))
 
 
+def gather_weights(pg, weight: float, size: int, timeout) -> torch.Tensor:
+    """Every member's declared weight, each slot exactly what that member sent. (Summed from vectors that each
+    member fills at its own rank, one member could add into the others' slots: zero their weights and make its
+    own chunk the whole update.)"""
+    slots = [torch.zeros(1, dtype=torch.float64) for _ in range(size)]
+    pg.allgather([slots], [torch.tensor([float(weight)], dtype=torch.float64)]).wait(timeout)
+    return torch.cat(slots)
+
+
 def allreduce_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpoints: Sequence[str],
                    group_key: str, groups: BulkGroups) -> BulkTraffic:
     """Replace ``tensors`` (fp32, in place) with the group's weighted mean; ``endpoints[i]`` is member i's
@@ -253,9 +263,11 @@ def allreduce_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, en
     are scratch then (the averager's buffers are copied in afresh for every stage)."""
     size = len(endpoints)
     with groups.group(rank, endpoints, group_key) as kept:
-        weights = torch.tensor([weight], dtype=torch.float64)
-        kept.pg.allreduce([weights]).wait(groups.delta)
-        total = float(weights[0])
+        weights = gather_weights(kept.pg, weight, size, groups.delta)
+        bad = [(r, w) for r, w in enumerate(weights.tolist()) if not (math.isfinite(w) and w >= 0)]
+        if bad:  # the same verdict on every member: no one applies anything from this round
+            raise FederationError(f"member {bad[0][0]} declared the weight {bad[0][1]!r}")
+        total = float(weights.sum())
         if total <= 0:
             raise FederationError("the group's total weight is zero")
         flat = flat_view(tensors)
@@ -311,9 +323,7 @@ def robust_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpo
     with groups.group(rank, endpoints, group_key) as kept:
         flat = kept.buffer("send", share * size)
         _flatten_into(flat, tensors)
-        weights = torch.zeros(size, dtype=torch.float64)
-        weights[rank] = weight
-        kept.pg.allreduce([weights]).wait(groups.delta)  # every member learns every sender's weight
+        weights = gather_weights(kept.pg, weight, size, groups.delta)  # every member learns every sender's weight
         received = list(kept.buffer("received", share * size).view(size, share).unbind(0))
         kept.pg.alltoall(received, list(flat.view(size, share).unbind(0))).wait(groups.delta)
         mine = kept.buffer("mine", share)

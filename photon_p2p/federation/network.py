@@ -38,6 +38,25 @@ _armed = threading.local()
 _forking_pid = 0
 
 
+def use_identity(path: str) -> str:
+    """The identity file to start p2pd with: created here, 0600 and exclusively, when missing (hivemind writes it
+    under the umask, often world-readable), else checked: ours and private (credentials.check_private)."""
+    from photon_p2p.credentials import CredentialError, check_private, create_identity
+
+    p = Path(path).expanduser()
+    try:
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            peer = create_identity(p)
+            log.info("created a new identity in %s (peer %s)", p, peer)
+        check_private(p, "identity file")
+    except CredentialError as e:
+        raise FederationError(str(e)) from None
+    except OSError as e:
+        raise FederationError(f"identity file {p} cannot be created: {e.strerror or e}") from None
+    return str(p)
+
+
 def parse_multiaddrs(addrs: list[str], what: str, *, require_peer_id: bool | None = None) -> list[str]:
     """Validate multiaddrs (as text); by default those for initial peers (``what`` names them) need /p2p/<id>."""
     if require_peer_id is None:
@@ -88,9 +107,7 @@ def start_dht(net: NetworkConfig, *, initial_peers: list[str] | None = None,
     # together with the validation cache in hivemind_ext/validation.py: 34 % less CPU per idle peer).
     kwargs.update(cache_nearest=0, cache_refresh_before_expiry=0)
     if net.identity_path:
-        # hivemind writes a fresh RSA identity when the file is missing, but not its directory.
-        Path(net.identity_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        kwargs["identity_path"] = str(Path(net.identity_path).expanduser())
+        kwargs["identity_path"] = use_identity(net.identity_path)
     timeout = float(net.bootstrap_timeout)
     deadline = time.monotonic() + timeout
     unreachable = FederationError(f"could not reach any initial peer ({', '.join(peers)}) within {timeout:g}s")

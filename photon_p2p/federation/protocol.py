@@ -252,6 +252,59 @@ def split_winner(mine: str, my_round: int, peers: list[dict]) -> str:
     return winner if winner and winner != mine else ""
 
 
+def heals(fingerprints: list[str], weights: list[bool], stage: int) -> bool:
+    """Whether a group averages its members' weights instead of their updates (a healing round): two models
+    each held by at least two members (a pocket meeting the swarm), or, in a grid's second stage (2), a member
+    whose first stage healed (its buffer holds weights). One member's word is not enough: a member that declared
+    a fake fingerprint made every round a healing round (no claim budget, no reducer check) and its -θ, which
+    has θ's norm, halved the model. A lone member on another model is healed by the split rule (G2): it adopts
+    the majority's state. Every member evaluates this on the same gathered metadata."""
+    if stage == 2 and any(weights):
+        return True
+    counts: dict[str, int] = {}
+    for fp in fingerprints:
+        if fp:
+            counts[fp] = counts.get(fp, 0) + 1
+    return sum(1 for n in counts.values() if n >= 2) >= 2
+
+
+def state_verdict(actual: str, round_no: int, server: str, peers: list[dict], trusted: str = "") -> str:
+    """Why a downloaded state (fingerprint ``actual`` at ``round_no``, served by ``server``) must be refused, or
+    "" to adopt it. The server's own heartbeat never vouches for its state: a server that advertised a far-future
+    round with its own heartbeat was believed, and replaced the model of every peer that synced. The live peers
+    at that round other than the server must hold it (their majority, ties to the smallest fingerprint, as
+    everywhere); with none there, it is adopted only if the server is the only other live peer (nothing to
+    compare with) or ``trusted``, the peer this one joined from (trust on first use: a swarm's first peer ahead
+    of the joiners that came after its round 0 closed). ``peers``: other peers' heartbeats."""
+    others = [p for p in peers if str(p.get("peer_id")) != server]
+    at_round = {str(p.get("peer_id")): str(p.get("fingerprint") or "") for p in others
+                if p.get("round") == round_no and p.get("fingerprint")}
+    if at_round:
+        wanted = majority(at_round)
+        if actual != wanted:
+            count = sum(1 for fp in at_round.values() if fp == wanted)
+            return f"its fingerprint {actual[:8]} differs from the {count} live peer(s) at round {round_no} holding " \
+                   f"{wanted[:8]}"
+        return ""
+    if not others or (trusted and server == trusted):
+        return ""
+    return f"no live peer other than its server is at round {round_no} to vouch for it"
+
+
+def catch_up_round(peers: list[dict], trusted: str = "") -> int:
+    """The newest round this peer may catch up to (-1: none): one that two or more live peers report, or the
+    only other peer, or the peer this one joined from. One heartbeat at a far-future round made every peer try
+    a full download after every round; its state is refused anyway (state_verdict)."""
+    rounds = sorted((int(p["round"]), str(p.get("peer_id"))) for p in peers)
+    if len(rounds) == 1:
+        return rounds[0][0]
+    best = rounds[-2][0] if len(rounds) >= 2 else -1  # the highest round at least two peers have reached
+    for r, peer in rounds:
+        if trusted and peer == trusted:
+            best = max(best, r)
+    return best
+
+
 def run_over(round_no: int, rounds: int) -> bool:
     """``federation.rounds: R`` ends the run at the swarm's round R (G5), not after each silo's own R rounds: a
     silo that joined late or missed rounds stops where the others do. 0 = until stopped."""

@@ -25,8 +25,8 @@ from photon_p2p.federation.clock import SwarmClock
 from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
-from photon_p2p.federation.protocol import (SETTLE_S, NoShows, Roster, fold, majority, moved_on, round_leader, roster,
-                                           server_moved)
+from photon_p2p.federation.protocol import (SETTLE_S, NoShows, Roster, fold, moved_on, round_leader, roster,
+                                           server_moved, state_verdict)
 from photon_p2p.federation.records import (
     HeartbeatPublisher,
     install_validators,
@@ -321,12 +321,13 @@ class HivemindSwarm:
             log.warning("error while shutting down the DHT: %s", e)
 
 
-def check_state(meta: dict, tensors: list[torch.Tensor], peers: list[dict], want: str = "") -> str:
+def check_state(meta: dict, tensors: list[torch.Tensor], peers: list[dict], want: str = "",
+                trusted: str = "") -> str:
     """Why a downloaded state must be refused ("" if it is acceptable).
 
     Refused: non-finite values; a fingerprint that does not match the bytes; a fingerprint other than ``want``
-    (a split's majority, when adopting it), or else one that differs from the model most live peers at that round
-    report in their heartbeats (ties to the smallest fingerprint, as protocol.majority decides everywhere).
+    (a split's majority, when adopting it), or else one that the live peers other than its server do not vouch
+    for (protocol.state_verdict; ``trusted``: the peer this one joined from).
     """
     if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
         return "it holds non-finite values"
@@ -336,10 +337,4 @@ def check_state(meta: dict, tensors: list[torch.Tensor], peers: list[dict], want
         return "its fingerprint does not match its bytes"
     if want:
         return "" if actual == want else f"its fingerprint {actual[:8]} is not the model wanted, {want[:8]}"
-    reported = [str(p.get("fingerprint")) for p in peers if p.get("round") == meta.get("round") and p.get("fingerprint")]
-    wanted = majority(dict(enumerate(reported)))
-    if wanted and actual != wanted:
-        count = reported.count(wanted)
-        return (f"its fingerprint {actual[:8]} differs from the {count} live peer(s) at "
-                f"round {meta.get('round')} holding {wanted[:8]}")
-    return ""
+    return state_verdict(actual, meta.get("round"), str(meta.get("served_by") or ""), peers, trusted)

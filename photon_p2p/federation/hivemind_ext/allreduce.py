@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner
@@ -15,12 +15,6 @@ from hivemind.utils.asyncio import amap_in_executor
 from photon_p2p.federation.compression import CountingCompression
 from photon_p2p.federation.hivemind_ext.partition import OrderedPartReducer
 from photon_p2p.federation.robust import ReducerCheck, RobustSettings
-
-
-def models_differ(gathered: dict[Any, Any]) -> bool:
-    """Whether a group's members reported different global-model fingerprints (a split swarm meeting again)."""
-    prints = {g.get("fingerprint") for g in gathered.values() if isinstance(g, dict) and g.get("fingerprint")}
-    return len(prints) > 1
 
 
 class ExactAllReduceRunner(AllReduceRunner):

@@ -14,7 +14,7 @@ import math
 import multiprocessing as mp
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 import hivemind.averaging.averager as _hivemind_averager
@@ -33,11 +33,12 @@ from photon_p2p.federation.admission import AdmissionView, read_view_async
 from photon_p2p.federation.bulk import GATHER_KEY as BULK_KEY
 from photon_p2p.federation.bulk import BulkGroups, allreduce_mean, robust_mean
 from photon_p2p.federation.compression import ByteCounter, CountingCompression
-from photon_p2p.federation.hivemind_ext.allreduce import ExactAllReduceRunner, models_differ
+from photon_p2p.federation.hivemind_ext.allreduce import ExactAllReduceRunner
 from photon_p2p.federation.hivemind_ext.matchmaking import AdmittedMatchmaking
 from photon_p2p.federation.hivemind_ext.partition import _rank
 from photon_p2p.federation.hivemind_ext.serialization import count_registry_traffic
 from photon_p2p.federation.hivemind_ext.utils import warm_up_codec
+from photon_p2p.federation.protocol import heals
 from photon_p2p.federation.robust import ClaimBudget, ReducerCheck, RobustSettings, cap_claims, reduce_part
 from photon_p2p.federation.util import describe
 
@@ -280,7 +281,7 @@ class ProcessAverager(DecentralizedAverager):
         log.debug("group %s assembled under %s: %s", group_info.group_id.hex()[:8],
                   self._matchmaking.group_key_manager.current_key, [str(p)[-6:] for p in group_info.peer_ids])
         self._report = {"failed_fraction": 0.0, "failed_peers": [], "healed": False, "clipped": {}, "rejected": []}
-        self._claims = None
+        self._claims, self._round_robust = None, self._robust
         try:
             if self._gate is not None:
                 outsiders = [str(p) for p in group_info.peer_ids if not await self._gate.allows(p)]
@@ -292,8 +293,9 @@ class ProcessAverager(DecentralizedAverager):
                          for g in (gathered.get(p) for p in group_info.peer_ids)]
             self._bulk_endpoints = endpoints if self._bulk_timeout and all(endpoints) else None
             mine = gathered.get(self.peer_id, {}) if isinstance(gathered.get(self.peer_id), dict) else {}
-            weights_mode = models_differ(gathered) or any(isinstance(g, dict) and g.get("weights")
-                                                          for g in gathered.values())
+            metas = [g for g in gathered.values() if isinstance(g, dict)]
+            weights_mode = heals([str(g.get("fingerprint") or "") for g in metas],
+                                 [g.get("weights") is True for g in metas], int(mine.get("stage", 0) or 0))
             if weights_mode and (self._global_tensors is not None or mine.get("weights")):
                 # Members hold different global models: averaging updates would keep them apart forever.
                 # Average the local weights themselves (θ_local = θ_global − Δ), lossless, for this round
@@ -304,6 +306,10 @@ class ProcessAverager(DecentralizedAverager):
                             buf.neg_().add_(g)
                 kwargs["compression"] = CountingCompression(NoCompression(), self._counter)
                 self._report["healed"] = True
+                # Weights carry no claim budget (the members declared their Δ norms), and a -θ has θ's norm, which
+                # clipping to the median norm keeps: deviations from the coordinate median are bounded instead.
+                if self._robust.mode != "none":
+                    self._round_robust = replace(self._robust, mode="centered_clip")
             # Declared Δ norms (robust.ClaimBudget/ReducerCheck); not in a healing round (the tensors are weights).
             norms = [gathered.get(p, {}).get("norm") if isinstance(gathered.get(p), dict) else None
                      for p in group_info.peer_ids]
@@ -335,7 +341,7 @@ class ProcessAverager(DecentralizedAverager):
             return await self._bulk_allreduce(tensors, group_info, group_id, float(kwargs.get("weight", 1.0)))
         runner = ExactAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                       group_id=group_id, ordered_peer_ids=group_info.peer_ids,
-                                      ranks=getattr(self, "_ranks", None), robust=self._robust,
+                                      ranks=getattr(self, "_ranks", None), robust=self._round_robust,
                                       claims=getattr(self, "_claims", None), **kwargs)
         assert group_id in self._running_groups, "group was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
@@ -358,7 +364,8 @@ class ProcessAverager(DecentralizedAverager):
         if self._bulk_groups is None:  # in the averager process (after the fork): gloo groups live here
             self._bulk_groups = BulkGroups(self._bulk_timeout, threads=self._threads or 1,
                                            rendezvous=self.next_chunk_timeout)
-        if self._robust.mode == "none":
+        robust = self._round_robust
+        if robust.mode == "none":
             traffic = await loop.run_in_executor(None, lambda: allreduce_mean(
                 tensors, weight, rank, endpoints, key, self._bulk_groups))
         else:
@@ -369,7 +376,7 @@ class ProcessAverager(DecentralizedAverager):
 
             def reduce(parts, weights, order):
                 spent: dict[int, float] = {}
-                averaged, factors = reduce_part(parts, weights, order, self._robust,
+                averaged, factors = reduce_part(parts, weights, order, robust,
                                                 budget.caps() if budget is not None else None, spent)
                 if budget is not None:
                     budget.spend(spent)
