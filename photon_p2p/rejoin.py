@@ -109,10 +109,10 @@ class Rejoin:
                 return False
             got = self.swarm.load_state(timeout=remaining, progress=self.progress, only=only)
             if got is None:
-                if reason != "joining":
-                    return False
-                # Nobody answered in time: a joiner asks again until its deadline. In a boot storm (15 joiners
-                # starting at once on 2 cores) one pass timed out for 5 of 15, which then began from scratch.
+                if reason != "joining" or not self.swarm.peers():
+                    return False  # nobody to ask (a fresh swarm behind a bootstrap node): no reason to wait
+                # Nobody answered in time: a joiner asks live peers again until its deadline. In a boot storm (15
+                # joiners starting at once on 2 cores) one pass timed out for 5 of 15, which began from scratch.
                 self.stop.wait(1.0)
                 continue
             refused += 1
