@@ -148,7 +148,8 @@ def _peer_main(spec: dict[str, Any]) -> None:
     net = NetworkConfig(**{**FAST_NET, **spec.get("net", {})})
     dht = start_dht(net, initial_peers=spec.get("initial_peers", []))
     shapes = spec["shapes"]
-    state = (spec.get("state_meta", {"round": 0}), make_tensors(shapes, spec.get("state_seed", 1000)))
+    state = (spec.get("state_meta", {"round": 0}),
+             make_tensors(spec.get("state_shapes", shapes), spec.get("state_seed", 1000)))
     averagers = {}
     owner, admission = None, None
     if spec.get("owner_pub"):  # a closed swarm: "owner_pub" key file, "token" file, and net.identity_path set

@@ -138,9 +138,20 @@ def test_joiner_downloads_the_state_a_peer_serves(spawn, tmp_path):
     out = tmp_path / "state.pt"
     joiner.send(cmd="load_state", timeout=15, out=str(out))
     got = joiner.expect("state", within(30))
-    assert got["meta"] == meta
+    assert got["meta"] == {**meta, "served_by": server.ready["peer_id"]}  # who served it: our word, not its
     for got_t, exp in zip(torch.load(out), make_tensors(SHAPES, 77)):
         assert torch.equal(got_t, exp)
+
+
+@pytest.mark.timeout(90)
+def test_a_state_far_larger_than_the_model_is_refused_mid_download(spawn, tmp_path):
+    # issue 24, item 13: a server could stream any number of bytes into a joiner's memory
+    server = spawn({"shapes": SHAPES, "state_meta": {"round": 5}, "state_shapes": [[4_000_000]]})
+    maddrs = server.expect("ready", within(60))["maddrs"]
+    joiner = spawn({"shapes": SHAPES, "initial_peers": maddrs[:1]})
+    joiner.expect("ready", within(60))
+    joiner.send(cmd="load_state", timeout=15, out=str(tmp_path / "state.pt"))
+    assert joiner.expect("state", within(30))["meta"] is None
 
 
 @pytest.mark.timeout(150)

@@ -119,6 +119,9 @@ class AdmissionGate:
         return allowed
 
 
+STATE_BYTES_FACTOR = 4  # a state download may be this many times the averaged tensors' bytes (plus 1 MiB)
+
+
 class ProcessAverager(DecentralizedAverager):
     """hivemind's averager with our state for joiners, byte counting and phase stamps in its own process."""
 
@@ -137,6 +140,9 @@ class ProcessAverager(DecentralizedAverager):
         self._global_tensors = list(global_tensors) if global_tensors is not None else None
         self._report: dict[str, Any] = {}
         super().__init__(*args, **kwargs)
+        # A state (weights and outer optimizer buffers) is a few times the averaged tensors; a server that streams
+        # more is refused mid-download instead of filling this peer's memory (checked whole after it arrived).
+        self._max_state_bytes = STATE_BYTES_FACTOR * sum(t.numel() * t.element_size() for t in args[0]) + 2 ** 20
 
     def get_current_state(self):
         # hivemind's documented hook; runs in a background thread of *our* process when a joiner asks.
@@ -212,8 +218,12 @@ class ProcessAverager(DecentralizedAverager):
                 try:
                     stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
                     stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-                    metadata, parts, tensors = None, [], []
+                    metadata, parts, tensors, received = None, [], [], 0
                     async for message in aiter_with_timeout(stream, timeout=chunk_timeout):
+                        received += len(message.metadata) + len(message.tensor_part.buffer)
+                        if received > self._max_state_bytes:
+                            raise ValueError(f"it sent over {self._max_state_bytes} bytes, more than this model's "
+                                             "state")
                         if message.metadata:
                             metadata = self.serializer.loads(message.metadata)
                         if message.tensor_part.dtype and parts:
