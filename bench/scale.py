@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO / "peers"))
 import local_swarm  # noqa: E402  (peers/local_swarm.py: start/stop helpers of the README's swarm)
 
 STOP_S = 30.0  # how long a churn event SIGSTOPs a peer
+BOOT_DEADLINE = 60.0  # the simulated peers' federation.round_deadline (run_sim_peer); --set overrides it
 
 
 # ---- one simulated peer (a child process) ----------------------------------------------------------------------
@@ -49,8 +50,11 @@ def run_sim_peer(args: argparse.Namespace) -> int:
     from photon_p2p.daemon import PeerDaemon
     from photon_p2p.train.simulated import SimTrainer
 
+    # BOOT_DEADLINE: 16 peers' processes take 30-40 s to start on 2 cores (16 machines would start in parallel);
+    # with the tiny preset's 30 s the first peer's round 0 could end just as they appear (ARCHITECTURE.md, G4).
     overrides = [f"name={args.name}", f"run_dir={args.dir}", f"federation.run_id={args.run_id}",
                  f"federation.rounds={args.rounds}", "network.host_maddrs=[/ip4/127.0.0.1/tcp/0]",
+                 f"federation.round_deadline={BOOT_DEADLINE}",
                  f"federation.local_steps={args.local_steps}", "train.eval_every=0",
                  *(["network.initial_peers=[" + ",".join(args.initial) + "]"] if args.initial else []),
                  *args.overrides]

@@ -50,7 +50,6 @@ ROUND_BITS = 32  # the round number, in binary, is the matchmaking group key (th
 
 
 LEFT = "the swarm finished this round without this peer"
-ALONE = "no other peer came"  # nobody else in the swarm's records: a first peer goes on alone
 REGROUPED = "regrouped"  # internal: the first stage restarts under a fresh plan
 
 

@@ -20,7 +20,7 @@ from photon_p2p.config import Config
 from photon_p2p.credentials import load_owner_public, public_bytes
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.admission import SwarmAdmission, validators_for
-from photon_p2p.federation.averaging import ALONE, LEFT, PseudoGradientAverager, RoundResult
+from photon_p2p.federation.averaging import LEFT, PseudoGradientAverager, RoundResult
 from photon_p2p.federation.clock import SwarmClock
 from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.identity import fingerprint
@@ -197,8 +197,11 @@ class HivemindSwarm:
         def group_size() -> int:  # whom the group starts at once with: its waited members, or whoever comes
             return len(chosen.waited) if len(chosen.waited) > 1 and not joined else max(2, target)
         live_target = group_size() if plan is None else None
-        # A peer that knows of no other member (the swarm's first peer, its joiners still starting) waits one budget
-        # like any round, for members whose records appear meanwhile, and then goes on alone (give_up: ALONE).
+        # A peer that knows of no other member (the swarm's first peer, its joiners still starting) waits in ONE
+        # attempt up to the round's deadline, as it would have in several short ones, and once members appear it
+        # starts when every one it knows of has joined (and SETTLE_S has passed since the last appeared). Going
+        # on alone after one budget instead, a first silo of three finished a 1-round run before the others came.
+        alone = clock is not None and plan is None and len(chosen.waited) == 1
         # Grid stages ask their own leaders (averaging.py). Without the swarm clock the roster is one heartbeat read
         # that nothing refreshes while we wait: a first peer that read only itself would lead alone, never
         # learning of the others; hivemind's search merges such groups instead.
@@ -209,21 +212,12 @@ class HivemindSwarm:
                  budget, chosen.eta, leader[-6:] or "per stage")
         self.last_roster = chosen
 
-        began = time.monotonic()
-
         def give_up(waiting: tuple[str, ...]) -> str:  # one group: no names; a grid stage: its other members
             if clock is None:
                 return ""
             if not waiting and closed(clock.cached()):
                 return LEFT
-            if clock.left(round_no, waiting or tuple(set(chosen.waited) - {me})):
-                return LEFT
-            # Nobody else in the records after a whole wait: a first peer goes on alone (retried until the round's
-            # deadline, the first of 16 gave round 0 up just as 15 joiners that took 33 s to boot appeared, and
-            # nobody averaged round 0). Joiners that come later download its state and join the next round.
-            if plan is None and chosen.waited == [me] and time.monotonic() - began > wait:
-                return ALONE
-            return ""
+            return LEFT if clock.left(round_no, waiting or tuple(set(chosen.waited) - {me})) else ""
 
         def replan():  # grids only: a member whose report we had not seen yet changes the grid
             if clock is None or plan is None:
@@ -281,6 +275,8 @@ class HivemindSwarm:
                 return max(want, len(chosen.waited)) + 1, leader
             return want, leader
         wait = budget + chosen.eta
+        if alone:
+            wait = max(wait, f.round_deadline - f.allreduce_timeout)
         result = self.averager.average(deltas, round_no, weight, stop=stop, fingerprint=fingerprint,
                                        live_target=live_target, plan=plan, give_up=give_up, replan=replan,
                                        wait=wait, leader=leader,
