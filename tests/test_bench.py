@@ -110,19 +110,31 @@ def test_eight_simulated_peers_average_as_one_group_on_one_model(tmp_path):
     assert s["participation"] >= 0.75, s  # the start-up rounds (7 joiners downloading) may miss; later ones not
 
 
-def test_scale_scores_participation_and_one_model_from_round_records(tmp_path):
+def _scale():
+    """bench/scale.py as a module (bench/ is not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("scale", REPO / "bench" / "scale.py")
     scale = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scale)
+    return scale
+
+
+def _round_records(out: Path, i: int, *rounds: tuple, tail: str = "") -> None:
+    """peer-i/metrics.jsonl with one round record per (averaged round, outcome, group size, fingerprint)."""
+    d = out / f"peer-{i}"
+    d.mkdir(exist_ok=True)
+    lines = [{"kind": "round", "round": r + 1, "averaged_round": r, "time": 100.0 + r, "outcome": o,
+              "solo": o in ("solo", "missed", "joined_late"), "group_size": g, "fingerprint": fp}
+             for r, o, g, fp in rounds]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n" + tail)
+
+
+def test_scale_scores_participation_and_one_model_from_round_records(tmp_path):
+    scale = _scale()
 
     def peer(i: int, *rounds: tuple) -> None:
-        d = tmp_path / f"peer-{i}"
-        d.mkdir()
-        lines = [{"kind": "round", "round": r + 1, "averaged_round": r, "time": 100.0 + r, "outcome": o,
-                  "solo": o in ("solo", "missed"), "group_size": g, "fingerprint": fp} for r, o, g, fp in rounds]
-        (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{cut by kill -9")
+        _round_records(tmp_path, i, *rounds, tail="{cut by kill -9")
 
     # round 0: peer 0 alone in the swarm (full); round 1: all three; round 2: peer 2 missed it (a group of 2)
     peer(0, (0, "solo", 1, "a"), (1, "averaged", 3, "b"), (2, "averaged", 2, "c"))
@@ -140,19 +152,10 @@ def test_scale_scores_participation_and_one_model_from_round_records(tmp_path):
 
 
 def test_scale_scores_a_late_joiner_apart_and_a_lone_round_beside_a_group_as_a_split(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("scale", REPO / "bench" / "scale.py")
-    scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scale)
+    scale = _scale()
 
     def peer(i: int, *rounds: tuple) -> None:
-        d = tmp_path / f"peer-{i}"
-        d.mkdir(exist_ok=True)
-        lines = [{"kind": "round", "round": r + 1, "averaged_round": r, "time": 100.0 + r, "outcome": o,
-                  "solo": o in ("solo", "missed", "joined_late"), "group_size": g, "fingerprint": fp}
-                 for r, o, g, fp in rounds]
-        (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        _round_records(tmp_path, i, *rounds)
 
     # round 0 closed (the first peer alone) before the joiners came: they caught up, then all three averaged
     peer(0, (0, "solo", 1, "a"), (1, "averaged", 3, "b"))
