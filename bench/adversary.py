@@ -15,9 +15,10 @@ Attacks (issue 24; the hostile silo otherwise trains and averages like any other
                     count, a negative step) under round + 50
   fake-fingerprint  declares another model's fingerprint in every group and sends 2θ as its Δ (in a healing
                     round, which averages θ − Δ, that is −θ)
-  negative-weight   declares -4x its token weight and sends zeros
-  gloo-weights      on the gloo path, adds -its weight into every other member's slot of the weight vector (the
-                    summed vector of old), making its own chunk the whole update
+  negative-weight   declares -4x its token weight on the gloo path (the hivemind path clamps a weight at 1e-6
+                    before it is sent) and sends zeros
+  gloo-weights      on the gloo path, sums a weight vector with -its weight in every other member's slot, as the
+                    old protocol did (the others now gather one weight each: the collective no longer matches)
   dht-wipe          every 2 s stores plain values with far-future expirations over the averager's keys
                     (all_averagers, the next rounds' group keys), for every peer it has seen
   ghost-record      stamps its heartbeat a million seconds in the future, at round + 1000
@@ -136,16 +137,17 @@ def fake_fingerprint() -> None:
 
 
 def negative_weight() -> None:
-    from photon_p2p.federation import averaging
+    from photon_p2p.federation import averaging, bulk
 
-    average = averaging.PseudoGradientAverager.average
+    average, gather = averaging.PseudoGradientAverager.average, bulk.gather_weights
 
-    def attacked(self, deltas, round_no, weight, *args, **kwargs):  # noqa: ANN001, ANN202
+    def attacked(self, deltas, *args, **kwargs):  # noqa: ANN001, ANN202
         for d in deltas:
             d.zero_()
-        return average(self, deltas, round_no, -4.0 * abs(weight), *args, **kwargs)
+        return average(self, deltas, *args, **kwargs)
 
     averaging.PseudoGradientAverager.average = attacked
+    bulk.gather_weights = lambda pg, weight, size, timeout: gather(pg, -4.0 * abs(weight), size, timeout)
 
 
 def gloo_weights() -> None:
@@ -167,7 +169,7 @@ def dht_wipe() -> None:
 
     from photon_p2p.federation import averaging, swarm
 
-    start = swarm.Swarm.start
+    start = swarm.HivemindSwarm.start
 
     def started(self, snapshot):  # noqa: ANN001, ANN202
         start(self, snapshot)
@@ -193,7 +195,7 @@ def dht_wipe() -> None:
 
         threading.Thread(target=wipe, daemon=True, name="dht-wipe").start()
 
-    swarm.Swarm.start = started
+    swarm.HivemindSwarm.start = started
 
 
 def ghost_record() -> None:
@@ -210,7 +212,7 @@ def speed_abuse() -> None:
     report = clock.SwarmClock.report
 
     def reported(self, round_no, steps, busy_s):  # noqa: ANN001, ANN202
-        report(self, round_no, steps, busy_s)
+        report(self, round_no, steps, 1e-30)  # steps over ~0 s of compute: the speed it stores
         self.tracker.measured_speed = 1e30
 
     clock.SwarmClock.report = reported
@@ -239,17 +241,17 @@ class AttackSwarm(one_model.Swarm):
 
     def __init__(self, attack: str, honest: int, out: Path, val_dir: Path, rounds: int, local_steps: int) -> None:
         self.attack, self.honest = attack, honest
+        # the product's defaults otherwise (the swarm clock, robust clip, gloo where every member is reachable)
         one_model.SCENARIOS[f"adversary-{attack}"] = {
             "peers": honest + (attack != "none"), "rounds": rounds,
-            "overrides": [f"federation.local_steps={local_steps}", "train.eval_every=0",
-                          "federation.round_clock=steps"]}
+            "overrides": [f"federation.local_steps={local_steps}", "train.eval_every=0"]}
         super().__init__(f"adversary-{attack}", "new", REPO, out, val_dir, 0.0)
         self.note = out / "hostile-fingerprints.txt"
+        os.environ[NOTE_ENV] = str(self.note)  # before any silo starts: Swarm.start copies the environment
 
     def cmd(self, i: int) -> list[str]:
         cmd = super().cmd(i)
         if i == self.honest and self.attack != "none":
-            os.environ[NOTE_ENV] = str(self.note)  # inherited by the hostile silo's process
             return [sys.executable, str(Path(__file__).resolve()), "--hostile", self.attack, "--", *cmd[3:]]
         return cmd
 
@@ -269,6 +271,13 @@ def summarize(sw: AttackSwarm, args: argparse.Namespace, wall_s: float) -> dict[
         code = sw.procs[i].returncode
         if code not in (0, -15) or "Traceback" in log:
             crashes[str(i)] = {"exit_code": code, "traceback": "Traceback" in log}
+    hostile = {}
+    if sw.attack != "none":
+        log = (sw.out / f"peer-{sw.honest}" / "peer.log").read_text(errors="replace")
+        hostile = {"ran": "adversary: hostile silo running" in log, "exit_code": sw.procs[sw.honest].returncode,
+                   "traceback": "Traceback" in log}
+        if not hostile["ran"]:
+            raise one_model.BenchError(f"the hostile silo never ran its attack (see {sw.out}/peer-{sw.honest}/peer.log)")
     baselines = [json.loads(p.read_text())["honest_val_ppl"] for p in sorted(RESULTS.glob("none*.json"))]
     baselines = [b for b in baselines if b]
     base = statistics.mean(baselines) if baselines else None
@@ -283,7 +292,7 @@ def summarize(sw: AttackSwarm, args: argparse.Namespace, wall_s: float) -> dict[
         "end_models": analysis["end_models"], "refused_states": sum(
             1 for i in honest for r in every[i] if r.get("kind") == "refused_state"),
         "syncs": sum(1 for i in honest for r in every[i] if r.get("kind") == "sync"),
-        "exit_codes": {str(i): p.returncode for i, p in sw.procs.items()}, "capped": sw.capped,
+        "hostile": hostile, "exit_codes": {str(i): p.returncode for i, p in sw.procs.items()}, "capped": sw.capped,
         "wall_s": round(wall_s, 1), "command": "python bench/adversary.py " + " ".join(sys.argv[1:]),
         **sw.provenance}
 

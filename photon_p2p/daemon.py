@@ -276,7 +276,7 @@ class PeerDaemon(Rejoin):
             marks.append(("apply", time.monotonic()))
             self._catch_up(self.swarm.peers(), who="this peer's group")  # a pocket that fell behind together
         marks.append(("catch_up", time.monotonic()))
-        late_join = result.solo and result.reason == LEFT and self.ledger.joining
+        late_join = result.solo and result.reason == LEFT and self.ledger.joining and not alone
         self.ledger.landed(result, grouped=not result.solo, late_join=late_join)
         # Validation runs on the new global weights at the first round end past each multiple of eval_every inner
         # steps (with H < eval_every, not every round: an evaluation costs the trainer the same as a few steps),

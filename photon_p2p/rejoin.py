@@ -102,12 +102,12 @@ class Rejoin:
         fingerprint to adopt (a split's majority), from the peers in ``only``."""
         timeout = self.cfg.federation.state_sync_timeout
         print(f"photon-peer: downloading the swarm's state ({reason}), up to {timeout:.0f}s", flush=True)
-        deadline, refused = time.monotonic() + timeout, 0
-        while refused < 3:  # peers are tried by round, ties at random: a refused state may be followed by a good one
+        deadline, tried = time.monotonic() + timeout, []
+        while len(tried) < 3:  # peers are tried by round, ties at random; one whose state was refused is not again
             remaining = deadline - time.monotonic()
             if remaining <= 1 or self.stop.is_set():
                 return False
-            got = self.swarm.load_state(timeout=remaining, progress=self.progress, only=only)
+            got = self.swarm.load_state(timeout=remaining, progress=self.progress, only=only, exclude=tried)
             if got is None:
                 if reason != "joining" or not self.swarm.peers():
                     return False  # nobody to ask (a fresh swarm behind a bootstrap node): no reason to wait
@@ -115,8 +115,8 @@ class Rejoin:
                 # joiners starting at once on 2 cores) one pass timed out for 5 of 15, which began from scratch.
                 self.stop.wait(1.0)
                 continue
-            refused += 1
             meta, tensors = got
+            tried.append(str(meta.get("served_by") or "") if isinstance(meta, dict) else "")
             why = self.state.mismatch(meta, tensors)  # before reading anything from it: it came from the network
             if why:
                 print(f"photon-peer: refused the swarm state: {why}", flush=True)

@@ -8,10 +8,11 @@ from typing import Optional
 WIDTH = 80  # the summary wraps here, and the default table fits it at 32 peers and more
 
 
-def printable(text: str) -> str:
+def printable(text: str, lines: bool = True) -> str:
     """``text`` with control characters escaped: run ids, addresses, states and devices come from other peers'
-    records, and an escape sequence in one would drive the reader's terminal."""
-    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
+    records, and an escape sequence in one would drive the reader's terminal (``lines``: keep line breaks; a
+    table cell keeps none, or a record could print rows of its own)."""
+    return "".join(c if c.isprintable() or (lines and c == "\n") else repr(c)[1:-1] for c in text)
 
 
 def admission_line(a: dict) -> str:
@@ -182,7 +183,7 @@ def render_table(status: dict, wide: bool = False) -> str:
         text = status.get("message", f"no peers in run '{status['run_id']}'")
         closed = status.get("admission", {}).get("closed")  # an open swarm without peers: nothing to add
         return printable(text + ("\n" + admission_line(status["admission"]) if closed else ""))
-    table = [WIDE if wide else COMPACT] + [tuple(printable(c) for c in (_wide if wide else _compact)(r)) for r in rows]
+    table = [WIDE if wide else COMPACT] + [tuple(printable(c, lines=False) for c in (_wide if wide else _compact)(r)) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = [printable(line) for line in _summary(status)] + [""]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]

@@ -98,11 +98,11 @@ class FakeSwarm:
         return RoundResult(round_no, False, len(members), members, total, 0.0, 0, 0, "", healed=healed,
                            fingerprints=prints)
 
-    def load_state(self, timeout: float, progress: bool, only: list[str] | None = None):
+    def load_state(self, timeout: float, progress: bool, only: list[str] | None = None, exclude: list[str] = ()):
         if only is not None and not self.net.targeted_downloads:
             return None
         servers = [(n, p) for n, p in self.net.peers.items() if n != self.peer_id and p.live and p.snapshot
-                   and (only is None or n in only)]
+                   and (only is None or n in only) and n not in exclude]
         if not servers:
             return None
         name, best = max(servers, key=lambda s: s[1].snapshot()["round"])

@@ -201,10 +201,13 @@ def test_downloaded_states_are_checked():
     assert "differs from the 2 live peer(s)" in why
     # the server alone in the swarm: nothing to compare with
     assert check_state(meta, t, [{"peer_id": "s", "round": 4, "fingerprint": fp}]) == ""
-    # others, but none at the state's round: only the peer this one joined from is believed
+    # others, but none at the state's round: one round past theirs is a swarm whose first peer is ahead;
+    # further only from the peer this one joined from
     behind = [{"peer_id": "a", "round": 3, "fingerprint": other}, {"peer_id": "s", "round": 4, "fingerprint": fp}]
-    assert "no live peer other than its server" in check_state(meta, t, behind)
-    assert check_state(meta, t, behind, trusted="s") == ""
+    assert check_state(meta, t, behind) == ""
+    far = [{**behind[0], "round": 2}, behind[1]]
+    assert "no live peer other than its server" in check_state(meta, t, far)
+    assert check_state(meta, t, far, trusted="s") == ""
 
 
 def test_a_far_future_state_with_its_own_heartbeat_replaces_no_model(tmp_path, kjv_data):

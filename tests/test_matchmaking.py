@@ -303,3 +303,28 @@ def test_only_the_designated_leader_assembles_a_group(monkeypatch):
     assert got is GROUP and assembled == ["me"] and followers
     got, _ = asyncio.run(main(None))  # a step that names no leader (a grid's stage): hivemind's rules
     assert got is GROUP and assembled == ["me", "me"]
+
+
+def test_a_leader_refuses_a_step_of_another_round_that_asks_under_its_key():
+    # A step cancelled as its peer caught up was still looking when the next round's group bits were set: it asked
+    # under the new round's key with the old round's metadata, and every member discarded that group.
+    import threading
+    from types import SimpleNamespace
+
+    from hivemind.proto import averaging_pb2
+    from hivemind.utils import MSGPackSerializer as S
+
+    from photon_p2p.federation.hivemind_ext.matchmaking import AdmittedMatchmaking, _round_of
+
+    def data(round_no, stage=0):
+        return S.dumps([1.0, 0, S.dumps({"round": round_no, "stage": stage, "weight": 1.0})])
+
+    assert _round_of(data(3)) == (3, 0) and _round_of(b"garbage") is None
+    mm = object.__new__(AdmittedMatchmaking)
+    mm.lock_looking_for_group = threading.Lock()
+    mm.lock_looking_for_group.acquire()  # looking for a group
+    mm.step_control = SimpleNamespace(data_for_gather=data(4))
+    refused = AdmittedMatchmaking._check_reasons_to_reject(mm, averaging_pb2.JoinRequest(gather=data(3)), None)
+    assert refused is not None and refused.code == averaging_pb2.BAD_GROUP_KEY
+    refused = AdmittedMatchmaking._check_reasons_to_reject(mm, averaging_pb2.JoinRequest(gather=data(4, 1)), None)
+    assert refused is not None and refused.code == averaging_pb2.BAD_GROUP_KEY  # another stage

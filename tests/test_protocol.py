@@ -238,7 +238,10 @@ def test_a_state_is_vouched_for_by_live_peers_other_than_its_server():
     # a far-future round nobody else reports is refused, unless the server is the swarm or the peer we joined from
     assert "to vouch" in state_verdict("x", 99, "m", [hb("m", 99, "x"), hb("a", 5, "y")])
     assert state_verdict("x", 99, "m", [hb("m", 99, "x")]) == ""
-    assert state_verdict("x", 6, "m", [hb("m", 6, "x"), hb("a", 5, "y")], trusted="m") == ""
+    assert state_verdict("x", 7, "m", [hb("m", 7, "x"), hb("a", 5, "y")], trusted="m") == ""
+    assert "to vouch" in state_verdict("x", 7, "m", [hb("m", 7, "x"), hb("a", 5, "y"), hb("b", 5, "y")])
+    # one round past the others: a first peer ahead of joiners still at round 0 (a joiner refused it once)
+    assert state_verdict("x", 1, "f", [hb("f", 1, "x"), hb("j", 0, "y")]) == ""
 
 
 def test_one_heartbeat_ahead_is_no_round_to_catch_up_to():

@@ -372,8 +372,9 @@ def test_a_big_swarm_fits_an_80_column_terminal_summary_first():
 
 def test_escape_sequences_in_other_peers_records_never_reach_the_terminal():
     # issue 24, item 11: states, devices and addresses come from other peers' records, raw
-    status = collect_status(fake_swarm([{"device": "cu\x1b]2;pwned\x07da", "state": "run\x1b[2Jning"}, {}]), RUN, 1.0)
+    status = collect_status(fake_swarm([{"device": "cu\x1b]2;pwned\x07da", "state": "run\x1b[2J\nning"}, {}]),
+                            RUN, 1.0)
     for wide in (False, True):
         text = render_table(status, wide=wide)
-        assert "\x1b" not in text and "\x07" not in text
+        assert "\x1b" not in text and "\x07" not in text and "\nning" not in text  # nor a row of its own
     assert "\\x1b]2;pwned\\x07" in render_table(status, wide=True)  # shown escaped, not dropped

@@ -502,16 +502,16 @@ class PseudoGradientAverager:
         return self._averager.lock_averaged_tensors.acquire(timeout=max(0.1, deadline - time.monotonic()))
 
     # ---- state for joiners -------------------------------------------------------------------------------
-    def load_state(self, timeout: float, progress: bool = False,
-                   only: list[str] | None = None) -> tuple[dict, list[torch.Tensor]] | None:
+    def load_state(self, timeout: float, progress: bool = False, only: list[str] | None = None,
+                   exclude: list[str] = ()) -> tuple[dict, list[torch.Tensor]] | None:
         """Download the global state (metadata, tensors) from the most advanced peer that shares it (of ``only``,
-        when given: peers known to hold the model wanted), or None."""
+        when given: peers known to hold the model wanted; never one in ``exclude``), or None."""
         if not self._averager.is_alive():
             return None
         if progress:
             print(f"photon-peer: looking for a peer that shares state (up to {timeout:.0f}s)", flush=True)
         try:
-            got = self._averager.load_state_from(only, timeout=timeout)
+            got = self._averager.load_state_from(only, timeout=timeout, exclude=exclude)
         except TimeoutError:
             return None
         except Exception as e:

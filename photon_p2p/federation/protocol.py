@@ -275,7 +275,8 @@ def state_verdict(actual: str, round_no: int, server: str, peers: list[dict], tr
     at that round other than the server must hold it (their majority, ties to the smallest fingerprint, as
     everywhere); with none there, it is adopted only if the server is the only other live peer (nothing to
     compare with) or ``trusted``, the peer this one joined from (trust on first use: a swarm's first peer ahead
-    of the joiners that came after its round 0 closed). ``peers``: other peers' heartbeats."""
+    of the joiners that came after its round 0 closed), or the round is at most one past the newest one the
+    others show (catch_up_round). ``peers``: other peers' heartbeats."""
     others = [p for p in peers if str(p.get("peer_id")) != server]
     at_round = {str(p.get("peer_id")): str(p.get("fingerprint") or "") for p in others
                 if p.get("round") == round_no and p.get("fingerprint")}
@@ -287,6 +288,11 @@ def state_verdict(actual: str, round_no: int, server: str, peers: list[dict], tr
                    f"{wanted[:8]}"
         return ""
     if not others or (trusted and server == trusted):
+        return ""
+    # Nobody else at that round yet: a round at most one past the newest that the others show is how a swarm
+    # looks while its first peer is ahead of joiners still booting (a joiner refused it, and started a model of
+    # its own); a far-future round is refused.
+    if isinstance(round_no, int) and round_no <= catch_up_round(others) + 1:
         return ""
     return f"no live peer other than its server is at round {round_no} to vouch for it"
 

@@ -55,8 +55,8 @@ class Swarm(Protocol):
     def begin_round(self, round_no: int) -> None: ...
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float, *, stop, fingerprint: str,
                 budget: float, joined: str = "") -> RoundResult: ...
-    def load_state(self, timeout: float, progress: bool,
-                   only: list[str] | None = None) -> tuple[dict, list[torch.Tensor]] | None: ...
+    def load_state(self, timeout: float, progress: bool, only: list[str] | None = None,
+                   exclude: list[str] = ()) -> tuple[dict, list[torch.Tensor]] | None: ...
     def publish_now(self) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -291,10 +291,10 @@ class HivemindSwarm:
                                               timeout=min(2.0, float(self.cfg.network.request_timeout)))
         return result
 
-    def load_state(self, timeout: float, progress: bool, only: list[str] | None = None):
+    def load_state(self, timeout: float, progress: bool, only: list[str] | None = None, exclude: list[str] = ()):
         if self.admission is not None:
             self.admission.refresh()
-        return self.averager.load_state(timeout=timeout, progress=progress, only=only)
+        return self.averager.load_state(timeout=timeout, progress=progress, only=only, exclude=exclude)
 
     def publish_now(self) -> None:
         if self.publisher is not None:

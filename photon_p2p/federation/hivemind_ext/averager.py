@@ -189,15 +189,16 @@ class ProcessAverager(DecentralizedAverager):
         async for message in super().rpc_download_state(request, context):
             yield message
 
-    def load_state_from(self, only: Sequence[str] | None, timeout: float):
-        """hivemind's load_state_from_peers (wait=True), from the peers in ``only`` if given."""
+    def load_state_from(self, only: Sequence[str] | None, timeout: float, exclude: Sequence[str] = ()):
+        """hivemind's load_state_from_peers (wait=True), from the peers in ``only`` if given, never ``exclude``."""
         future = MPFuture()
         self._outer_pipe.send(("_load_state_from_peers", [], dict(timeout=timeout, future=future,
-                                                                  only=list(only) if only is not None else None)))
+                                                                  only=list(only) if only is not None else None,
+                                                                  exclude=list(exclude))))
         return future.result(timeout=timeout)
 
     async def _load_state_from_peers(self, future: MPFuture, timeout: Optional[float] = None,
-                                     only: list[str] | None = None):
+                                     only: list[str] | None = None, exclude: Sequence[str] = ()):
         """hivemind's state download, but only from admitted peers (a closed swarm) and from ``only`` if given
         (the holders of the model a split's minority adopts), newest round first."""
         chunk_timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
@@ -211,7 +212,8 @@ class ProcessAverager(DecentralizedAverager):
                         for peer, info in (found.value if found is not None else {}).items()
                         if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))}
             for peer in sorted(priority, key=priority.get, reverse=True):
-                if peer == self.peer_id or (wanted is not None and peer not in wanted):
+                if peer == self.peer_id or (wanted is not None and peer not in wanted) or \
+                        peer.to_base58() in exclude:  # a server whose state this peer already refused
                     continue
                 if self._gate is not None and not await self._gate.allows(peer):
                     continue  # a state from outside the swarm is never even downloaded

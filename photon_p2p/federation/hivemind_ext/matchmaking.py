@@ -23,10 +23,20 @@ from typing import Any
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils import get_dht_time
+from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.asyncio import anext, cancel_and_wait
 
 log = logging.getLogger("photon_p2p.federation")
+
+
+def _round_of(data_for_gather: Any) -> tuple | None:
+    """(round, stage) from a step's gathered metadata as hivemind serializes it ([bandwidth, mode, user data]);
+    None if it cannot be read."""
+    try:
+        user = MSGPackSerializer.loads(MSGPackSerializer.loads(data_for_gather)[2])
+        return (user.get("round"), user.get("stage", 0)) if isinstance(user, dict) else None
+    except Exception:  # not ours, truncated or garbage: no round
+        return None
 
 
 class AdmittedMatchmaking(Matchmaking):
@@ -123,6 +133,13 @@ class AdmittedMatchmaking(Matchmaking):
         before ours was told BAD_EXPIRATION_TIME and went off to lead a group of its own. The handler still
         assembles at OUR expiration, and an accepted follower waits for our "begin" until its step's deadline
         (``_join``)."""
+        step = getattr(self, "step_control", None)
+        if step is not None and self.is_looking_for_group and \
+                _round_of(step.data_for_gather) != _round_of(request.gather):
+            # A step cancelled as its peer caught up can still be looking when the next round's group bits are set:
+            # it then asked under the new round's key with the old round's metadata, and every member of that
+            # group discarded it (15 of 16 peers lost a round). Only the same round and stage meet.
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.BAD_GROUP_KEY)
         if self.round_leader is not None and self.round_leader == self.peer_id and \
                 isfinite(self.potential_leaders.declared_expiration_time):
             relaxed = averaging_pb2.JoinRequest()
