@@ -119,11 +119,12 @@ def test_peers_at_different_rounds_never_group(trio, tmp_path):
 @pytest.mark.timeout(60)
 def test_gathered_round_mismatch_discards_the_result(trio, tmp_path):
     # Rounds 2**32 apart share a group key (the key holds the round mod 2**32), so only the gathered
-    # metadata can tell them apart: the all-reduce runs, and both peers must throw its result away.
+    # metadata can tell them apart: the leader refuses the other round's request (matchmaking), and a group that
+    # assembled anyway would be thrown away by both ("round mismatch"). Nothing is averaged either way.
     seeds = [41, 42]
     results, after = run_round(trio[:2], "rounds", [7, 7 + 2**32], [1.0, 1.0], seeds, tmp_path)
     for res, tensors, seed in zip(results, after, seeds):
-        assert res["solo"] and res["reason"] == "round mismatch", res
+        assert res["solo"] and res["reason"] in ("no group found", "round mismatch"), res
         for got, mine in zip(tensors, make_tensors(SHAPES, seed)):
             assert torch.equal(got, mine)
 
