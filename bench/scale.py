@@ -241,8 +241,9 @@ def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any
         n = len(recs)
         total += n
         # a peer alone in the swarm (the first, before anyone joined) is a group holding every live peer of its round
+        # (a group larger than the round's records held a peer that was killed before it could record the round)
         full += sum(1 for r in recs.values()
-                    if (not r["solo"] and int(r["group_size"]) == n) or (n == 1 and r.get("outcome") == "solo"))
+                    if (not r["solo"] and int(r["group_size"]) >= n) or (n == 1 and r.get("outcome") == "solo"))
         # G1 is about the peers that averaged the round (alone in the swarm too): one that missed it records the
         # state it caught up to (a later round's), or the round's old weights, and is scored by the rounds it
         # averages next.
@@ -320,7 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer:
         return run_sim_peer(args)
     if args.summarize:
-        print(json.dumps(summarize(Path(args.summarize)), indent=1))
+        # a run's own summary names the peers it killed: they are not among those alive at the end
+        run = Path(args.summarize)
+        before = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+        killed = {e["peer"] for e in before.get("events", []) if e.get("kind") == "killed"}
+        alive = [int(d.name.split("-")[1]) for d in run.glob("peer-*") if d.is_dir()]
+        summary = summarize(run, alive_at_end=[i for i in alive if i not in killed])
+        for peer, figures in before.get("per_peer", {}).items():  # keep what only the run sampled (CPU, RSS)
+            summary["per_peer"][peer] = {**figures, **summary["per_peer"].get(peer, {})}
+        print(json.dumps({**before, **summary}, indent=1))
         return 0
     out = Path(args.out)
     if out.exists() and any(out.glob("peer-*")):
