@@ -164,6 +164,9 @@ def test_scale_scores_a_late_joiner_apart_and_a_lone_round_beside_a_group_as_a_s
     s = scale.summarize(tmp_path)
     assert s["peer_rounds"] == 4 and s["participation"] == 1.0 and s["one_model_rounds"] == 2
     assert s["per_peer"]["peer-1"]["outcomes"] == {"joined_late": 1, "averaged": 1}
+    # a group of 3 of which one member was killed before it could record the round: the two live ones were full
+    peer(2, (0, "joined_late", 1, "a"))
+    assert scale.summarize(tmp_path)["participation"] == 1.0
     # the joiners averaged round 0 again among themselves: two models, and nobody's round 0 was full
     peer(1, (0, "averaged", 2, "x"), (1, "healed", 3, "b"))
     peer(2, (0, "averaged", 2, "x"), (1, "healed", 3, "b"))
