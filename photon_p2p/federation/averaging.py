@@ -196,7 +196,7 @@ class PseudoGradientAverager:
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float,
                 stop: threading.Event | None = None, fingerprint: str = "",
                 live_target: int | None = None, plan: GroupPlan | None = None,
-                give_up: Callable[[tuple[str, ...]], str] | None = None,
+                give_up: Callable[[tuple[str, ...]], bool] | None = None,
                 replan: Callable[[], GroupPlan | None] | None = None, wait: float = 0.0,
                 leader: str = "", follow: Callable[[], tuple[int, str]] | None = None) -> RoundResult:
         """All-reduce ``deltas`` (weighted by ``weight``, e.g. tokens) with peers at ``round_no``, within
@@ -207,7 +207,7 @@ class PseudoGradientAverager:
         they outnumber target_group_size. ``live_target``: the group size to start at (one group: at least the
         plan's size).
         ``give_up``: polled while waiting for a group with the peers this stage waits for (its other members; none
-        without a plan); a reason (e.g. LEFT: they have all moved past this round) ends the
+        without a plan); True (e.g. they have all moved past this round) ends the
         wait at once, so a late peer catches up instead of waiting out straggler_wait for nobody.
         ``replan``: the round's plan from a fresh read of its members, asked after each attempt that found no group
         while this peer has averaged nothing yet; when its grid differs, it regroups under the new plan.
@@ -219,7 +219,7 @@ class PseudoGradientAverager:
         peer whose record appeared meanwhile (a joiner) is waited for instead of started without; one whose record
         went silent (a stopped or dead process) is not waited for any longer, and if it was the leader the
         members ask the next one."""
-        give_up = give_up or (lambda _waiting: "")
+        give_up = give_up or (lambda _waiting: False)
         weight = max(float(weight), 1e-6)
         deadline = time.monotonic() + self.fed.round_deadline  # the first stage's, across regroupings
         while True:
@@ -239,7 +239,7 @@ class PseudoGradientAverager:
                 others = _others(plan.members, plan.me) if plan is not None else ()
                 size = max(plan.n, live_target or 0) if plan is not None else live_target
                 result = self._average_stage(deltas, round_no, weight, stop, fingerprint, size, 0, 0,
-                                             give_up=lambda: give_up(others), regroup=regroup,
+                                             give_up=lambda: LEFT if give_up(others) else "", regroup=regroup,
                                              deadline=deadline, wait=wait, leader=leader, follow=follow)
             elif plan.row_size() == 1:
                 # Alone in its row (3 peers in groups of 2: rows of 2 and 1): its row mean is its own Δ, and it
@@ -252,8 +252,8 @@ class PseudoGradientAverager:
             else:
                 row = self._average_stage(deltas, round_no, weight, stop, fingerprint, plan.row_size(), 1,
                                           plan.row, digest=plan.digest, rank=plan.row,
-                                          give_up=lambda: give_up(_others(plan.row_members(), plan.me)),
-                                          regroup=regroup, deadline=deadline, wait=wait,
+                                          give_up=lambda: LEFT if give_up(_others(plan.row_members(), plan.me))
+                                          else "", regroup=regroup, deadline=deadline, wait=wait,
                                           leader=min(plan.row_members()))
                 # Once the row has averaged, the grid is fixed: the column only gives up if its members leave.
                 result = row if row.solo else self._columns(deltas, round_no, stop, fingerprint, plan, row,
@@ -265,7 +265,7 @@ class PseudoGradientAverager:
             plan = regrouped[0]
 
     def _columns(self, deltas: list[torch.Tensor], round_no: int, stop: threading.Event | None, fingerprint: str,
-                 plan: GroupPlan, first: RoundResult, give_up: Callable[[tuple[str, ...]], str],
+                 plan: GroupPlan, first: RoundResult, give_up: Callable[[tuple[str, ...]], bool],
                  regroup: Callable[[], str] = lambda: "", deadline: float | None = None,
                  wait: float = 0.0) -> RoundResult:
         """Stage 2: the column, given this peer's row result ``first``; the round's result from both stages.
@@ -278,8 +278,8 @@ class PseudoGradientAverager:
                                      rank=plan.row if plan.designated else plan.rows + plan.row,
                                      weights=first.healed,
                                      extra={"row_size": first.contributors if plan.designated else 0},
-                                     give_up=lambda: give_up(_others(plan.column_members(), plan.me)),
-                                     regroup=regroup, deadline=deadline, wait=wait,
+                                     give_up=lambda: LEFT if give_up(_others(plan.column_members(), plan.me))
+                                     else "", regroup=regroup, deadline=deadline, wait=wait,
                                      leader=min(plan.column_members()))
         if second.reason == REGROUPED:
             return second

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 
@@ -231,10 +232,7 @@ class NoShows:
 def majority(fingerprints: dict) -> str:
     """The model that wins a visible split: the fingerprint most peers hold, ties to the smallest fingerprint.
     Every peer that reads the same heartbeats evaluates it the same way (G2). "" if there is none."""
-    counts: dict[str, int] = {}
-    for fp in fingerprints.values():
-        if fp:
-            counts[fp] = counts.get(fp, 0) + 1
+    counts = Counter(fp for fp in fingerprints.values() if fp)
     if not counts:
         return ""
     return min(counts, key=lambda fp: (-counts[fp], fp))
@@ -261,11 +259,7 @@ def heals(fingerprints: list[str], weights: list[bool], stage: int) -> bool:
     the majority's state. Every member evaluates this on the same gathered metadata."""
     if stage == 2 and any(weights):
         return True
-    counts: dict[str, int] = {}
-    for fp in fingerprints:
-        if fp:
-            counts[fp] = counts.get(fp, 0) + 1
-    return sum(1 for n in counts.values() if n >= 2) >= 2
+    return sum(1 for n in Counter(fp for fp in fingerprints if fp).values() if n >= 2) >= 2
 
 
 def state_verdict(actual: str, round_no: int, server: str, peers: list[dict], trusted: str = "") -> str:

@@ -180,9 +180,8 @@ class HivemindSwarm:
         def closed(now_read) -> bool:  # the swarm averaged this round without us: catch up, never average it again
             return moved_on(now_read, round_no, me, clock.silent()) or server_moved(now_read, joined, round_no)
         if clock is not None and closed(records):
-            log.info("round %d: %s past this round: the swarm averaged it without this peer", round_no,
-                     "the peer this one joined from is" if server_moved(records, joined, round_no) else
-                     "most live peers are")
+            log.info("round %d: most live peers, or the peer this one joined from, are past this round: the swarm "
+                     "averaged it without this peer", round_no)
             return RoundResult(round_no, True, 1, [], weight, 0.0, 0, 0, LEFT)
         if len(chosen.waited) > target:
             # a grid (groups.py): past the one-group regime. Its members are the peers waited for (those one round
@@ -212,12 +211,12 @@ class HivemindSwarm:
                  budget, chosen.eta, leader[-6:] or "per stage")
         self.last_roster = chosen
 
-        def give_up(waiting: tuple[str, ...]) -> str:  # one group: no names; a grid stage: its other members
+        def give_up(waiting: tuple[str, ...]) -> bool:  # one group: no names; a grid stage: its other members
             if clock is None:
-                return ""
+                return False
             if not waiting and closed(clock.cached()):
-                return LEFT
-            return LEFT if clock.left(round_no, waiting or tuple(set(chosen.waited) - {me})) else ""
+                return True
+            return clock.left(round_no, waiting or tuple(set(chosen.waited) - {me}))
 
         def replan():  # grids only: a member whose report we had not seen yet changes the grid
             if clock is None or plan is None:
