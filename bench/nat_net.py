@@ -237,8 +237,10 @@ def start_peer(tb: NatTestbed, i: int, run_dir: Path, name: str, initial: list[s
     run_dir.mkdir(parents=True, exist_ok=True)
     for f in ("peer.json", "metrics.jsonl", "checkpoint.pt"):
         (run_dir / f).unlink(missing_ok=True)
+    # info: a round that failed in CI can only be explained from what each peer believed (roster, leader)
     cmd = [sys.executable, "-m", "photon_p2p.cli", "run", "--config", config, "--run-dir", str(run_dir),
-           "--host-maddrs", f"/ip4/{tb.addr(i)}/tcp/0", "--no-progress", "--set", f"name={name}"]
+           "--host-maddrs", f"/ip4/{tb.addr(i)}/tcp/0", "--no-progress", "--log-level", "info",
+           "--set", f"name={name}"]
     if initial:
         cmd += ["--initial-peers", *initial]
     for o in overrides:
@@ -296,7 +298,8 @@ def run_swarm(tb: NatTestbed, out: Path, *, silos: list[int], volunteers: list[i
     for name, p in peers.items():
         result[name] = {"machine": p["machine"], "addr": p["addr"], "rc": p["proc"].returncode,
                         "started": p["started"], "records": read_records(p["dir"]),
-                        "log_tail": (p["dir"] / "peer.log").read_text(errors="replace")[-3000:]}
+                        "log": (p["dir"] / "peer.log").read_text(errors="replace")}
+        result[name]["log_tail"] = result[name]["log"][-3000:]
     result["_t0"], result["_status"] = t0, status
     return result
 

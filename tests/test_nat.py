@@ -20,6 +20,19 @@ from photon_p2p.federation.records import make_record  # noqa: E402
 from photon_p2p.status_view import _address  # noqa: E402
 
 ROUNDS = 4
+# what each peer believed in a round: enough to explain a failed round from CI's output alone
+_STORY = ("synced", "downloading", "local phase over", "roster", "also waiting", "moved past", "went silent",
+          "did not come", "group of", "without this peer", "solo", "WARNING", "ERROR")
+
+
+def _story(peers: dict, rounds: tuple[int, ...] = (0, 1)) -> str:
+    """Each peer's log lines about the first rounds (peers log at info in the testbed, bench/nat_net.py)."""
+    out = []
+    for name, r in peers.items():
+        lines = [ln for ln in r["log"].splitlines() if any(k in ln for k in _STORY)
+                 and (any(f"round {n}" in ln for n in rounds) or "sync" in ln or "WARN" in ln or "ERR" in ln)]
+        out += [f"--- {name}", *lines[:25]]
+    return "\n".join(out)
 
 
 class _DHT:
@@ -85,8 +98,9 @@ def test_natted_volunteer_averages_every_round_and_ends_on_the_one_model(tmp_pat
     assert [x for x in vol["records"] if x["kind"] == "sync"], "the volunteer did not download the swarm's state"
     rounds = {name: [x for x in r["records"] if x["kind"] == "round"] for name, r in peers.items()}
     for name, rs in rounds.items():
-        assert [x["round"] for x in rs] == list(range(1, ROUNDS + 1)), name
-        assert all(not x["solo"] and x["group_size"] == 3 for x in rs), (name, [(x["solo"], x["reason"]) for x in rs])
+        assert [x["round"] for x in rs] == list(range(1, ROUNDS + 1)), f"{name}\n{_story(peers)}"
+        assert all(not x["solo"] and x["group_size"] == 3 for x in rs), \
+            f"{name}: {[(x['solo'], x['reason']) for x in rs]}\n{_story(peers)}"
         assert all(x["bytes_sent"] > 0 and x["bytes_received"] > 0 for x in rs), name
     # every round, the same fingerprint on all three; the last one bit-identical
     for i in range(ROUNDS):
