@@ -121,8 +121,9 @@ class GlobalState:
             tensors = [t.detach().clone() for t in self.tensors()]
             if not all(bool(torch.isfinite(t).all()) for t in tensors):
                 raise FederationError("refusing to serve a non-finite state")  # hivemind fails that request
-            return {"round": self.round, "n_params": len(self.weights), "fingerprint": self.fingerprint(),
-                    **meta}, tensors
+            # n_tensors: a stream cut short (the server exited mid-download) ends like a whole one in hivemind
+            return {"round": self.round, "n_params": len(self.weights), "n_tensors": len(tensors),
+                    "fingerprint": self.fingerprint(), **meta}, tensors
 
     def mismatch(self, meta: Any, tensors: list[torch.Tensor]) -> str:
         """Why a downloaded state cannot be this peer's ("" if it can): checked before anything is copied, so a

@@ -234,6 +234,13 @@ class ProcessAverager(DecentralizedAverager):
                         parts.append(message.tensor_part)
                     if parts:
                         tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    # hivemind's client ends a stream whose server went away (exit, kill) as if it were whole
+                    # (p2p_daemon: IncompleteReadError -> break): a joiner once took 2 of 16 tensors for a model
+                    # of "a different shape" and stopped. A server that announces its count is held to it.
+                    declared = metadata.get("n_tensors") if isinstance(metadata, dict) else None
+                    if declared is not None and declared != len(tensors):
+                        raise ValueError(f"the stream ended after {len(tensors)} of {declared} tensors (the "
+                                         "server stopped mid-download?)")
                     if isinstance(metadata, dict):
                         metadata["served_by"] = peer.to_base58()  # ours, not the server's word
                         future.set_result((metadata, tensors))
