@@ -239,12 +239,14 @@ def hostile(name: str, argv: list[str]) -> int:
 class AttackSwarm(one_model.Swarm):
     """one_model's swarm: ``honest`` honest silos, then the hostile one (the last index) unless the attack is none."""
 
-    def __init__(self, attack: str, honest: int, out: Path, val_dir: Path, rounds: int, local_steps: int) -> None:
+    def __init__(self, attack: str, honest: int, out: Path, val_dir: Path, rounds: int, local_steps: int,
+                 settings: list[str] = ()) -> None:
         self.attack, self.honest = attack, honest
-        # the product's defaults otherwise (the swarm clock, robust clip, gloo where every member is reachable)
+        # the product's defaults otherwise (the swarm clock, robust clip, gloo where every member is reachable),
+        # unless ``settings`` (--set, every silo) says otherwise
         one_model.SCENARIOS[f"adversary-{attack}"] = {
             "peers": honest + (attack != "none"), "rounds": rounds,
-            "overrides": [f"federation.local_steps={local_steps}", "train.eval_every=0"]}
+            "overrides": [f"federation.local_steps={local_steps}", "train.eval_every=0", *settings]}
         super().__init__(f"adversary-{attack}", "new", REPO, out, val_dir, 0.0)
         self.note = out / "hostile-fingerprints.txt"
         os.environ[NOTE_ENV] = str(self.note)  # before any silo starts: Swarm.start copies the environment
@@ -278,12 +280,14 @@ def summarize(sw: AttackSwarm, args: argparse.Namespace, wall_s: float) -> dict[
                    "traceback": "Traceback" in log}
         if not hostile["ran"]:
             raise one_model.BenchError(f"the hostile silo never ran its attack (see {sw.out}/peer-{sw.honest}/peer.log)")
-    baselines = [json.loads(p.read_text())["honest_val_ppl"] for p in sorted(RESULTS.glob("none*.json"))]
-    baselines = [b for b in baselines if b]
+    # the attacker-free runs with the same --set settings (another aggregation trains another baseline)
+    stored = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("none*.json"))]
+    baselines = [b["honest_val_ppl"] for b in stored
+                 if b["honest_val_ppl"] and b.get("settings", []) == list(args.set)]
     base = statistics.mean(baselines) if baselines else None
     honest_ppl = statistics.mean(ppl) if ppl else None
     return {
-        "attack": args.attack, "honest_silos": sw.honest, "rounds": args.rounds, "local_steps": args.local_steps,
+        "attack": args.attack, "settings": list(args.set), "honest_silos": sw.honest, "rounds": args.rounds, "local_steps": args.local_steps,
         "honest_val_ppl": honest_ppl, "baseline_val_ppl": base,
         "baseline_runs": baselines, "baseline_spread": (max(baselines) / min(baselines) - 1) if baselines else None,
         "ppl_vs_baseline": (honest_ppl / base - 1) if honest_ppl and base else None,
@@ -298,12 +302,12 @@ def summarize(sw: AttackSwarm, args: argparse.Namespace, wall_s: float) -> dict[
 
 
 def table() -> str:
-    rows = ["| attack | honest crashes | adopted attacker's model | honest val ppl | vs baseline | participation | "
-            "models at end | commit | raw |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| attack | settings | honest crashes | adopted attacker's model | honest val ppl | vs baseline | participation | "
+            "models at end | commit | raw |", "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("*.json")):
         r = json.loads(path.read_text())
         vs = r.get("ppl_vs_baseline")
-        rows.append(f"| {r['attack']} | {r['honest_crashes']} | {'yes' if r['adopted_attacker_fingerprint'] else 'no'} "
+        rows.append(f"| {r['attack']} | {' '.join(r.get('settings', [])) or 'defaults'} | {r['honest_crashes']} | {'yes' if r['adopted_attacker_fingerprint'] else 'no'} "
                     f"| {one_model._f(r['honest_val_ppl'])} | {'-' if vs is None else f'{vs:+.1%}'} | "
                     f"{one_model._f(r['participation'], '{:.3f}')} | {r['end_models']} | {r.get('commit', '?')} | "
                     f"{path.relative_to(REPO)} |")
@@ -321,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", type=int, default=3, help="honest silos (the hostile one comes on top)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--local-steps", type=int, default=16)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every silo, e.g. federation.robust_aggregation=centered_clip; "
+                         "compared against attacker-free runs with the same settings")
     ap.add_argument("--tag", default="", help="stored as ATTACK-TAG.json (repeated runs)")
     ap.add_argument("--cap", type=float, default=420.0, help="wall-clock cap (seconds)")
     ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"), help="validation text")
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         shutil.rmtree(out)  # daemons resume from checkpoints: start clean
     val_dir = one_model.prepare_val(Path(args.corpus), REPO / "runs" / "adversary" / "val")
-    sw = AttackSwarm(args.attack, args.peers, out, val_dir, args.rounds, args.local_steps)
+    sw = AttackSwarm(args.attack, args.peers, out, val_dir, args.rounds, args.local_steps, args.set)
     t0 = time.monotonic()
     sw.run(args.cap)
     result = summarize(sw, args, time.monotonic() - t0)

@@ -160,6 +160,14 @@ def _peer_main(spec: dict[str, Any]) -> None:
         admission = SwarmAdmission(dht, owner, Path(spec["token"]).read_text(), str(dht.peer_id),
                                    net.request_timeout, 90.0)
         admission.refresh()
+    if spec.get("break_gloo"):  # a member that fails every gloo all-reduce it is in (bulk.BulkBackoff)
+        from photon_p2p.federation.hivemind_ext import averager as process_averager
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            with open(spec["break_gloo"], "a") as f:  # one line per gloo all-reduce its group tried
+                f.write("gloo\n")
+            raise RuntimeError("this member breaks every gloo all-reduce")
+        process_averager.allreduce_mean = process_averager.robust_mean = broken
     # "global_seed": this peer's global weights, shared with its averager so a split group can heal
     globals_ = make_tensors(shapes, spec["global_seed"]) if "global_seed" in spec else None
     for name, fed in spec.get("averagers", {"main": {}}).items():

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from photon_p2p.federation.averaging import _back_to_back
-from photon_p2p.federation.bulk import BulkEndpoint, BulkGroups, allreduce_mean, direct_ip, flat_view
+from photon_p2p.federation.bulk import BulkBackoff, BulkEndpoint, BulkGroups, allreduce_mean, direct_ip, flat_view
 
 SHAPES = [(300, 70), (1234,), (3,)]
 
@@ -211,3 +211,16 @@ def test_each_members_weight_is_what_it_sent_and_a_negative_one_fails_the_round_
     for got, verdict in results:
         assert got.tolist() == weights
         assert verdict == "member 2 declared the weight -4.0"
+
+
+def test_a_member_stays_off_gloo_for_1_2_4_rounds_after_failures_and_starts_again_after_a_success():
+    b = BulkBackoff()
+    assert b.allows(0)
+    assert b.failed(3) == 1 and not b.allows(3) and not b.allows(4) and b.allows(5)  # this round, the next
+    assert b.failed(5) == 2 and [b.allows(r) for r in (6, 7, 8)] == [False, False, True]
+    assert b.failed(8) == 4 and not b.allows(12) and b.allows(13)
+    for _ in range(20):
+        b.failed(13)
+    assert b.off_until == 13 + 1 + BulkBackoff.MAX_OFF  # bounded: gloo is tried again within 64 rounds
+    b.succeeded()
+    assert b.failed(100) == 1

@@ -155,6 +155,31 @@ def test_a_state_far_larger_than_the_model_is_refused_mid_download(spawn, tmp_pa
     assert joiner.expect("state", within(30))["meta"] is None
 
 
+@pytest.mark.timeout(120)
+def test_a_member_that_breaks_gloo_sends_its_group_to_hivemind_for_the_next_rounds(spawn, tmp_path):
+    # issue 24 (bench/adversary.py --attack gloo-weights): one member that fails every gloo collective made every
+    # round of its group fail at the deadline; the members now back off gloo after a failure (bulk.BulkBackoff)
+    fed = {"compression": "none", "target_group_size": 3, "min_group_size": 3, "allreduce_timeout": within(4.0),
+           "round_deadline": within(8.0)}
+    first = spawn({"shapes": SHAPES, "averagers": {"main": fed}})
+    maddrs = first.expect("ready", within(60))["maddrs"]
+    tried_gloo = tmp_path / "gloo-tries.txt"
+    peers = [first] + [spawn({"shapes": SHAPES, "averagers": {"main": fed}, "initial_peers": maddrs[:1],
+                              **({"break_gloo": str(tried_gloo)} if i == 1 else {})}) for i in range(2)]
+    for p in peers[1:]:
+        p.expect("ready", within(60))
+    (tmp_path / "r").mkdir()
+    tried = run_round(peers, "main", [1, 1, 1], [1.0] * 3, [1, 2, 3], tmp_path / "r", timeout=within(40))[0]
+    assert all(r["transport"] != "gloo" for r in tried), tried  # nobody averaged over gloo in round 1
+    results, after = run_round(peers, "main", [2, 2, 2], [1.0] * 3, [4, 5, 6], tmp_path / "r", timeout=within(40))
+    for res in results:
+        assert not res["solo"] and res["group_size"] == 3 and res["transport"] == "hivemind", res
+    for tensors in after[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(tensors, after[0]))
+    # round 1's first attempt was the only gloo one: its retry and round 2 went straight to hivemind
+    assert tried_gloo.read_text().split() == ["gloo"]
+
+
 @pytest.mark.timeout(90)
 def test_a_state_cut_short_is_refused_not_taken_for_another_model(spawn, tmp_path):
     # hivemind ends a download whose server exited mid-stream as if it were whole: a joiner of the test suite

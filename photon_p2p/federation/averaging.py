@@ -27,7 +27,7 @@ from hivemind.utils import get_dht_time
 from photon_p2p.config import FederationConfig, NetworkConfig
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.bulk import GATHER_KEY as BULK_KEY
-from photon_p2p.federation.bulk import BulkEndpoint, direct_ip
+from photon_p2p.federation.bulk import BulkBackoff, BulkEndpoint, direct_ip
 from photon_p2p.federation.compression import ByteCounter, CountingCompression, make_compression
 from photon_p2p.federation.groups import GroupPlan
 from photon_p2p.federation.hivemind_ext.averager import (
@@ -143,6 +143,7 @@ class PseudoGradientAverager:
         # hivemind warns that request_timeout >= matchmaking time can deadlock matchmaking; keep it below.
         request_timeout = min(float(net.request_timeout), fed.matchmaking_time / 2)
         self.bulk = self._bulk_endpoint(dht, fed, net)
+        self.bulk_backoff = BulkBackoff()  # off gloo for a while after a gloo round failed
         self._averager = ProcessAverager(
             self._buffers, dht, start=False, prefix=f"{fed.run_id}_pseudograd",
             target_group_size=fed.target_group_size, min_group_size=fed.min_group_size,
@@ -339,7 +340,8 @@ class PseudoGradientAverager:
         gather = {"round": int(round_no), "stage": stage, "weight": weight, "client": self.client_mode,
                   "fingerprint": fingerprint, "rank": int(rank), "weights": bool(weights),
                   "norm": norm if math.isfinite(norm) else -1.0,
-                  BULK_KEY: self.bulk.address if self.bulk is not None else "", **(extra or {})}
+                  BULK_KEY: self.bulk.address if self.bulk is not None and self.bulk_backoff.allows(round_no) else "",
+                  **(extra or {})}
         bits = group_bits(round_no, stage, index, digest)
         log.debug("round %d: stage %d group %d (key %s) looking for %s peers, weight %.3g", round_no, stage,
                   index, bits, target, weight)
@@ -386,6 +388,8 @@ class PseudoGradientAverager:
         # advertises the next one. One that missed it keeps the old weights under a newer round number, and
         # joiners that preferred it were refused (its fingerprint differs from the swarm's) or left behind.
         self.share_state(priority=round_no + 1)
+        if report.get("transport") == "gloo":
+            self.bulk_backoff.succeeded()
         return result(False, reason, gathered, partial=fraction, failed_peers=failed,
                       healed=bool(report.get("healed")), fingerprints=fingerprints, clipped=clipped,
                       rejected=rejected, transport=str(report.get("transport", "hivemind")))
@@ -475,6 +479,11 @@ class PseudoGradientAverager:
             except (Exception, asyncio.CancelledError) as e:
                 reason = "no group found" if "could not find a group" in str(e) else describe(e)
                 log.info("round %d: averaging attempt failed (%s)", round_no, reason)
+                if self.clock.read()["bulk_failed"]:
+                    off = self.bulk_backoff.failed(round_no)
+                    gather[BULK_KEY] = ""  # a retry within this round takes hivemind's all-reduce too
+                    log.warning("round %d: the group's gloo all-reduce failed (%s); this peer takes hivemind's "
+                                "all-reduce for the next %d round(s)", round_no, reason, off)
                 if stop and stop.is_set():
                     return None, "stopped"
                 why = regroup()

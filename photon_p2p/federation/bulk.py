@@ -55,6 +55,34 @@ def direct_ip(maddrs: Sequence[str]) -> str | None:
     return (public or found or [None])[0]
 
 
+class BulkBackoff:
+    """Whether this member advertises its bulk endpoint in a round: not for 1, 2, 4 ... MAX_OFF rounds after a
+    gloo round of its group failed. A gloo collective has no isolation between members: one that calls another
+    collective (or none) fails the whole group at the deadline, round after round (bench/adversary.py --attack
+    gloo-weights: nothing averaged in 8 rounds). A group takes gloo only if EVERY member advertises an endpoint,
+    so one honest member backing off sends its whole group to hivemind's all-reduce, where a member that
+    misbehaves loses only its own part. Doubling: a member that breaks every gloo round costs O(log rounds)
+    rounds; a gloo round that succeeds (that member was not in it) starts the count again."""
+
+    MAX_OFF = 64
+
+    def __init__(self) -> None:
+        self.off_until, self.failures = -1, 0
+
+    def allows(self, round_no: int) -> bool:
+        return round_no >= self.off_until
+
+    def failed(self, round_no: int) -> int:
+        """A gloo round of ours failed at ``round_no``: how many rounds this member now stays off gloo."""
+        self.failures += 1
+        off = min(2 ** (self.failures - 1), self.MAX_OFF)
+        self.off_until = round_no + 1 + off
+        return off
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+
 class BulkEndpoint:
     """This peer's rendezvous store for groups it leads (a TCPStore server; gloo pairs use their own ports)."""
 

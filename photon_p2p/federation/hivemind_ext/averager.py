@@ -75,7 +75,7 @@ HIVEMIND_DEFAULTS = AveragerTuning(part_size_bytes=2**19, averager_threads=None,
 class PhaseClock:
     """Wall-clock stamps (time.time) that the averager process writes and the caller reads; shared memory."""
 
-    NAMES = ("step_received", "group_assembled", "allreduce_done")
+    NAMES = ("step_received", "group_assembled", "allreduce_done", "bulk_failed")
 
     def __init__(self) -> None:
         self._stamps = mp.Array(ctypes.c_double, len(self.NAMES), lock=False)
@@ -280,6 +280,20 @@ class ProcessAverager(DecentralizedAverager):
                         and not mm.designated_elsewhere() and len(mm.current_followers) + 1 >= size:
                     await mm.leader_assemble_group()
 
+    async def _shutdown(self, timeout: Optional[float]) -> None:
+        """hivemind's, but it finalizes only the groups whose all-reduce runner exists: hivemind calls finalize()
+        on each registered group's future, and a group on the gloo path (no runner) or one still waiting for its
+        runner put an AttributeError traceback at the end of every honest peer's log."""
+        if not self.client_mode:
+            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        remaining = set()
+        for future in list(self._running_groups.values()):
+            if future.done() and not future.cancelled() and future.exception() is None:
+                remaining.update(future.result().finalize(cancel=True))
+            else:
+                future.cancel()
+        await asyncio.wait_for(asyncio.gather(*remaining), timeout)
+
     # The stamps wrap hivemind's internal coroutines and pass every argument through unchanged.
     async def _step(self, *args, **kwargs):
         self._clock.stamp("step_received")
@@ -379,34 +393,42 @@ class ProcessAverager(DecentralizedAverager):
         the senders' claim budgets), and checks every reducer's slice (robust.ReducerCheck), as on hivemind."""
         peers = [str(p) for p in group_info.peer_ids]
         rank, endpoints, key = peers.index(str(self.peer_id)), list(self._bulk_endpoints), group_id.hex()
-        loop = asyncio.get_event_loop()
         if self._bulk_groups is None:  # in the averager process (after the fork): gloo groups live here
             self._bulk_groups = BulkGroups(self._bulk_timeout, threads=self._threads or 1,
                                            rendezvous=self.next_chunk_timeout)
-        robust = self._round_robust
-        if robust.mode == "none":
-            traffic = await loop.run_in_executor(None, lambda: allreduce_mean(
-                tensors, weight, rank, endpoints, key, self._bulk_groups))
-        else:
-            order = sorted(range(len(peers)), key=lambda i: self._ranks[i])
-            claims = getattr(self, "_claims", None)
-            budget = ClaimBudget(claims) if claims is not None else None
-            check = ReducerCheck(claims) if claims is not None else None
-
-            def reduce(parts, weights, order):
-                spent: dict[int, float] = {}
-                averaged, factors = reduce_part(parts, weights, order, robust,
-                                                budget.caps() if budget is not None else None, spent)
-                if budget is not None:
-                    budget.spend(spent)
-                return averaged, factors
-
-            part_numel = max(1, int(self.allreduce_kwargs.get("part_size_bytes", 2 ** 21)) // 4)
-            traffic = await loop.run_in_executor(None, lambda: robust_mean(
-                tensors, weight, rank, endpoints, key, self._bulk_groups, reduce, part_numel, order,
-                check=check.accept if check is not None else None))
-            self._report["clipped"] = {peers[i]: f for i, f in traffic.factors.items()}
-            self._report["rejected"] = sorted(peers[i] for i in traffic.rejected)
+        try:
+            traffic = await self._bulk_traffic(tensors, weight, rank, peers, endpoints, key)
+        except BaseException:
+            self._clock.stamp("bulk_failed")  # the caller stops advertising its endpoint for a while (BulkBackoff)
+            raise
         self._counter.add_sent(traffic.sent)
         self._counter.add_received(traffic.received)
         self._report["transport"] = "gloo"
+
+    async def _bulk_traffic(self, tensors, weight: float, rank: int, peers: list[str], endpoints: list[str],
+                            key: str):
+        """The gloo all-reduce itself (plain or robust); its bulk.Traffic."""
+        loop, robust = asyncio.get_event_loop(), self._round_robust
+        if robust.mode == "none":
+            return await loop.run_in_executor(None, lambda: allreduce_mean(
+                tensors, weight, rank, endpoints, key, self._bulk_groups))
+        order = sorted(range(len(peers)), key=lambda i: self._ranks[i])
+        claims = getattr(self, "_claims", None)
+        budget = ClaimBudget(claims) if claims is not None else None
+        check = ReducerCheck(claims) if claims is not None else None
+
+        def reduce(parts, weights, order):
+            spent: dict[int, float] = {}
+            averaged, factors = reduce_part(parts, weights, order, robust,
+                                            budget.caps() if budget is not None else None, spent)
+            if budget is not None:
+                budget.spend(spent)
+            return averaged, factors
+
+        part_numel = max(1, int(self.allreduce_kwargs.get("part_size_bytes", 2 ** 21)) // 4)
+        traffic = await loop.run_in_executor(None, lambda: robust_mean(
+            tensors, weight, rank, endpoints, key, self._bulk_groups, reduce, part_numel, order,
+            check=check.accept if check is not None else None))
+        self._report["clipped"] = {peers[i]: f for i, f in traffic.factors.items()}
+        self._report["rejected"] = sorted(peers[i] for i in traffic.rejected)
+        return traffic
