@@ -256,14 +256,23 @@ def cmd_peer_id(args: argparse.Namespace) -> int:
 
 
 def cmd_admit(args: argparse.Namespace) -> int:
+    from photon_p2p.config import check_value
     from photon_p2p.credentials import check_peer_id, load_owner_private, make_token, parse_duration, verify
 
     valid_for = parse_duration(args.expires)
     check_peer_id(args.peer_id)
-    key = load_owner_private(args.key)
-    token = make_token(key, args.peer_id, valid_for)
-    grant = verify(token, key.public_key())
     from photon_p2p.credentials import CredentialError
+
+    if bool(args.run_id) == bool(args.any_run):
+        # a token to every run the key closes is a conscious choice: one owner key often closes several runs
+        raise CredentialError("name the run this peer may join with --run-id RUN (repeat it for several), or pass "
+                              "--any-run for every run this owner key closes" if not args.run_id else
+                              "--run-id and --any-run exclude each other")
+    for run in args.run_id or []:
+        check_value("federation.run_id", run, "--run-id")
+    key = load_owner_private(args.key)
+    token = make_token(key, args.peer_id, valid_for, runs=args.run_id or ())
+    grant = verify(token, key.public_key())
     from photon_p2p.paths import output_file
 
     # -o pointed at the owner key or an identity by a slip would otherwise lose it for good
@@ -278,8 +287,10 @@ def cmd_admit(args: argparse.Namespace) -> int:
         raise CredentialError(f"cannot write {out}: {e.strerror or e}") from None
     import time
 
-    print(f"admitted {grant.peer_id} until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(grant.until))}: "
-          f"wrote {out} (the peer runs with --token {out})")
+    runs = f"run(s) {', '.join(grant.runs)}" if grant.runs else "every run of this owner key"
+    print(f"admitted {grant.peer_id} to {runs} until "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(grant.until))}: wrote {out} (the peer runs with "
+          f"--token {out})")
     return 0
 
 
@@ -398,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("admit", help="sign an admission token for a peer id with the swarm owner key")
     p.add_argument("--peer-id", required=True)
     p.add_argument("--key", required=True, metavar="FILE", help="the owner's private key (photon-peer swarm-key)")
+    p.add_argument("--run-id", action="append", metavar="RUN",
+                   help="the run this token admits the peer to (repeat for several)")
+    p.add_argument("--any-run", action="store_true", help="admit the peer to every run this owner key closes")
     p.add_argument("--expires", default="30d", help="validity: e.g. 12h, 7d, 2w (default 30d)")
     p.add_argument("--out", "-o", required=True, metavar="FILE", help="where to write the token (a new file)")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists (e.g. renewing a token)")

@@ -499,8 +499,9 @@ def _validate_admission(f: FederationConfig, net: NetworkConfig) -> None:
                               f"peer-id --identity {net.identity_path}` and ask the owner to admit that peer id")
         if not f.admission_token:
             raise ConfigError("a closed swarm needs federation.admission_token / --token: the owner makes one with "
-                              f"`photon-peer admit --peer-id {peer_id_of_identity(net.identity_path)}`")
-        check_token(f.admission_token, public, peer_id_of_identity(net.identity_path))
+                              f"`photon-peer admit --peer-id {peer_id_of_identity(net.identity_path)} "
+                              f"--run-id {f.run_id}`")
+        check_token(f.admission_token, public, peer_id_of_identity(net.identity_path), run_id=f.run_id)
     except CredentialError as e:
         raise ConfigError(str(e)) from None
 

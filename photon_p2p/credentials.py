@@ -3,10 +3,11 @@
 Pure crypto and files (no hivemind), so that config validation can check a token before anything starts.
 Text formats (one line each, safe to paste into a chat or a DHT value):
 
-    photon-admit-v1.<base64url JSON {peer_id, issued, expires, owner}>.<base64url Ed25519 signature>
+    photon-admit-v1.<base64url JSON {peer_id, issued, expires, owner[, runs]}>.<base64url Ed25519 signature>
     photon-revoke-v1.<base64url JSON {peer_id, issued, until, owner}>.<base64url Ed25519 signature>
 
 The signature covers the prefix and the payload, so a token cannot be replayed as a revocation or vice versa.
+A token names the run ids it admits to (``runs``; absent: every run the owner key closes, `admit --any-run`).
 A revocation cancels every token of that peer id *issued* before it; the owner can admit the peer again later
 with a new token. Ed25519 rather than RSA: 64-byte signatures keep tokens short enough to ride in every
 heartbeat record, and verifying one costs microseconds.
@@ -22,6 +23,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -49,9 +51,14 @@ class Grant:
     until: float
     owner: str  # the owner key's fingerprint
     text: str
+    runs: tuple[str, ...] = ()  # a token: the run ids it admits to; () = every run of this owner (--any-run)
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.until
+
+    def admits_run(self, run_id: str | None) -> bool:
+        """Whether this token admits its peer to ``run_id`` (None: no run to check, as `photon-peer status`)."""
+        return not self.runs or run_id is None or run_id in self.runs
 
 
 def parse_duration(text: str) -> float:
@@ -169,12 +176,17 @@ def _sign(prefix: str, key: Ed25519PrivateKey, payload: dict) -> str:
     return f"{prefix}.{body}.{_b64(signature)}"
 
 
-def make_token(key: Ed25519PrivateKey, peer_id: str, valid_for: float, now: float | None = None) -> str:
-    """An admission token for ``peer_id`` (a libp2p peer id), valid for ``valid_for`` seconds from ``now``."""
+def make_token(key: Ed25519PrivateKey, peer_id: str, valid_for: float, now: float | None = None,
+               runs: Sequence[str] = ()) -> str:
+    """An admission token for ``peer_id`` (a libp2p peer id) to the runs ``runs`` (empty: every run this owner
+    key closes), valid for ``valid_for`` seconds from ``now``."""
     now = time.time() if now is None else now
     check_peer_id(peer_id)
-    return _sign(TOKEN_PREFIX, key, {"peer_id": peer_id, "issued": round(now, 3), "expires": round(now + valid_for, 3),
-                                     "owner": fingerprint(key.public_key())})
+    payload = {"peer_id": peer_id, "issued": round(now, 3), "expires": round(now + valid_for, 3),
+               "owner": fingerprint(key.public_key())}
+    if runs:
+        payload["runs"] = sorted({str(r) for r in runs})
+    return _sign(TOKEN_PREFIX, key, payload)
 
 
 def make_revocation(key: Ed25519PrivateKey, peer_id: str, valid_for: float, now: float | None = None) -> str:
@@ -212,10 +224,14 @@ def verify(text: object, public: Ed25519PublicKey, kind: str = "admit") -> Grant
         raise CredentialError(f"signature does not verify with owner key {fingerprint(public)}"
                               + (f" (it was signed by owner key {owner})" if isinstance(owner, str) else "")) from None
     until = payload.get("expires" if kind == "admit" else "until")
+    runs = payload.get("runs", [])
     if not (isinstance(payload.get("peer_id"), str) and isinstance(payload.get("issued"), (int, float))
             and isinstance(until, (int, float))):
         raise CredentialError("the token's payload is incomplete")
-    return Grant(kind, payload["peer_id"], float(payload["issued"]), float(until), fingerprint(public), text)
+    if not (isinstance(runs, list) and all(isinstance(r, str) and r for r in runs)):
+        raise CredentialError("the token's run ids are not a list of names")
+    return Grant(kind, payload["peer_id"], float(payload["issued"]), float(until), fingerprint(public), text,
+                 tuple(runs))
 
 
 def claimed_owner(text: object) -> str:
@@ -232,8 +248,10 @@ def revokes(revocation: Grant, token: Grant) -> bool:
     return revocation.peer_id == token.peer_id and token.issued <= revocation.issued
 
 
-def check_token(token_path: str | Path, public: Ed25519PublicKey, peer_id: str, now: float | None = None) -> Grant:
-    """This peer's own token, as config validation checks it: readable, signed by the owner, ours, unexpired."""
+def check_token(token_path: str | Path, public: Ed25519PublicKey, peer_id: str, now: float | None = None,
+                run_id: str | None = None) -> Grant:
+    """This peer's own token, as config validation checks it: readable, signed by the owner, ours, for ``run_id``,
+    unexpired."""
     try:
         grant = verify(_read(token_path, "admission token").decode(errors="replace"), public)
     except CredentialError as e:
@@ -243,6 +261,9 @@ def check_token(token_path: str | Path, public: Ed25519PublicKey, peer_id: str, 
     if grant.peer_id != peer_id:
         raise CredentialError(f"admission token {token_path} is for peer {grant.peer_id}, but this peer's identity "
                               f"is {peer_id}: ask the owner for a token for {peer_id}")
+    if not grant.admits_run(run_id):
+        raise CredentialError(f"admission token {token_path} admits run(s) {', '.join(grant.runs)}, not '{run_id}': "
+                              f"ask the owner for one with `photon-peer admit --run-id {run_id}`")
     if grant.expired(now):
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(grant.until))
         raise CredentialError(f"admission token {token_path} expired at {when}: ask the swarm owner for a new one")

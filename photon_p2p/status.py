@@ -84,8 +84,10 @@ def _clipping(rows: list[dict]) -> dict[str, dict[str, Any]]:
     for s in seen.values():
         s["reporters"].sort()
     return seen
-def _admission(rows: list[dict], dht: Any, owner_public: Optional[bytes], timeout: float) -> tuple[list, dict]:
-    """Closed swarm (``owner_public``): only rows of admitted peers, and what status says about admission."""
+def _admission(rows: list[dict], dht: Any, owner_public: Optional[bytes], timeout: float,
+               run_id: Optional[str] = None) -> tuple[list, dict]:
+    """Closed swarm (``owner_public``): only rows of peers admitted to ``run_id``, and what status says about
+    admission."""
     from photon_p2p.credentials import claimed_owner
 
     if owner_public is None:
@@ -93,7 +95,7 @@ def _admission(rows: list[dict], dht: Any, owner_public: Optional[bytes], timeou
         return rows, {"closed": False, "claimed_owners": claimed}
     from photon_p2p.federation.admission import read_view
 
-    view = read_view(dht, owner_public, timeout)
+    view = read_view(dht, owner_public, timeout, run_id)
     for r in rows:  # a record carries its peer's token: a peer whose token store was slow still counts
         view.add_token(r.get("admission", ""))
     kept = [r for r in rows if r["verified"] and view.allows(r["peer_id"])]
@@ -118,7 +120,7 @@ def collect_status(dht: Any, run_id: str, timeout: float, stale_after: Optional[
     except concurrent.futures.TimeoutError:
         raise FederationError(f"the swarm did not answer a DHT lookup within {timeout:g}s") from None
     try:
-        rows, admission = _admission(rows, dht, owner_public, timeout)
+        rows, admission = _admission(rows, dht, owner_public, timeout, run_id)
     except concurrent.futures.TimeoutError:
         raise FederationError(f"the swarm did not answer a DHT lookup within {timeout:g}s") from None
     for r in rows:

@@ -166,6 +166,7 @@ def _peer_main(spec: dict[str, Any]) -> None:
         def broken(*args: Any, **kwargs: Any) -> Any:
             with open(spec["break_gloo"], "a") as f:  # one line per gloo all-reduce its group tried
                 f.write("gloo\n")
+            time.sleep(spec.get("break_gloo_hang", 0.0))  # hung in the collective, past the round's deadline
             raise RuntimeError("this member breaks every gloo all-reduce")
         process_averager.allreduce_mean = process_averager.robust_mean = broken
     # "global_seed": this peer's global weights, shared with its averager so a split group can heal

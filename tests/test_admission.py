@@ -13,7 +13,9 @@ from hivemind.utils import MSGPackSerializer, ValueWithExpiration
 from hivemind.utils.crypto import RSAPrivateKey
 
 from photon_p2p.credentials import (
+    TOKEN_PREFIX,
     CredentialError,
+    _sign,
     check_token,
     create_identity,
     create_owner_key,
@@ -160,7 +162,24 @@ def test_validator_tokens_revocations_and_heartbeats(owner):
     assert not validator.validate(_record("run_heartbeat", subkey, {"peer_id": peer}, time.time() + 60))  # none
     assert not validator.validate(_record("run_heartbeat", subkey, {"admission": token}, time.time() + 60))  # not its
     assert validator.validate(_record("other-run_heartbeat", subkey, {"peer_id": peer}, time.time() + 60))
+    # issue 24, item 15: a token to another run signs no heartbeat of this one
+    other_run = {"peer_id": peer, "admission": make_token(owner, peer, 600, runs=["other-run"])}
+    assert not validator.validate(_record("run_heartbeat", subkey, other_run, time.time() + 60))
+    both = {"peer_id": peer, "admission": make_token(owner, peer, 600, runs=["other-run", "run"])}
+    assert validator.validate(_record("run_heartbeat", subkey, both, time.time() + 60))
     assert validator.merge_with(AdmissionValidator(pub, "run")) and not validator.merge_with(signer)
+
+
+def test_a_token_admits_only_to_the_runs_it_names(owner):
+    # issue 24, item 15: one owner key closes several runs; a peer admitted to one is not admitted to the others
+    pub = public_bytes(owner.public_key())
+    tokens = entries(**{PEER: make_token(owner, PEER, 600, runs=["run-a"]), OTHER: make_token(owner, OTHER, 600)})
+    for run, admitted in (("run-a", [OTHER, PEER]), ("run-b", [OTHER]), (None, [OTHER, PEER])):
+        view = AdmissionView(pub, run)
+        view.update(tokens, {})
+        assert view.admitted() == sorted(admitted), run
+    with pytest.raises(CredentialError, match="run ids"):  # a run list that is not a list of names
+        verify(_sign(TOKEN_PREFIX, owner, {"peer_id": PEER, "issued": 1.0, "expires": 2.0, "runs": "run-a"}), owner.public_key())
 
 
 def test_clock_records_of_outsiders_do_not_count():

@@ -224,3 +224,23 @@ def test_a_member_stays_off_gloo_for_1_2_4_rounds_after_failures_and_starts_agai
     assert b.off_until == 13 + 1 + BulkBackoff.MAX_OFF  # bounded: gloo is tried again within 64 rounds
     b.succeeded()
     assert b.failed(100) == 1
+
+
+@pytest.mark.parametrize("stamps, off", [
+    ((), False),  # a hivemind attempt that failed: gloo stays on
+    (("bulk_started", "allreduce_done"), False),  # a gloo round that finished (its failure, if any, is stamped)
+    (("bulk_started", "bulk_failed", "allreduce_done"), True),  # gloo raised (a member gone, a mismatch)
+    (("group_assembled", "bulk_started"), True),  # still hung in the collective as the round's deadline came
+])
+def test_an_attempt_that_failed_on_gloo_turns_gloo_off_for_the_retry_and_the_next_round(stamps, off):
+    from types import SimpleNamespace
+
+    from photon_p2p.federation.averaging import BULK_KEY, PseudoGradientAverager
+    from photon_p2p.federation.hivemind_ext.averager import PhaseClock
+
+    me = SimpleNamespace(clock=PhaseClock(), bulk_backoff=BulkBackoff())
+    for name in stamps:
+        me.clock.stamp(name)
+    gather = {BULK_KEY: "10.0.0.1:5000"}
+    PseudoGradientAverager._gloo_failed(me, 7, "deadline", gather)
+    assert (gather[BULK_KEY] == "") == off and me.bulk_backoff.allows(8) != off

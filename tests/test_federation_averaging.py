@@ -156,7 +156,8 @@ def test_a_state_far_larger_than_the_model_is_refused_mid_download(spawn, tmp_pa
 
 
 @pytest.mark.timeout(120)
-def test_a_member_that_breaks_gloo_sends_its_group_to_hivemind_for_the_next_rounds(spawn, tmp_path):
+@pytest.mark.parametrize("hang", [0.0, 10.0], ids=["fails", "hangs-past-the-deadline"])
+def test_a_member_that_breaks_gloo_sends_its_group_to_hivemind_for_the_next_rounds(spawn, tmp_path, hang):
     # issue 24 (bench/adversary.py --attack gloo-weights): one member that fails every gloo collective made every
     # round of its group fail at the deadline; the members now back off gloo after a failure (bulk.BulkBackoff)
     fed = {"compression": "none", "target_group_size": 3, "min_group_size": 3, "allreduce_timeout": within(4.0),
@@ -165,7 +166,8 @@ def test_a_member_that_breaks_gloo_sends_its_group_to_hivemind_for_the_next_roun
     maddrs = first.expect("ready", within(60))["maddrs"]
     tried_gloo = tmp_path / "gloo-tries.txt"
     peers = [first] + [spawn({"shapes": SHAPES, "averagers": {"main": fed}, "initial_peers": maddrs[:1],
-                              **({"break_gloo": str(tried_gloo)} if i == 1 else {})}) for i in range(2)]
+                              **({"break_gloo": str(tried_gloo), "break_gloo_hang": hang} if i == 1 else {})})
+                       for i in range(2)]
     for p in peers[1:]:
         p.expect("ready", within(60))
     (tmp_path / "r").mkdir()

@@ -63,8 +63,8 @@ def _peer_of_subkey(subkey: Any) -> str:
 class AdmissionView:
     """The admitted set as of the last read: tokens (verified) and revocations (verified), cached with a time."""
 
-    def __init__(self, owner_public: bytes) -> None:
-        self.owner_public = owner_public
+    def __init__(self, owner_public: bytes, run_id: Optional[str] = None) -> None:
+        self.owner_public, self.run_id = owner_public, run_id  # run_id: only tokens to this run admit (None: any)
         self._public = public_from_bytes(owner_public)
         self.fingerprint = fingerprint(self._public)
         self.tokens: dict[str, Grant] = {}
@@ -108,7 +108,8 @@ class AdmissionView:
 
     def allows(self, peer_id: str, now: Optional[float] = None) -> bool:
         token = self.tokens.get(str(peer_id))
-        return token is not None and not token.expired(now) and self.revoked(str(peer_id)) is None
+        return token is not None and not token.expired(now) and token.admits_run(self.run_id) and \
+            self.revoked(str(peer_id)) is None
 
     def admitted(self) -> list[str]:
         return sorted(p for p in self.tokens if self.allows(p))
@@ -124,6 +125,7 @@ class AdmissionValidator(RecordValidatorBase):
         self._admitted = DHTID.generate(source=admitted_key(fp)).to_bytes()
         self._revoked = DHTID.generate(source=revoked_key(fp)).to_bytes()
         self._heartbeat = DHTID.generate(source=heartbeat_key(run_id)).to_bytes() if run_id else None
+        self._run_id = run_id
         self._public = None
 
     def __getstate__(self) -> dict:  # sent to the DHT process: keys as bytes only
@@ -143,7 +145,8 @@ class AdmissionValidator(RecordValidatorBase):
             if record.key == self._heartbeat:
                 text = value.get("admission", "") if isinstance(value, dict) else ""
                 grant = verify(text, self._key(), "admit")
-                return grant.peer_id == peer_id_of_owner(subkey) and record.expiration_time <= grant.until + 1.0
+                return grant.peer_id == peer_id_of_owner(subkey) and grant.admits_run(self._run_id) and \
+                    record.expiration_time <= grant.until + 1.0
             kind = "admit" if record.key == self._admitted else "revoke"
             grant = verify(value, self._key(), kind)
             # Neither a token nor a revocation may outlive its own expiry in the DHT: the DHT keeps the entry that
@@ -162,13 +165,13 @@ class SwarmAdmission:
     """This peer's side of a closed swarm, in the daemon's process: publish its token, read the admitted set."""
 
     def __init__(self, dht: DHT, owner_public: bytes, token: str, peer_id: str, timeout: float,
-                 record_ttl: float) -> None:
+                 record_ttl: float, run_id: Optional[str] = None) -> None:
         self.dht, self.peer_id, self.timeout, self.ttl = dht, peer_id, float(timeout), float(record_ttl)
-        self.view = AdmissionView(owner_public)
+        self.view = AdmissionView(owner_public, run_id)
         self.token = token.strip()
         grant = self.view.add_token(self.token)
-        if grant is None or grant.peer_id != peer_id:
-            raise FederationError("this peer's admission token is not valid for its peer id and owner key")
+        if grant is None or grant.peer_id != peer_id or not grant.admits_run(run_id):
+            raise FederationError("this peer's admission token is not valid for its peer id, run and owner key")
         self.grant = grant
         self._republished = -math.inf
 
@@ -283,9 +286,10 @@ def revoke_via(net: Any, owner_key: Any, peer_id: str, valid_for: float) -> tupl
         stop_dht(dht)
 
 
-def read_view(dht: DHT, owner_public: bytes, timeout: float) -> AdmissionView:
-    """The admitted set as a reader (status) sees it; raises concurrent.futures.TimeoutError past ``timeout``."""
-    view = AdmissionView(owner_public)
+def read_view(dht: DHT, owner_public: bytes, timeout: float, run_id: Optional[str] = None) -> AdmissionView:
+    """The admitted set (to ``run_id``, or to any run) as a reader (status) sees it; raises
+    concurrent.futures.TimeoutError past ``timeout``."""
+    view = AdmissionView(owner_public, run_id)
     fp = view.fingerprint
     futures = [dht.get(key, latest=True, return_future=True) for key in (admitted_key(fp), revoked_key(fp))]
     try:

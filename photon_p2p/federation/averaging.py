@@ -158,7 +158,7 @@ class PseudoGradientAverager:
             counter=self.counter, clock=self.clock, threads=tuning.averager_threads,
             global_tensors=[g.share_memory_() for g in global_tensors] if global_tensors is not None else None,
             robust=RobustSettings(fed.robust_aggregation, fed.clip_multiplier, fed.clip_iterations),
-            owner_public=owner_public, bulk_timeout=fed.allreduce_timeout if self.bulk is not None else 0.0)
+            owner_public=owner_public, run_id=fed.run_id, bulk_timeout=fed.allreduce_timeout if self.bulk is not None else 0.0)
         self._start(float(net.bootstrap_timeout))
         self._closed = False
 
@@ -467,6 +467,7 @@ class PseudoGradientAverager:
                 raise
             if not control.done():
                 control.cancel()
+                self._gloo_failed(round_no, "the round's deadline came first", gather)
                 return None, "stopped" if stop and stop.is_set() else "deadline"
             try:
                 gathered = control.result(timeout=0)
@@ -479,16 +480,24 @@ class PseudoGradientAverager:
             except (Exception, asyncio.CancelledError) as e:
                 reason = "no group found" if "could not find a group" in str(e) else describe(e)
                 log.info("round %d: averaging attempt failed (%s)", round_no, reason)
-                if self.clock.read()["bulk_failed"]:
-                    off = self.bulk_backoff.failed(round_no)
-                    gather[BULK_KEY] = ""  # a retry within this round takes hivemind's all-reduce too
-                    log.warning("round %d: the group's gloo all-reduce failed (%s); this peer takes hivemind's "
-                                "all-reduce for the next %d round(s)", round_no, reason, off)
+                self._gloo_failed(round_no, reason, gather)
                 if stop and stop.is_set():
                     return None, "stopped"
                 why = regroup()
                 if why:
                     return None, why
+
+    def _gloo_failed(self, round_no: int, reason: str, gather: dict) -> None:
+        """After an attempt that failed or ran out of time: if it was on gloo (began and never finished), stay off
+        gloo for a while (bulk.BulkBackoff), starting with a retry within this round. A gloo collective that
+        one member breaks hangs until its timeout, usually past the round's deadline."""
+        stamps = self.clock.read()
+        if not (stamps["bulk_failed"] or (stamps["bulk_started"] and not stamps["allreduce_done"])):
+            return
+        off = self.bulk_backoff.failed(round_no)
+        gather[BULK_KEY] = ""
+        log.warning("round %d: the group's gloo all-reduce failed (%s); this peer takes hivemind's all-reduce for "
+                    "the next %d round(s)", round_no, reason, off)
 
     def _start_step(self, bits: str, gather: dict, weight: float, offset: float, find_timeout: float, target: int,
                     leader: str = ""):

@@ -85,7 +85,7 @@ class HivemindSwarm:
                                                 extra_validators=validators_for(owner, f.run_id))
             if owner is not None:
                 self.admission = SwarmAdmission(self.dht, owner, Path(f.admission_token).expanduser().read_text(),
-                                                self.peer_id, net.request_timeout, f.record_ttl)
+                                                self.peer_id, net.request_timeout, f.record_ttl, f.run_id)
                 self.admission.refresh()  # publishes our token: servers see a joiner before it asks for state
             self.connection = "client" if net.client_mode else "direct"  # refined from p2pd after each round
             self.averager = PseudoGradientAverager(self.dht, global_tensors, f, net, state_provider,

@@ -75,7 +75,7 @@ HIVEMIND_DEFAULTS = AveragerTuning(part_size_bytes=2**19, averager_threads=None,
 class PhaseClock:
     """Wall-clock stamps (time.time) that the averager process writes and the caller reads; shared memory."""
 
-    NAMES = ("step_received", "group_assembled", "allreduce_done", "bulk_failed")
+    NAMES = ("step_received", "group_assembled", "allreduce_done", "bulk_started", "bulk_failed")
 
     def __init__(self) -> None:
         self._stamps = mp.Array(ctypes.c_double, len(self.NAMES), lock=False)
@@ -98,8 +98,8 @@ class AdmissionGate:
     unknown peer knocks (a newly admitted joiner), at most every MISS_REFRESH_S.
     """
 
-    def __init__(self, dht: DHT, owner_public: bytes, timeout: float) -> None:
-        self.dht, self.view, self.timeout = dht, AdmissionView(owner_public), timeout
+    def __init__(self, dht: DHT, owner_public: bytes, timeout: float, run_id: str | None = None) -> None:
+        self.dht, self.view, self.timeout = dht, AdmissionView(owner_public, run_id), timeout
         self._lock: asyncio.Lock | None = None
 
     async def refresh(self) -> None:
@@ -128,11 +128,12 @@ class ProcessAverager(DecentralizedAverager):
     def __init__(self, *args, state_provider: StateProvider, counter: ByteCounter, clock: PhaseClock,
                  threads: int | None, global_tensors: Sequence[torch.Tensor] | None = None,
                  robust: RobustSettings = RobustSettings(mode="none"), owner_public: bytes | None = None,
+                 run_id: str | None = None,
                  bulk_timeout: float = 0.0, **kwargs) -> None:
         self._state_provider, self._counter, self._clock, self._threads = state_provider, counter, clock, threads
         self._robust = robust
         # A closed swarm's owner key; the gate itself is built in the averager process (it needs that event loop).
-        self._owner_public, self._gate = owner_public, None
+        self._owner_public, self._run_id, self._gate = owner_public, run_id, None
         self._bulk_timeout = bulk_timeout  # > 0: uncompressed groups whose members all have a bulk endpoint use it
         self._bulk_endpoints: list[str] | None = None
         self._bulk_groups: BulkGroups | None = None
@@ -156,7 +157,8 @@ class ProcessAverager(DecentralizedAverager):
         warm_up_codec(self.allreduce_kwargs["compression"])
         if self._owner_public is not None:
             self._gate = AdmissionGate(self.dht, self._owner_public,
-                                       timeout=float(self.matchmaking_kwargs.get("request_timeout") or 5.0))
+                                       timeout=float(self.matchmaking_kwargs.get("request_timeout") or 5.0),
+                                       run_id=self._run_id)
         # hivemind builds its Matchmaking by this module-level name; this is our forked process, nobody else's.
         _hivemind_averager.Matchmaking = AdmittedMatchmaking
         self.matchmaking_kwargs["gate"] = self._gate
@@ -396,6 +398,7 @@ class ProcessAverager(DecentralizedAverager):
         if self._bulk_groups is None:  # in the averager process (after the fork): gloo groups live here
             self._bulk_groups = BulkGroups(self._bulk_timeout, threads=self._threads or 1,
                                            rendezvous=self.next_chunk_timeout)
+        self._clock.stamp("bulk_started")
         try:
             traffic = await self._bulk_traffic(tensors, weight, rank, peers, endpoints, key)
         except BaseException:
