@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Optional, TextIO
+from typing import Any, Optional, Sequence, TextIO
 
 from photon_p2p import __version__
 from photon_p2p.config import NetworkConfig
@@ -32,11 +32,15 @@ def _addresses(dht: Any) -> list[str]:
     return sorted(addrs, key=lambda a: (a.startswith(("/ip4/127.", "/ip6/::1/")), a))
 
 
-def run_bootstrap(net: NetworkConfig, stop: threading.Event, out: Optional[TextIO] = None) -> int:
-    """Serve the DHT until ``stop`` is set (SIGINT/SIGTERM in the CLI), then shut down cleanly; returns 0."""
+def run_bootstrap(net: NetworkConfig, stop: threading.Event, out: Optional[TextIO] = None,
+                  runs: Sequence[str] = (), owner_public: Optional[bytes] = None) -> int:
+    """Serve the DHT until ``stop`` is set (SIGINT/SIGTERM in the CLI), then shut down cleanly; returns 0.
+    ``runs``: run ids whose heartbeats this node checks against their schema; ``owner_public``: a closed swarm's
+    owner key (raw Ed25519 bytes): tokens, revocations and those runs' heartbeats must carry the owner's word."""
     from photon_p2p.federation import FederationError
+    from photon_p2p.federation.admission import validators_for
     from photon_p2p.federation.network import parse_multiaddrs, start_dht, stop_dht
-    from photon_p2p.federation.records import install_validators
+    from photon_p2p.federation.records import install_validators, schema_validators
 
     out = out or sys.stdout
     if net.client_mode:
@@ -44,9 +48,22 @@ def run_bootstrap(net: NetworkConfig, stop: threading.Event, out: Optional[TextI
     initial = parse_multiaddrs(net.initial_peers, "--initial-peers")
     dht = start_dht(net, initial_peers=initial, client_mode=False)
     try:
-        # It stores records like any DHT node: make it refuse forged, unsigned owner records of every run.
-        install_validators(dht, run_id=None)
+        # It stores records like any DHT node: make it refuse forged, unsigned owner records of every run, and
+        # (issue 24, item 12) what the peers of the runs it is told about would refuse: a malformed heartbeat or
+        # run-id hint, and in a closed swarm a token, revocation or heartbeat without the owner's signature.
+        extra = schema_validators(runs) if runs else []
+        if owner_public is not None:
+            for run in runs or [None]:
+                extra += validators_for(owner_public, run)
+        install_validators(dht, run_id=None, extra_validators=extra)
         print(banner(dht.peer_id.to_base58(), _addresses(dht)), file=out, flush=True)
+        checks = f"heartbeats of run(s) {', '.join(runs)} checked against their schema" if runs else \
+            "record signatures only (--run-id RUN: also each run's heartbeat schema)"
+        if owner_public is not None:
+            from photon_p2p.credentials import fingerprint, public_from_bytes
+
+            checks += f"; closed swarm, owner key {fingerprint(public_from_bytes(owner_public))}"
+        print(f"bootstrap node validates: {checks}", file=out, flush=True)
         while not stop.wait(_POLL_S):
             if not dht.is_alive():
                 raise FederationError("the DHT process of this bootstrap node died unexpectedly")

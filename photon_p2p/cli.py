@@ -315,14 +315,21 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from photon_p2p.config import NetworkConfig, validate_network
+    from photon_p2p.config import NetworkConfig, check_value, validate_network
 
     net = NetworkConfig(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
                         announce_maddrs=args.announce_maddrs, identity_path=args.identity or "")
     validate_network(net)  # a garbage identity file or address fails here, not inside p2pd
+    for run in args.run_id or []:
+        check_value("federation.run_id", run, "--run-id")
+    owner = None
+    if args.swarm_owner_key:
+        from photon_p2p.credentials import load_owner_public, public_bytes
+
+        owner = public_bytes(load_owner_public(args.swarm_owner_key))
     from photon_p2p.bootstrap import run_bootstrap
 
-    return run_bootstrap(net, stop=_graceful_stop())
+    return run_bootstrap(net, stop=_graceful_stop(), runs=args.run_id or (), owner_public=owner)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--announce-maddrs", nargs="+", default=[], metavar="MADDR")
     p.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
                    help="other bootstrap nodes to connect to")
+    p.add_argument("--run-id", action="append", metavar="RUN",
+                   help="a run whose heartbeats this node checks against their schema (repeat for several)")
+    p.add_argument("--swarm-owner-key", metavar="FILE",
+                   help="closed swarm: the owner's public key; tokens, revocations and the runs' heartbeats "
+                        "must carry the owner's signature")
     commands["bootstrap"] = cmd_bootstrap
     parser.set_defaults(_commands=commands)
     return parser

@@ -378,3 +378,47 @@ def test_escape_sequences_in_other_peers_records_never_reach_the_terminal():
         text = render_table(status, wide=wide)
         assert "\x1b" not in text and "\x07" not in text and "\nning" not in text  # nor a row of its own
     assert "\\x1b]2;pwned\\x07" in render_table(status, wide=True)  # shown escaped, not dropped
+
+
+@pytest.mark.timeout(90)
+def test_a_bootstrap_node_told_the_run_and_owner_key_refuses_what_the_peers_would(tmp_path):
+    # issue 24, item 12: the bootstrap node stored any token, revocation or heartbeat; a closed swarm's peers
+    # refused them, but a reader asking the bootstrap node first got them
+    from hivemind import DHT
+    from hivemind.utils import get_dht_time
+
+    from photon_p2p.credentials import create_owner_key, fingerprint as key_fp, load_owner_private, make_token
+    from photon_p2p.federation.admission import admitted_key
+    from photon_p2p.federation.records import RUNS_KEY
+
+    create_owner_key(tmp_path / "owner.key")
+    owner = load_owner_private(tmp_path / "owner.key")
+    create_owner_key(tmp_path / "stranger.key")
+    stranger = load_owner_private(tmp_path / "stranger.key")
+    peer = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+    key = admitted_key(key_fp(owner.public_key()))
+    procs: list = []
+    try:
+        proc = spawn(["-m", "photon_p2p.cli", "bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--run-id", RUN,
+                      "--swarm-owner-key", str(tmp_path / "owner.key.pub")], procs, stdout=subprocess.PIPE)
+        addr, said = "", []
+        for line in proc.stdout:
+            said.append(line)
+            if line.startswith("/ip4/") and not addr:
+                addr = line.strip()
+            if line.startswith("bootstrap node validates:"):
+                break
+        assert addr and f"run(s) {RUN}" in said[-1] and "closed swarm, owner key" in said[-1], said
+        dht = DHT(initial_peers=[addr], client_mode=True, start=True)
+        try:
+            later = get_dht_time() + 30
+
+            def stored(k, value, subkey) -> bool:
+                return bool(dht.store(k, value, later, subkey=subkey, return_future=True).result(timeout=within(10)))
+            assert not stored(key, make_token(stranger, peer, 600), peer)  # another owner's token
+            assert not stored(RUNS_KEY, "not a time", "some-run")  # a malformed run-id hint
+            assert stored(key, make_token(owner, peer, 600), peer)  # the owner's own: stored
+        finally:
+            dht.shutdown()
+    finally:
+        reap(procs)

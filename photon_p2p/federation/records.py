@@ -151,6 +151,12 @@ async def _installed_owner_key(_dht: DHT, node: Any) -> Optional[bytes]:
     return next((v.local_public_key for v in validators if isinstance(v, RSASignatureValidator)), None)
 
 
+def schema_validators(runs: Sequence[str]) -> list[RecordValidatorBase]:
+    """The strict schemas of the heartbeats of ``runs`` and of the run-id hint (a bootstrap node can hold several
+    runs' records)."""
+    return [*(SchemaValidator(HeartbeatSchema, prefix=run) for run in runs), SchemaValidator(RunsSchema)]
+
+
 def install_validators(dht: DHT, run_id: Optional[str], identity_path: Optional[str] = None,
                        extra_validators: Sequence[RecordValidatorBase] = ()) -> bytes:
     """Make ``dht`` refuse unsigned or malformed heartbeats for ``run_id``; return the owner subkey it signs with.
@@ -167,7 +173,7 @@ def install_validators(dht: DHT, run_id: Optional[str], identity_path: Optional[
     signer = RSASignatureValidator(load_identity_key(path) if path else None)
     validators: list = [signer]
     if run_id is not None:
-        validators += [SchemaValidator(HeartbeatSchema, prefix=run_id), SchemaValidator(RunsSchema)]
+        validators += schema_validators([run_id])
     validators += extra_validators
     dht.add_validators(validators)
     cache_validation(dht)  # each record's signature and schema checked once, not on every read (hivemind_ext)
