@@ -150,6 +150,9 @@ class FederationConfig:
     # Checkpoints are written atomically, so the last complete one is kept. Allow for a checkpoint write.
     stop_timeout: float = 120.0
     allow_solo_start: bool = True  # start from scratch if no peer can give state in time
+    # joining a swarm where nobody trains run_id but somebody trains a near miss of it ('run-a' for 'run-b'):
+    # refused as a likely typo unless this says the run is new on purpose
+    new_run: bool = False
     heartbeat_interval: float = 30.0
     record_ttl: float = 90.0
     max_rollbacks: int = 3  # non-finite guard: stop after this many rollbacks in a row

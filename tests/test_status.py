@@ -422,3 +422,17 @@ def test_a_bootstrap_node_told_the_run_and_owner_key_refuses_what_the_peers_woul
             dht.shutdown()
     finally:
         reap(procs)
+
+
+def test_a_run_id_is_refused_only_as_a_near_miss_of_one_that_peers_train():
+    # issue 24, item 11: the run-id hint is anyone's to write; an outsider publishing names kept a new run's first
+    # peer from starting ("no peer trains run id X"), and so did a second run on a shared bootstrap node
+    from photon_p2p.federation.records import near_miss
+
+    runs = ["photon-125m", "test", "Exp"]
+    assert near_miss("photon-125n", runs) == "photon-125m"  # one key off
+    assert near_miss("photn-125m", runs) == "photon-125m"
+    assert near_miss("tset", runs) == "test"  # two letters swapped
+    assert near_miss("exp", runs) == "Exp"  # another case
+    assert near_miss("photon-1b3", runs) is None  # three edits: a run of its own
+    assert near_miss("my-new-run", runs) is None and near_miss("photon-125m", runs) is None

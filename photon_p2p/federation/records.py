@@ -366,6 +366,24 @@ def is_live(record: dict, stale_after: Optional[float] = None) -> bool:
     return record["state"] != "left" and record["last_seen"] <= limit
 
 
+def near_miss(run_id: str, runs: Sequence[str]) -> Optional[str]:
+    """A run id of ``runs`` that ``run_id`` looks like a slip of (another case, or one or two characters off:
+    one for ids under 8 characters), or None. The run-id hint is anyone's to write, so a run id that nobody
+    trains yet is only refused when it looks like a typo of one that somebody does: an unrelated one is a new run
+    (a shared bootstrap node hosts several), and an outsider cannot keep it from starting by publishing names."""
+    def distance(a: str, b: str) -> int:  # edits, a swap of two neighbours counting as one ('tset', 'test')
+        d = [[i + j if not i * j else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+        for i in range(1, len(a) + 1):
+            for j in range(1, len(b) + 1):
+                d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+                if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                    d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+        return d[-1][-1]
+    limit = 1 if len(run_id) < 8 else 2
+    close = [r for r in runs if r != run_id and (r.lower() == run_id.lower() or distance(r, run_id) <= limit)]
+    return close[0] if close else None
+
+
 def read_run_ids(dht: DHT, timeout: float) -> List[str]:
     """Run ids that published heartbeats lately (an unsigned hint, newest first); [] on any trouble."""
     try:

@@ -32,6 +32,7 @@ from photon_p2p.federation.records import (
     install_validators,
     is_live,
     load_identity_key,
+    near_miss,
     read_records,
     read_run_ids,
 )
@@ -115,12 +116,19 @@ class HivemindSwarm:
         self.averager.share_state(priority=float(snapshot().get("round", 0)))
 
     def check_run(self) -> None:
-        """Fail with a clear error if the swarm trains other runs but not ours (a mistyped --run-id)."""
+        """Fail with a clear error if nobody trains our run but somebody trains one it looks like a typo of (a
+        mistyped --run-id); another run id is a new run, started by this peer (records.near_miss)."""
         runs = read_run_ids(self.dht, timeout=self.cfg.network.request_timeout)
         run_id = self.cfg.federation.run_id
-        if runs and run_id not in runs:
-            raise FederationError(f"no peer in this swarm trains run id '{run_id}' (runs seen: "
-                                  f"{', '.join(repr(r) for r in runs)}); check --run-id")
+        if not runs or run_id in runs:
+            return
+        close = near_miss(run_id, runs)
+        if close is not None and not self.cfg.federation.new_run:
+            raise FederationError(f"no peer in this swarm trains run id '{run_id}', but peers train '{close}': "
+                                  f"check --run-id, or pass --set federation.new_run=true to start '{run_id}' "
+                                  f"(runs seen: {', '.join(repr(r) for r in runs[:5])})")
+        print(f"photon-peer: no peer in this swarm trains run id '{run_id}' yet: this peer starts it (runs seen: "
+              f"{', '.join(repr(r) for r in runs[:5])})", flush=True)
 
     def peers(self) -> list[dict]:
         """Other live peers' heartbeat records (round, fingerprint, ...); [] when the DHT does not answer."""
