@@ -213,17 +213,17 @@ def test_each_members_weight_is_what_it_sent_and_a_negative_one_fails_the_round_
         assert verdict == "member 2 declared the weight -4.0"
 
 
-def test_a_member_stays_off_gloo_for_1_2_4_rounds_after_failures_and_starts_again_after_a_success():
+def test_a_member_stays_off_gloo_for_4_8_16_rounds_after_failures_and_starts_again_after_a_success():
     b = BulkBackoff()
     assert b.allows(0)
-    assert b.failed(3) == 1 and not b.allows(3) and not b.allows(4) and b.allows(5)  # this round, the next
-    assert b.failed(5) == 2 and [b.allows(r) for r in (6, 7, 8)] == [False, False, True]
-    assert b.failed(8) == 4 and not b.allows(12) and b.allows(13)
+    assert b.failed(3) == 4 and not any(b.allows(r) for r in range(3, 8)) and b.allows(8)  # this round, 4 more
+    assert b.failed(8) == 8 and not b.allows(16) and b.allows(17)
+    assert b.failed(17) == 16 and not b.allows(33) and b.allows(34)
     for _ in range(20):
-        b.failed(13)
-    assert b.off_until == 13 + 1 + BulkBackoff.MAX_OFF  # bounded: gloo is tried again within 64 rounds
+        b.failed(34)
+    assert b.off_until == 34 + 1 + BulkBackoff.MAX_OFF  # bounded: gloo is tried again within 64 rounds
     b.succeeded()
-    assert b.failed(100) == 1
+    assert b.failed(100) == 4
 
 
 @pytest.mark.parametrize("stamps, off", [

@@ -56,15 +56,17 @@ def direct_ip(maddrs: Sequence[str]) -> str | None:
 
 
 class BulkBackoff:
-    """Whether this member advertises its bulk endpoint in a round: not for 1, 2, 4 ... MAX_OFF rounds after a
-    gloo round of its group failed. A gloo collective has no isolation between members: one that calls another
+    """Whether this member advertises its bulk endpoint in a round: not for FIRST_OFF, then twice as many ...
+    MAX_OFF rounds after a gloo round of its group failed. A gloo collective has no isolation between members: one that calls another
     collective (or none) fails the whole group at the deadline, round after round (bench/adversary.py --attack
     gloo-weights: nothing averaged in 8 rounds). A group takes gloo only if EVERY member advertises an endpoint,
     so one honest member backing off sends its whole group to hivemind's all-reduce, where a member that
     misbehaves loses only its own part. Doubling: a member that breaks every gloo round costs O(log rounds)
-    rounds; a gloo round that succeeds (that member was not in it) starts the count again."""
+    rounds (a broken collective hangs until its timeout, usually the whole round: with 1, 2, 4 ... an 8-round
+    run lost 3 rounds); a gloo round that succeeds (that member was not in it) starts the count again. An honest
+    failure (a member crashed mid-round) is rare enough that FIRST_OFF rounds on hivemind cost little."""
 
-    MAX_OFF = 64
+    FIRST_OFF, MAX_OFF = 4, 64
 
     def __init__(self) -> None:
         self.off_until, self.failures = -1, 0
@@ -75,7 +77,7 @@ class BulkBackoff:
     def failed(self, round_no: int) -> int:
         """A gloo round of ours failed at ``round_no``: how many rounds this member now stays off gloo."""
         self.failures += 1
-        off = min(2 ** (self.failures - 1), self.MAX_OFF)
+        off = min(self.FIRST_OFF * 2 ** (self.failures - 1), self.MAX_OFF)
         self.off_until = round_no + 1 + off
         return off
 
