@@ -26,6 +26,7 @@ MODES = ("none", "clip", "centered_clip")
 # A sender's declared weight (tokens) counts up to this many times the median weight: silos of different speeds
 # legitimately differ (round_clock: swarm), by less than this in our runs; a claim of 1e9 tokens does not.
 WEIGHT_CAP = 4.0
+PAIR_MULTIPLIER = 2.0  # the least clip/centered_clip multiplier a part of only two senders is reduced with
 FACTOR_STEP = 2.0 ** -20  # factors are rounded down to this grid: a last-bit difference in a norm rarely matters
 
 
@@ -93,6 +94,10 @@ def reduce_part(parts: list[torch.Tensor | None], weights: list[float], order: l
     if not finite:  # nothing usable: no update for this part (zeros, like a failed reducer's part)
         return torch.zeros_like(like), factors
     tau = float(settings.multiplier)
+    if len(finite) == 2:
+        # Two senders: the (lower) median is the smaller norm, so a multiplier of 1 would scale the larger update
+        # down every round, and two cannot outvote each other anyway (the breakdown point, ARCHITECTURE "Trust").
+        tau = max(tau, PAIR_MULTIPLIER)
     w = {i: float(weights[i]) for i in finite}
     if settings.mode == "clip":
         # Weights: a sender declaring 1e9 tokens would otherwise own the average even after its chunk is clipped.
