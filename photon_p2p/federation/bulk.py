@@ -354,8 +354,11 @@ def robust_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpo
         flat = kept.buffer("send", share * size)
         _flatten_into(flat, tensors)
         weights = gather_weights(kept.pg, weight, size, groups.delta)  # every member learns every sender's weight
-        received = list(kept.buffer("received", share * size).view(size, share).unbind(0))
-        kept.pg.alltoall(received, list(flat.view(size, share).unbind(0))).wait(groups.delta)
+        # alltoall_base on one flat buffer, not alltoall on lists of views: gloo's list form took 0.29-0.31 s for
+        # 100 MB at 4 members against 0.08 s (bench/results/gloo_collectives), 3.8x
+        buffer = kept.buffer("received", share * size)
+        kept.pg.alltoall_base(buffer, flat, [], [], dist.AllToAllOptions()).wait(groups.delta)
+        received = list(buffer.view(size, share).unbind(0))
         mine = kept.buffer("mine", share)
         mine.zero_()
         factors: dict[int, float] = {}
@@ -364,8 +367,12 @@ def robust_mean(tensors: Sequence[torch.Tensor], weight: float, rank: int, endpo
             mine[part].copy_(averaged)
             for sender, f in part_factors.items():
                 factors[sender] = min(f, factors.get(sender, 1.0))
-        gathered = flat  # what this member sent is no longer needed: the reduced slices land in its place
-        kept.pg.allgather([list(gathered.view(size, share).unbind(0))], [mine]).wait(groups.delta)
+        # The all-gather as an all-to-all of our share repeated to every member (0.09 s against gloo's ring
+        # all-gather's 0.19 s at 4 members, 100 MB); the received chunks are no longer needed, so they hold the
+        # copies, and what this member sent holds the reduced slices.
+        buffer.view(size, share).copy_(mine.expand(size, share))
+        gathered = flat
+        kept.pg.alltoall_base(gathered, buffer, [], [], dist.AllToAllOptions()).wait(groups.delta)
         rejected: list[int] = []
         if check is not None:
             for reducer, piece in enumerate(gathered.view(size, share).unbind(0)):
