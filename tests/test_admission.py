@@ -179,7 +179,8 @@ def test_a_token_admits_only_to_the_runs_it_names(owner):
         view.update(tokens, {})
         assert view.admitted() == sorted(admitted), run
     with pytest.raises(CredentialError, match="run ids"):  # a run list that is not a list of names
-        verify(_sign(TOKEN_PREFIX, owner, {"peer_id": PEER, "issued": 1.0, "expires": 2.0, "runs": "run-a"}), owner.public_key())
+        verify(_sign(TOKEN_PREFIX, owner, {"peer_id": PEER, "issued": 1.0, "expires": 2.0, "runs": "run-a"}),
+               owner.public_key())
 
 
 def test_clock_records_of_outsiders_do_not_count():

@@ -158,7 +158,8 @@ class PseudoGradientAverager:
             counter=self.counter, clock=self.clock, threads=tuning.averager_threads,
             global_tensors=[g.share_memory_() for g in global_tensors] if global_tensors is not None else None,
             robust=RobustSettings(fed.robust_aggregation, fed.clip_multiplier, fed.clip_iterations),
-            owner_public=owner_public, run_id=fed.run_id, bulk_timeout=fed.allreduce_timeout if self.bulk is not None else 0.0)
+            owner_public=owner_public, run_id=fed.run_id,
+            bulk_timeout=fed.allreduce_timeout if self.bulk is not None else 0.0)
         self._start(float(net.bootstrap_timeout))
         self._closed = False
 
