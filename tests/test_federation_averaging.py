@@ -155,6 +155,7 @@ def test_a_state_far_larger_than_the_model_is_refused_mid_download(spawn, tmp_pa
     assert joiner.expect("state", within(30))["meta"] is None
 
 
+@pytest.mark.slow  # ~15 s each: the default suite stays under 10 minutes on 2 cores
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("hang", [0.0, 10.0], ids=["fails", "hangs-past-the-deadline"])
 def test_a_member_that_breaks_gloo_sends_its_group_to_hivemind_for_the_next_rounds(spawn, tmp_path, hang):
