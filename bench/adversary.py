@@ -280,10 +280,11 @@ def summarize(sw: AttackSwarm, args: argparse.Namespace, wall_s: float) -> dict[
                    "traceback": "Traceback" in log}
         if not hostile["ran"]:
             raise one_model.BenchError(f"the hostile silo never ran its attack (see {sw.out}/peer-{sw.honest}/peer.log)")
-    # the attacker-free runs with the same --set settings (another aggregation trains another baseline)
+    # the attacker-free runs with the same --set settings and as many honest silos (another aggregation, or more
+    # silos' data, trains another baseline)
     stored = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("none*.json"))]
-    baselines = [b["honest_val_ppl"] for b in stored
-                 if b["honest_val_ppl"] and b.get("settings", []) == list(args.set)]
+    baselines = [b["honest_val_ppl"] for b in stored if b["honest_val_ppl"] and
+                 b.get("settings", []) == list(args.set) and b.get("honest_silos", 3) == sw.honest]
     base = statistics.mean(baselines) if baselines else None
     honest_ppl = statistics.mean(ppl) if ppl else None
     return {
