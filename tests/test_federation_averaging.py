@@ -317,6 +317,7 @@ def assert_one_exact_model(after, expected) -> None:
             assert torch.equal(got, first_t)
 
 
+@pytest.mark.slow  # ~16-22 s: the default suite stays under 10 minutes on 2 cores (it was 9:59)
 @pytest.mark.timeout(150)
 def test_more_peers_than_the_group_size_still_end_on_one_model(spawn, tmp_path):
     # 4 live peers, groups of at most 2: rows {0,2} {1,3} average, then columns {0,1} {2,3} average the row
@@ -370,6 +371,7 @@ def test_three_peers_in_groups_of_two_all_reach_the_mean(spawn, tmp_path):
     assert_one_exact_model(after, expected)
 
 
+@pytest.mark.slow  # ~16-22 s: the default suite stays under 10 minutes on 2 cores (it was 9:59)
 @pytest.mark.timeout(150)
 def test_peers_that_read_the_members_a_moment_apart_regroup_onto_one_grid(spawn, tmp_path):
     # Two of four peers read the round's members before each other's report had arrived: each holds a grid of 3

@@ -63,6 +63,7 @@ def test_three_peers_hold_token_weighted_mean(swarm, kjv_data):
             torch.testing.assert_close(global_model[name], mean, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~16-22 s: the default suite stays under 10 minutes on 2 cores (it was 9:59)
 def test_blockwise8_peers_hold_bit_identical_weights(swarm):
     common = {"federation.rounds": 2, "federation.min_group_size": 2, "federation.compression": "blockwise8"}
     a = swarm.start("q-a", extra=common)
@@ -196,6 +197,7 @@ def test_wrong_run_id_is_a_clear_error(swarm):
     assert "run id" in log and "'test'" in log and "Traceback" not in log, log[-3000:]
 
 
+@pytest.mark.slow  # ~16-22 s: the default suite stays under 10 minutes on 2 cores (it was 9:59)
 def test_status_lists_real_daemons(swarm):
     common = {"federation.rounds": 0, "federation.min_group_size": 2, "federation.matchmaking_time": 1.0,
               "federation.round_deadline": 6.0, "federation.heartbeat_interval": 2.0}
