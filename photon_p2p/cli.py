@@ -256,22 +256,19 @@ def cmd_peer_id(args: argparse.Namespace) -> int:
 
 
 def cmd_admit(args: argparse.Namespace) -> int:
-    from photon_p2p.config import check_value
-    from photon_p2p.credentials import check_peer_id, load_owner_private, make_token, parse_duration, verify
+    from photon_p2p.credentials import (CredentialError, check_peer_id, load_owner_private, make_token,
+                                        parse_duration, verify)
 
     valid_for = parse_duration(args.expires)
     check_peer_id(args.peer_id)
-    from photon_p2p.credentials import CredentialError
-
     if bool(args.run_id) == bool(args.any_run):
         # a token to every run the key closes is a conscious choice: one owner key often closes several runs
         raise CredentialError("name the run this peer may join with --run-id RUN (repeat it for several), or pass "
                               "--any-run for every run this owner key closes" if not args.run_id else
                               "--run-id and --any-run exclude each other")
-    for run in args.run_id or []:
-        check_value("federation.run_id", run, "--run-id")
+    runs = _run_ids(args)
     key = load_owner_private(args.key)
-    token = make_token(key, args.peer_id, valid_for, runs=args.run_id or ())
+    token = make_token(key, args.peer_id, valid_for, runs=runs)
     grant = verify(token, key.public_key())
     from photon_p2p.paths import output_file
 
@@ -314,14 +311,20 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_ids(args: argparse.Namespace) -> list[str]:
+    """The repeatable --run-id of admit and bootstrap, each checked as federation.run_id is."""
+    from photon_p2p.config import check_value
+
+    return [check_value("federation.run_id", run, "--run-id") for run in args.run_id or []]
+
+
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from photon_p2p.config import NetworkConfig, check_value, validate_network
+    from photon_p2p.config import NetworkConfig, validate_network
 
     net = NetworkConfig(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
                         announce_maddrs=args.announce_maddrs, identity_path=args.identity or "")
     validate_network(net)  # a garbage identity file or address fails here, not inside p2pd
-    for run in args.run_id or []:
-        check_value("federation.run_id", run, "--run-id")
+    runs = _run_ids(args)
     owner = None
     if args.swarm_owner_key:
         from photon_p2p.credentials import load_owner_public, public_bytes
@@ -329,7 +332,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         owner = public_bytes(load_owner_public(args.swarm_owner_key))
     from photon_p2p.bootstrap import run_bootstrap
 
-    return run_bootstrap(net, stop=_graceful_stop(), runs=args.run_id or (), owner_public=owner)
+    return run_bootstrap(net, stop=_graceful_stop(), runs=runs, owner_public=owner)
 
 
 def build_parser() -> argparse.ArgumentParser:

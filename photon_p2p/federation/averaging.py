@@ -468,8 +468,10 @@ class PseudoGradientAverager:
                 raise
             if not control.done():
                 control.cancel()
+                if stop and stop.is_set():
+                    return None, "stopped"  # leaving: no gloo verdict (a warning on every Ctrl-C mid-round)
                 self._gloo_failed(round_no, "the round's deadline came first", gather)
-                return None, "stopped" if stop and stop.is_set() else "deadline"
+                return None, "deadline"
             try:
                 gathered = control.result(timeout=0)
                 stamps = self.clock.read()
