@@ -252,3 +252,22 @@ def test_one_heartbeat_ahead_is_no_round_to_catch_up_to():
     assert catch_up_round([hb("m", 6)]) == 6  # the only other peer
     assert catch_up_round([hb("f", 1), hb("j", 0), hb("k", 0)], trusted="f") == 1  # the peer we joined from
     assert catch_up_round([]) == -1
+
+
+def test_a_roster_projects_every_members_quota_as_speed_quota_does_in_one_sort():
+    # roster() projects each member's quota over the others' speeds; Speeds sorts them once (O(n log n) a read,
+    # not O(n² log n): 0.2 s at 1,000 records, every second a peer waits). The same quotas as member by member.
+    import random
+
+    from photon_p2p.federation.protocol import live_speeds
+
+    rng = random.Random(7)
+    for _ in range(400):
+        records = {f"p{i}": ClockRecord(rng.choice([3, 4, 5, 5]), 0.0,
+                                        rng.choice([0.0, 1.0, 1.0, 2.0, rng.uniform(0.1, 3.0), 1e30]), 0.0)
+                   for i in range(rng.randint(1, 9))}
+        speeds = live_speeds(records, 5)
+        for member, record in records.items():
+            others = [r.speed for p, r in records.items() if p != member and r.round >= 4]
+            want = speed_quota(8, record.speed, others) / record.speed if record.speed > 0 else 0.0
+            assert member_round_s(records, member, 5, 8, speeds=speeds) == pytest.approx(want, rel=1e-9)

@@ -376,7 +376,9 @@ class PseudoGradientAverager:
             # A failed reducer's parts come back as zeros: no update there. Keeping each survivor's own Δ would
             # leave the survivors on different models, since later rounds only average updates.
             reason = f"partial: {fraction:.1%} of values not averaged (left unchanged)"
-            log.warning("round %d: %s (reducer(s) that failed: %s)", round_no, reason, ", ".join(failed) or "?")
+            why = dict(report.get("failures") or {})
+            log.warning("round %d: %s (reducer(s) that failed: %s)", round_no, reason,
+                        ", ".join(f"{p} ({why[p]})" if p in why else p for p in failed) or "?")
         fingerprints = {p: str(g.get("fingerprint", "")) for p, g in gathered.items()}
         clipped = {str(p): float(f) for p, f in dict(report.get("clipped") or {}).items()}
         rejected = [str(p) for p in report.get("rejected") or []]

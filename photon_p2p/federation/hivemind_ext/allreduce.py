@@ -58,6 +58,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         self._encoded: dict[int, asyncio.Future] = {}
         self._fetched: dict[int, int] = {}
         self.failed_reducers: list = []
+        self.failures: dict[str, str] = {}  # reducer peer id: why its part failed (hivemind logs it at debug only)
 
     def clipped(self) -> dict[str, float]:
         """{sender peer id: smallest share of its contribution this reducer kept} for the senders it clipped or
@@ -85,8 +86,9 @@ class ExactAllReduceRunner(AllReduceRunner):
         if peer_id != self.peer_id:
             try:
                 return await super()._communicate_with_peer(peer_id)
-            except BaseException:
+            except BaseException as e:
                 self.failed_reducers.append(peer_id)
+                self.failures[str(peer_id)] = repr(e)[:200]
                 raise
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)

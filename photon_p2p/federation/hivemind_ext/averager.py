@@ -385,6 +385,7 @@ class ProcessAverager(DecentralizedAverager):
         container = runner.tensor_part_container
         self._report["failed_fraction"] = container.failed_size / max(1, container.total_size)
         self._report["failed_peers"] = sorted(str(p) for p in runner.failed_reducers)
+        self._report["failures"] = dict(runner.failures)
         self._report["clipped"] = runner.clipped()  # what this peer, as a reducer, had to bound
         self._report["rejected"] = runner.rejected()  # reducers whose averages broke the bound (zeroed)
 
