@@ -16,7 +16,9 @@ tiny preset (one embedded corpus source per silo), as peers/local_swarm.py does.
 
 ``--churn``: every ``--churn-every`` rounds (first at half that), kill -9 one peer's process group, SIGSTOP
 another's for 30 s, and start a new peer; ``--stop-leader`` stops the lowest peer id but peer 0's (the round's
-designated leader, unless peer 0's id is lower still). It writes DIR/summary.json (see ``summarize``) and prints it.
+designated leader, unless peer 0's id is lower still). It writes DIR/summary.json (see ``summarize``) and prints it;
+its ``cost`` is the protocol's cost per peer and round (CPU, memory, DHT traffic, matchmaking), for fitting how each
+grows with the number of peers (see ``cost``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ import local_swarm  # noqa: E402  (peers/local_swarm.py: start/stop helpers of t
 
 STOP_S = 30.0  # how long a churn event SIGSTOPs a peer
 BOOT_DEADLINE = 60.0  # the simulated peers' federation.round_deadline (run_sim_peer); --set overrides it
+# PSS reads /proc/PID/smaps_rollup: ~4 ms per process holding torch (RSS: 0.01 ms), 5 processes per peer; read
+# every second at 32 peers it would cost the swarm it measures ~0.6 CPU s/s. Peers' memory plateaus after boot.
+PSS_EVERY_S = 10.0
 
 
 # ---- one simulated peer (a child process) ----------------------------------------------------------------------
@@ -76,8 +81,9 @@ class Swarm:
         self.procs: dict[int, subprocess.Popen] = {}
         self.dirs: dict[int, Path] = {}
         self.events: list[dict[str, Any]] = []
-        self.samples: dict[int, dict[str, float]] = defaultdict(lambda: {"cpu_s": 0.0, "rss_mb": 0.0})
+        self.samples: dict[int, dict[str, float]] = defaultdict(lambda: {"cpu_s": 0.0, "rss_mb": 0.0, "pss_mb": 0.0})
         self.t0 = time.monotonic()
+        self.pss_at = -PSS_EVERY_S  # when sample() last read PSS (time.monotonic() - t0)
 
     def start(self, i: int, initial: list[str]) -> None:
         a = self.args
@@ -122,9 +128,17 @@ class Swarm:
         print(f"[{time.monotonic() - self.t0:6.1f}s] round {rnd}: {kind} silo-{peer}", flush=True)
 
     def sample(self) -> None:
-        """CPU seconds and peak RSS of each peer's process tree (daemon, DHT process, averager, p2pd)."""
+        """CPU seconds and peak RSS and PSS of each peer's process tree (daemon, DHT process, averager, p2pd).
+
+        RSS counts the pages that the forked DHT and averager processes share with the daemon (torch, the
+        interpreter) once per process: ~1.15 GB per simulated peer. PSS splits each shared page among the
+        processes that map it, so the sum over peers is the machine's memory (read every PSS_EVERY_S)."""
         import psutil
 
+        now = time.monotonic() - self.t0
+        with_pss = now - self.pss_at >= PSS_EVERY_S
+        if with_pss:
+            self.pss_at = now
         for i, p in self.procs.items():
             if p.poll() is not None:
                 continue
@@ -133,10 +147,11 @@ class Swarm:
                 tree = [root, *root.children(recursive=True)]
                 cpu = sum(sum(q.cpu_times()[:2]) for q in tree)
                 rss = sum(q.memory_info().rss for q in tree) / 2**20
+                pss = sum(q.memory_full_info().pss for q in tree) / 2**20 if with_pss else 0.0
             except psutil.Error:
                 continue
             s = self.samples[i]
-            s["cpu_s"], s["rss_mb"] = max(s["cpu_s"], cpu), max(s["rss_mb"], rss)
+            s["cpu_s"], s["rss_mb"], s["pss_mb"] = max(s["cpu_s"], cpu), max(s["rss_mb"], rss), max(s["pss_mb"], pss)
 
     def run(self) -> dict[str, Any]:
         a = self.args
@@ -181,8 +196,14 @@ class Swarm:
         summary.update(events=self.events, wall_s=round(time.monotonic() - self.t0, 1),
                        config={k: v for k, v in vars(a).items() if k not in ("peer", "initial", "name", "dir")})
         for i, s in self.samples.items():
-            summary["per_peer"].setdefault(f"peer-{i}", {}).update(cpu_s=round(s["cpu_s"], 1),
-                                                                   rss_mb=round(s["rss_mb"], 1))
+            figures = summary["per_peer"].setdefault(f"peer-{i}", {})
+            figures.update(cpu_s=round(s["cpu_s"], 1), rss_mb=round(s["rss_mb"], 1),
+                           pss_mb=round(s["pss_mb"], 1) if s["pss_mb"] else None)
+            figures["cpu_s_per_round"] = cpu_per_round(figures)
+        for figures in summary["per_peer"].values():  # a peer that was never sampled (it died at once)
+            figures.setdefault("pss_mb", None)
+            figures.setdefault("cpu_s_per_round", None)
+        summary["cost"] = cost(summary["per_peer"])
         return summary
 
 
@@ -211,7 +232,10 @@ def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any
     - one_model_rounds: rounds after which every peer that averaged it holds one fingerprint (G1)
     - distinct_models_at_end: fingerprints among the peers alive at the end (their last round or sync record)
     - round_overhead_s: per round, the last landing minus the last end of a local phase (median, max)
-    - per peer: rounds recorded, outcomes, DHT reads per round (what the daemon issued)."""
+    - per peer: rounds recorded, outcomes, DHT reads per round (what the daemon issued), DHT requests and kB
+      (1000 bytes) per round its DHT node served other nodes, median matchmaking time of its rounds (None: no
+      record carries it, e.g. an older run's)
+    - cost: medians over the peers (see ``cost``; the sampled CPU and memory are added by Swarm.run)."""
     dirs = {int(d.name.split("-")[1]): d for d in sorted(Path(out).glob("peer-*")) if d.is_dir()}
     by_round: dict[int, dict[int, dict]] = defaultdict(dict)
     started: dict[int, dict[int, float]] = defaultdict(dict)
@@ -232,9 +256,20 @@ def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any
         for r in rounds:
             outcomes[r.get("outcome") or ("missed" if r["solo"] else "averaged")] += 1
         reads = [r["dht_reads"] for r in rounds if "dht_reads" in r]
+        served = [r["dht_served"] for r in rounds if "dht_served" in r]
+        served_kb = [r["dht_served_bytes"] / 1e3 for r in rounds if "dht_served_bytes" in r]
+        kinds = [r["dht_served_kinds"] for r in rounds if isinstance(r.get("dht_served_kinds"), dict)]
+        by_kind = {k: round(statistics.mean(x.get(k, [0, 0])[1] for x in kinds) / 1e3, 2)
+                   for k in sorted({k for x in kinds for k in x})}  # kB per round served, by request kind
+        matchmaking = [float(r["phases"]["matchmaking"]) for r in rounds
+                       if isinstance(r.get("phases"), dict) and "matchmaking" in r["phases"]]
         per_peer[d.name] = {"rounds": len(rounds), "outcomes": dict(outcomes),
                             "last_round": rounds[-1]["round"] if rounds else None,
-                            "dht_reads_per_round": round(statistics.mean(reads), 2) if reads else None}
+                            "dht_reads_per_round": round(statistics.mean(reads), 2) if reads else None,
+                            "dht_served_per_round": round(statistics.mean(served), 2) if served else None,
+                            "dht_served_kb_per_round": round(statistics.mean(served_kb), 2) if served_kb else None,
+                            "dht_served_kb_per_round_by_kind": by_kind or None,
+                            "matchmaking_s_median": round(statistics.median(matchmaking), 3) if matchmaking else None}
     full = total = one = 0
     overhead, split_rounds = [], []
     for rnd, recs in sorted(by_round.items()):
@@ -264,7 +299,34 @@ def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any
                                   key=lambda x: -1 if x is None else x),
             "round_overhead_s": {"median": round(statistics.median(overhead), 2) if overhead else None,
                                  "max": round(max(overhead), 2) if overhead else None},
-            "per_peer": per_peer}
+            "cost": cost(per_peer), "per_peer": per_peer}
+
+
+COST_FIGURES = ("cpu_s_per_round", "pss_mb", "rss_mb", "dht_reads_per_round", "dht_served_per_round",
+                "dht_served_kb_per_round", "matchmaking_s_median")
+
+
+def cpu_per_round(figures: dict[str, Any]) -> float | None:
+    """A peer's CPU seconds (its whole process tree, sampled) per round it recorded; None where either is unknown."""
+    cpu, rounds = figures.get("cpu_s"), figures.get("rounds")
+    return round(cpu / rounds, 3) if cpu is not None and rounds else None
+
+
+def cost(per_peer: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The protocol's cost per peer, for fitting how it grows with N: the median over peers of each COST_FIGURES
+    entry (None where no peer has it: an older run's records, or the CPU and memory before Swarm.run adds them),
+    and ``busiest_dht_node``, the peer whose DHT node served the most kB per round (the DHT's hot spot)."""
+    out: dict[str, Any] = {}
+    for key in COST_FIGURES:
+        values = [f[key] for f in per_peer.values() if f.get(key) is not None]
+        out[key] = round(statistics.median(values), 3) if values else None
+    served = {p: f for p, f in per_peer.items() if f.get("dht_served_kb_per_round") is not None}
+    busiest = max(served, key=lambda p: served[p]["dht_served_kb_per_round"], default=None)
+    out["busiest_dht_node"] = None if busiest is None else {
+        "peer": busiest, "dht_served_per_round": served[busiest].get("dht_served_per_round"),
+        "dht_served_kb_per_round": served[busiest]["dht_served_kb_per_round"],
+        "by_kind": served[busiest].get("dht_served_kb_per_round_by_kind")}
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -327,8 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         killed = {e["peer"] for e in before.get("events", []) if e.get("kind") == "killed"}
         alive = [int(d.name.split("-")[1]) for d in run.glob("peer-*") if d.is_dir()]
         summary = summarize(run, alive_at_end=[i for i in alive if i not in killed])
-        for peer, figures in before.get("per_peer", {}).items():  # keep what only the run sampled (CPU, RSS)
+        for peer, figures in before.get("per_peer", {}).items():  # keep what only the run sampled (CPU, RSS, PSS)
             summary["per_peer"][peer] = {**figures, **summary["per_peer"].get(peer, {})}
+        for figures in summary["per_peer"].values():  # an older run sampled no PSS
+            figures.setdefault("pss_mb", None)
+            figures["cpu_s_per_round"] = cpu_per_round(figures)
+        summary["cost"] = cost(summary["per_peer"])
         print(json.dumps({**before, **summary}, indent=1))
         return 0
     out = Path(args.out)

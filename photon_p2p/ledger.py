@@ -64,6 +64,7 @@ class RoundLedger:
     paused_s: float = 0.0  # time spent landing averages (waiting, evaluating, checkpointing)
     eval_mark: int = 0  # the inner step of the last validation
     reads_mark: int = 0  # the swarm's DHT read count at the last round record
+    served_mark: dict = field(default_factory=dict)  # what the DHT node had served at the last record of it, by kind
     started_at: float = field(default_factory=time.time)
     loop_started: float = 0.0
     last_result: Any = None  # the last finished round's RoundResult

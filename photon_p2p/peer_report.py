@@ -58,11 +58,21 @@ def roster_belief(swarm: Any) -> dict[str, Any]:
 
 
 def roster_fields(d: Reporter) -> dict[str, Any]:
-    """Whom the round waited for, as this peer read the clock (protocol.Roster), and the DHT reads it issued
-    since the last round record."""
+    """Whom the round waited for, as this peer read the clock (protocol.Roster), the DHT reads it issued since the
+    last round record, and the requests (and their bytes) its DHT node served other nodes since the last round
+    record that carried them (absent when the DHT process did not answer in time: HivemindSwarm.dht_served)."""
     chosen, reads = getattr(d.swarm, "last_roster", None), getattr(d.swarm, "dht_reads", 0)
     fields: dict[str, Any] = {"dht_reads": reads - d.ledger.reads_mark}
     d.ledger.reads_mark = reads
+    read_served = getattr(d.swarm, "dht_served", None)
+    served = read_served() if read_served is not None else None
+    if served is not None:
+        before = d.ledger.served_mark
+        kinds = {k: [c["requests"] - before.get(k, {}).get("requests", 0), c["bytes"] - before.get(k, {}).get("bytes", 0)]
+                 for k, c in served.items()}
+        fields.update(dht_served=sum(r for r, _ in kinds.values()), dht_served_bytes=sum(b for _, b in kinds.values()),
+                      dht_served_kinds=kinds)  # {kind: [requests, bytes]}: which of ping / store / find dominates
+        d.ledger.served_mark = served
     if chosen is not None:
         fields.update(roster=chosen.members, waited=chosen.waited, late=chosen.late, silent=chosen.silent)
     return fields

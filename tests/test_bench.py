@@ -172,3 +172,44 @@ def test_scale_scores_a_late_joiner_apart_and_a_lone_round_beside_a_group_as_a_s
     peer(2, (0, "averaged", 2, "x"), (1, "healed", 3, "b"))
     s = scale.summarize(tmp_path)
     assert s["split_rounds"] == [0] and s["participation"] == round(3 / 6, 4)
+
+
+def test_scale_reports_the_protocol_cost_per_peer_and_its_busiest_dht_node(tmp_path, capsys):
+    scale = _scale()
+    for i in range(3):
+        _round_records(tmp_path, i, (0, "averaged", 3, "a"), (1, "averaged", 3, "b"), (2, "averaged", 3, "c"))
+
+    def add(i: int, **fields) -> None:  # the same fields on each of peer i's round records
+        path = tmp_path / f"peer-{i}" / "metrics.jsonl"
+        recs = [{**json.loads(line), **fields} for line in path.read_text().splitlines()]
+        path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+
+    add(0, dht_reads=3, dht_served=40, dht_served_bytes=12000, phases={"matchmaking": 0.5, "allreduce": 0.1})
+    add(1, dht_reads=3, dht_served=10, dht_served_bytes=2000, phases={"matchmaking": 0.25})
+    add(2, dht_reads=4)  # an older peer's records: no served figures, no phases
+    s = scale.summarize(tmp_path)
+    p0, p2 = s["per_peer"]["peer-0"], s["per_peer"]["peer-2"]
+    assert p0["dht_served_per_round"] == 40 and p0["dht_served_kb_per_round"] == 12.0
+    assert p0["matchmaking_s_median"] == 0.5
+    assert p2["dht_served_per_round"] is None and p2["matchmaking_s_median"] is None
+    cost = s["cost"]
+    assert cost["dht_reads_per_round"] == 3 and cost["dht_served_per_round"] == 25
+    assert cost["matchmaking_s_median"] == 0.375  # the median of the two peers' medians
+    assert cost["cpu_s_per_round"] is None and cost["pss_mb"] is None  # sampled by a live run only
+    assert cost["busiest_dht_node"] == {"peer": "peer-0", "dht_served_per_round": 40, "dht_served_kb_per_round": 12.0,
+                                        "by_kind": None}
+    # --summarize on an older run's summary.json (CPU and RSS sampled, no PSS): what it lacks is None
+    (tmp_path / "summary.json").write_text(json.dumps({"per_peer": {f"peer-{i}": {"cpu_s": 30.0, "rss_mb": 1100.0}
+                                                                    for i in range(3)}}))
+    assert scale.main(["--summarize", str(tmp_path)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["per_peer"]["peer-1"]["cpu_s_per_round"] == 10.0 and again["per_peer"]["peer-1"]["pss_mb"] is None
+    assert again["cost"]["cpu_s_per_round"] == 10.0 and again["cost"]["rss_mb"] == 1100.0
+    assert again["cost"]["pss_mb"] is None and again["cost"]["busiest_dht_node"]["peer"] == "peer-0"
+    # no round record carries the served figures at all: no busiest node
+    for i in (0, 1):
+        add(i, dht_reads=3)
+        path = tmp_path / f"peer-{i}" / "metrics.jsonl"
+        path.write_text("".join(line.replace('"dht_served', '"old_served') + "\n"
+                                for line in path.read_text().splitlines()))
+    assert scale.summarize(tmp_path)["cost"]["busiest_dht_node"] is None

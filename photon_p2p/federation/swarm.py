@@ -23,6 +23,7 @@ from photon_p2p.federation.admission import SwarmAdmission, validators_for
 from photon_p2p.federation.averaging import LEFT, PseudoGradientAverager, RoundResult
 from photon_p2p.federation.clock import SwarmClock
 from photon_p2p.federation.groups import plan_groups
+from photon_p2p.federation.hivemind_ext import dht_stats
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
 from photon_p2p.federation.protocol import (SETTLE_S, NoShows, Roster, fold, moved_on, round_leader, roster,
@@ -143,6 +144,19 @@ class HivemindSwarm:
     def _admits(self, record: dict) -> bool:
         # a revoked peer's records are still in the DHT (its token is valid): readers drop them
         return self.admission is None or (record["verified"] and self.admission.allows(record["peer_id"]))
+
+    def dht_served(self) -> dict[str, dict[str, int]] | None:
+        """{kind: {"requests", "bytes"}} this peer's DHT node has served other nodes since it started (dht_stats);
+        None when the DHT process does not answer within min(1 s, network.request_timeout): no round waits on it."""
+        future = None
+        try:
+            future = self.dht.run_coroutine(dht_stats.served, return_future=True)
+            return future.result(timeout=min(1.0, float(self.cfg.network.request_timeout)))
+        except Exception as e:  # a busy or stopping DHT process: the round record goes without these figures
+            if future is not None:
+                future.cancel()
+            log.debug("could not read what the DHT node served: %r", e)
+            return None
 
     def admission_line(self) -> str:
         """What the banner says about who may join."""

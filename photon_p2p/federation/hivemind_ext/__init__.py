@@ -2,7 +2,8 @@
 
 # Files mirror hivemind's own: averager.py (hivemind/averaging/averager.py), allreduce.py, partition.py,
 # matchmaking.py (hivemind/averaging/...), progress_tracker.py (hivemind/optim/progress_tracker.py), validation.py
-# (hivemind/dht/validation.py), serialization.py (hivemind/compression/serialization.py). They
+# (hivemind/dht/validation.py), dht_stats.py (hivemind/dht/protocol.py), serialization.py
+# (hivemind/compression/serialization.py). They
 # override private coroutines of one hivemind version, checked below before any of them is used (importing a
 # submodule runs this file first); nothing else in photon_p2p touches hivemind's averaging/optim internals.
 # - ``ExactAllReduceRunner`` (allreduce.py): hivemind's butterfly all-reduce returns each member
@@ -26,6 +27,8 @@
 #   which a reducer's returned parts and everything received are (de)serialized, so their bytes are counted.
 # - ``CachedValidator`` (validation.py): hivemind's CompositeValidator that remembers the records it has passed, so
 #   a record is not re-verified (RSA signature, schema) on every DHT answer that carries it.
+# - ``dht_stats`` (dht_stats.py): wraps DHTProtocol's rpc_ping / rpc_store / rpc_find to count the requests and
+#   bytes this peer's DHT node serves (bench/scale.py's cost per peer as the swarm grows).
 
 import hivemind
 
