@@ -322,7 +322,17 @@ class PeerDaemon(Rejoin):
             return self._loop()
         finally:
             exporters.close()
+            self._log_hot_keys()
             self.swarm.shutdown()
+
+    def _log_hot_keys(self) -> None:
+        """Which DHT keys this peer's node served the most of over the run (the DHT's hot spots as N grows)."""
+        hot = getattr(self.swarm, "dht_hot_keys", None)
+        keys = hot(self.round) if hot is not None and getattr(self.swarm, "dht", None) is not None else {}
+        if keys:
+            self.metrics.log("dht_keys", round=self.round, served=keys)  # {key: [requests, bytes]}
+            log.info("DHT keys this node served most (requests, kB): %s",
+                     ", ".join(f"{k} {r} {b / 1e3:.0f}" for k, (r, b) in keys.items()))
 
     def _loop(self) -> dict[str, Any]:
         f = self.cfg.federation

@@ -20,7 +20,7 @@ from photon_p2p.config import Config
 from photon_p2p.credentials import load_owner_public, public_bytes
 from photon_p2p.federation import FederationError
 from photon_p2p.federation.admission import SwarmAdmission, validators_for
-from photon_p2p.federation.averaging import LEFT, PseudoGradientAverager, RoundResult
+from photon_p2p.federation.averaging import LEFT, PseudoGradientAverager, RoundResult, group_bits
 from photon_p2p.federation.clock import SwarmClock
 from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.hivemind_ext import dht_stats
@@ -29,7 +29,9 @@ from photon_p2p.federation.network import connection_kind, parse_multiaddrs, sta
 from photon_p2p.federation.protocol import (SETTLE_S, NoShows, Roster, fold, moved_on, round_leader, roster,
                                            server_moved, state_verdict)
 from photon_p2p.federation.records import (
+    RUNS_KEY,
     HeartbeatPublisher,
+    heartbeat_key,
     install_validators,
     is_live,
     load_identity_key,
@@ -320,6 +322,22 @@ class HivemindSwarm:
     def publish_now(self) -> None:
         if self.publisher is not None:
             self.publisher.publish_now()
+
+    def dht_hot_keys(self, rounds: int) -> dict[str, list[int]]:
+        """The DHT keys this peer's node served the most bytes of, named where this peer knows the name (its run's
+        clock, heartbeats, state sharing, and the group keys of the first ``rounds`` rounds); {} if the DHT
+        process does not answer within a second."""
+        run = self.cfg.federation.run_id
+        names = [f"{run}_clock_steps_progress", heartbeat_key(run), f"{run}_pseudograd.all_averagers", RUNS_KEY,
+                 *(f"{run}_pseudograd.0b{group_bits(r)}" for r in range(max(0, rounds) + 1))]
+        try:
+            by_key = self.dht.run_coroutine(dht_stats.served_by_key, return_future=True).result(timeout=1.0)
+        except Exception as e:
+            log.debug("could not read what the DHT node served by key: %r", e)
+            return {}
+        named = dht_stats.label(by_key, names)
+        return {n.replace(f"{run}_", "").replace("pseudograd.0b", "group ") if n.startswith(run) else n: v
+                for n, v in named.items()}
 
     def shutdown(self) -> None:
         """Leave in reverse order of joining: heartbeats ("left"), clock, averager, then the DHT (and p2pd)."""

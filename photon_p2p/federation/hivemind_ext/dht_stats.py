@@ -21,6 +21,9 @@ from hivemind.dht.protocol import DHTProtocol
 KINDS = ("ping", "store", "find")
 # In the DHT process: {kind: {"requests": n, "bytes": b}} since it started. Zero in every other process.
 SERVED: dict[str, dict[str, int]] = {kind: {"requests": 0, "bytes": 0} for kind in KINDS}
+# In the DHT process: {key id (hex): [requests, bytes]} served per DHT key (find results and stored values): which
+# key is the hot spot. Key ids are hashes; ``label`` names the ones a peer knows.
+BY_KEY: dict[str, list[int]] = {}
 _serving = contextvars.ContextVar("photon_dht_serving", default=False)  # inside a handler (and tasks it starts)
 
 
@@ -40,9 +43,21 @@ def _counting(kind: str, handler: Any) -> Any:
             counts = SERVED[kind]
             counts["requests"] += 1
             counts["bytes"] += request.ByteSize() + (response.ByteSize() if response is not None else 0)
+            if kind == "find" and response is not None:
+                for key, result in zip(request.keys, response.results):
+                    _add(key, result.ByteSize())
+            elif kind == "store":
+                for key, value in zip(request.keys, request.values):
+                    _add(key, len(value))
 
     rpc._photon_counted = True
     return rpc
+
+
+def _add(key: bytes, size: int) -> None:
+    entry = BY_KEY.setdefault(bytes(key).hex(), [0, 0])
+    entry[0] += 1
+    entry[1] += size
 
 
 def install() -> None:
@@ -57,6 +72,28 @@ def install() -> None:
 async def served(dht: Any, node: Any) -> dict[str, dict[str, int]]:
     """A copy of the DHT process's counters: ``dht.run_coroutine(served)`` (see the comment above)."""
     return {kind: dict(counts) for kind, counts in SERVED.items()}
+
+
+async def served_by_key(dht: Any, node: Any) -> dict[str, list[int]]:
+    """A copy of the DHT process's per-key counters: ``dht.run_coroutine(served_by_key)``."""
+    return {key: list(entry) for key, entry in BY_KEY.items()}
+
+
+def label(by_key: dict[str, list[int]], names: list[str], top: int = 6) -> dict[str, list[int]]:
+    """The ``top`` keys by bytes, each named by the first of ``names`` (DHT key strings) that hashes to it,
+    others "other"; every key beyond ``top`` is summed into "rest"."""
+    from hivemind.dht.routing import DHTID
+
+    known = {DHTID.generate(source=name).to_bytes().hex(): name for name in names}
+    ranked = sorted(by_key.items(), key=lambda kv: -kv[1][1])
+    out: dict[str, list[int]] = {}
+    for key, (requests, size) in ranked[:top]:
+        name = known.get(key, f"other:{key[:8]}")
+        out[name] = [requests, size]
+    rest = ranked[top:]
+    if rest:
+        out["rest"] = [sum(r for _, (r, _) in rest), sum(b for _, (_, b) in rest)]
+    return out
 
 
 def total(counts: dict[str, dict[str, int]]) -> tuple[int, int]:

@@ -15,6 +15,20 @@ from photon_p2p.federation.records import is_live, peer_id_of_owner, read_record
 
 
 KEEPALIVE_S = 3.0  # seconds between two stores of this peer's record while it does not report (waits, evaluates)
+# The periodic read of every clock record: n peers reading n records of ~700 bytes (a signed record and its owner's
+# key) every period move n² × 700 / period bytes a second through the replicas of one DHT key. Every 2 s that
+# was 730 kB a round served per DHT node at 8 peers, 3.4 MB at 16, 31 MB at 32, where the DHT processes and
+# p2pd then took more than the 2 cores (BENCHMARKS.md, "Scale"). The period grows with n² so the swarm's periodic
+# reads stay near CLOCK_READ_BUDGET; the reads a round needs (its roster, the leader's re-reads) are direct.
+CLOCK_RECORD_BYTES = 700
+CLOCK_READ_BUDGET = 100e3  # bytes a second, the whole swarm's periodic clock reads together
+MAX_FETCH_S = 120.0
+
+
+def fetch_period(n: int, shortest: float) -> float:
+    """Seconds between two periodic reads of the clock's records with ``n`` of them: ``shortest`` for a small
+    swarm, growing with n² from about 17 peers, at most MAX_FETCH_S."""
+    return min(MAX_FETCH_S, max(shortest, n * n * CLOCK_RECORD_BYTES / CLOCK_READ_BUDGET))
 
 
 def progress_records(metadata: Any) -> dict[str, LocalTrainingProgress]:
@@ -140,7 +154,9 @@ class RoundTracker(ProgressTracker):
         self.observe(records)
         self.records = records
         self.members = {peer: int(r.epoch) for peer, r in records.items()}
-        return super()._parse_swarm_progress_data(metadata)
+        progress = super()._parse_swarm_progress_data(metadata)
+        progress.next_fetch_time = get_dht_time() + fetch_period(len(everyone), self.min_refresh_period)
+        return progress
 
     def begin_epoch(self, epoch: int, timeout: float) -> bool:
         """``pause_updates`` + ``update_epoch`` with a deadline. hivemind's fetcher holds the progress lock across
