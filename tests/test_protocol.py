@@ -271,3 +271,13 @@ def test_a_roster_projects_every_members_quota_as_speed_quota_does_in_one_sort()
             others = [r.speed for p, r in records.items() if p != member and r.round >= 4]
             want = speed_quota(8, record.speed, others) / record.speed if record.speed > 0 else 0.0
             assert member_round_s(records, member, 5, 8, speeds=speeds) == pytest.approx(want, rel=1e-9)
+
+
+def test_the_clock_reads_and_stores_less_often_as_the_swarm_grows_past_16_peers():
+    # Every get or store of the clock's one DHT key moves the whole dictionary from up to 20 nodes: O(n²) bytes a
+    # period. Up to 16 peers nothing changes; past that the period grows with n², capped.
+    from photon_p2p.federation.hivemind_ext.progress_tracker import MAX_FETCH_S, fetch_period
+
+    assert [fetch_period(n, 2.0) for n in (1, 8, 16)] == [2.0, 2.0, 2.0]
+    assert fetch_period(32, 2.0) == pytest.approx(7.17, abs=0.01) and fetch_period(32, 3.0) == fetch_period(32, 2.0)
+    assert fetch_period(100, 2.0) == pytest.approx(70.0) and fetch_period(1000, 2.0) == MAX_FETCH_S

@@ -8,7 +8,8 @@ from typing import Callable
 
 from hivemind.utils import get_dht_time
 
-from photon_p2p.federation.hivemind_ext.progress_tracker import RoundTracker, admitted_progress, progress_records
+from photon_p2p.federation.hivemind_ext.progress_tracker import (KEEPALIVE_S, RoundTracker, admitted_progress,
+                                                                   progress_records)
 from photon_p2p.federation.protocol import SILENT_S, ClockRecord, speed_quota
 
 log = logging.getLogger("photon_p2p.federation")
@@ -138,8 +139,9 @@ class SwarmClock:
         return kept
 
     def silent(self) -> set[str]:
-        """Peers whose clock record stopped moving SILENT_S ago: stopped or dead, not waited for (protocol)."""
-        return self.tracker.silent(SILENT_S)
+        """Peers whose clock record stopped moving SILENT_S ago (longer in a swarm whose keepalive is longer: past
+        16 peers, fetch_period): stopped or dead, not waited for (protocol)."""
+        return self.tracker.silent(SILENT_S * self.tracker.keepalive_s / KEEPALIVE_S)
 
     def left(self, round_no: int, waiting: tuple[str, ...]) -> bool:
         """Whether the peers in ``waiting`` have all moved past ``round_no`` (as of the tracker's last fetch):

@@ -15,19 +15,21 @@ from photon_p2p.federation.records import is_live, peer_id_of_owner, read_record
 
 
 KEEPALIVE_S = 3.0  # seconds between two stores of this peer's record while it does not report (waits, evaluates)
-# The periodic read of every clock record: n peers reading n records of ~700 bytes (a signed record and its owner's
-# key) every period move n² × 700 / period bytes a second through the replicas of one DHT key. Every 2 s that
-# was 730 kB a round served per DHT node at 8 peers, 3.4 MB at 16, 31 MB at 32, where the DHT processes and
-# p2pd then took more than the 2 cores (BENCHMARKS.md, "Scale"). The period grows with n² so the swarm's periodic
-# reads stay near CLOCK_READ_BUDGET; the reads a round needs (its roster, the leader's re-reads) are direct.
+# The clock's records are one DHT key with a subkey per peer, and every hivemind get or store of it visits up to
+# 20 nodes (its beam), each of which answers with the whole dictionary: one keepalive store at 16 peers moved 85 kB
+# (6.6 x the value), a get 83 kB. n peers storing and reading n records of ~700 bytes (a signed record and its
+# owner's key) every period thus move O(n²) bytes a period. Every 3 s / 2 s that was 730 kB a round served per DHT
+# node at 8 peers, 3.4 MB at 16, 31 MB at 32, where the DHT processes and p2pd took more than this machine's 2
+# cores (BENCHMARKS.md, "Scale"). Both periods grow with n² past 16 peers; the reads a round needs (its roster,
+# the leader's re-reads) are direct, and a record is silent after SILENT_S times the keepalive's growth.
 CLOCK_RECORD_BYTES = 700
 CLOCK_READ_BUDGET = 100e3  # bytes a second, the whole swarm's periodic clock reads together
 MAX_FETCH_S = 120.0
 
 
 def fetch_period(n: int, shortest: float) -> float:
-    """Seconds between two periodic reads of the clock's records with ``n`` of them: ``shortest`` for a small
-    swarm, growing with n² from about 17 peers, at most MAX_FETCH_S."""
+    """Seconds between two periodic reads (or keepalive stores) of the clock's records with ``n`` of them:
+    ``shortest`` for a small swarm, growing with n² from about 17 peers, at most MAX_FETCH_S."""
     return min(MAX_FETCH_S, max(shortest, n * n * CLOCK_RECORD_BYTES / CLOCK_READ_BUDGET))
 
 
@@ -81,6 +83,7 @@ class RoundTracker(ProgressTracker):
     fresh: float = 0.0  # our monotonic time of the last read in which any record moved
     unadmitted: set[str] = set()  # peers whose records the last fetch dropped (no token in our view yet, or none)
     hide_speed: bool = False  # this round's quota is not what others would project from our speed (a joiner's)
+    keepalive_s: float = KEEPALIVE_S  # grows with the swarm (fetch_period): readers scale SILENT_S alike
 
     def _get_local_progress(self, local_epoch: int, samples_accumulated: int) -> LocalTrainingProgress:
         progress = super()._get_local_progress(local_epoch, samples_accumulated)
@@ -110,7 +113,7 @@ class RoundTracker(ProgressTracker):
         every metadata_expiration / 2): its ``time`` is how readers tell a waiting peer from a stopped one."""
         loop = asyncio.get_event_loop()
         while not self.shutdown_triggered.is_set():
-            await loop.run_in_executor(None, self.shutdown_triggered.wait, KEEPALIVE_S)
+            await loop.run_in_executor(None, self.shutdown_triggered.wait, self.keepalive_s)
             self.should_report_progress.set()
 
     def run(self) -> None:
@@ -156,6 +159,8 @@ class RoundTracker(ProgressTracker):
         self.members = {peer: int(r.epoch) for peer, r in records.items()}
         progress = super()._parse_swarm_progress_data(metadata)
         progress.next_fetch_time = get_dht_time() + fetch_period(len(everyone), self.min_refresh_period)
+        # stored well within its expiration, or the record would lapse between two stores
+        self.keepalive_s = min(fetch_period(len(everyone), KEEPALIVE_S), max(KEEPALIVE_S, self.metadata_expiration / 3))
         return progress
 
     def begin_epoch(self, epoch: int, timeout: float) -> bool:
