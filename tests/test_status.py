@@ -384,9 +384,6 @@ def test_escape_sequences_in_other_peers_records_never_reach_the_terminal():
 def test_a_bootstrap_node_told_the_run_and_owner_key_refuses_what_the_peers_would(tmp_path):
     # issue 24, item 12: the bootstrap node stored any token, revocation or heartbeat; a closed swarm's peers
     # refused them, but a reader asking the bootstrap node first got them
-    from hivemind import DHT
-    from hivemind.utils import get_dht_time
-
     from photon_p2p.credentials import create_owner_key, fingerprint as key_fp, load_owner_private, make_token
     from photon_p2p.federation.admission import admitted_key
     from photon_p2p.federation.records import RUNS_KEY
@@ -409,17 +406,28 @@ def test_a_bootstrap_node_told_the_run_and_owner_key_refuses_what_the_peers_woul
             if line.startswith("bootstrap node validates:"):
                 break
         assert addr and f"run(s) {RUN}" in said[-1] and "closed swarm, owner key" in said[-1], said
-        dht = DHT(initial_peers=[addr], client_mode=True, start=True)
-        try:
-            later = get_dht_time() + 30
-
-            def stored(k, value, subkey) -> bool:
-                return bool(dht.store(k, value, later, subkey=subkey, return_future=True).result(timeout=within(10)))
-            assert not stored(key, make_token(stranger, peer, 600), peer)  # another owner's token
-            assert not stored(RUNS_KEY, "not a time", "some-run")  # a malformed run-id hint
-            assert stored(key, make_token(owner, peer, 600), peer)  # the owner's own: stored
-        finally:
-            dht.shutdown()
+        # The client DHT runs in a fresh interpreter: hivemind forks its DHT process, and forked from this pytest
+        # process (threads of earlier tests running) the child hung before it was ready in about half the runs.
+        tries = [(key, make_token(stranger, peer, 600), peer),  # another owner's token
+                 (RUNS_KEY, "not a time", "some-run"),  # a malformed run-id hint
+                 (key, make_token(owner, peer, 600), peer)]  # the owner's own: stored
+        code = (
+            "import json, sys\n"
+            "from hivemind.utils import get_dht_time\n"
+            "from photon_p2p.config import NetworkConfig\n"
+            "from photon_p2p.federation.network import start_dht, stop_dht\n"
+            "addr, tries = sys.argv[1], json.loads(sys.argv[2])\n"
+            "net = NetworkConfig(initial_peers=[addr], host_maddrs=['/ip4/127.0.0.1/tcp/0'], bootstrap_timeout=30)\n"
+            "dht = start_dht(net, initial_peers=[addr], client_mode=True)\n"
+            "try:\n"
+            "    later = get_dht_time() + 30\n"
+            "    print(json.dumps([bool(dht.store(k, v, later, subkey=s, return_future=True).result(timeout=10))\n"
+            "                      for k, v, s in tries]))\n"
+            "finally:\n"
+            "    stop_dht(dht)\n")
+        client = spawn(["-c", code, addr, json.dumps(tries)], procs, stdout=subprocess.PIPE)
+        out, _ = client.communicate(timeout=within(60))
+        assert client.returncode == 0 and json.loads(out.strip().splitlines()[-1]) == [False, False, True], out
     finally:
         reap(procs)
 
