@@ -515,9 +515,10 @@ MODELS = {"photon-125m": {"step_s": 0.2, "payload_mb": 130.0, "state_mb": 1500.0
 CALIBRATED = ("form_s", "form_coef", "form_exp", "key_share")
 
 
-def predict(cal: dict, sizes=(100, 300, 1000), links=(1000.0, 100.0), rounds: int = 6, seeds: int = 1) -> list:
+def predict(cal: dict, sizes=(100, 300, 1000), links=(1000.0, 100.0), rounds: int = 6, seeds: int = 1,
+            models=tuple(MODELS)) -> list:
     out = []
-    for model, spec in MODELS.items():
+    for model, spec in ((m, MODELS[m]) for m in models):
         for link in links:
             for n in sizes:
                 # Peers on their own machines: a group's assembly as calibrated for 8 peers (the least CPU-shared
@@ -550,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibrate", nargs="+", metavar="SUMMARY", help="bench/scale.py summary files to fit")
     ap.add_argument("--predict", action="store_true", help="100 / 300 / 1,000 peers for the presets")
     ap.add_argument("--calibration", help="a --calibrate output (JSON) to predict with")
+    ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS), help="--predict: presets")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[100, 300, 1000], help="--predict: swarm sizes")
+    ap.add_argument("--rounds-each", type=int, default=6, help="--predict: rounds per simulated run")
     ap.add_argument("--out", help="write the JSON result here too")
     a = ap.parse_args(argv)
     if a.calibrate:
@@ -558,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.predict:
         cal = json.loads(Path(a.calibration).read_text()) if a.calibration else asdict(Setup())
         result = {"calibration": {k: cal[k] for k in CALIBRATED},
-                  "assumed": MODELS, "rows": predict(cal)}
+                  "assumed": MODELS, "rows": predict(cal, sizes=tuple(a.sizes), rounds=a.rounds_each,
+                                                     models=tuple(a.models))}
     else:
         fields = {f: type(v) for f, v in asdict(Setup()).items()}
         extra = {}
