@@ -534,7 +534,8 @@ def predict(cal: dict, sizes=(100, 300, 1000), links=(1000.0, 100.0), rounds: in
                             "overhead_s": round(statistics.mean(r["round_overhead_s"]["median"] or 0 for r in runs), 1),
                             "round_s": round(statistics.mean(r["wall_s"] / max(1, r["rounds_total"]) for r in runs), 1),
                             "rounds_to_heal_max": max(r["rounds_to_heal_max"] for r in runs),
-                            "busiest_dht_kb_per_s": dht["kb_per_s"], "busiest_dht_requests_per_round": dht["requests_per_round"],
+                            "busiest_dht_kb_per_s": dht["kb_per_s"],
+                            "busiest_dht_requests_per_round": dht["requests_per_round"],
                             "busiest_dht_link_share": round(dht["kb_per_s"] * 8 / 1e3 / link, 3)})
                 print(json.dumps(out[-1]), flush=True)
     return out

@@ -68,8 +68,7 @@ def roster_fields(d: Reporter) -> dict[str, Any]:
     served = read_served() if read_served is not None else None
     if served is not None:
         before = d.ledger.served_mark
-        kinds = {k: [c["requests"] - before.get(k, {}).get("requests", 0), c["bytes"] - before.get(k, {}).get("bytes", 0)]
-                 for k, c in served.items()}
+        kinds = {k: [c[f] - before.get(k, {}).get(f, 0) for f in ("requests", "bytes")] for k, c in served.items()}
         fields.update(dht_served=sum(r for r, _ in kinds.values()), dht_served_bytes=sum(b for _, b in kinds.values()),
                       dht_served_kinds=kinds)  # {kind: [requests, bytes]}: which of ping / store / find dominates
         d.ledger.served_mark = served

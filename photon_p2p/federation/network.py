@@ -109,8 +109,8 @@ def start_dht(net: NetworkConfig, *, initial_peers: list[str] | None = None,
     # Nor a local copy of what this node read or stored: every node holding a key answers every search for it
     # with the whole value, and our clock and heartbeat keys are dictionaries of every peer's record. With the
     # copies, one keepalive store at 32 peers moved 669 kB (26 times the value) through the 20 nodes its search
-    # visits and one read 554 kB; without, 135 kB and 132 kB (only the replicas hold it; bench/dht_cost.py). We read with latest=True
-    # everywhere, which searches the replicas anyway: the local copy never answered one of our reads.
+    # visits and one read 554 kB; without, 135 kB and 132 kB (only the replicas hold it; bench/dht_cost.py). We
+    # read with latest=True everywhere, which searches the replicas anyway: the local copy never answered one.
     kwargs.update(cache_nearest=0, cache_refresh_before_expiry=0, cache_locally=False, cache_on_store=False)
     if net.identity_path:
         kwargs["identity_path"] = use_identity(net.identity_path)

@@ -16,9 +16,10 @@ from photon_p2p.federation.records import is_live, peer_id_of_owner, read_record
 
 KEEPALIVE_S = 3.0  # seconds between two stores of this peer's record while it does not report (waits, evaluates)
 # The clock's records are one DHT key with a subkey per peer, and every hivemind get or store of it visits up to
-# 20 nodes (its beam), each of which answers with the whole dictionary: one keepalive store at 16 peers moved 216 kB
-# (17 x the value), a get 212 kB, with hivemind's local copies (71 / 67 kB without: bench/dht_cost.py). n peers storing and reading n records of ~700 bytes (a signed record and its
-# owner's key) every period thus move O(n²) bytes a period. Every 3 s / 2 s that was 730 kB a round served per DHT
+# 20 nodes (its beam), each of which answers with the whole dictionary: one keepalive store at 16 peers moved
+# 216 kB (17 x the value), a get 212 kB, with hivemind's local copies (71 / 67 kB without: bench/dht_cost.py).
+# n peers storing and reading n records of ~700 bytes (a signed record and its owner's key) every period thus
+# move O(n²) bytes a period. Every 3 s / 2 s that was 730 kB a round served per DHT
 # node at 8 peers, 3.4 MB at 16, 31 MB at 32, where the DHT processes and p2pd took more than this machine's 2
 # cores (BENCHMARKS.md, "Scale"). Both periods grow with n² past 16 peers; the reads a round needs (its roster,
 # the leader's re-reads) are direct, and a record is silent after SILENT_S times the keepalive's growth.
@@ -158,9 +159,10 @@ class RoundTracker(ProgressTracker):
         self.records = records
         self.members = {peer: int(r.epoch) for peer, r in records.items()}
         progress = super()._parse_swarm_progress_data(metadata)
-        progress.next_fetch_time = get_dht_time() + fetch_period(len(everyone), self.min_refresh_period)
+        n = len(everyone)
+        progress.next_fetch_time = get_dht_time() + fetch_period(n, self.min_refresh_period)
         # stored well within its expiration, or the record would lapse between two stores
-        self.keepalive_s = min(fetch_period(len(everyone), KEEPALIVE_S), max(KEEPALIVE_S, self.metadata_expiration / 3))
+        self.keepalive_s = min(fetch_period(n, KEEPALIVE_S), max(KEEPALIVE_S, self.metadata_expiration / 3))
         return progress
 
     def begin_epoch(self, epoch: int, timeout: float) -> bool:
