@@ -274,6 +274,8 @@ class PeerDaemon(Rejoin):
             if f.inner_state == "reset":
                 self.trainer.reset_optimizer_state()
             marks.append(("apply", time.monotonic()))
+            if result.partial > 0:
+                self._mend_partial(result)  # G1: a member alone on other bytes takes its group's model now
             self._catch_up(self.swarm.peers(), who="this peer's group")  # a pocket that fell behind together
         marks.append(("catch_up", time.monotonic()))
         late_join = result.solo and result.reason == LEFT and self.ledger.joining and not alone

@@ -74,6 +74,33 @@ class Rejoin:
         return self._sync_from_swarm(f"a split at round {self.round}: the majority holds model {want[:8]}, this "
                                      f"peer {self.fingerprint()[:8]}", carry_local=True, want=want, only=holders)
 
+    def _mend_partial(self, result: RoundResult) -> bool:
+        """G1 after a partial round: a member whose stream from one reducer broke kept its own values there while
+        the rest of its group got that reducer's average, so it alone may hold another model. Publish ours, wait
+        (up to allreduce_timeout) until the group's other live members have landed the round, and if ours is not
+        their majority's (protocol.split_winner), adopt it now, keeping local progress, so that the round's
+        record already holds one model. When the reducer itself failed every member kept the same values: no
+        download. True if this peer adopted another member's model."""
+        members = set(result.fingerprints or result.peers) - {self.swarm.peer_id}
+        if not members:
+            return False
+        self.swarm.publish_now()  # every member of an all-partial group waits for the others' heartbeats
+        deadline = time.monotonic() + self.cfg.federation.allreduce_timeout
+        while True:
+            rows = [p for p in self.swarm.peers() if str(p.get("peer_id")) in members]
+            landed = [p for p in rows if int(p.get("round", -1)) >= self.round]
+            if len(landed) == len(rows) or time.monotonic() >= deadline or self.stop.is_set():
+                break
+            self.stop.wait(0.5)
+        want = split_winner(self.fingerprint(), self.round, landed)
+        if not want:
+            return False
+        holders = [str(p["peer_id"]) for p in landed if p.get("round") == self.round and p.get("fingerprint") == want]
+        self.metrics.log("split", round=self.round, mine=self.fingerprint(), majority=want, holders=holders,
+                         partial=result.partial)
+        return self._sync_from_swarm(f"a partial round left this peer alone on model {self.fingerprint()[:8]}, "
+                                     f"its group on {want[:8]}", carry_local=True, want=want, only=holders)
+
     def _settle(self) -> None:
         """G5: the run is over at the swarm's round R. Before leaving, serve peers still finishing their last
         round (a peer that missed it downloads from us) and adopt the majority's model if the last round split;

@@ -29,6 +29,9 @@ class FakeNet:
     cond: threading.Condition = field(default_factory=threading.Condition)
     progress: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # peer: (round, steps, speed)
     targeted_downloads: bool = True  # False: a download from chosen holders (a split's majority) finds nobody
+    # broken(round, peer): the fraction of this member's values whose stream from their reducer broke: it alone
+    # gets zeros there (no update), as hivemind's all-reduce returns for a failed reducer; the others the mean
+    broken: Callable[[int, str], float] = lambda round_no, me: 0.0
 
 
 class FakeSwarm:
@@ -95,8 +98,12 @@ class FakeSwarm:
             else:
                 values = [box[n][0][i] for n in members]
             d.copy_(sum(box[n][1] * v for n, v in zip(members, values)) / total)
+        lost = self.net.broken(round_no, self.peer_id)
+        for d in deltas if lost else ():
+            flat = d.view(-1)
+            flat[:max(1, int(lost * flat.numel()))] = 0
         return RoundResult(round_no, False, len(members), members, total, 0.0, 0, 0, "", healed=healed,
-                           fingerprints=prints)
+                           fingerprints=prints, partial=lost)
 
     def load_state(self, timeout: float, progress: bool, only: list[str] | None = None, exclude: list[str] = ()):
         if only is not None and not self.net.targeted_downloads:

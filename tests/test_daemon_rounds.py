@@ -173,6 +173,24 @@ def test_a_visible_split_is_gone_before_the_next_round_averages(tmp_path, kjv_da
     assert len({o["fingerprint"] for o in out.values()}) == 1, out
 
 
+@pytest.mark.parametrize("who", ["one", "every"])
+def test_a_partial_round_ends_on_one_model(tmp_path, kjv_data, who):
+    """G1 through a partial round. "one": c's stream from one reducer broke (2 % of its values): it alone kept
+    them unchanged, then adopted its group's model before recording the round, so round 0's records hold one
+    model. "every": the reducer itself failed, every member kept the same values: one model, no download."""
+    net = FakeNet(broken=lambda r, me: 0.02 if r == 0 and (who == "every" or me == "c") else 0.0)
+    daemons = [make_daemon(tmp_path, kjv_data, net, n, **{"train.seed": i}) for i, n in enumerate("abc")]
+    out = run_all(daemons)
+    first = {d.cfg.name: rounds(d)[0] for d in daemons}
+    broken = {"c"} if who == "one" else {"a", "b", "c"}
+    assert {n for n, r in first.items() if r["outcome"] == "partial" and r["partial"] == 0.02} == broken, first
+    assert len({r["fingerprint"] for r in first.values()}) == 1, first  # one model on record after round 0
+    mended = {d.cfg.name for d in daemons
+              if any(r["kind"] == "split" and "partial" in r for r in read_metrics(d.run_dir))}
+    assert mended == ({"c"} if who == "one" else set())
+    assert len({o["fingerprint"] for o in out.values()}) == 1, out
+
+
 def test_a_diverging_silo_rolls_back_never_sends_and_stops(tmp_path, kjv_data):
     net = FakeNet(barrier_timeout=10.0)
     honest = [make_daemon(tmp_path, kjv_data, net, n, **{"train.seed": i, "federation.rounds": 3})

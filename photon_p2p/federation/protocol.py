@@ -17,7 +17,8 @@ class Outcome(str, enum.Enum):
     AVERAGED = "averaged"  # its group's mean Δ applied: the same bytes on every member
     HEALED = "healed"  # its group held two models and averaged weights: one model again
     PARTIAL = "partial"  # averaged, but a failed reducer's part was left unchanged (on every member if the
-    # reducer failed; on one member alone if only its stream from the reducer broke: G2 heals it next round)
+    # reducer failed; on one member alone if only its stream from the reducer broke: it adopts its group's model
+    # before the round's record, rejoin._mend_partial)
     MISSED = "missed"  # no group while others were live: local work folds into the next round
     SOLO = "solo"  # alone in the swarm: its own Δ applied
     JOINED_LATE = "joined_late"  # a joiner whose first round closed before it came: caught up, part of joining
