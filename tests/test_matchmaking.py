@@ -33,10 +33,12 @@ def matchmaking(leader_answers: str, accept_after: float, answer_after: float) -
     mm.step_control, mm.current_leader, mm.current_followers = None, None, {}
     mm.assembled_group, mm.was_accepted_to_group = asyncio.Future(), asyncio.Event()
     mm.follower_was_discarded, mm.request_timeout = asyncio.Event(), 2.0
+    mm.pending_leader = None
 
     async def request_leaders(step):
+        mm.pending_leader = "leader"  # asked at once; the answer comes after accept_after (as _join tracks it)
         await asyncio.sleep(accept_after)
-        mm.current_leader = "leader"
+        mm.pending_leader, mm.current_leader = None, "leader"
         await asyncio.sleep(answer_after)
         if leader_answers == "begin":
             mm.assembled_group.set_result(GROUP)
@@ -66,9 +68,15 @@ def test_a_follower_whose_leader_disbands_gives_up_at_once():
     assert got is None and 0.55 < took < 1.5
 
 
-def test_a_follower_nobody_accepted_leaves_at_its_deadline():
+def test_a_follower_whose_request_is_answered_after_the_deadline_takes_the_group():
+    # the leader accepts at 0.5 s (its group full with us), "begin" at 0.6 s: leaving at 0.3 s made a ghost
+    got, took = look(0.3, "begin", 0.5, 0.1)
+    assert got is GROUP and 0.55 < took < 1.5
+
+
+def test_a_follower_nobody_answered_leaves_at_most_request_timeout_past_its_deadline():
     got, took = look(0.3, "begin", 5.0, 0.0)
-    assert got is None and took < 1.5
+    assert got is None and 2.2 < took < 3.5
 
 
 def test_a_silent_leader_is_waited_for_at_most_request_timeout():
@@ -102,7 +110,7 @@ def follower(accept_after: float, expires_in: float) -> AdmittedMatchmaking:
     mm = object.__new__(AdmittedMatchmaking)
     mm.gate, mm.request_timeout = None, 0.2
     mm.lock_looking_for_group, mm.lock_request_join_group = asyncio.Lock(), asyncio.Lock()
-    mm.current_leader, mm.current_followers = None, {}
+    mm.current_leader, mm.current_followers, mm.pending_leader = None, {}, None
     mm.assembled_group, mm.was_accepted_to_group = asyncio.Future(), asyncio.Event()
     mm._servicer_type, mm._p2p, mm._prefix = LateLeader(accept_after), None, "test"
     mm.schema_hash, mm.client_mode, mm.peer_id = b"0123456789abcdef", False, "follower"
@@ -122,17 +130,20 @@ def follower(accept_after: float, expires_in: float) -> AdmittedMatchmaking:
     return mm
 
 
-def join(join_fn, accept_after: float, expires_in: float, probe_lock_at: float | None = None):
+def join(join_fn, accept_after: float, expires_in: float, probe_lock_at: float | None = None,
+         probe=lambda mm: not mm.lock_request_join_group.locked()):
+    """``probe`` (at ``probe_lock_at`` s): by default, can our own rpc_join_group answer others meanwhile?"""
     async def main():
         mm = follower(accept_after, expires_in)
         async with mm.lock_looking_for_group:  # is_looking_for_group
             t0, task = time.monotonic(), asyncio.create_task(join_fn(mm, "leader"))
-            lock_free = None
-            if probe_lock_at is not None:  # can our own rpc_join_group answer others meanwhile?
+            seen = None
+            if probe_lock_at is not None:
                 await asyncio.sleep(probe_lock_at)
-                lock_free = not mm.lock_request_join_group.locked()
+                seen = probe(mm)
             got = await task
-            return got, time.monotonic() - t0, lock_free
+            assert mm.pending_leader is None  # answered or not, nothing is pending once the join returns
+            return got, time.monotonic() - t0, seen
     return asyncio.run(main())
 
 
@@ -143,6 +154,9 @@ def test_a_follower_accepted_after_request_timeout_joins_the_group_instead_of_be
     got, took, lock_free = join(AdmittedMatchmaking._request_join_group, 0.5, 2.0, probe_lock_at=0.35)
     assert got is GROUP and 0.5 < took < 1.5
     assert lock_free  # past request_timeout the join lock is released: two peers asking each other still part
+    got, took, pending = join(AdmittedMatchmaking._request_join_group, 0.5, 2.0, probe_lock_at=0.35,
+                              probe=lambda mm: mm.pending_leader)
+    assert got is GROUP and pending == "leader"  # look_for_group's grace waits for this answer too
 
 
 def test_a_leader_that_never_answers_is_left_when_the_request_expires():

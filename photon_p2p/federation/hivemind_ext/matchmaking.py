@@ -11,7 +11,9 @@
 #   hivemind's request_timeout with the lock held, then goes on waiting for the answer WITHOUT the lock (so no
 #   deadlock) until the request's expiration, and joins if it was accepted.
 # - a follower the leader accepted gives up at its step's deadline while the leader's "begin" is on its way
-#   (``look_for_group``: waits for the begin/disband past the deadline, at most request_timeout).
+#   (``look_for_group``: waits for the begin/disband past the deadline, at most request_timeout). Likewise a
+#   follower whose request is still unanswered at its deadline (``pending_leader``): the leader may accept it
+#   and fill its group a moment later.
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class AdmittedMatchmaking(Matchmaking):
     def __init__(self, *args, gate: Any = None, **kwargs) -> None:
         self.gate = gate
         self.round_leader: PeerID | None = None  # the step's designated leader (set before each step)
+        self.pending_leader: PeerID | None = None  # asked to join, no answer yet (it may count us in any moment)
         super().__init__(*args, **kwargs)
 
     async def _request_join_potential_leaders(self, step):
@@ -187,14 +190,18 @@ class AdmittedMatchmaking(Matchmaking):
                     schema_hash=self.schema_hash, expiration=request_expiration_time, client_mode=self.client_mode,
                     gather=self.step_control.data_for_gather, group_key=self.group_key_manager.current_key))
                 first = asyncio.ensure_future(anext(stream))
+                self.pending_leader = leader
                 await asyncio.wait({first}, timeout=self.request_timeout)
                 if first.done() and first.result().code == averaging_pb2.ACCEPTED:
                     await self._follow(leader)
+                if first.done():
+                    self.pending_leader = None
             if not first.done():
                 # The leader may have accepted us and counted us in its group already: do not walk away. Without
                 # the lock our own rpc_join_group can answer others, so two peers asking each other still part.
                 late = max(0.0, request_expiration_time - get_dht_time()) + self.request_timeout
                 await asyncio.wait({first}, timeout=late)
+                self.pending_leader = None
                 if not first.done():
                     log.debug("potential leader %s did not answer within %.2f s", str(leader)[-6:],
                               self.request_timeout + late)
@@ -240,6 +247,7 @@ class AdmittedMatchmaking(Matchmaking):
             log.debug("failed to request potential leader %s", str(leader)[-6:], exc_info=True)
             return None
         finally:
+            self.pending_leader = None
             if first is not None and not first.done():
                 await cancel_and_wait(first)
             self.was_accepted_to_group.clear()
@@ -263,14 +271,16 @@ class AdmittedMatchmaking(Matchmaking):
         a leader that assembled the group a moment earlier (the group was full, or its own expiration came) then
         runs the all-reduce with a member that has left. That member's parts fail (a partial round), or, on the
         gloo path, the others wait out the bulk timeout: seen under CPU load as two row partners on different
-        bytes. Waiting for the leader's answer costs at most request_timeout past the deadline."""
+        bytes. The same for a request the leader has not answered yet: it may accept us and fill its group with us
+        a moment later. Waiting for the leader's answer costs at most request_timeout past the deadline."""
         async with self.looking_for_group(step):
             request_leaders_task = asyncio.create_task(self._request_join_potential_leaders(step))
             try:
                 # asyncio.wait, not wait_for: the future must stay uncancelled while a leader may still answer
                 await asyncio.wait({self.assembled_group}, timeout=step.get_timeout())
-                leader, grace_start = self.current_leader, get_dht_time()
-                while not self.assembled_group.done() and self.current_leader is not None and \
+                leader, grace_start = self.current_leader or self.pending_leader, get_dht_time()
+                while not self.assembled_group.done() and \
+                        (self.current_leader is not None or self.pending_leader is not None) and \
                         get_dht_time() < grace_start + (self.request_timeout or 5.0):
                     await asyncio.wait({self.assembled_group}, timeout=0.05)
                 if leader is not None:
