@@ -237,9 +237,11 @@ def start_peer(tb: NatTestbed, i: int, run_dir: Path, name: str, initial: list[s
     run_dir.mkdir(parents=True, exist_ok=True)
     for f in ("peer.json", "metrics.jsonl", "checkpoint.pt"):
         (run_dir / f).unlink(missing_ok=True)
-    # info: a round that failed in CI can only be explained from what each peer believed (roster, leader)
+    # info: a round that failed in CI can only be explained from what each peer believed (roster, leader);
+    # PHOTON_NAT_LOG_LEVEL=debug for a flake hunt (matchmaking's requests and answers)
+    level = os.environ.get("PHOTON_NAT_LOG_LEVEL", "info")
     cmd = [sys.executable, "-m", "photon_p2p.cli", "run", "--config", config, "--run-dir", str(run_dir),
-           "--host-maddrs", f"/ip4/{tb.addr(i)}/tcp/0", "--no-progress", "--log-level", "info",
+           "--host-maddrs", f"/ip4/{tb.addr(i)}/tcp/0", "--no-progress", "--log-level", level,
            "--set", f"name={name}"]
     if initial:
         cmd += ["--initial-peers", *initial]

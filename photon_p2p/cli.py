@@ -203,6 +203,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             extra.append(f"{key}={json.dumps(getattr(args, flag))}")
     if args.client_mode:
         extra.append("network.client_mode=true")
+    if args.helper:
+        extra.append("federation.helper=true")
     cfg = _load_config(args, extra)  # every check (identity file, addresses, ranges) before hivemind is imported
     _log_to_stderr(args.log_level)
     from photon_p2p.daemon import PeerDaemon
@@ -390,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared data dir (photon-peer prepare-data); default: embedded corpus")
     p.add_argument("--client-mode", action="store_true",
                    help="behind NAT: accept no incoming connections (still trains and averages)")
+    p.add_argument("--helper", action="store_true",
+                   help="an averaging helper on a reachable machine: trains nothing, joins every round with weight "
+                        "0 so that rounds of client-mode volunteers have a leader, a reducer and a state server")
     p.add_argument("--swarm-owner-key", metavar="PUB", help="closed swarm: the owner's public key file")
     p.add_argument("--token", metavar="FILE", help="closed swarm: this peer's admission token (photon-peer admit)")
     p.add_argument("--log-level", choices=["warning", "info", "debug"], default="warning",

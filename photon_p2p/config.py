@@ -150,6 +150,10 @@ class FederationConfig:
     # Checkpoints are written atomically, so the last complete one is kept. Allow for a checkpoint write.
     stop_timeout: float = 120.0
     allow_solo_start: bool = True  # start from scratch if no peer can give state in time
+    # An averaging helper (`photon-peer run --helper`, on a reachable machine such as the bootstrap node's): it
+    # trains nothing and joins every round with weight 0, so a round of client-mode volunteers behind NATs has a
+    # peer that leads it, reduces its parts and serves the state. Its model is the swarm's, bit for bit.
+    helper: bool = False
     # joining a swarm where nobody trains run_id but somebody trains a near miss of it ('run-a' for 'run-b'):
     # refused as a likely typo unless this says the run is new on purpose
     new_run: bool = False
@@ -452,6 +456,9 @@ def validate(cfg: Config) -> None:
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
     _validate_federation(cfg.federation)
+    if cfg.federation.helper and cfg.network.client_mode:
+        raise ConfigError("federation.helper needs a reachable peer: an averaging helper leads rounds and reduces "
+                          "the parts of client-mode volunteers, so it cannot run in client mode itself")
     if cfg.federation.transport == "gloo" and cfg.network.client_mode:
         raise ConfigError("federation.transport 'gloo' needs peers that others can dial; a client-mode peer "
                           "(network.client_mode) cannot use it (use transport: auto)")

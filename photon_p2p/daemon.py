@@ -36,6 +36,7 @@ from photon_p2p.train.trainer import LocalTrainer, Throughput, build_trainer
 
 log = logging.getLogger("photon_p2p.daemon")
 MAX_ROUND_FACTOR = 4  # a round's local phase never exceeds this many times H inner steps
+HELPER_POLL_S = 0.5  # how often an averaging helper reads the clock while the others train (one DHT read each)
 SwarmFactory = Callable[[Config, list, Callable], Swarm]
 TrainerFactory = Callable[[Config, Path, bool], LocalTrainer]
 
@@ -130,7 +131,9 @@ class PeerDaemon(Rejoin):
         f, t = self.cfg.federation, self.cfg.train
         t0, paused0, stalled0 = time.monotonic(), self.ledger.paused_s, self.ledger.stalled_s
         steps = 0
-        while not self.stop.is_set():
+        if f.helper:
+            self._helper_phase()
+        while not self.stop.is_set() and not f.helper:
             if self.inflight is not None and self.inflight.future.done():
                 self._land()  # the previous round's average: outer step, local progress carried over
             if self.inflight is not None:
@@ -165,6 +168,17 @@ class PeerDaemon(Rejoin):
         # utilization as of the end of a local phase (a round record lands mid-phase with overlap)
         self.metrics.log("phase", round=self.round, steps=steps, compute_s=self.ledger.compute_s,
                          compute_total=self.ledger.compute_total, wall_s=time.monotonic() - self.ledger.loop_started)
+
+    def _helper_phase(self) -> None:
+        """An averaging helper's local phase: no steps, it lasts until the round's other peers are projected to have
+        ended theirs (Swarm.others_done), at most round_deadline; its Δ is then 0 with weight 0."""
+        deadline = time.monotonic() + self.cfg.federation.round_deadline
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            if self.inflight is not None:
+                self._land()  # (overlap) the previous round's average first: a helper has nothing to train meanwhile
+            elif self.swarm.others_done(self.round):
+                return
+            self.stop.wait(HELPER_POLL_S)
 
     def _round_over(self, steps: int, t0: float) -> bool:
         f = self.cfg.federation
@@ -228,7 +242,8 @@ class PeerDaemon(Rejoin):
         joined = (books.synced_from or "?") if books.late_round or books.synced_mid_round else ""
         if f.round_clock != "swarm":
             books.synced_mid_round = False  # (the swarm clock's quota consumes it when the round begins)
-        future = self.executor.submit(self.swarm.average, deltas, self.round, weight=float(max(1, books.round_tokens)),
+        weight = 0.0 if f.helper else float(max(1, books.round_tokens))  # a helper's Δ is 0 and counts for nothing
+        future = self.executor.submit(self.swarm.average, deltas, self.round, weight=weight,
                                       stop=self.stop, fingerprint=self.fingerprint(), budget=budget, joined=joined)
         self.inflight = InFlight(future, self.round, deltas, books.round_tokens, books.round_steps, books.compute_s,
                                  base, sent)
@@ -285,7 +300,7 @@ class PeerDaemon(Rejoin):
         # and after the last round.
         evaluated: dict[str, float] = {}
         due = t.eval_every and self.trainer.step // t.eval_every > self.ledger.eval_mark // t.eval_every
-        if (due and self.round != job.round) or run_over(self.round, f.rounds):
+        if ((due and self.round != job.round) or run_over(self.round, f.rounds)) and not f.helper:
             evaluated = self.ledger.last_eval = self._evaluate_global()
             self.ledger.eval_mark = self.trainer.step
         marks.append(("eval", time.monotonic()))

@@ -46,7 +46,7 @@ def test_overlay_extends_and_overrides(tmp_path):
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
-        load_config(["tiny"], [override])
+        load_config(["tiny"], override.split(" "))
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -156,10 +156,11 @@ def test_every_numeric_key_has_a_range():
     ("network.host_maddrs=[nonsense]", "invalid multiaddr in network.host_maddrs / --host-maddrs: 'nonsense'"),
     ("observe.prometheus_port=70000", "'observe.prometheus_port' must be in [0, 65535]"),
     ("name=''", "'name' must not be empty"),
+    ("federation.helper=true network.client_mode=true", "federation.helper needs a reachable peer"),
 ])
 def test_validation_names_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
-        load_config(["tiny"], [override])
+        load_config(["tiny"], override.split(" "))  # one or more KEY=VALUE
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
 

@@ -173,6 +173,24 @@ def test_a_visible_split_is_gone_before_the_next_round_averages(tmp_path, kjv_da
     assert len({o["fingerprint"] for o in out.values()}) == 1, out
 
 
+def test_an_averaging_helper_trains_nothing_holds_the_model_and_moves_no_mean(tmp_path, kjv_data):
+    """federation.helper: it takes no step, joins every group with weight 0 (the mean is the same bytes as the two
+    trainers' alone) and leaves each round on the swarm's model, which it can then serve."""
+    # one initial model everywhere (as joiners download it); each silo draws its own data (seed x silo name)
+    pair_net = FakeNet()
+    alone = [make_daemon(tmp_path / "pair", kjv_data, pair_net, n) for n in "ab"]
+    net = FakeNet()
+    daemons = [make_daemon(tmp_path / "helped", kjv_data, net, n) for n in "ab"]
+    helper = make_daemon(tmp_path / "helped", kjv_data, net, "h", **{"federation.helper": True})
+    out = run_all(daemons + [helper])
+    assert helper.trainer.step == 0 and helper.trainer.tokens == 0
+    for d in daemons + [helper]:
+        assert [r["group_size"] for r in rounds(d)] == [3, 3], rounds(d)
+    assert len({out[d.cfg.name]["fingerprint"] for d in daemons + [helper]}) == 1, out
+    pair = run_all(alone)
+    assert pair["a"]["fingerprint"] == out["a"]["fingerprint"]  # weight 0: the helper moved nothing
+
+
 @pytest.mark.parametrize("who", ["one", "every"])
 def test_a_partial_round_ends_on_one_model(tmp_path, kjv_data, who):
     """G1 through a partial round. "one": c's stream from one reducer broke (2 % of its values): it alone kept

@@ -118,3 +118,48 @@ def test_natted_volunteer_averages_every_round_and_ends_on_the_one_model(tmp_pat
     conn = {r["client_mode"]: r["connection"] for r in rows}
     assert len(rows) == 3 and conn == {True: "client", False: "direct"}, rows
     assert len({r["fingerprint"] for r in rows}) == 1 and {r["round"] for r in rows} == {ROUNDS}
+
+
+@pytest.mark.slow
+def test_natted_volunteers_average_with_a_helper_and_no_reachable_trainer(tmp_path, kjv_data):
+    """Two client-mode volunteers behind different MASQUERADE NATs, a bootstrap node, and an averaging helper
+    (federation.helper) on a reachable machine that trains nothing: the helper starts the run, serves the state,
+    leads every round and reduces every part, so the volunteers average with each other every round and end
+    bit-identical. (p2pd's circuit relay cannot carry a round in hivemind 1.1.12: BENCHMARKS.md.)"""
+    from nat_net import NatTestbed, nat_unsupported_reason, run_swarm
+
+    why = nat_unsupported_reason()
+    if why:
+        pytest.skip(f"no NAT testbed here: {why}")
+    tiny = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=64", "train.batch_size=8",
+            "train.warmup_steps=5", "train.max_steps=1000", "train.eval_every=0", "train.log_every=5",
+            "train.threads=1"]
+    common = tiny + [f"data.path={kjv_data}", "federation.run_id=helpertest", "federation.local_steps=5",
+                     f"federation.rounds={ROUNDS}", "federation.matchmaking_time=3", "federation.round_deadline=60",
+                     "federation.target_group_size=3", "federation.min_group_size=3",
+                     "federation.state_sync_timeout=60", "network.bootstrap_timeout=30"]
+    no_solo = ["federation.allow_solo_start=false"]
+    with NatTestbed(public=2, nats=2, rate_mbit=100) as tb:
+        res = run_swarm(tb, tmp_path, silos=[1], volunteers=[tb.volunteer(0), tb.volunteer(1)], bootstrap=0,
+                        common=common, first=["federation.helper=true"], joiner=no_solo, volunteer=no_solo,
+                        timeout=400, status_from=0, run_id="helpertest")
+        masqueraded = [tb.masqueraded_packets(k) for k in range(2)]
+    peers = {name: r for name, r in res.items() if not name.startswith("_")}
+    assert set(peers) == {"silo-0", "volunteer-0", "volunteer-1"}
+    for name, r in peers.items():
+        assert r["rc"] == 0, f"{name} exited with {r['rc']}:\n{r['log_tail']}"
+    assert all(m > 0 for m in masqueraded), masqueraded  # both really went out through their NATs
+    helper = [x for x in peers["silo-0"]["records"] if x["kind"] == "round"]
+    assert helper and all(x["tokens"] == 0 for x in helper), helper  # it trained nothing
+    rounds = {name: [x for x in r["records"] if x["kind"] == "round"] for name, r in peers.items()}
+    for name, rs in rounds.items():
+        assert [x["round"] for x in rs] == list(range(1, ROUNDS + 1)), f"{name}\n{_story(peers)}"
+        assert all(not x["solo"] and x["group_size"] == 3 for x in rs), f"{name}\n{_story(peers)}"
+    models = [len({rs[i]["fingerprint"] for rs in rounds.values()}) for i in range(ROUNDS)]
+    assert models == [1] * ROUNDS, f"models per round: {models}\n{_story(peers, tuple(range(ROUNDS + 1)))}"
+    for name in ("volunteer-0", "volunteer-1"):  # each volunteer's Δ was in every mean: its weight, its tokens
+        assert all(x["tokens"] > 0 and x["bytes_sent"] > 0 for x in rounds[name]), name
+    status = res["_status"]
+    assert status["rc"] == 0, status
+    rows = json.loads(status["stdout"])["peers"]
+    assert len(rows) == 3 and len({r["fingerprint"] for r in rows}) == 1, rows

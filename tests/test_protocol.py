@@ -15,6 +15,7 @@ from photon_p2p.federation.protocol import (
     majority,
     member_round_s,
     moved_on,
+    others_done,
     outcome,
     roster,
     server_moved,
@@ -39,6 +40,19 @@ def test_arrival_is_projected_from_steps_and_speed():
     assert arrival_s(r, round_s=12.0, now=101.0) == 6.0
     assert arrival_s(r, round_s=12.0, now=120.0) == 0.0  # should be done: waited for, not projected negative
     assert arrival_s(ClockRecord(4), round_s=12.0, now=0.0) == 0.0  # speed unknown: simply waited for
+
+
+def test_a_helpers_round_reaches_averaging_when_the_others_are_projected_done():
+    now, h = 1000.0, "h"
+    helper = ClockRecord(5, 0, 0.0, now)  # trains nothing: no steps, no speed
+    training = {"a": ClockRecord(5, 20, 2.0, now), "b": ClockRecord(5, 24, 2.0, now), h: helper}
+    assert not others_done(training, 5, h, now, local_steps=24, by_speed=False)  # a is 2 s from its 24th step
+    assert others_done(training, 5, h, now + 2.0, local_steps=24, by_speed=False)
+    assert not others_done({**training, "b": ClockRecord(4, 3, 2.0, now)}, 5, h, now + 9, 24, False)  # landing
+    assert others_done({**training, "b": ClockRecord(6)}, 5, h, now, 24, False)  # one has moved on: go
+    assert not others_done({h: helper}, 5, h, now, 24)  # alone: nothing to average
+    assert others_done({**training, "a": ClockRecord(5)}, 5, h, now + 2.0, 24, False)  # speed unknown: due
+    assert others_done(training, 5, h, now, 24, False, quiet={"a"})  # a stopped: not waited for here
 
 
 def test_roster_waits_for_members_and_the_round_behind_but_not_the_gone():

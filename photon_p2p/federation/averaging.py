@@ -222,7 +222,8 @@ class PseudoGradientAverager:
         went silent (a stopped or dead process) is not waited for any longer, and if it was the leader the
         members ask the next one."""
         give_up = give_up or (lambda _waiting: False)
-        weight = max(float(weight), 1e-6)
+        # 0: an averaging helper (federation.helper), which only reduces and receives (robust.reduce_part)
+        weight = max(float(weight), 1e-6) if weight != 0 else 0.0
         deadline = time.monotonic() + self.fed.round_deadline  # the first stage's, across regroupings
         while True:
             regrouped: list[GroupPlan] = []

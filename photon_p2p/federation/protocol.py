@@ -176,6 +176,23 @@ def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, 
     return Roster(round_no, members, sorted([*waited, me]), late, quiet, eta, clients, ahead)
 
 
+def others_done(records: dict[str, ClockRecord], round_no: int, me: str, now: float, local_steps: int,
+                by_speed: bool = True, quiet: frozenset[str] | set[str] = frozenset()) -> bool:
+    """Whether an averaging helper's round (it trains nothing) has reached its averaging: some other live peer is
+    past the round, or every other live peer is at it and projected to have ended its local phase (arrival_s), none
+    still landing the one before. False with nobody else: a helper alone has nothing to average."""
+    others = {p: r for p, r in records.items() if p != me and p not in quiet and r.round >= round_no - 1}
+    if not others:
+        return False
+    if any(r.round > round_no for r in others.values()):
+        return True
+    if any(r.round < round_no for r in others.values()):
+        return False
+    speeds = live_speeds(records, round_no)
+    return all(arrival_s(r, member_round_s(records, p, round_no, local_steps, by_speed, speeds), now) <= 0
+               for p, r in others.items())
+
+
 def moved_on(records: dict[str, ClockRecord], round_no: int, me: str,
              quiet: frozenset[str] | set[str] = frozenset()) -> bool:
     """Whether the swarm averaged ``round_no`` without this peer: at least as many live records are past it as

@@ -26,8 +26,8 @@ from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.hivemind_ext import dht_stats
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
-from photon_p2p.federation.protocol import (SETTLE_S, NoShows, Roster, fold, moved_on, round_leader, roster,
-                                           server_moved, state_verdict)
+from photon_p2p.federation.protocol import (SETTLE_S, NoShows, Roster, fold, moved_on, others_done, round_leader,
+                                           roster, server_moved, state_verdict)
 from photon_p2p.federation.records import (
     RUNS_KEY,
     HeartbeatPublisher,
@@ -56,6 +56,7 @@ class Swarm(Protocol):
     def peers(self) -> list[dict]: ...
     def report_progress(self, round_no: int, steps: int, busy_s: float) -> None: ...
     def round_quota(self, round_no: int, local_steps: int, late: bool = False) -> int: ...
+    def others_done(self, round_no: int) -> bool: ...
     def begin_round(self, round_no: int) -> None: ...
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float, *, stop, fingerprint: str,
                 budget: float, joined: str = "") -> RoundResult: ...
@@ -176,6 +177,16 @@ class HivemindSwarm:
 
     def round_quota(self, round_no: int, local_steps: int, late: bool = False) -> int:
         return self.clock.quota(round_no, local_steps, late) if self.clock is not None else local_steps
+
+    def others_done(self, round_no: int) -> bool:
+        """An averaging helper's local phase is over (protocol.others_done), from a fresh read of the clock."""
+        f = self.cfg.federation
+        if self.clock is None:
+            return True  # a fixed H: nothing to project from; wait in the group's budget instead
+        records = self.clock.records(round_no, self.cfg.network.request_timeout, quiet=True)
+        self.dht_reads += 1
+        return others_done(records, round_no, self.peer_id, get_dht_time(), f.local_steps,
+                           f.round_clock == "swarm", self.clock.silent())
 
     def begin_round(self, round_no: int) -> None:
         if self.admission is not None:  # every round: revocations take effect, and a revoked peer stops itself
