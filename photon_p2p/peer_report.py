@@ -42,6 +42,7 @@ def heartbeat_record(d: Reporter) -> dict[str, Any]:
         "group_size": res.group_size if res else 0, "averaging_s": float(res.seconds) if res else 0.0,
         "bytes_sent": int(d.ledger.bytes_sent), "bytes_received": int(d.ledger.bytes_received),
         "client_mode": bool(d.cfg.network.client_mode), "connection": str(d.swarm.connection),
+        "role": "helper" if d.cfg.federation.helper else "",
         "version": __version__,
         "started_at": float(d.ledger.started_at), "maddrs": d.swarm.maddrs,
         "fingerprint": d.fingerprint(), "participation": d.ledger.participation,

@@ -186,6 +186,11 @@ class Rejoin:
         if self._sync_from_swarm("joining"):
             self.ledger.joined_from = self.ledger.synced_from  # trusted on first use (protocol.state_verdict)
             return
+        if f.helper and self.swarm.peers():
+            # A helper on a model of its own would average the others' updates onto it and serve it to joiners.
+            raise FederationError("an averaging helper starts from the swarm's state, and no live peer served it "
+                                  f"within {f.state_sync_timeout:.0f}s (client-mode volunteers serve none): start "
+                                  "the helper first, or while a reachable silo is live")
         if self.resumed:
             print("photon-peer: no peer served state in time; resuming from the local checkpoint", flush=True)
         elif not f.allow_solo_start:

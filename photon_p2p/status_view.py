@@ -113,6 +113,8 @@ def model_line(s: dict) -> str:
 
 def _silo(row: dict) -> str:
     """Ranks x device of the silo behind a peer, e.g. "2xcuda" (just "1" for peers older than these fields)."""
+    if row.get("role") == "helper":
+        return "helper"  # trains nothing (federation.helper)
     n, device = row.get("world_size", 1), row.get("device", "")
     return f"{n}x{device}" if device else str(n)
 
@@ -146,6 +148,10 @@ def _summary(status: dict) -> list[str]:
         lines.append(admission_line(status["admission"]))
     if status.get("message"):
         lines.append(status["message"])
+    for r in status["peers"]:
+        if r.get("role") == "helper":
+            lines.append(f"helper {short_id(r['peer_id'])} (trains nothing, leads and reduces rounds of volunteers "
+                         f"behind NAT): carried {_count(r['bytes_sent'])}B out, {_count(r['bytes_received'])}B in")
     for r in status["peers"]:
         c = r.get("clipped_by_others")
         if r["peer_id"] in s.get("clipped_peers", []) and c:

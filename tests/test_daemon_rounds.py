@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from fake_swarm import FakeNet, factory
+from fake_swarm import FakeNet, FakeSwarm, factory
 from photon_p2p.config import load_config
 from photon_p2p.daemon import PeerDaemon
 from photon_p2p.ledger import RoundLedger
@@ -189,6 +189,33 @@ def test_an_averaging_helper_trains_nothing_holds_the_model_and_moves_no_mean(tm
     assert len({out[d.cfg.name]["fingerprint"] for d in daemons + [helper]}) == 1, out
     pair = run_all(alone)
     assert pair["a"]["fingerprint"] == out["a"]["fingerprint"]  # weight 0: the helper moved nothing
+
+
+def test_a_helper_that_cannot_download_the_swarms_state_stops_instead_of_starting_its_own(tmp_path, kjv_data):
+    """Only client-mode volunteers are live (they serve no state): a helper starting from scratch would average
+    their updates onto a model of its own and serve it to joiners. It stops with a clear error instead."""
+    net = FakeNet(barrier_timeout=3.0)
+    silo = make_daemon(tmp_path, kjv_data, net, "a", **{"federation.rounds": 1})
+    helper = make_daemon(tmp_path, kjv_data, net, "h", **{
+        "federation.helper": True, "federation.state_sync_timeout": 2,
+        "network.initial_peers": ["/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"]})
+
+    class ServesNothing(FakeSwarm):
+        def load_state(self, *args, **kwargs):
+            return None
+
+    helper.make_swarm = lambda cfg, weights, state: ServesNothing(net, "h", weights, state)
+    first = threading.Thread(target=silo.run)
+    first.start()
+    try:
+        deadline = time.monotonic() + within(30)
+        while not (net.peers.get("a") is not None and net.peers["a"].snapshot is not None):
+            assert time.monotonic() < deadline, "the silo never started"
+            time.sleep(0.05)
+        with pytest.raises(FederationError, match="an averaging helper starts from the swarm's state"):
+            helper.run()
+    finally:
+        first.join(60)
 
 
 @pytest.mark.parametrize("who", ["one", "every"])

@@ -21,7 +21,7 @@ from photon_p2p.config import NetworkConfig  # noqa: E402
 from photon_p2p.federation import FederationError  # noqa: E402
 from photon_p2p.federation.records import make_record  # noqa: E402
 from photon_p2p.status import collect_status, render_table, run_status  # noqa: E402
-from photon_p2p.status_view import WIDTH, model_line as summary_model_line  # noqa: E402
+from photon_p2p.status_view import WIDTH, short_id, model_line as summary_model_line  # noqa: E402
 from deadlines import within
 
 A, B, C = fingerprint("A"), fingerprint("B"), fingerprint("C")
@@ -45,6 +45,16 @@ def fake_swarm(specs: list[dict]) -> FakeDHT:
                           started_at=now - 100, state=state)
         dht.entries[f"[owner:{i}]".encode()] = ValueWithExpiration(rec.dict(), now + 60)
     return dht
+
+
+def test_a_helper_is_named_with_the_bytes_it_carried():
+    dht = fake_swarm([{"round": 4}, {"round": 4, "role": "helper", "tokens": 0, "bytes_sent": 5_049_496,
+                                     "bytes_received": 5_049_496}])
+    status = collect_status(dht, RUN, timeout=1.0)
+    text = render_table(status, wide=True)
+    assert f"helper {short_id(peer(1))} (trains nothing" in text and "carried 5.05MB out, 5.05MB in" in text
+    assert [line.split()[-3] for line in text.splitlines() if line.startswith(short_id(peer(1)))] == ["helper"]
+    assert "helper" not in render_table(collect_status(fake_swarm([{"round": 4}]), RUN, timeout=1.0))
 
 
 def test_collect_status_marks_stale_and_left_and_sorts():

@@ -102,6 +102,9 @@ class PeerRecord(BaseModel):
     # designated leader; 0 and "" from peers older than these fields
     waited: _Count = 0
     leader: constr(strict=True, max_length=128) = ""
+    # "helper": an averaging helper (federation.helper) that trains nothing; its bytes are what it carried for the
+    # others. "" for a training peer, and from peers older than this field.
+    role: constr(strict=True, max_length=16) = ""
 
 
 class HeartbeatSchema(BaseModel):
