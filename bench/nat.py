@@ -52,7 +52,7 @@ SCENARIOS = {
 
 
 def run_scenario(name: str, args: argparse.Namespace, data: str) -> dict[str, Any]:
-    n_silos, n_vol, first, min_group, vol_overrides = SCENARIOS[name]
+    n_silos, n_vol, first_peer, min_group, vol_overrides = SCENARIOS[name]
     run_id = f"nat-{name.replace('_', '-')}-{os.getpid()}"
     common = [f"data.path={data}", f"federation.run_id={run_id}", f"federation.rounds={args.rounds}",
               f"federation.local_steps={args.local_steps}", f"train.batch_size={args.batch_size}",
@@ -65,7 +65,7 @@ def run_scenario(name: str, args: argparse.Namespace, data: str) -> dict[str, An
         with CounterPoller(tb, interval=0.5) as poller:
             res = run_swarm(tb, Path(args.runs) / name, silos=list(range(1, 1 + n_silos)),
                             volunteers=[tb.volunteer(k) for k in range(n_vol)], bootstrap=0, common=common,
-                            first=first, joiner=no_solo,
+                            first=first_peer, joiner=no_solo,
                             volunteer=no_solo + vol_overrides, timeout=args.scenario_timeout)
         masq = [tb.masqueraded_packets(k) for k in range(n_vol)]
     first, last = poller.samples[0][1], poller.samples[-1][1]
@@ -79,7 +79,7 @@ def run_scenario(name: str, args: argparse.Namespace, data: str) -> dict[str, An
         late = [x for x in rounds if x["round"] >= 2]  # the rounds with no reachable peer in the nat_only ones
         grouped = [x for x in rounds if not x["solo"]]
         role = "volunteer" if pname.startswith("volunteer") else \
-            "helper" if pname == "silo-0" and "federation.helper=true" in first else "silo"
+            "helper" if pname == "silo-0" and "federation.helper=true" in first_peer else "silo"
         peers.append({"peer": pname, "role": role,
                       "rc": r["rc"], "rounds": len(rounds), "grouped": len(grouped),
                       "participation": len(grouped) / max(1, len(rounds)),
@@ -92,9 +92,15 @@ def run_scenario(name: str, args: argparse.Namespace, data: str) -> dict[str, An
     finals = {p: [x for x in r["records"] if x["kind"] == "round"][-1:] for p, r in res.items()
               if not p.startswith("_")}
     at_end = {(x[0]["round"], x[0]["fingerprint"]) for x in finals.values() if x and x[0]["round"] == args.rounds}
+    models: dict[int, set] = {}  # every peer's fingerprint after each round: one model per round?
+    for p, r in res.items():
+        for x in (r["records"] if not p.startswith("_") else []):
+            if x["kind"] == "round":
+                models.setdefault(x["round"], set()).add(x["fingerprint"])
     return {"scenario": name, "silos": n_silos, "volunteers": n_vol, "peers": peers,
             "bootstrap_wire_bytes": wire[0], "masqueraded_packets": masq,
-            "models_at_end": len(at_end), "seconds": round(time.time() - res["_t0"], 1)}
+            "models_at_end": len(at_end), "seconds": round(time.time() - res["_t0"], 1),
+            "one_model_rounds": sum(1 for fps in models.values() if len(fps) == 1), "rounds_seen": len(models)}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -120,10 +126,12 @@ def markdown(result: dict[str, Any], command: str) -> str:
                          f"{p['participation_from_round_2']:.2f} | {_f(p['averaging_s'], '.2f')} | "
                          f"{_f(p['allreduce_s'], '.2f')} | {_f(_mb(p['payload_bytes_per_round']), '.2f')} | "
                          f"{p['wire_bytes'] / 1e6:.1f} | {'; '.join(p['reasons']) or '-'} |")
-    lines += ["", "| scenario | bootstrap node's link MB | models at the last round | connections MASQUERADEd | seconds |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| scenario | bootstrap node's link MB | rounds on one model | models at the last round | "
+                  "connections MASQUERADEd | seconds |",
+              "|---|---|---|---|---|---|"]
     for s in result["scenarios"]:
-        lines.append(f"| {s['scenario']} | {s['bootstrap_wire_bytes'] / 1e6:.2f} | {s['models_at_end']} | "
+        one = f"{s['one_model_rounds']}/{s['rounds_seen']}" if "one_model_rounds" in s else "-"
+        lines.append(f"| {s['scenario']} | {s['bootstrap_wire_bytes'] / 1e6:.2f} | {one} | {s['models_at_end']} | "
                      f"{s['masqueraded_packets']} | {s['seconds']} |")
     return "\n".join(lines) + "\n"
 

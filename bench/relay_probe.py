@@ -105,7 +105,8 @@ def main() -> int:
     install_signal_teardown()
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, GOLOG_LOG_LEVEL="relay=debug,autorelay=debug")  # the relay logs what it relayed
+    # the relay logs what it relayed (p2pd's lines reach the node's log through hivemind's logger, at debug)
+    env = dict(os.environ, GOLOG_LOG_LEVEL="info,relay=debug,autorelay=debug", HIVEMIND_LOGLEVEL="DEBUG")
     sizes = [str(args.messages), str(args.message_kb * 1024)]
     with NatTestbed(public=1, nats=2, rate_mbit=100) as tb:
         with (logs / "relay.log").open("w") as f:
