@@ -459,6 +459,9 @@ def validate(cfg: Config) -> None:
     if cfg.federation.helper and cfg.network.client_mode:
         raise ConfigError("federation.helper needs a reachable peer: an averaging helper leads rounds and reduces "
                           "the parts of client-mode volunteers, so it cannot run in client mode itself")
+    if cfg.federation.helper and cfg.federation.round_clock != "swarm":
+        raise ConfigError("federation.helper needs federation.round_clock: swarm (a helper trains nothing and "
+                          "learns when the others' round ends from the swarm clock's records)")
     if cfg.federation.transport == "gloo" and cfg.network.client_mode:
         raise ConfigError("federation.transport 'gloo' needs peers that others can dial; a client-mode peer "
                           "(network.client_mode) cannot use it (use transport: auto)")

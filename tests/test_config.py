@@ -157,6 +157,7 @@ def test_every_numeric_key_has_a_range():
     ("observe.prometheus_port=70000", "'observe.prometheus_port' must be in [0, 65535]"),
     ("name=''", "'name' must not be empty"),
     ("federation.helper=true network.client_mode=true", "federation.helper needs a reachable peer"),
+    ("federation.helper=true federation.round_clock=steps", "federation.helper needs federation.round_clock: swarm"),
 ])
 def test_validation_names_the_key(override, needle):
     with pytest.raises(ConfigError) as e:

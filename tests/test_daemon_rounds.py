@@ -181,7 +181,8 @@ def test_an_averaging_helper_trains_nothing_holds_the_model_and_moves_no_mean(tm
     alone = [make_daemon(tmp_path / "pair", kjv_data, pair_net, n) for n in "ab"]
     net = FakeNet()
     daemons = [make_daemon(tmp_path / "helped", kjv_data, net, n) for n in "ab"]
-    helper = make_daemon(tmp_path / "helped", kjv_data, net, "h", **{"federation.helper": True})
+    helper = make_daemon(tmp_path / "helped", kjv_data, net, "h", **{"federation.helper": True,
+                                                                      "federation.round_clock": "swarm"})
     out = run_all(daemons + [helper])
     assert helper.trainer.step == 0 and helper.trainer.tokens == 0
     for d in daemons + [helper]:
@@ -197,7 +198,7 @@ def test_a_helper_that_cannot_download_the_swarms_state_stops_instead_of_startin
     net = FakeNet(barrier_timeout=3.0)
     silo = make_daemon(tmp_path, kjv_data, net, "a", **{"federation.rounds": 1})
     helper = make_daemon(tmp_path, kjv_data, net, "h", **{
-        "federation.helper": True, "federation.state_sync_timeout": 2,
+        "federation.helper": True, "federation.round_clock": "swarm", "federation.state_sync_timeout": 2,
         "network.initial_peers": ["/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"]})
 
     class ServesNothing(FakeSwarm):
