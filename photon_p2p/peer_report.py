@@ -137,8 +137,10 @@ def log_round(d: Reporter, r: RoundResult, job: InFlight, evaluated: dict[str, f
 
 
 def banner(cfg: Config, swarm: Any, trainer: Any = None) -> str:
+    helper = ["averaging helper: trains nothing; joins every round with weight 0, leads it, reduces its parts and "
+              "serves the state (volunteers behind NAT need one reachable peer)"] if cfg.federation.helper else []
     lines = ["=" * 78, f"photon-peer {__version__}  run '{cfg.federation.run_id}'  peer {swarm.peer_id}",
-             *([silo_line(trainer)] if trainer is not None else []),
+             *(helper or ([silo_line(trainer)] if trainer is not None else [])),
              "To join this swarm from another silo, run:"]
     lines += [f"  photon-peer run --config CONFIG --initial-peers {m}" for m in swarm.maddrs[:3]]
     if cfg.network.client_mode:

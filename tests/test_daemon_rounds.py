@@ -173,7 +173,7 @@ def test_a_visible_split_is_gone_before_the_next_round_averages(tmp_path, kjv_da
     assert len({o["fingerprint"] for o in out.values()}) == 1, out
 
 
-def test_an_averaging_helper_trains_nothing_holds_the_model_and_moves_no_mean(tmp_path, kjv_data):
+def test_an_averaging_helper_trains_nothing_holds_the_model_and_moves_no_mean(tmp_path, kjv_data, capsys):
     """federation.helper: it takes no step, joins every group with weight 0 (the mean is the same bytes as the two
     trainers' alone) and leaves each round on the swarm's model, which it can then serve."""
     # one initial model everywhere (as joiners download it); each silo draws its own data (seed x silo name)
@@ -185,6 +185,7 @@ def test_an_averaging_helper_trains_nothing_holds_the_model_and_moves_no_mean(tm
                                                                       "federation.round_clock": "swarm"})
     out = run_all(daemons + [helper])
     assert helper.trainer.step == 0 and helper.trainer.tokens == 0
+    assert capsys.readouterr().out.count("averaging helper: trains nothing") == 1  # its banner says so
     for d in daemons + [helper]:
         assert [r["group_size"] for r in rounds(d)] == [3, 3], rounds(d)
     assert len({out[d.cfg.name]["fingerprint"] for d in daemons + [helper]}) == 1, out
