@@ -132,6 +132,7 @@ def test_clipping_reaches_the_simulated_round(sim, data_root, tmp_path):
     assert abs(tight["final_ppl"] / plain["final_ppl"] - 1) > 1e-5
 
 
+@pytest.mark.slow  # 12.5 s: the default suite stays under 10 min on 2 cores
 def test_cli_writes_sweep_records_and_resumes(sim, data_root, tmp_path):
     results = tmp_path / "results"
     cmd = [sys.executable, str(REPO / "bench" / "fed_sim.py"), "--smoke", "--data", str(data_root),

@@ -45,6 +45,7 @@ def reference(tmp_path_factory, kjv_data):
     return losses(run)
 
 
+@pytest.mark.slow  # 11 s each (two torchrun ranks and a reference run): the default suite stays under 10 min
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_match_one_rank_with_twice_the_batch_and_resume_on_one(tmp_path, kjv_data, reference, parallel):
     extra = {"train.parallel": parallel}
@@ -180,6 +181,7 @@ def _rank(rank: int, world: int, port: int, *args) -> None:
     _daemon(*args)
 
 
+@pytest.mark.slow  # 6-8 s each: the default suite stays under 10 min on 2 cores
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_followers_stay_in_lockstep_with_rank_0s_daemon(tmp_path, kjv_data, parallel):
     """Rollback, round ends, evaluation of the global weights, checkpoints: a 2-rank silo (FSDP2: θ_local is
