@@ -62,15 +62,16 @@ class Rejoin:
               f"round {self.round}", flush=True)
         return False
 
-    def _adopt_majority(self, others: list[dict]) -> bool:
+    def _adopt_majority(self, others: list[dict], **note: Any) -> bool:
         """G2: if live peers at this peer's round hold another model and ours is not the majority's (ties to the
         smallest fingerprint, protocol.split_winner), adopt the majority's, keeping local progress. Every peer
-        evaluates the same rule, so a split does not outlive the next round whatever groups form."""
+        evaluates the same rule, so a split does not outlive the next round whatever groups form. ``note``: extra
+        fields of the "split" record (why this split was looked for)."""
         want = split_winner(self.fingerprint(), self.round, others)
         if not want:
             return False
         holders = [str(p["peer_id"]) for p in others if p.get("round") == self.round and p.get("fingerprint") == want]
-        self.metrics.log("split", round=self.round, mine=self.fingerprint(), majority=want, holders=holders)
+        self.metrics.log("split", round=self.round, mine=self.fingerprint(), majority=want, holders=holders, **note)
         return self._sync_from_swarm(f"a split at round {self.round}: the majority holds model {want[:8]}, this "
                                      f"peer {self.fingerprint()[:8]}", carry_local=True, want=want, only=holders)
 
@@ -92,14 +93,7 @@ class Rejoin:
             if len(landed) == len(rows) or time.monotonic() >= deadline or self.stop.is_set():
                 break
             self.stop.wait(0.5)
-        want = split_winner(self.fingerprint(), self.round, landed)
-        if not want:
-            return False
-        holders = [str(p["peer_id"]) for p in landed if p.get("round") == self.round and p.get("fingerprint") == want]
-        self.metrics.log("split", round=self.round, mine=self.fingerprint(), majority=want, holders=holders,
-                         partial=result.partial)
-        return self._sync_from_swarm(f"a partial round left this peer alone on model {self.fingerprint()[:8]}, "
-                                     f"its group on {want[:8]}", carry_local=True, want=want, only=holders)
+        return self._adopt_majority(landed, partial=result.partial)  # the split rule, over its group alone
 
     def _settle(self) -> None:
         """G5: the run is over at the swarm's round R. Before leaving, serve peers still finishing their last

@@ -35,6 +35,16 @@ def _story(peers: dict, rounds: tuple[int, ...] = (0, 1)) -> str:
     return "\n".join(out)
 
 
+def _three_peer_rounds(data, run_id: str) -> list[str]:
+    """Overrides of every peer of a NAT test: a small model, ROUNDS rounds of 5 steps, groups of all 3 peers."""
+    return ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=64", "train.batch_size=8",
+            "train.warmup_steps=5", "train.max_steps=1000", "train.eval_every=0", "train.log_every=5",
+            "train.threads=1", f"data.path={data}", f"federation.run_id={run_id}", "federation.local_steps=5",
+            f"federation.rounds={ROUNDS}", "federation.matchmaking_time=3", "federation.round_deadline=60",
+            "federation.target_group_size=3", "federation.min_group_size=3", "federation.state_sync_timeout=60",
+            "network.bootstrap_timeout=30"]
+
+
 class _DHT:
     """Just enough of hivemind.DHT for connection_kind: run_coroutine answers with these remote addresses."""
 
@@ -76,14 +86,8 @@ def test_natted_volunteer_averages_every_round_and_ends_on_the_one_model(tmp_pat
     why = nat_unsupported_reason()
     if why:
         pytest.skip(f"no NAT testbed here: {why}")
-    tiny = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=64", "train.batch_size=8",
-            "train.warmup_steps=5", "train.max_steps=1000", "train.eval_every=0", "train.log_every=5",
-            "train.threads=1"]
     # min_group_size=3: a round cannot close without the volunteer, so 4 group rounds prove it took part in each
-    common = tiny + [f"data.path={kjv_data}", "federation.run_id=nattest", "federation.local_steps=5",
-                     f"federation.rounds={ROUNDS}", "federation.matchmaking_time=3", "federation.round_deadline=60",
-                     "federation.target_group_size=3", "federation.min_group_size=3",
-                     "federation.state_sync_timeout=60", "network.bootstrap_timeout=30"]
+    common = _three_peer_rounds(kjv_data, "nattest")
     no_solo = ["federation.allow_solo_start=false"]
     with NatTestbed(public=3, nats=1, rate_mbit=100) as tb:
         res = run_swarm(tb, tmp_path, silos=[1, 2], volunteers=[tb.volunteer(0)], bootstrap=0, common=common,
@@ -131,13 +135,7 @@ def test_natted_volunteers_average_with_a_helper_and_no_reachable_trainer(tmp_pa
     why = nat_unsupported_reason()
     if why:
         pytest.skip(f"no NAT testbed here: {why}")
-    tiny = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=64", "train.batch_size=8",
-            "train.warmup_steps=5", "train.max_steps=1000", "train.eval_every=0", "train.log_every=5",
-            "train.threads=1"]
-    common = tiny + [f"data.path={kjv_data}", "federation.run_id=helpertest", "federation.local_steps=5",
-                     f"federation.rounds={ROUNDS}", "federation.matchmaking_time=3", "federation.round_deadline=60",
-                     "federation.target_group_size=3", "federation.min_group_size=3",
-                     "federation.state_sync_timeout=60", "network.bootstrap_timeout=30"]
+    common = _three_peer_rounds(kjv_data, "helpertest")
     no_solo = ["federation.allow_solo_start=false"]
     with NatTestbed(public=2, nats=2, rate_mbit=100) as tb:
         res = run_swarm(tb, tmp_path, silos=[1], volunteers=[tb.volunteer(0), tb.volunteer(1)], bootstrap=0,

@@ -180,13 +180,12 @@ class HivemindSwarm:
 
     def others_done(self, round_no: int) -> bool:
         """An averaging helper's local phase is over (protocol.others_done), from a fresh read of the clock."""
-        f = self.cfg.federation
         if self.clock is None:
-            return True  # a fixed H: nothing to project from; wait in the group's budget instead
+            return True  # a fixed H (config refuses it for a helper): nothing to project from
         records = self.clock.records(round_no, self.cfg.network.request_timeout, quiet=True)
         self.dht_reads += 1
-        return others_done(records, round_no, self.peer_id, get_dht_time(), f.local_steps,
-                           f.round_clock == "swarm", self.clock.silent())
+        return others_done(records, round_no, self.peer_id, get_dht_time(), self.cfg.federation.local_steps,
+                           quiet=self.clock.silent())  # the clock exists only with round_clock: swarm (by speed)
 
     def begin_round(self, round_no: int) -> None:
         if self.admission is not None:  # every round: revocations take effect, and a revoked peer stops itself
