@@ -11,6 +11,7 @@ from photon_p2p.federation.protocol import (
     arrival_s,
     catch_up_round,
     fold,
+    leader_left,
     heals,
     majority,
     member_round_s,
@@ -204,7 +205,18 @@ def test_a_leader_that_moved_past_the_round_is_no_longer_waited_for():
     later = {**first, "a": ClockRecord(1, 0, 1.0, now + 1)}
     change = fold(chosen, roster(later, 0, "me", now + 1, budget=2.0, local_steps=6))
     assert change and change.ahead == ["a"] and chosen.waited == ["b", "me"] and "a" not in chosen.members
-    assert round_leader(chosen) == "b"
+    # ... and the round is closed for those it began without: naming "b" instead formed a second group at the
+    # round (32 peers on 2 cores: 13 with the leader, then 8 under the next-lowest id, on two models)
+    assert leader_left(change, "a")
+
+
+def test_a_member_other_than_the_leader_moving_past_the_round_closes_nothing():
+    now = 1000.0
+    first = {"a": ClockRecord(4, 6, 1.0, now), "b": ClockRecord(4, 6, 1.0, now), "me": ClockRecord(4, 6, 1.0, now)}
+    chosen = roster(first, 4, "me", now, budget=2.0, local_steps=6)
+    change = fold(chosen, roster({**first, "b": ClockRecord(5, 0, 1.0, now + 1)}, 4, "me", now + 1, 2.0, 6))
+    assert change.ahead == ["b"] and not leader_left(change, "a") and round_leader(chosen) == "a"
+    assert not leader_left(change, "")  # a grid stage names no leader
 
 
 def test_one_absurd_speed_record_cannot_shrink_every_quota():

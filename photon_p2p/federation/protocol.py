@@ -257,6 +257,15 @@ def fold(chosen: Roster, fresh: Roster) -> RosterChange:
     return RosterChange(new, gone, arrived, ahead)
 
 
+def leader_left(change: RosterChange, leader: str) -> bool:
+    """Whether the round's designated leader (``leader``, not us) moved past the round while we waited: it began
+    the round's one group without us, or caught up to a later round the swarm had averaged. Either way the round
+    is closed for us (G1): we catch up instead of naming the next-lowest id, which formed a second group at the
+    round (32 peers on 2 cores: the leader began with 13 as its wait ended, 8 of the rest then averaged under a
+    new leader, two models)."""
+    return bool(leader) and leader in change.ahead
+
+
 class NoShows:
     """Peers a round waited for that never came, remembered with the record they were waited on. Waited for
     again only once their record changes (a new report: the peer is alive and moving), so a crashed or stopped

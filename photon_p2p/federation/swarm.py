@@ -26,8 +26,8 @@ from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.hivemind_ext import dht_stats
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
-from photon_p2p.federation.protocol import (SETTLE_S, NoShows, Roster, fold, moved_on, others_done, round_leader,
-                                           roster, server_moved, state_verdict)
+from photon_p2p.federation.protocol import (SETTLE_S, NoShows, Roster, fold, leader_left, moved_on, others_done,
+                                           round_leader, roster, server_moved, state_verdict)
 from photon_p2p.federation.records import (
     RUNS_KEY,
     HeartbeatPublisher,
@@ -245,10 +245,12 @@ class HivemindSwarm:
                  budget, chosen.eta, leader[-6:] or "per stage")
         self.last_roster = chosen
 
+        left_behind = False  # (one group) the designated leader moved past the round while we waited
+
         def give_up(waiting: tuple[str, ...]) -> bool:  # one group: no names; a grid stage: its other members
             if clock is None:
                 return False
-            if not waiting and closed(clock.cached()):
+            if not waiting and (left_behind or closed(clock.cached())):
                 return True
             return clock.left(round_no, waiting or tuple(set(chosen.waited) - {me}))
 
@@ -262,7 +264,7 @@ class HivemindSwarm:
         want, appeared = live_target or 0, 0.0
 
         def follow() -> tuple[int, str]:  # one group: members whose record appeared or went silent while we wait
-            nonlocal want, leader, appeared
+            nonlocal want, leader, appeared, left_behind
             if self.admission is not None and (clock.unadmitted or clock.tracker.unadmitted) and \
                     time.monotonic() - self._tokens_read > 5.0:
                 # A joiner's record came before we read its token: read the tokens again, or we lead alone while
@@ -299,7 +301,11 @@ class HivemindSwarm:
             # leader than the rest, and its group started apart. Members not yet in a group ask the new leader; one
             # that had begun leading assembles nothing (matchmaking.py) and sends its followers along once the new
             # leader takes it.
-            if change:
+            if leader_left(change, leader):
+                left_behind = True  # give_up ends the wait: we catch up, as any peer that missed the round
+                log.info("round %d: its leader %s moved past it: the round averaged without this peer", round_no,
+                         leader[-6:])
+            elif change:
                 leader = round_leader(chosen)
             # Joiners come in bursts (processes booting together): a group started the moment the members it knew
             # of had joined left out the 8th of 8, whose record appeared 0.3 s later. Not within SETTLE_S of a new
