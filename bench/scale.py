@@ -50,11 +50,11 @@ PSS_EVERY_S = 10.0
 
 # ---- one simulated peer (a child process) ----------------------------------------------------------------------
 def run_sim_peer(args: argparse.Namespace) -> int:
+    import torch
+
     from photon_p2p.cli import _graceful_stop, _log_to_stderr
     from photon_p2p.config import load_config
     from photon_p2p.daemon import PeerDaemon
-    import torch
-
     from photon_p2p.train.simulated import SimTrainer
 
     # BOOT_DEADLINE: 16 peers' processes take 30-40 s to start on 2 cores (16 machines would start in parallel);
