@@ -29,7 +29,7 @@ import multiaddr
 
 from photon_p2p.config import NetworkConfig
 from photon_p2p.federation import FederationError
-from photon_p2p.federation.hivemind_ext import dht_stats
+from photon_p2p.federation.hivemind_ext import dht as quiet_dht, dht_stats
 
 log = logging.getLogger("photon_p2p.federation")
 _PR_SET_PDEATHSIG = 1
@@ -116,6 +116,7 @@ def start_dht(net: NetworkConfig, *, initial_peers: list[str] | None = None,
         kwargs["identity_path"] = use_identity(net.identity_path)
     timeout = float(net.bootstrap_timeout)
     deadline = time.monotonic() + timeout
+    quiet_dht.install()  # before the fork: no traceback for a result we stopped waiting for
     dht_stats.install()  # before the fork: the DHT process counts the requests its node serves (round records)
     unreachable = FederationError(f"could not reach any initial peer ({', '.join(peers)}) within {timeout:g}s")
     while True:

@@ -3,7 +3,7 @@
 # Files mirror hivemind's own: averager.py (hivemind/averaging/averager.py), allreduce.py, partition.py,
 # matchmaking.py (hivemind/averaging/...), progress_tracker.py (hivemind/optim/progress_tracker.py), validation.py
 # (hivemind/dht/validation.py), dht_stats.py (hivemind/dht/protocol.py), serialization.py
-# (hivemind/compression/serialization.py). They
+# (hivemind/compression/serialization.py), dht.py (hivemind/dht/dht.py). They
 # override private coroutines of one hivemind version, checked below before any of them is used (importing a
 # submodule runs this file first); nothing else in photon_p2p touches hivemind's averaging/optim internals.
 # - ``ExactAllReduceRunner`` (allreduce.py): hivemind's butterfly all-reduce returns each member
@@ -29,6 +29,8 @@
 #   a record is not re-verified (RSA signature, schema) on every DHT answer that carries it.
 # - ``dht_stats`` (dht_stats.py): wraps DHTProtocol's rpc_ping / rpc_store / rpc_find to count the requests and
 #   bytes this peer's DHT node serves (bench/scale.py's cost per peer as the swarm grows).
+# - ``dht.install`` (dht.py): DHT._run_coroutine drops the result of a call its caller stopped waiting for, as
+#   hivemind's get/store do, instead of logging two tracebacks.
 
 import hivemind
 
