@@ -5,6 +5,7 @@ Usage:
   python bench/sweep.py --lock-budget-min 45   # resume; each run takes the lock (--corpus DIR: ../shared/corpus)
   python bench/sweep.py --report-only                                         # rewrite the table from runs.jsonl
   python bench/sweep.py --list                                                # what is planned, done, pending
+  python bench/sweep.py --equal-tokens RESULTS/runs.jsonl ...   # score at the centralized tokens: equal_tokens.json
 
 Every run is one of bench/convergence.py's runs (same code path: real `photon-peer run` daemons on 127.0.0.1 or
 one `photon-peer train`, the same held-out set and 8 x 16 validation windows), described by a config dict whose
@@ -19,6 +20,14 @@ Stages (token budgets relative to convergence.py's 3.15 M = 384 steps x 64 seque
                 combination of every screened value that beat the base on its axis
   long    4x    the best 2 of each side in the full stage
 A stage is planned from the previous one once that is complete (or, with --partial, from what it has so far).
+
+Equal tokens (issue 26): a federated run is set to rounds x H steps per silo, the centralized run's steps, but only
+round_clock: steps (and bench/fed_sim.py) trains exactly that. Under the swarm clock (the daemons' default) each
+silo sets its own quota of a round from its speed (photon_p2p/federation/clock.py quota; before 8025b89, each
+silo stepped until its own lagging view of the swarm's total reached H x silos), nothing makes the silos' steps
+sum to silos x H, and the run ends at a round number, not a token count: the daemons trained 0.4-3.1% more than
+the centralized run at full budget. Only the daemon could stop a run at a swarm-wide token count, so runs are
+scored at exactly the centralized run's tokens on their eval curve instead (ppl_at_tokens, --equal-tokens).
 """
 
 from __future__ import annotations
@@ -306,15 +315,115 @@ def ppl_at(curve: list, x: float, end: float | None = None) -> float | None:
     return None
 
 
-def table(done: dict[str, dict[str, Any]] | list[dict[str, Any]]) -> str:
-    """Every finished run, grouped by budget: val ppl at equal tokens (the final one), its ratio to the best
-    centralized run of that budget, and val ppl at equal wall-clock (the budget's fastest run's wall time)."""
-    lines, every = [], list(done.values()) if isinstance(done, dict) else done
-    groups = sorted({(r["config"]["budget"], r["config"].get("preset", "tiny")) for r in every})
-    for budget, preset in groups:
+def _log_linear(a: tuple, b: tuple, x: float) -> float:
+    """The ppl at ``x`` on the segment from point ``a`` to point ``b`` of a (tokens, ppl) curve, linear in log-ppl."""
+    (ax, ap), (bx, bp) = a, b
+    if x in (ax, bx):  # on an evaluation: exactly its value (a run at equal tokens keeps its end ratio)
+        return ap if x == ax else bp
+    return math.exp(math.log(ap) + (x - ax) / (bx - ax) * (math.log(bp) - math.log(ap)))
+
+
+def ppl_at_tokens(curve: list, tokens: float) -> float:
+    """Val ppl at exactly ``tokens`` on a run's eval curve of (total tokens, val ppl), linear in log-ppl between the
+    two evaluations around it. This is how a federated run is scored at the centralized run's token count: the
+    daemons' swarm clock ends a run a few steps past its budget (issue 26). Past the last evaluation the last
+    segment's slope is followed for at most one eval interval (the last two evaluations' spacing); further out,
+    or before the first evaluation, it raises ValueError saying so: that would be a guess, not a measurement."""
+    if not curve:
+        raise ValueError("no evaluations")
+    if tokens < curve[0][0]:
+        raise ValueError(f"{tokens:.0f} tokens is before the first evaluation ({curve[0][0]:.0f} tokens)")
+    for a, b in zip(curve, curve[1:]):
+        if a[0] <= tokens <= b[0]:
+            return _log_linear(a, b, tokens)
+    last = curve[-1]
+    if tokens == last[0]:
+        return last[1]
+    if len(curve) < 2:
+        raise ValueError(f"{tokens:.0f} tokens is past the only evaluation ({last[0]:.0f} tokens)")
+    interval = last[0] - curve[-2][0]
+    if tokens - last[0] > interval:
+        raise ValueError(f"{tokens:.0f} tokens is {tokens - last[0]:.0f} past the last evaluation ({last[0]:.0f}), "
+                         f"more than one eval interval ({interval:.0f}): not extrapolated")
+    return _log_linear(curve[-2], last, tokens)
+
+
+def _how(curve: list, tokens: float) -> str:
+    """Where ``tokens`` falls on a curve, in words (what ppl_at_tokens did there)."""
+    xs = [x for x, _ in curve]
+    if tokens in xs:
+        return "at an evaluation"
+    if tokens < xs[-1]:
+        lo, hi = max(x for x in xs if x < tokens), min(x for x in xs if x > tokens)
+        return f"interpolated between the evaluations at {lo} and {hi} tokens"
+    return f"extrapolated {tokens - xs[-1]:.0f} tokens past the last evaluation ({xs[-1]} tokens)"
+
+
+def by_budget(every: list[dict[str, Any]]) -> Iterator[tuple[float, str, list[dict[str, Any]], dict | None]]:
+    """(budget, preset, its records, its best centralized run or None) for each budget and preset."""
+    for budget, preset in sorted({(r["config"]["budget"], r["config"].get("preset", "tiny")) for r in every}):
         recs = [r for r in every if r["config"]["budget"] == budget and r["config"].get("preset", "tiny") == preset]
         best = min((r for r in recs if r["config"]["side"] == "central" and r.get("final_ppl")),
                    key=lambda r: r["final_ppl"], default=None)
+        yield budget, preset, recs, best
+
+
+OTHER_TOKENS = 0.05  # a run further than this from its centralized run's tokens was planned for other tokens
+
+
+def equal_tokens(every: list[dict[str, Any]], file: str) -> list[dict[str, Any]]:
+    """Each federated run of a results file against its budget's best centralized run, at exactly that run's token
+    count (ppl_at_tokens), beside the end-of-run ratio it replaces. A run that cannot be scored there says why."""
+    out = []
+    for _, _, recs, best in by_budget(every):
+        if not best or not best.get("curve"):
+            continue
+        c_tokens, c_ppl = best["curve"][-1][0], best["final_ppl"]
+        for r in recs:
+            if r["config"]["side"] == "central" or not r.get("curve") or not r.get("final_ppl"):
+                continue
+            tokens = r["curve"][-1][0]
+            row = {"key": r["key"], "file": file, "side": r["config"]["side"], "central_key": best["key"],
+                   "tokens": tokens, "central_tokens": c_tokens, "final_ppl": round(r["final_ppl"], 3),
+                   "central_ppl": round(c_ppl, 3), "ratio_end": round(r["final_ppl"] / c_ppl, 4)}
+            if abs(tokens / c_tokens - 1) > OTHER_TOKENS:
+                row["skipped"] = f"planned for other tokens ({tokens / c_tokens:.2f}x): not an equal-token run"
+            else:
+                try:
+                    ppl = ppl_at_tokens(r["curve"], c_tokens)
+                    row |= {"ppl_equal_tokens": round(ppl, 3), "ratio_equal_tokens": round(ppl / c_ppl, 4),
+                            "how": _how(r["curve"], c_tokens)}
+                except ValueError as e:
+                    row["skipped"] = str(e)
+            out.append(row)
+    return out
+
+
+def write_equal_tokens(files: list[str], out: Path, argv: list[str]) -> dict[str, Any]:
+    """RESULTS/equal_tokens.json: equal_tokens() of every results file, with the command and commit."""
+    import shlex
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=conv.REPO, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    doc = {"command": "python bench/sweep.py " + shlex.join(argv), "commit": commit,
+           "date": time.strftime("%Y-%m-%d", time.gmtime()),
+           "what": "each federated run's val ppl at exactly its budget's best centralized run's token count "
+                   "(tokens: what the run trained; central_tokens: the centralized run's), linear in log-ppl "
+                   "between the two evaluations around it (bench/sweep.py ppl_at_tokens); ratio_end: final ppl over "
+                   "the centralized final ppl, as scored before issue 26; ratio_equal_tokens: at equal tokens",
+           "runs": [row for f in files for row in equal_tokens(load_all(Path(f)), f)]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def table(done: dict[str, dict[str, Any]] | list[dict[str, Any]]) -> str:
+    """Every finished run, grouped by budget: its final val ppl and that over the best centralized run's of that
+    budget, the same ratio at exactly the centralized run's tokens (ppl_at_tokens: the daemons end a little past
+    the budget), and val ppl at equal wall-clock (the budget's fastest run's wall time)."""
+    lines, every = [], list(done.values()) if isinstance(done, dict) else done
+    for budget, preset, recs, best in by_budget(every):
         best_c = best["final_ppl"] if best else None
         timed = [r["wall_s"] for r in recs if r.get("wall_curve")]  # runs timed beside others have none
         if len({r.get("device", "cpu") for r in recs}) > 1:
@@ -327,8 +436,9 @@ def table(done: dict[str, dict[str, Any]] | list[dict[str, Any]]) -> str:
         wall = f"equal wall-clock = {t_eq:.0f} s (this budget's fastest run timed alone)" if timed else \
             "no run timed alone: no equal wall-clock"
         lines += [f"\n**Budget {budget:.3g}x ({tokens})**; {wall}\n",
-                  "| key | side | varied | recipe | tokens (M) | val ppl | / best central | ppl @ equal wall | wall (s) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| key | side | varied | recipe | tokens (M) | val ppl | / best central | / best central @ equal "
+                  "tokens | ppl @ equal wall | wall (s) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sorted(recs, key=lambda r: (r["config"]["side"], r["final_ppl"] or math.inf)):
             p = r["config"]["params"]
             base = BASE_CENTRAL if r["config"]["side"] == "central" else BASE_FED
@@ -338,13 +448,18 @@ def table(done: dict[str, dict[str, Any]] | list[dict[str, Any]]) -> str:
                 diff += f"; {r['config'].get('preset', 'tiny')} " + " ".join(r["config"]["extra"])
             toks = f"{r['curve'][-1][0] / 1e6:.2f}" if r.get("curve") else "-"
             ratio = f"{r['final_ppl'] / best_c:.3f}" if best_c and r.get("final_ppl") else "-"
+            at_tokens = "-"
             # Daemons count a few steps more or less than the budget (the swarm clock); 2x the tokens is not it.
-            if best and best.get("curve") and r.get("curve") and \
-                    abs(r["curve"][-1][0] / best["curve"][-1][0] - 1) > 0.05:
-                ratio = "- (other tokens)"  # not an equal-token comparison
+            if best and best.get("curve") and r.get("curve"):
+                if abs(r["curve"][-1][0] / best["curve"][-1][0] - 1) > OTHER_TOKENS:
+                    ratio = "- (other tokens)"  # not an equal-token comparison
+                else:
+                    with contextlib.suppress(ValueError):  # too far from its curve: no figure
+                        at_tokens = f"{ppl_at_tokens(r['curve'], best['curve'][-1][0]) / best_c:.3f}"
             eq = ppl_at(r.get("wall_curve", []), t_eq, end=r["wall_s"])
             lines.append(f"| {r['key']} | {r['config']['side']} | {r['axis']} | {diff} | {toks} | "
-                         f"{r['final_ppl']:.2f} | {ratio} | {f'{eq:.1f}' if eq else '-'} | {r['wall_s']:.0f} |")
+                         f"{r['final_ppl']:.2f} | {ratio} | {at_tokens} | {f'{eq:.1f}' if eq else '-'} | "
+                         f"{r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -384,6 +499,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", nargs="+", default=None, metavar="KEY", help="run only these planned keys")
     ap.add_argument("--list", action="store_true", help="print the plan (done / pending) and exit")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table from the results file")
+    ap.add_argument("--equal-tokens", nargs="+", default=None, metavar="RUNS_JSONL",
+                    help="score these results files' federated runs at exactly their centralized run's tokens into "
+                         "RESULTS/equal_tokens.json, and exit")
     ap.add_argument("--central-threads", type=int, default=2)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--round-deadline", type=float, default=120.0)
@@ -399,6 +517,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.equal_tokens:
+        doc = write_equal_tokens(args.equal_tokens, Path(args.results) / "equal_tokens.json",
+                                 sys.argv[1:] if argv is None else list(argv))
+        for row in doc["runs"]:
+            print(f"{row['key']} {row['side']:10} {row['tokens']:>9} vs {row['central_tokens']:>9} tokens: "
+                  f"{row['ratio_end']:.4f} -> {row.get('ratio_equal_tokens', row.get('skipped'))}")
+        return 0
     results = Path(args.results) / "runs.jsonl"
     done = load_done(results)
     runs = plan(done, args.stages, args.partial)
