@@ -291,7 +291,8 @@ class PeerDaemon(Rejoin):
             marks.append(("apply", time.monotonic()))
             if result.partial > 0:
                 self._mend_partial(result)  # G1: a member alone on other bytes takes its group's model now
-            self._catch_up(self.swarm.peers(), who="this peer's group")  # a pocket that fell behind together
+            if self.swarm.seen_ahead(self.round):  # a pocket that fell behind together (only then read heartbeats)
+                self._catch_up(self.swarm.peers(), who="this peer's group")
         marks.append(("catch_up", time.monotonic()))
         late_join = result.solo and result.reason == LEFT and self.ledger.joining and not alone
         self.ledger.landed(result, grouped=not result.solo, late_join=late_join)

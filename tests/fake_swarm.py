@@ -67,6 +67,11 @@ class FakeSwarm:
     def others_done(self, round_no: int) -> bool:
         return True  # an averaging helper goes straight to the group: average() waits for every member
 
+    def seen_ahead(self, round_no: int) -> bool:
+        # the clock's last fetch: every live peer's round as reported (the real one is seconds old)
+        return any(r > round_no for n, (r, _, _) in self.net.progress.items()
+                   if n != self.peer_id and self.net.peers[n].live)
+
     def begin_round(self, round_no: int) -> None:
         old = self.net.progress.get(self.peer_id, (0, 0, 0.0))
         self.net.progress[self.peer_id] = (round_no, 0, old[2])  # the last measured speed carries over

@@ -57,6 +57,7 @@ class Swarm(Protocol):
     def report_progress(self, round_no: int, steps: int, busy_s: float) -> None: ...
     def round_quota(self, round_no: int, local_steps: int, late: bool = False) -> int: ...
     def others_done(self, round_no: int) -> bool: ...
+    def seen_ahead(self, round_no: int) -> bool: ...
     def begin_round(self, round_no: int) -> None: ...
     def average(self, deltas: list[torch.Tensor], round_no: int, weight: float, *, stop, fingerprint: str,
                 budget: float, joined: str = "") -> RoundResult: ...
@@ -186,6 +187,15 @@ class HivemindSwarm:
         self.dht_reads += 1
         return others_done(records, round_no, self.peer_id, get_dht_time(), self.cfg.federation.local_steps,
                            quiet=self.clock.silent())  # the clock exists only with round_clock: swarm (by speed)
+
+    def seen_ahead(self, round_no: int) -> bool:
+        """Whether any other peer's clock record, as of the tracker's last fetch (no DHT read), is past
+        ``round_no``; True without the clock (only the heartbeats tell). A peer whose group has just averaged asks
+        this before reading every heartbeat to look for a swarm that moved on without its group: at 32 peers on
+        2 cores that read took 3.3 s a round (median; 20 s at most) and nobody was ahead in almost every round."""
+        if self.clock is None:
+            return True
+        return any(r.round > round_no for p, r in self.clock.cached().items() if p != self.peer_id)
 
     def begin_round(self, round_no: int) -> None:
         if self.admission is not None:  # every round: revocations take effect, and a revoked peer stops itself
