@@ -22,7 +22,7 @@ from photon_p2p.federation import FederationError
 from photon_p2p.federation.averaging import LEFT, RoundResult
 from photon_p2p.federation.compression import roundtrip
 from photon_p2p.federation.network import parse_multiaddrs
-from photon_p2p.federation.protocol import outcome, run_over, wait_budget
+from photon_p2p.federation.protocol import one_model_group, outcome, run_over, wait_budget
 from photon_p2p.federation.swarm import Swarm
 from photon_p2p.global_state import GlobalState
 from photon_p2p.ledger import InFlight, RoundLedger
@@ -227,7 +227,8 @@ class PeerDaemon(Rejoin):
         """Hand this round's Δ to the averager (a background thread) and start the next round's counters.
         False if Δ is not finite: rolled back instead, nothing is sent."""
         f = self.cfg.federation
-        self._adopt_majority(self.swarm.peers())  # a visible split: the minority adopts the majority's model
+        if self.swarm.strangers(self.ledger.one_model_group):  # nobody outside our last group: no split to find
+            self._adopt_majority(self.swarm.peers())  # a visible split: the minority adopts the majority's model
         deltas = self.state.pseudo_gradient()
         if not all(bool(torch.isfinite(d).all()) for d in deltas):
             self._roll_back("the pseudo-gradient is not finite")  # never sent
@@ -277,6 +278,7 @@ class PeerDaemon(Rejoin):
         if result.solo and result.reason == "stopped":
             self.ledger.fold(job)  # un-averaged: the checkpoint keeps it for the resumed round
             return False
+        self.ledger.one_model_group = frozenset()
         if result.solo:
             alone = self._missed_round(result, job)
         else:
@@ -291,6 +293,7 @@ class PeerDaemon(Rejoin):
             marks.append(("apply", time.monotonic()))
             if result.partial > 0:
                 self._mend_partial(result)  # G1: a member alone on other bytes takes its group's model now
+            self.ledger.one_model_group = one_model_group(result)
             if self.swarm.seen_ahead(self.round):  # a pocket that fell behind together (only then read heartbeats)
                 self._catch_up(self.swarm.peers(), who="this peer's group")
         marks.append(("catch_up", time.monotonic()))

@@ -68,6 +68,9 @@ class RoundLedger:
     started_at: float = field(default_factory=time.time)
     loop_started: float = 0.0
     last_result: Any = None  # the last finished round's RoundResult
+    # the last round's group, if it left every member on one model and nothing was downloaded since (the split
+    # rule then has nobody to look for unless a peer outside it is live: Swarm.strangers)
+    one_model_group: frozenset = frozenset()
     last_eval: dict[str, float] = field(default_factory=dict)
     clip_history: deque = field(default_factory=lambda: deque(maxlen=CLIP_WINDOW))  # robust aggregation
 

@@ -158,6 +158,7 @@ class Rejoin:
                 continue
             self.state.adopt(meta, tensors, carry_local)
             self.ledger.synced_mid_round = True
+            self.ledger.one_model_group = frozenset()  # our model is the server's now: look for splits again
             self.ledger.synced_from = str(meta.get("served_by") or "")
             if not carry_local:
                 self.ledger.round_steps = self.ledger.round_tokens = 0

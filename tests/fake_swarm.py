@@ -72,6 +72,9 @@ class FakeSwarm:
         return any(r > round_no for n, (r, _, _) in self.net.progress.items()
                    if n != self.peer_id and self.net.peers[n].live)
 
+    def strangers(self, members: frozenset) -> bool:
+        return not members or any(n not in members for n, p in self.net.peers.items() if p.live and n != self.peer_id)
+
     def begin_round(self, round_no: int) -> None:
         old = self.net.progress.get(self.peer_id, (0, 0, 0.0))
         self.net.progress[self.peer_id] = (round_no, 0, old[2])  # the last measured speed carries over

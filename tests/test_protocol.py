@@ -12,6 +12,7 @@ from photon_p2p.federation.protocol import (
     catch_up_round,
     fold,
     leader_left,
+    one_model_group,
     heals,
     majority,
     member_round_s,
@@ -307,3 +308,13 @@ def test_the_clock_reads_and_stores_less_often_as_the_swarm_grows_past_16_peers(
     assert [fetch_period(n, 2.0) for n in (1, 8, 16)] == [2.0, 2.0, 2.0]
     assert fetch_period(32, 2.0) == pytest.approx(7.17, abs=0.01) and fetch_period(32, 3.0) == fetch_period(32, 2.0)
     assert fetch_period(100, 2.0) == pytest.approx(70.0) and fetch_period(1000, 2.0) == MAX_FETCH_S
+
+
+def test_only_a_group_that_left_every_member_on_one_model_spares_the_split_rules_read():
+    from types import SimpleNamespace as R
+    fine = R(solo=False, partial=0.0, healed=False, fingerprints={"a": "f1", "b": "f1"}, peers=["a", "b"])
+    assert one_model_group(fine) == {"a", "b"}
+    assert one_model_group(R(**{**vars(fine), "healed": True, "fingerprints": {"a": "f1", "b": "f2"}})) == {"a", "b"}
+    assert not one_model_group(R(**{**vars(fine), "fingerprints": {"a": "f1", "b": "f2"}}))  # a lone other model
+    assert not one_model_group(R(**{**vars(fine), "partial": 0.02}))  # a reducer's part missing: mended first
+    assert not one_model_group(R(**{**vars(fine), "solo": True}))

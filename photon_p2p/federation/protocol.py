@@ -9,6 +9,7 @@ import enum
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Outcome(str, enum.Enum):
@@ -319,6 +320,15 @@ def heals(fingerprints: list[str], weights: list[bool], stage: int) -> bool:
     if stage == 2 and any(weights):
         return True
     return sum(1 for n in Counter(fp for fp in fingerprints if fp).values() if n >= 2) >= 2
+
+
+def one_model_group(result: Any) -> frozenset:
+    """The members of a round's group if it left all of them on one model: it averaged with no part missing
+    (partial 0), and its members came on one model or healed (averaged weights); else empty."""
+    models = set(result.fingerprints.values()) - {""}
+    if result.solo or result.partial > 0 or not (result.healed or len(models) <= 1):
+        return frozenset()
+    return frozenset(result.peers)
 
 
 def state_verdict(actual: str, round_no: int, server: str, peers: list[dict], trusted: str = "") -> str:
