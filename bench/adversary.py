@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import threading
@@ -43,10 +42,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import one_model  # noqa: E402  (bench/ is not a package)
+import one_model
+import toolkit as kit
+from toolkit import REPO, BenchError, fmt
 
-REPO = one_model.REPO
 RESULTS = REPO / "bench" / "results" / "adversary"
 NOTE_ENV = "PHOTON_ADVERSARY_NOTE"  # the hostile silo appends the fingerprints it introduces to this file
 
@@ -227,12 +226,10 @@ ATTACKS: dict[str, Callable[[], None] | None] = {
 def hostile(name: str, argv: list[str]) -> int:
     install = ATTACKS.get(name)
     if install is None:
-        raise one_model.BenchError(f"unknown attack {name!r} (one of {', '.join(a for a in ATTACKS if a != 'none')})")
+        raise BenchError(f"unknown attack {name!r} (one of {', '.join(a for a in ATTACKS if a != 'none')})")
     install()
     print(f"adversary: hostile silo running {name}", flush=True)
-    from photon_p2p.cli import main
-
-    return main(argv)
+    return kit.photon_peer(argv)
 
 
 # ---- the swarm ---------------------------------------------------------------------------------------------------
@@ -248,19 +245,14 @@ class AttackSwarm(one_model.Swarm):
             "peers": honest + (attack != "none"), "rounds": rounds,
             "overrides": [f"federation.local_steps={local_steps}", "train.eval_every=0", *settings]}
         super().__init__(f"adversary-{attack}", "new", REPO, out, val_dir, 0.0)
+        self.wrapped = {honest: (__file__, "--hostile", attack)} if attack != "none" else {}
         self.note = out / "hostile-fingerprints.txt"
         os.environ[NOTE_ENV] = str(self.note)  # before any silo starts: Swarm.start copies the environment
 
-    def cmd(self, i: int) -> list[str]:
-        cmd = super().cmd(i)
-        if i == self.honest and self.attack != "none":
-            return [sys.executable, str(Path(__file__).resolve()), "--hostile", self.attack, "--", *cmd[3:]]
-        return cmd
 
-
-def summarize(sw: AttackSwarm, args: argparse.Namespace, wall_s: float) -> dict[str, Any]:
+def summarize(sw: AttackSwarm, args: argparse.Namespace) -> dict[str, Any]:
     honest = list(range(sw.honest))
-    every = {i: one_model.read_records(sw.out / f"peer-{i}") for i in sorted(sw.procs)}
+    every = {i: kit.records(sw.out / f"peer-{i}") for i in sorted(sw.procs)}
     rounds = {i: [r for r in recs if r.get("kind") == "round"] for i, recs in every.items()}
     analysis = one_model.analyze({i: rounds[i] for i in honest}, honest, honest)
     ppl = [analysis["final_val_ppl"].get(str(i)) for i in honest]
@@ -279,10 +271,10 @@ def summarize(sw: AttackSwarm, args: argparse.Namespace, wall_s: float) -> dict[
         hostile = {"ran": "adversary: hostile silo running" in log, "exit_code": sw.procs[sw.honest].returncode,
                    "traceback": "Traceback" in log}
         if not hostile["ran"]:
-            raise one_model.BenchError(f"the hostile silo never ran its attack (see {sw.out}/peer-{sw.honest}/peer.log)")
+            raise BenchError(f"the hostile silo never ran its attack (see {sw.out}/peer-{sw.honest}/peer.log)")
     # the attacker-free runs with the same --set settings and as many honest silos (another aggregation, or more
     # silos' data, trains another baseline)
-    stored = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("none*.json"))]
+    stored = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob("none*.json"))]
     baselines = [b["honest_val_ppl"] for b in stored if b["honest_val_ppl"] and
                  b.get("settings", []) == list(args.set) and b.get("honest_silos", 3) == sw.honest]
     base = statistics.mean(baselines) if baselines else None
@@ -298,30 +290,28 @@ def summarize(sw: AttackSwarm, args: argparse.Namespace, wall_s: float) -> dict[
             1 for i in honest for r in every[i] if r.get("kind") == "refused_state"),
         "syncs": sum(1 for i in honest for r in every[i] if r.get("kind") == "sync"),
         "hostile": hostile, "exit_codes": {str(i): p.returncode for i, p in sw.procs.items()}, "capped": sw.capped,
-        "wall_s": round(wall_s, 1), "command": "python bench/adversary.py " + " ".join(sys.argv[1:]),
+        "wall_s": round(sw.wall_s, 1), "command": kit.command(script="bench/adversary.py"),
         **sw.provenance}
 
 
-def table() -> str:
+def table(results: Path = RESULTS) -> str:
     rows = ["| attack | settings | honest crashes | adopted attacker's model | honest val ppl | vs baseline | participation | "
             "models at end | commit | raw |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(RESULTS.glob("*.json")):
+    for path in sorted(results.glob("*.json")):
         r = json.loads(path.read_text())
         vs = r.get("ppl_vs_baseline")
         rows.append(f"| {r['attack']} | {' '.join(r.get('settings', [])) or 'defaults'} | {r['honest_crashes']} | {'yes' if r['adopted_attacker_fingerprint'] else 'no'} "
-                    f"| {one_model._f(r['honest_val_ppl'])} | {'-' if vs is None else f'{vs:+.1%}'} | "
-                    f"{one_model._f(r['participation'], '{:.3f}')} | {r['end_models']} | {r.get('commit', '?')} | "
-                    f"{path.relative_to(REPO)} |")
+                    f"| {fmt(r['honest_val_ppl'])} | {'-' if vs is None else f'{vs:+.1%}'} | "
+                    f"{fmt(r['participation'], '.3f')} | {r['end_models']} | {r.get('commit', '?')} | "
+                    f"{os.path.relpath(path, REPO)} |")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--hostile"]:
-        if len(argv) < 3 or argv[2] != "--":
-            raise one_model.BenchError("usage: adversary.py --hostile ATTACK -- <photon-peer args>")
-        return hostile(argv[1], argv[3:])
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if wrapped := kit.wrapped_silo(argv, "--hostile", "adversary.py --hostile ATTACK -- <photon-peer args>"):
+        return hostile(*wrapped)
+    ap = kit.parser(__doc__, cap=420.0, corpus=str(kit.CORPUS), results=str(RESULTS))
     ap.add_argument("--attack", choices=list(ATTACKS))
     ap.add_argument("--peers", type=int, default=3, help="honest silos (the hostile one comes on top)")
     ap.add_argument("--rounds", type=int, default=6)
@@ -330,28 +320,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="a config override for every silo, e.g. federation.robust_aggregation=centered_clip; "
                          "compared against attacker-free runs with the same settings")
     ap.add_argument("--tag", default="", help="stored as ATTACK-TAG.json (repeated runs)")
-    ap.add_argument("--cap", type=float, default=420.0, help="wall-clock cap (seconds)")
-    ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"), help="validation text")
     ap.add_argument("--out", default=None, help="run directory (default runs/adversary/ATTACK[-TAG])")
     ap.add_argument("--table", action="store_true", help="print the table of stored results and exit")
     args = ap.parse_args(argv)
     if args.table:
-        print(table())
+        print(table(Path(args.results)))
         return 0
     if not args.attack:
         ap.error("--attack is required (or --table)")
     name = args.attack + (f"-{args.tag}" if args.tag else "")
     out = Path(args.out) if args.out else REPO / "runs" / "adversary" / name
-    if out.exists():
-        shutil.rmtree(out)  # daemons resume from checkpoints: start clean
-    val_dir = one_model.prepare_val(Path(args.corpus), REPO / "runs" / "adversary" / "val")
+    val_dir = one_model.prepare_val(Path(args.corpus), out.parent / "val")  # runs/adversary/val by default
     sw = AttackSwarm(args.attack, args.peers, out, val_dir, args.rounds, args.local_steps, args.set)
-    t0 = time.monotonic()
     sw.run(args.cap)
-    result = summarize(sw, args, time.monotonic() - t0)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for path in (out / "summary.json", RESULTS / f"{name}.json"):
-        path.write_text(json.dumps(result, indent=1) + "\n")
+    result = summarize(sw, args)
+    for path in (out / "summary.json", Path(args.results) / f"{name}.json"):
+        kit.write_json(path, result)
     print(json.dumps({k: result[k] for k in ("attack", "honest_crashes", "adopted_attacker_fingerprint",
                                              "honest_val_ppl", "baseline_val_ppl", "ppl_vs_baseline",
                                              "participation", "end_models")}))
@@ -359,9 +343,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except one_model.BenchError as e:
-        sys.exit(f"adversary: {e}")
-    except KeyboardInterrupt:
-        sys.exit("adversary: interrupted")
+    kit.run(main, "adversary")

@@ -1,11 +1,6 @@
 #!/usr/bin/env python
 """One round's averaging time for an fp32 pseudo-gradient: photon_p2p's averager vs torch.distributed gloo, one run.
 
-Usage:
-  python bench/allreduce_speed.py [--mb 100] [--peers 2 4] [--codecs none fp16 blockwise8] [--repeats 3]
-                                  [--oversized-target 8] [--modes hivemind-defaults tuned]
-                                  [--out bench/results/allreduce_speed]
-
 For each group size, WORLD peer processes start on 127.0.0.1 (one DHT, one gloo process group). Every repeat runs,
 back to back and each behind a barrier so that all peers start together: gloo ``all_reduce`` of the tensor, then one
 ``PseudoGradientAverager.average`` round per mode (``hivemind-defaults``: the averager as it was before tuning,
@@ -25,14 +20,14 @@ import dataclasses
 import datetime
 import json
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import toolkit as kit
 
 # hivemind-defaults / tuned: every byte through hivemind's butterfly, plain mean (as before robust aggregation);
 # bulk: photon_p2p's defaults: uncompressed rounds over gloo between the (directly reachable) members
@@ -179,23 +174,16 @@ def run_world(world: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
         for rank in range(world):
             cmd = [sys.executable, __file__, "--worker", "--rank", str(rank), "--world", str(world), "--port",
                    str(port), "--worker-out", str(tmp / f"w{world}-{rank}.json"), *common]
-            log = open(tmp / f"w{world}-{rank}.log", "w")
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.monotonic() + args.timeout
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break  # one peer failed: the others would wait at a barrier forever
-            time.sleep(0.5)
+            procs.append(kit.popen_logged(cmd, tmp / f"w{world}-{rank}.log"))
+        # one peer failed: the others would wait at a barrier forever
+        kit.wait_all(procs, args.timeout, lambda: any(p.poll() not in (None, 0) for p in procs))
         for rank, p in enumerate(procs):
             if p.poll() != 0:
                 tail = (tmp / f"w{world}-{rank}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
                 why = "timed out" if p.poll() is None else f"exit code {p.returncode}"
                 raise SystemExit(f"allreduce_speed: peer {rank} of {world} {why}: {tail[0][:300]}")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        kit.stop_all(procs, grace=0.0)
     return [r for rank in range(world) for r in json.loads((tmp / f"w{world}-{rank}.json").read_text())]
 
 
@@ -258,11 +246,7 @@ def write_markdown(rows: list[dict], args: argparse.Namespace, path: Path, meta:
 
 
 def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(args.peers), figsize=(7 * len(args.peers), 4.5), squeeze=False)
+    fig, axes = kit.pyplot().subplots(1, len(args.peers), figsize=(7 * len(args.peers), 4.5), squeeze=False)
     colors = dict(zip(PHASES, ("#8da0cb", "#fc8d62", "#66c2a5", "#e78ac3", "#a6d854")))
     for ax, world in zip(axes[0], args.peers):
         labels, x = [], 0
@@ -288,12 +272,11 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
         ax.set_title(f"{world} peers, {args.mb:g} MB fp32 on loopback")
         ax.set_ylabel("seconds per round (red: slowest peer, median)")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    kit.save(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__)
     ap.add_argument("--mb", type=float, default=100.0, help="tensor size in MB (fp32)")
     ap.add_argument("--peers", type=int, nargs="+", default=[2, 4], help="group sizes to measure")
     ap.add_argument("--codecs", nargs="+", default=["none", "fp16", "blockwise8"])
@@ -337,7 +320,7 @@ def main() -> None:
         write_markdown(saved["rows"], args, out.with_suffix(".md"), saved["meta"])
         return plot(saved["rows"], args, out.with_suffix(".png"))
     meta = {"loadavg": " ".join(f"{v:.1f}" for v in os.getloadavg()), "cpus": os.cpu_count(),
-            "command": "python " + " ".join(sys.argv)}
+            "command": kit.command()}
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.peers:

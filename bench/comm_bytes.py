@@ -1,9 +1,6 @@
 #!/usr/bin/env python
 """Bytes sent per trained token: photon_p2p daemons (counted twice) vs per-step data-parallel all-reduce (DDP).
 
-Usage: python bench/comm_bytes.py [--local-steps 64 128 512] [--codecs none blockwise8] [--rounds 3]
-                                  [--batch-size 2] [--data runs/bench-data-netns] [--out bench/results/comm_bytes]
-
 Two real daemons (`python -m photon_p2p.cli run`, configs/tiny.yaml) run in two network namespaces joined by a
 veth pair (bench/netns.py, unshaped: only bytes matter here). For every (codec, H) a fresh pair trains --rounds
 rounds; bytes are counted
@@ -33,12 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
-from netns import (CounterPoller, NetnsError, Testbed, install_signal_teardown, start_photon_peer,  # noqa: E402
-                   stop_procs, unsupported_reason, wait_peer_address)
-
-REPO = Path(__file__).resolve().parent.parent
+import report
+import toolkit as kit
+from netns import CounterPoller, NetnsError, Testbed, bench_main, start_photon_peer, stop_procs, wait_peer_address
 
 # Runs inside a namespace: all_reduce of N floats; reports the tx bytes of its own link per all_reduce.
 GLOO_WORKER = r"""
@@ -64,15 +58,6 @@ dist.destroy_process_group()
 """
 
 
-def model_params(seq_len_overrides: list[str]) -> tuple[int, int]:
-    """(number of parameters, seq_len) of the tiny model, as the daemons will build it."""
-    from photon_p2p.config import load_config
-    from photon_p2p.model import Transformer
-
-    cfg = load_config(["tiny"], seq_len_overrides)
-    return sum(p.numel() for p in Transformer(cfg.model).parameters()), cfg.model.seq_len
-
-
 def payload_bytes_per_value(codec: str) -> float:
     """Bytes per value the codec puts on the wire, from photon_p2p's own codec (measured on a large tensor)."""
     import torch
@@ -88,9 +73,8 @@ def measure_ddp(tb: Testbed, n_values: int, reps: int, timeout: float = 300.0) -
     """Counted bytes of a gloo all_reduce of n_values fp32 between namespaces 0 and 1 (per peer, per call)."""
     port = 29500 + os.getpid() % 1000
     procs = [tb.popen(r, [sys.executable, "-c", GLOO_WORKER, str(r), "2", tb.addr(0), str(port), str(n_values),
-                          str(reps), tb.nodes[r].ifname],
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                      env={**os.environ, "GLOO_SOCKET_IFNAME": tb.nodes[r].ifname})
+                          str(reps), tb.ifnames[r]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                      env={**os.environ, "GLOO_SOCKET_IFNAME": tb.ifnames[r]})
              for r in range(2)]
     outs = []
     for p in procs:
@@ -102,15 +86,6 @@ def measure_ddp(tb: Testbed, n_values: int, reps: int, timeout: float = 300.0) -
             "seconds_per_allreduce": [o["seconds"] for o in outs]}
 
 
-def read_records(run_dir: Path) -> list[dict]:
-    from photon_p2p.metrics import read_metrics
-
-    try:
-        return list(read_metrics(run_dir))
-    except FileNotFoundError:
-        return []
-
-
 def run_setting(tb: Testbed, codec: str, h: int, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """One fresh pair of daemons at (codec, H); per-round bytes counted by the daemons and on the veths."""
     run_id = f"comm-{codec}-{h}-{os.getpid()}"
@@ -120,25 +95,20 @@ def run_setting(tb: Testbed, codec: str, h: int, args: argparse.Namespace, out_d
                  "federation.round_deadline=120", "federation.state_sync_timeout=60",
                  "train.checkpoint_every=100000"]
     dirs = [out_dir / f"{codec}-H{h}" / f"peer-{i}" for i in range(2)]
-    for d in dirs:
-        for f in ("metrics.jsonl", "checkpoint.pt"):
-            (d / f).unlink(missing_ok=True)
     procs = []
     t_start = time.time()
     with CounterPoller(tb) as poller:
         try:
-            procs.append(start_photon_peer(tb, 0, dirs[0], run_id, overrides))
+            procs.append(start_photon_peer(tb, 0, dirs[0], overrides, run_id=run_id))
             maddrs = wait_peer_address(procs[0], dirs[0])
-            procs.append(start_photon_peer(tb, 1, dirs[1], run_id, overrides, initial=maddrs[:1]))
-            deadline = time.monotonic() + args.setting_timeout
-            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-                time.sleep(0.5)
+            procs.append(start_photon_peer(tb, 1, dirs[1], overrides, initial=maddrs[:1], run_id=run_id))
+            kit.wait_all(procs, args.setting_timeout)
         finally:
             stop_procs(procs)
     # The raw counter time series, for looking at where bytes go (not part of the results file).
     (dirs[0].parent / "counters.json").write_text(json.dumps(
         [[t, [c["tx_bytes"] for c in cs]] for t, cs in poller.samples]))
-    recs = [read_records(d) for d in dirs]
+    recs = [kit.records(d) for d in dirs]
     rounds = [[r for r in rs if r["kind"] == "round"] for rs in recs]
     sync = [r for r in recs[1] if r["kind"] == "sync"]
     if not sync or any(len(r) < args.rounds for r in rounds):
@@ -189,10 +159,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     """Bytes per trained token vs H (log-log): ours per codec (daemon and wire) against DDP's per-step all-reduce."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.3))
+    fig, ax = kit.pyplot().subplots(figsize=(7, 4.3))
     for codec, color in zip(sorted({s["codec"] for s in result["settings"]}), ["tab:blue", "tab:green", "tab:purple"]):
         rows = sorted((s for s in result["settings"] if s["codec"] == codec), key=lambda s: s["H"])
         hs = [s["H"] for s in rows]
@@ -207,9 +174,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    kit.save(fig, out)
 
 
 def interpretation(r: dict[str, Any]) -> list[str]:
@@ -288,47 +253,23 @@ def markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--local-steps", type=int, nargs="+", default=[64, 128, 512], metavar="H")
-    ap.add_argument("--codecs", nargs="+", default=["none", "blockwise8"])
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per setting (round 1 is not steady state)")
-    ap.add_argument("--batch-size", type=int, default=2, help="sequences per inner step per peer")
-    ap.add_argument("--data", default="runs/bench-data-netns", help="prepared data dir (made if missing)")
-    ap.add_argument("--ddp-reps", type=int, default=5, help="gloo all_reduce calls counted")
-    ap.add_argument("--setting-timeout", type=float, default=600.0, help="seconds per (codec, H) at most")
-    ap.add_argument("--runs", default="runs/bench-comm", help="daemon run dirs go here")
-    ap.add_argument("--out", default="bench/results/comm_bytes", help="writes OUT.json, OUT.md and OUT.png")
-    ap.add_argument("--replot", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json")
-    args = ap.parse_args()
-    if args.replot:
-        return write_reports(Path(args.out), None)
-    if args.rounds < 1 or args.batch_size < 1:
-        print("comm_bytes: --rounds and --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    why = unsupported_reason()
-    if why:
-        print(f"skipped: {why}")
-        return 0
-    install_signal_teardown()
-    os.chdir(REPO)  # relative paths (data, runs, out) are the repository's
-    try:
-        args.data = ensure_data(args.data)
-        params, args.seq_len = model_params([])
-        bpv = {c: payload_bytes_per_value(c) for c in args.codecs}
-        settings = []
-        with Testbed(2) as tb:
-            ddp = measure_ddp(tb, params, args.ddp_reps)
-            for codec in args.codecs:
-                for h in args.local_steps:
-                    s = run_setting(tb, codec, h, args, Path(args.runs))
-                    settings.append(s)
-                    print(f"comm_bytes: {codec:>10} H={h:<4} daemon {s['daemon_bytes_per_round'] / 1e6:.3f} MB/round, "
-                          f"wire {s['wire_bytes_per_round'] / 1e6:.3f} MB/round, "
-                          f"{s['wire_bytes_per_token']:.1f} B/token on the wire", flush=True)
-    except NetnsError as e:
-        print(f"comm_bytes: error: {e}", file=sys.stderr)
-        return 1
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from photon_p2p.config import load_config
+    from photon_p2p.model import count_params
+
+    cfg = load_config(["tiny"])  # the model as the daemons will build it
+    params, args.seq_len = count_params(cfg.model), cfg.model.seq_len
+    bpv = {c: payload_bytes_per_value(c) for c in args.codecs}
+    settings = []
+    with Testbed(2) as tb:
+        ddp = measure_ddp(tb, params, args.ddp_reps)
+        for codec in args.codecs:
+            for h in args.local_steps:
+                s = run_setting(tb, codec, h, args, Path(args.runs))
+                settings.append(s)
+                print(f"comm_bytes: {codec:>10} H={h:<4} daemon {s['daemon_bytes_per_round'] / 1e6:.3f} MB/round, "
+                      f"wire {s['wire_bytes_per_round'] / 1e6:.3f} MB/round, "
+                      f"{s['wire_bytes_per_token']:.1f} B/token on the wire", flush=True)
     tokens_per_step = args.batch_size * args.seq_len
     ddp_counted = sum(ddp["tx_per_allreduce"]) / len(ddp["tx_per_allreduce"])
     formula = 2 * (2 - 1) / 2 * params * 4
@@ -338,31 +279,28 @@ def main() -> int:
         s["payload_bytes_per_round_computed"] = params * bpv[s["codec"]]  # 2 peers: half scattered + half gathered
         s["ratio_ddp_over_ours_wire"] = ddp["counted_bytes_per_token"] / s["wire_bytes_per_token"]
         s["ratio_ddp_over_ours_daemon"] = ddp["formula_bytes_per_token"] / s["daemon_bytes_per_token"]
-    result = {"bench": "comm_bytes", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "peers": 2,
-              "params": params, "batch_size": args.batch_size, "seq_len": args.seq_len, "rounds": args.rounds,
-              "codec_bytes_per_value": bpv, "ddp": ddp, "settings": settings,
-              "overhead": {c: overhead([s for s in settings if s["codec"] == c]) for c in args.codecs}}
-    result["command"] = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
-    return write_reports(Path(args.out), result)
+    return {"bench": "comm_bytes", "date": kit.utc(), "peers": 2, "params": params, "batch_size": args.batch_size,
+            "seq_len": args.seq_len, "rounds": args.rounds, "codec_bytes_per_value": bpv, "ddp": ddp,
+            "settings": settings, "overhead": {c: overhead([s for s in settings if s["codec"] == c])
+                                               for c in args.codecs}, "command": kit.command()}
+
+
+def main() -> int:
+    ap = kit.parser(__doc__, data="runs/bench-data-netns", runs="runs/bench-comm", out="bench/results/comm_bytes",
+                    replot=True)
+    ap.add_argument("--local-steps", type=int, nargs="+", default=[64, 128, 512], metavar="H")
+    ap.add_argument("--codecs", nargs="+", default=["none", "blockwise8"])
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per setting (round 1 is not steady state)")
+    ap.add_argument("--batch-size", type=int, default=2, help="sequences per inner step per peer")
+    ap.add_argument("--ddp-reps", type=int, default=5, help="gloo all_reduce calls counted")
+    ap.add_argument("--setting-timeout", type=float, default=600.0, help="seconds per (codec, H) at most")
+    args = ap.parse_args()
+    invalid = "--rounds and --batch-size must be >= 1" if args.rounds < 1 or args.batch_size < 1 else ""
+    return bench_main("comm_bytes", args, write_reports, measure, invalid)
 
 
 def write_reports(out: Path, result: dict[str, Any] | None) -> int:
     return report.write_reports(out, result, "comm_bytes", plot, markdown, lambda _: "python bench/comm_bytes.py")
-
-
-def ensure_data(path: str) -> str:
-    """The benchmarks' prepared corpus (a data dir): ../shared/corpus when present, else the embedded default."""
-    if (Path(path) / "manifest.json").exists():
-        return path
-    corpus = REPO.parent / "shared" / "corpus"
-    if corpus.is_dir():
-        from photon_p2p.data.prepare import prepare
-
-        prepare([str(corpus)], path, progress=False)
-        return path
-    from photon_p2p.data.embedded import ensure_default_dataset
-
-    return str(ensure_default_dataset(Path(path) / "embedded", progress=False))
 
 
 if __name__ == "__main__":

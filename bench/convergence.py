@@ -33,17 +33,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "peers"))
+import toolkit as kit
+from toolkit import REPO, BenchError  # noqa: F401  (BenchError: sweep.py and fed_sim.py raise conv.BenchError)
 
 SOURCES = ["shakespeare", "kjv", "brown"]
 ALL_RUNS = ["central", "fed-iid", "fed-noniid", "diloco-noniid"]
 LABELS = {"central": "centralized (batch 64)", "fed-iid": "Photon 4 silos, IID",
           "fed-noniid": "Photon 4 silos, non-IID", "diloco-noniid": "DiLoCo recipe 4 silos, non-IID"}
-
-
-class BenchError(Exception):
-    """A user or environment problem: reported as one line, not a traceback."""
 
 
 @dataclass
@@ -119,76 +115,51 @@ def run_specs(args: argparse.Namespace, data: dict[str, Path]) -> list[RunSpec]:
 
 
 # ---- running ----------------------------------------------------------------------------------------------
-def _popen(cmd: list[str], log: Path) -> subprocess.Popen:
-    # Own session: teardown kills the whole group (hivemind's DHT child and p2pd included).
-    with log.open("w") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-
-
 def run_central(spec: RunSpec, run_dir: Path, timeout: float) -> float:
-    from local_swarm import stop_all
-
     cmd = [sys.executable, "-m", "photon_p2p.cli", "train", "--config", spec.config, "--no-progress",
            "--set", f"run_dir={run_dir}", "--set", "name=central", "--set", f"data.path={spec.silo_data[0]}"]
-    for o in spec.overrides:
-        cmd += ["--set", o]
+    cmd += [a for o in spec.overrides for a in ("--set", o)]
     run_dir.mkdir(parents=True)
     t0 = time.monotonic()
-    proc = _popen(cmd, run_dir / "train.log")
+    proc = kit.popen_logged(cmd, run_dir / "train.log", cwd=REPO)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         raise BenchError(f"central run exceeded {timeout:.0f}s (see {run_dir}/train.log)") from None
     finally:
-        stop_all([proc])
+        kit.stop_all([proc])
     if proc.returncode != 0:
         raise BenchError(f"central run failed with exit code {proc.returncode} (see {run_dir}/train.log)")
     return time.monotonic() - t0
 
 
-def _peer_cmd(spec: RunSpec, i: int, run_dir: Path, run_id: str, initial: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "photon_p2p.cli", "run", "--config", spec.config, "--run-dir", str(run_dir),
-           "--run-id", run_id, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--no-progress",
-           "--data", str(spec.silo_data[i]), "--set", f"name=silo-{i}"]
-    for o in spec.overrides:
-        cmd += ["--set", o]
-    # Every peer holds the same global model after a full round: only silo-0 evaluates each round (the
-    # others only after their last round), so validation costs one peer's time instead of four.
-    cmd += ["--set", f"train.eval_every={spec.eval_every if i == 0 else 0}"]
-    if initial:
-        cmd += ["--initial-peers", *initial]
-    return cmd
-
-
 def run_federated(spec: RunSpec, out: Path, timeout: float) -> float:
     """Start N daemons (silo-0 first, the others join through its address), wait for all to finish."""
-    from local_swarm import PeerStartError, stop_all, wait_for_address
-
     procs: list[subprocess.Popen] = []
     dirs = [out / f"peer-{i}" for i in range(len(spec.silo_data))]
-    t0 = time.monotonic()
+    t0, maddrs, seen = time.monotonic(), [], [0]
     try:
         for i, d in enumerate(dirs):
+            # Every peer holds the same global model after a full round: only silo-0 evaluates each round (the
+            # others only after their last round), so validation costs one peer's time instead of four.
+            cmd = kit.peer_cmd(d, [f"name=silo-{i}", *spec.overrides,
+                                   f"train.eval_every={spec.eval_every if i == 0 else 0}"], config=spec.config,
+                               initial=maddrs[:1], run_id=f"conv-{spec.name}", args=["--data", str(spec.silo_data[i])])
             d.mkdir(parents=True)
-            initial = [] if i == 0 else maddrs[:1]
-            procs.append(_popen(_peer_cmd(spec, i, d, f"conv-{spec.name}", initial), d / "peer.log"))
+            procs.append(kit.popen_logged(cmd, d / "peer.log", cwd=REPO))
             if i == 0:
                 try:
-                    maddrs = wait_for_address(procs[0], d, timeout=120)
-                except PeerStartError as e:
+                    maddrs = kit.wait_for_address(procs[0], d, timeout=120)
+                except kit.PeerStartError as e:
                     raise BenchError(f"{spec.name}: {e}") from None
-        seen = 0
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() - t0 > timeout:
-                raise BenchError(f"{spec.name} exceeded {timeout:.0f}s (see {out}/peer-*/peer.log)")
-            lines = [ln for ln in (dirs[0] / "peer.log").read_text(errors="replace").splitlines()
-                     if ln.startswith("round ")]
-            for ln in lines[seen:]:
-                print(f"  [{spec.name} silo-0] {ln}", flush=True)
-            seen = len(lines)
-            time.sleep(2.0)
+
+        def progress() -> None:
+            seen[0] = kit.follow(dirs[0] / "peer.log", seen[0], f"{spec.name} silo-0")
+
+        if not kit.wait_all(procs, timeout - (time.monotonic() - t0), progress, poll=2.0):
+            raise BenchError(f"{spec.name} exceeded {timeout:.0f}s (see {out}/peer-*/peer.log)")
     finally:
-        stop_all(procs)
+        kit.stop_all(procs)
     bad = [i for i, p in enumerate(procs) if p.returncode != 0]
     if bad:
         raise BenchError(f"{spec.name}: silo(s) {bad} exited with {[procs[i].returncode for i in bad]} "
@@ -197,20 +168,14 @@ def run_federated(spec: RunSpec, out: Path, timeout: float) -> float:
 
 
 # ---- results ----------------------------------------------------------------------------------------------
-def _records(run_dir: Path, kind: str) -> list[dict]:
-    from photon_p2p.metrics import read_metrics
-
-    return [r for r in read_metrics(run_dir) if r.get("kind") == kind] if (run_dir / "metrics.jsonl").exists() else []
-
-
 def summarize(name: str, run_dir: Path) -> dict:
     """Curve of (total tokens, val ppl) plus round health for federated runs."""
     if name == "central":
-        evals = _records(run_dir, "eval")
+        evals = kit.records(run_dir, "eval")
         curve = [(int(e["tokens"]), float(e["val_ppl"])) for e in evals]
         return {"curve": curve, "final_ppl": curve[-1][1] if curve else None}
     peers = sorted(run_dir.glob("peer-*"))
-    rounds = [_records(p, "round") for p in peers]
+    rounds = [kit.records(p, "round") for p in peers]
     # Total tokens after round r: every silo's own count at that round (a silo that skipped a round by
     # syncing keeps its last count), so the x-axis is what the federation as a whole has trained on.
     def total_tokens(r: int) -> int:
@@ -259,12 +224,7 @@ def compare(runs: dict[str, dict], margin: float) -> dict:
 
 
 def plot(runs: dict[str, dict], summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = kit.pyplot().subplots(1, 2, figsize=(12, 4.5))
     panels = [("Convergence: federated vs centralized", ["central", "fed-iid", "fed-noniid"]),
               ("Photon vs DiLoCo recipe (non-IID)", ["fed-noniid", "diloco-noniid"])]
     for ax, (title, names) in zip(axes, panels):
@@ -281,8 +241,7 @@ def plot(runs: dict[str, dict], summary: dict, path: Path) -> None:
     for ax in axes:
         ax.legend()
     fig.suptitle("tiny model (1.9M params), shared held-out val set (union of shakespeare, kjv, brown), CPU-2")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    kit.save(fig, path, dpi=120)
 
 
 BEGIN, END = "<!-- convergence.py tables: begin -->", "<!-- convergence.py tables: end -->"
@@ -320,7 +279,8 @@ def write_markdown(result: dict, path: Path) -> None:
 
 # ---- main -------------------------------------------------------------------------------------------------
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__, corpus=str(kit.CORPUS), out=str(REPO / "runs" / "bench-convergence"),
+                    results=str(REPO / "bench" / "results"), report_only=True)
     ap.add_argument("--runs", nargs="+", choices=ALL_RUNS, default=ALL_RUNS)
     ap.add_argument("--rounds", type=int, default=12, help="Photon rounds (DiLoCo gets half: twice the batch)")
     ap.add_argument("--local-steps", type=int, default=32, help="H: inner steps per round")
@@ -332,11 +292,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--round-deadline", type=float, default=120.0)
     ap.add_argument("--run-timeout", type=float, default=1800.0, help="seconds before a run is abandoned")
     ap.add_argument("--target-margin", type=float, default=1.05, help="target ppl = worse final x this")
-    ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
     ap.add_argument("--data-cache", default=str(REPO / "runs" / "bench-data"))
-    ap.add_argument("--out", default=str(REPO / "runs" / "bench-convergence"))
-    ap.add_argument("--results", default=str(REPO / "bench" / "results"))
-    ap.add_argument("--report-only", action="store_true", help="skip training; summarize existing run dirs")
     args = ap.parse_args()
     if args.peers < 2 or args.rounds < 2 or args.rounds % 2:
         raise BenchError("--peers must be >= 2 and --rounds an even number >= 2 (DiLoCo runs half the rounds)")
@@ -366,14 +322,14 @@ def main() -> int:
     if not runs:
         raise BenchError(f"no run directories under {out}")
     summary = compare(runs, args.target_margin)
-    command = "python " + " ".join(sys.argv)
+    command = kit.command()
     if args.report_only:  # the report describes the runs, not this re-read
         command = old.get("command", command)
     result = {"machine": "CPU-2", "command": command,
               "setup": {k: getattr(args, k) for k in ("rounds", "local_steps", "peers", "central_lr",
                                                        "central_threads", "eval_batches", "round_deadline")},
               "runs": runs, "summary": summary}
-    (results / "convergence.json").write_text(json.dumps(result, indent=2) + "\n")
+    kit.write_json(results / "convergence.json", result, indent=2)
     plot(runs, summary, results / "convergence.png")
     write_markdown(result, results / "convergence.md")
     print(json.dumps(summary))
@@ -381,9 +337,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        sys.exit(f"convergence: {e}")
-    except KeyboardInterrupt:
-        sys.exit("convergence: interrupted")
+    kit.run(main, "convergence")

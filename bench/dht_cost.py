@@ -13,14 +13,11 @@ are summed. ``cache_locally`` on is hivemind's default; off is what network.star
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import toolkit as kit
 
 RECORD_BYTES = 800
 REPEATS = 5
@@ -66,7 +63,7 @@ def measure(n: int, cache: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = kit.parser(__doc__)
     ap.add_argument("--nodes", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--out", help="write the rows here (JSON)")
     a = ap.parse_args(argv)
@@ -76,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(json.dumps(row), flush=True)
     if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=1))
+        kit.write_json(a.out, rows)
     return 0
 
 

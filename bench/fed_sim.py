@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -39,10 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent))  # run from a checkout without installing (the GPU machine)
-import sweep  # noqa: E402  (bench/ is not a package)
+import sweep
+import toolkit as kit
+from toolkit import BenchError
+
+BENCH = kit.REPO / "bench"
 
 SOURCES = ["shakespeare", "kjv", "brown"]
 # No transport here: nothing to compress, no address to listen on (the config's network check needs none).
@@ -57,8 +57,8 @@ def data_dirs(root: Path) -> dict[str, Path]:
     dirs = {name: root / name for name in ["union", *SOURCES]}
     missing = [str(d) for d in dirs.values() if not (d / "manifest.json").exists()]
     if missing:
-        raise sweep.conv.BenchError(f"no prepared data in {', '.join(missing)} (run bench/sweep.py or "
-                                    "bench/convergence.py once with --corpus to prepare it)")
+        raise BenchError(f"no prepared data in {', '.join(missing)} (run bench/sweep.py or "
+                         "bench/convergence.py once with --corpus to prepare it)")
     return dirs
 
 
@@ -87,7 +87,7 @@ def run_central(spec: sweep.conv.RunSpec, run_dir: Path) -> dict[str, Any]:
     t0 = time.time()
     run_solo(cfg, progress=False)
     wall = time.time() - t0
-    evals = sweep.conv._records(run_dir, "eval")
+    evals = kit.records(run_dir, "eval")
     curve = [(int(e["tokens"]), float(e["val_ppl"])) for e in evals]
     return {"curve": curve, "final_ppl": curve[-1][1], "wall_s": round(wall, 1),
             "wall_curve": [(round(float(e["time"]) - t0, 1), float(e["val_ppl"])) for e in evals]}
@@ -127,14 +127,14 @@ def run_federated(spec: sweep.conv.RunSpec, run_dir: Path, states_out: list | No
         if (after // spec.eval_every > before // spec.eval_every) or after >= steps:
             ppl = silos[0].evaluate()["val_ppl"]  # θ_local = θ_global right after apply: the global model
             if not math.isfinite(ppl):
-                raise sweep.conv.BenchError(f"round {r}: the global model's val ppl is {ppl}")
+                raise BenchError(f"round {r}: the global model's val ppl is {ppl}")
             curve.append((sum(t.tokens for t in silos), ppl))
             print(f"round {r + 1}/{fed.rounds}: step {after}, tokens {curve[-1][0]}, val ppl {ppl:.2f}, "
                   f"{time.time() - t0:.0f}s", flush=True)
             wall_curve.append((round(time.time() - t0, 1), ppl))
     fps = {s.fingerprint() for s in states}
     if len(fps) != 1:
-        raise sweep.conv.BenchError(f"silos hold {len(fps)} different models after the last round")
+        raise BenchError(f"silos hold {len(fps)} different models after the last round")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     out = {"curve": curve, "final_ppl": curve[-1][1], "wall_s": round(time.time() - t0, 1),
@@ -214,7 +214,7 @@ def best_params(results: Path, side: str) -> dict[str, Any]:
     full = [r for r in sweep.load_done(results).values() if r["config"]["budget"] == 1.0
             and r["config"]["side"] == side and r.get("final_ppl")]
     if not full:
-        raise sweep.conv.BenchError(f"{results} has no full-stage {side} run to take the best recipe from")
+        raise BenchError(f"{results} has no full-stage {side} run to take the best recipe from")
     return min(full, key=lambda r: r["final_ppl"])["config"]["params"]
 
 
@@ -224,18 +224,13 @@ def record(cfg: dict[str, Any], out: dict[str, Any], concurrent: bool) -> dict[s
         out = out | {"wall_curve": []}  # timed beside other runs: not comparable
     extra = {k: cfg[k] for k in ("preset", "extra", "eval_batches") if k in cfg}
     return {"key": key_of(cfg), "config": sweep.identity(cfg) | extra, "stage": cfg["stage"], "axis": cfg["axis"],
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "lock_s": out["wall_s"],
+            "finished_at": kit.utc("%Y-%m-%dT%H:%M:%SZ"), "lock_s": out["wall_s"],
             "concurrent": concurrent, **out}
 
 
 def plot_all(records: list[dict[str, Any]], path: Path, title: str) -> None:
     """Every run's curve (val ppl against total training tokens), one line each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, ax = kit.pyplot().subplots(figsize=(8, 4.8))
     for r in sorted(records, key=lambda r: (r["config"]["side"], r["final_ppl"])):
         if r.get("curve"):
             xs, ys = zip(*r["curve"])
@@ -245,8 +240,7 @@ def plot_all(records: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set(title=title, xlabel="total training tokens (M)", ylabel="val ppl", yscale="log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    kit.save(fig, path)
 
 
 def report(results_dir: Path, title: str) -> str:
@@ -260,26 +254,24 @@ def report(results_dir: Path, title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__, set="set", report_only=True)
     ap.add_argument("--plan", choices=["full", "long"], help="the sweep's stage to run (every full-stage config)")
     ap.add_argument("--smoke", action="store_true", help="two 16-step runs of a very small model (central, "
                     "non-IID H=8): seconds on a CPU")
     ap.add_argument("--preset", default="tiny", help="with --sides: the preset to run the best recipe on")
     ap.add_argument("--sides", nargs="+", choices=["central", "fed-iid", "fed-noniid"], default=[])
     ap.add_argument("--budget", type=float, default=1.0, help="with --sides: steps = 384 x budget per silo")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --sides: overrides")
     ap.add_argument("--lrs", nargs="+", type=float, default=[], help="with --sides: one run per inner lr")
     ap.add_argument("--warmup", type=int, default=None, help="with --sides: inner warmup steps of every run")
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     ap.add_argument("--shared-device", action="store_true", help="other jobs share this device: record no "
                     "wall-clock curve (--jobs > 1 implies it)")
-    ap.add_argument("--data", default=str(sweep.conv.REPO / "runs" / "bench-data"))
+    ap.add_argument("--data", default=str(kit.REPO / "runs" / "bench-data"))
     ap.add_argument("--sweep-results", default=str(BENCH / "results" / "sweep"))
     ap.add_argument("--results", help="where runs.jsonl and sweep.md go (required)")
     ap.add_argument("--runs", default=None, help="run dirs (default: a temporary dir)")
     ap.add_argument("--deadline-s", type=float, default=math.inf, help="start no run after this many seconds")
-    ap.add_argument("--report-only", action="store_true", help="rewrite sweep.md and curves.png, run nothing")
     ap.add_argument("--title", default="bench/fed_sim.py: val ppl against tokens")
     ap.add_argument("--only", nargs="+", metavar="KEY", help="run only these planned keys (see --list)")
     ap.add_argument("--list", action="store_true", help="print the runs it would start, and exit")
@@ -303,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         unknown = set(args.only) - {key_of(c) for c in plan(args)}
         if unknown:
-            raise sweep.conv.BenchError(f"--only: {', '.join(sorted(unknown))} not in the plan (see --list)")
+            raise BenchError(f"--only: {', '.join(sorted(unknown))} not in the plan (see --list)")
         todo = [c for c in todo if key_of(c) in args.only]
     if args.list:
         for c in todo:
@@ -366,9 +358,4 @@ def run_all(todo: list[dict[str, Any]], args: argparse.Namespace, runs: Path, re
 if __name__ == "__main__":
     from photon_p2p.config import ConfigError
 
-    try:
-        sys.exit(main())
-    except (sweep.conv.BenchError, ConfigError) as e:
-        sys.exit(f"fed_sim: {e}")
-    except KeyboardInterrupt:
-        sys.exit("fed_sim: interrupted (finished runs are kept; run again to resume)")
+    kit.run(main, "fed_sim", "interrupted (finished runs are kept; run again to resume)", (ConfigError,))

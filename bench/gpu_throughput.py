@@ -10,124 +10,40 @@ Prints one JSON document (and writes it to --out): per config and compile settin
 
 from __future__ import annotations
 
-import argparse
-import gc
 import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import toolkit as kit
+from photon_p2p.config import load_config
+from photon_p2p.data.embedded import ensure_default_dataset
+from photon_p2p.model import count_params
+from photon_p2p.train import distributed
+from photon_p2p.train.trainer import build_trainer
 
-from photon_p2p.config import load_config  # noqa: E402
-from photon_p2p.data.embedded import ensure_default_dataset  # noqa: E402
-from photon_p2p.model import Transformer, count_params, flops_per_token  # noqa: E402
-from photon_p2p.train import distributed  # noqa: E402
-from photon_p2p.train.device import autocast  # noqa: E402
-from photon_p2p.train.trainer import build_trainer  # noqa: E402
-
-# dense bf16 peak FLOP/s (vendor datasheets, SXM parts); MFU is reported only for a GPU named here
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 PROBE_PRESETS = ["photon-125m", "photon-1.3b", "photon-3b", "photon-7b"]
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _fresh(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
-
-
-def _timed(step, steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per step after ``warmup`` steps (compilation happens there)."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return (time.perf_counter() - t0) / steps
-
-
-def bare_loop(cfg, steps: int, warmup: int) -> tuple[float, float | None]:
-    """The reference: the same model and AdamW, random tokens already on the device, nothing else."""
-    device = _device()
-    _fresh(device)
-    torch.manual_seed(0)
-    model = Transformer(cfg.model).to(device)
-    t = cfg.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
-                            fused=device.type == "cuda")
-    fwd = torch.compile(model) if t.compile else model
-    x = torch.randint(0, cfg.model.vocab_size, (t.batch_size, cfg.model.seq_len + 1), device=device)
-
-    def step() -> None:
-        with autocast(t, device):
-            logits, _ = fwd(x[:, :-1])
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), x[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    s = _timed(step, steps, warmup, device)
-    peak = _peak_gib(device)
-    return t.batch_size * cfg.model.seq_len / s, peak
-
-
-def trainer_loop(cfg, data_dir: str, steps: int, warmup: int) -> tuple[float, float | None]:
-    device = _device()
-    _fresh(device)
-    trainer = build_trainer(cfg, data_dir)
-    s = _timed(trainer.train_step, steps, warmup, trainer.device)
-    peak = _peak_gib(trainer.device)
-    del trainer
-    return cfg.train.batch_size * cfg.model.seq_len / s, peak
-
-
-def _mfu(tok_s: float, cfg) -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    return round(tok_s * flops_per_token(cfg.model) / peak, 3) if peak else None
-
-
-def throughput(preset: str, overrides: list[str], data_dir: str, args) -> list[dict]:
+def throughput(preset: str, overrides: list[str], data_dir: str, args) -> list[dict]:  # noqa: ANN001
     rows = []
     for compile_ in {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]:
         cfg = load_config([preset], [*overrides, f"train.compile={str(compile_).lower()}"])
         ours, bare, peaks = [], [], {}
         for _ in range(args.repeats):  # interleaved so machine noise hits both sides alike
-            b, peaks["bare"] = bare_loop(cfg, args.steps, args.warmup)
-            o, peaks["trainer"] = trainer_loop(cfg, data_dir, args.steps, args.warmup)
+            b, peaks["bare"] = kit.bare_rate(cfg, args.steps, args.warmup)
+            o, peaks["trainer"] = kit.trainer_rate(cfg, data_dir, args.steps, args.warmup)
             bare.append(b)
             ours.append(o)
         o, b = statistics.median(ours), statistics.median(bare)
         rows.append({"config": preset, "params": count_params(cfg.model), "compile": compile_,
                      "micro_batch": cfg.train.batch_size, "seq_len": cfg.model.seq_len,
                      "trainer_tok_s": round(o), "bare_tok_s": round(b), "ratio": round(o / b, 3),
-                     "trainer_mfu": _mfu(o, cfg), "bare_mfu": _mfu(b, cfg),
+                     "trainer_mfu": kit.mfu(o, cfg), "bare_mfu": kit.mfu(b, cfg),
                      "trainer_peak_gib": peaks["trainer"], "bare_peak_gib": peaks["bare"]})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -143,17 +59,17 @@ def fsdp_probe(presets: list[str], overrides: list[str], data_dir: str, steps: i
     for preset in presets:
         cfg = load_config([preset], [*overrides, "train.parallel=fsdp", "train.activation_checkpointing=true"])
         distributed.init_distributed(cfg.train)
-        device = _device()
-        _fresh(device)
+        dev = kit.device()
+        kit.fresh(dev)
         row: dict = {"config": preset, "params": count_params(cfg.model), "parallel": "fsdp+ac"}
         try:
             trainer = build_trainer(cfg, data_dir)
-            s = _timed(trainer.train_step, steps, 1, trainer.device)
-            row.update(status="ok", tok_s=round(trainer.tokens_per_step / s), peak_gib=_peak_gib(device),
-                       mfu=_mfu(trainer.tokens_per_step / s, cfg), loss=round(trainer.last_loss, 4))
+            s = kit.timed(trainer.train_step, steps, 1, trainer.device)
+            row.update(status="ok", tok_s=round(trainer.tokens_per_step / s), peak_gib=kit.peak_gib(dev),
+                       mfu=kit.mfu(trainer.tokens_per_step / s, cfg), loss=round(trainer.last_loss, 4))
             del trainer
         except torch.cuda.OutOfMemoryError:
-            row.update(status="oom", peak_gib=_peak_gib(device))
+            row.update(status="oom", peak_gib=kit.peak_gib(dev))
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
         if row["status"] == "oom":
@@ -163,7 +79,7 @@ def fsdp_probe(presets: list[str], overrides: list[str], data_dir: str, steps: i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__)
     ap.add_argument("--configs", nargs="+", default=["photon-125m", "photon-1.3b"])
     ap.add_argument("--micro-batch", type=int, default=8, help="sequences per step (no accumulation)")
     ap.add_argument("--steps", type=int, default=20)

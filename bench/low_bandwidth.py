@@ -1,9 +1,6 @@
 #!/usr/bin/env python
 """Wall-clock time to a target validation perplexity on shaped links: photon_p2p daemons vs per-step DDP (gloo).
 
-Usage: python bench/low_bandwidth.py [--rates 100 20] [--seconds 180] [--peers 2] [--local-steps 32]
-                                     [--target-ppl 0] [--data runs/bench-data-netns] [--out bench/results/low_bandwidth]
-
 Every peer / rank runs in its own network namespace (bench/netns.py); each namespace's egress is shaped with tbf
 at RATE Mbit/s (2 peers: one veth pair; more: veths to a bridge). For each rate, in one run:
 
@@ -34,12 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
-from netns import (NetnsError, Testbed, install_signal_teardown, start_photon_peer,  # noqa: E402
-                   stop_procs, unsupported_reason, wait_peer_address)
-
-REPO = Path(__file__).resolve().parent.parent
+import report
+import toolkit as kit
+from netns import NetnsError, Testbed, bench_main, start_photon_peer, stop_procs, wait_peer_address
+from toolkit import mean
 
 
 # ---- the DDP rank (runs inside a namespace) ------------------------------------------------------------------
@@ -92,11 +87,7 @@ def run_photon(tb: Testbed, rate: float, args: argparse.Namespace, system: str =
                extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Photon daemons in the testbed for args.seconds; peer 0's eval records (global model) vs wall-clock."""
     run_id = f"lowbw-{rate:g}-{os.getpid()}-{system}-{int(time.time())}"
-    base = Path(args.runs) / f"{system}-{rate:g}mbit"
-    dirs = [base / f"peer-{i}" for i in range(args.peers)]
-    for d in dirs:
-        for f in ("metrics.jsonl", "checkpoint.pt"):
-            (d / f).unlink(missing_ok=True)
+    dirs = [Path(args.runs) / f"{system}-{rate:g}mbit" / f"peer-{i}" for i in range(args.peers)]
     overrides = [f"data.path={args.data}", "train.threads=1", "federation.rounds=0",
                  f"federation.local_steps={args.local_steps}", f"federation.target_group_size={args.peers}",
                  *args.overrides, *extra]
@@ -104,15 +95,15 @@ def run_photon(tb: Testbed, rate: float, args: argparse.Namespace, system: str =
     t0 = time.time()
     tx0 = [c["tx_bytes"] for c in tb.all_counters()]
     try:
-        procs.append(start_photon_peer(tb, 0, dirs[0], run_id, overrides))
+        procs.append(start_photon_peer(tb, 0, dirs[0], overrides, run_id=run_id))
         maddrs = wait_peer_address(procs[0], dirs[0])
         for i in range(1, args.peers):
-            procs.append(start_photon_peer(tb, i, dirs[i], run_id, overrides, initial=maddrs[:1]))
+            procs.append(start_photon_peer(tb, i, dirs[i], overrides, initial=maddrs[:1], run_id=run_id))
         wait_until(t0 + args.seconds, procs)
         tx1 = [c["tx_bytes"] for c in tb.all_counters()]
     finally:
         stop_procs(procs)
-    records = read_jsonl(dirs[0] / "metrics.jsonl")
+    records = kit.records(dirs[0])
     rounds = [r for r in records if r["kind"] == "round"]
     evals = [{"t": r["time"] - t0, "val_ppl": r["val_ppl"], "step": r["step"], "tokens": r["tokens"]}
              for r in records if r["kind"] == "eval"]
@@ -147,12 +138,10 @@ def run_ddp(tb: Testbed, rate: float, args: argparse.Namespace) -> dict[str, Any
         for r in range(args.peers):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--ddp-worker", "--rank", str(r),
                    "--peers", str(args.peers), "--master", tb.addr(0), "--port", str(port), "--data", args.data,
-                   "--log", str(log), "--ifname", tb.nodes[r].ifname, "--local-steps", str(args.local_steps)]
-            for o in args.overrides:
-                cmd += ["--set", o]
-            out = (base / f"rank-{r}.log").open("w")
-            procs.append(tb.popen(r, cmd, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "GLOO_SOCKET_IFNAME": tb.nodes[r].ifname}))
+                   "--log", str(log), "--ifname", tb.ifnames[r], "--local-steps", str(args.local_steps)]
+            cmd += [a for o in args.overrides for a in ("--set", o)]
+            procs.append(tb.popen(r, cmd, log=base / f"rank-{r}.log",
+                                  env={**os.environ, "GLOO_SOCKET_IFNAME": tb.ifnames[r]}))
         wait_until(t0 + args.seconds, procs)
         tx1 = [c["tx_bytes"] for c in tb.all_counters()]
     finally:
@@ -160,7 +149,7 @@ def run_ddp(tb: Testbed, rate: float, args: argparse.Namespace) -> dict[str, Any
     if any(p.returncode not in (0, -15, -9) for p in procs):
         tail = (base / "rank-0.log").read_text(errors="replace")[-400:]
         raise NetnsError(f"a DDP rank failed (see {base}/rank-*.log): {tail!r}")
-    everything = read_jsonl(log)
+    everything = kit.read_jsonl(log)
     records = [r for r in everything if r["kind"] == "eval"]
     evals = [{"t": r["time"] - t0, "val_ppl": r["val_ppl"], "step": r["step"], "tokens": r["tokens"] // args.peers}
              for r in records]
@@ -180,22 +169,6 @@ def wait_until(deadline: float, procs: list[subprocess.Popen]) -> None:
         if any(p.poll() is not None for p in procs):
             raise NetnsError(f"a process exited early with code {[p.poll() for p in procs]}; see the run logs")
         time.sleep(0.5)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a record torn by the kill at the end
-    return out
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else math.nan
 
 
 def time_to(evals: list[dict], target: float) -> float | None:
@@ -224,12 +197,7 @@ def summarize(runs: list[dict], target_arg: float) -> dict[str, Any]:
 
 
 def plot(runs: list[dict], targets: dict[str, float], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = kit.pyplot().subplots(figsize=(7.5, 4.5))
     styles = ["-", "--", ":", "-."]
     rates = sorted({r["rate_mbit"] for r in runs}, reverse=True)
     for r in runs:
@@ -244,16 +212,7 @@ def plot(runs: list[dict], targets: dict[str, float], out: Path) -> None:
            title="Tiny model, 2 peers in netns with tbf-shaped links")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def seconds_per_step(evals: list[dict]) -> float:
-    """Steady-state wall-clock per inner step, from the first to the last evaluation (start-up excluded)."""
-    if len(evals) < 2:
-        return math.nan
-    return (evals[-1]["t"] - evals[0]["t"]) / (evals[-1]["step"] - evals[0]["step"])
+    kit.save(fig, out)
 
 
 def ppl_at_step(evals: list[dict], step: int) -> float:
@@ -268,7 +227,7 @@ def interpretation(res: dict[str, Any]) -> list[str]:
         ph, dd = pair.get("photon_p2p"), pair.get("ddp-gloo")
         if not (ph and dd):
             continue
-        sp, sd = (r.get("seconds_per_step", seconds_per_step(r["evals"])) for r in (ph, dd))
+        sp, sd = ph["seconds_per_step"], dd["seconds_per_step"]
         common = max((e["step"] for e in dd["evals"] if any(p["step"] == e["step"] for p in ph["evals"])), default=0)
         text = (f"At {rate:g} Mbit/s a DDP step takes {sd:.2f} s against {sp:.2f} s per inner step for photon_p2p "
                 f"(averaging included), i.e. photon_p2p trains {sd / sp:.1f}x more steps per second")
@@ -345,19 +304,14 @@ def markdown(res: dict[str, Any], command: str) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__, data="runs/bench-data-netns", runs="runs/bench-lowbw", set="overrides", replot=True,
+                    out="bench/results/low_bandwidth")
     ap.add_argument("--rates", type=float, nargs="+", default=[100.0, 20.0], metavar="MBIT",
                     help="tbf egress rate of every namespace, Mbit/s (one photon + one DDP run per rate)")
     ap.add_argument("--seconds", type=float, default=180.0, help="wall-clock seconds per system and rate")
     ap.add_argument("--peers", type=int, default=2)
     ap.add_argument("--local-steps", type=int, default=32, help="photon H; also the evaluation interval")
     ap.add_argument("--target-ppl", type=float, default=0.0, help="0 = per rate, the higher of the two best ppl")
-    ap.add_argument("--data", default="runs/bench-data-netns", help="prepared data dir (made if missing)")
-    ap.add_argument("--runs", default="runs/bench-lowbw", help="run dirs and logs go here")
-    ap.add_argument("--out", default="bench/results/low_bandwidth", help="writes OUT.json, OUT.md, OUT.png")
-    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                    help="config override for both systems (e.g. train.batch_size=8)")
-    ap.add_argument("--replot", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json")
     # internal: one DDP rank
     for flag, kw in (("--ddp-worker", {"action": "store_true"}), ("--rank", {"type": int}), ("--master", {}),
                      ("--port", {"type": int}), ("--log", {}), ("--ifname", {})):
@@ -365,64 +319,34 @@ def main() -> int:
     args = ap.parse_args()
     if args.ddp_worker:
         return ddp_worker(args)
-    if args.replot:
-        return write_reports(Path(args.out), None)
-    if args.peers < 2 or args.seconds <= 0 or any(r <= 0 for r in args.rates):
-        print("low_bandwidth: need --peers >= 2, --seconds > 0 and rates > 0", file=sys.stderr)
-        return 2
-    why = unsupported_reason()
-    if why:
-        print(f"skipped: {why}")
-        return 0
-    install_signal_teardown()
-    os.chdir(REPO)
-    from comm_bytes import ensure_data
-    from photon_p2p.config import ConfigError, load_config
-    from photon_p2p.model import Transformer
+    bad = args.peers < 2 or args.seconds <= 0 or any(r <= 0 for r in args.rates)
+    return bench_main("low_bandwidth", args, write_reports, measure,
+                      "need --peers >= 2, --seconds > 0 and rates > 0" if bad else "")
 
-    try:
-        cfg = load_config(["tiny"], args.overrides)
-    except ConfigError as e:
-        print(f"low_bandwidth: {e}", file=sys.stderr)
-        return 2
-    args.data = ensure_data(args.data)
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from photon_p2p.config import load_config
+    from photon_p2p.model import count_params
+
+    cfg = load_config(["tiny"], args.overrides)
     runs: list[dict] = []
-    try:
-        for rate in args.rates:
-            with Testbed(args.peers, rate_mbit=rate) as tb:
-                for fn in (run_photon, run_ddp):
-                    r = fn(tb, rate, args)
-                    runs.append(r)
-                    last = r["evals"][-1]["val_ppl"] if r["evals"] else math.nan
-                    print(f"low_bandwidth: {rate:g} Mbit/s {r['system']:>10}: {r['inner_steps']} steps, "
-                          f"{len(r['evals'])} evals, last val ppl {last:.1f}", flush=True)
-    except NetnsError as e:
-        print(f"low_bandwidth: error: {e}", file=sys.stderr)
-        return 1
-    try:
-        summary = summarize(runs, args.target_ppl)
-    except NetnsError as e:
-        print(f"low_bandwidth: error: {e}", file=sys.stderr)
-        return 1
-    res = {"bench": "low_bandwidth", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "peers": args.peers, "rates": args.rates, "seconds": args.seconds, "local_steps": args.local_steps,
-           "batch_size": cfg.train.batch_size, "seq_len": cfg.model.seq_len,
-           "params": sum(p.numel() for p in Transformer(cfg.model).parameters()), "overrides": args.overrides,
-           **summary, "runs": runs}
-    res["command"] = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
-    return write_reports(Path(args.out), res)
+    for rate in args.rates:
+        with Testbed(args.peers, rate_mbit=rate) as tb:
+            for fn in (run_photon, run_ddp):
+                r = fn(tb, rate, args)
+                runs.append(r)
+                last = r["evals"][-1]["val_ppl"] if r["evals"] else math.nan
+                print(f"low_bandwidth: {rate:g} Mbit/s {r['system']:>10}: {r['inner_steps']} steps, "
+                      f"{len(r['evals'])} evals, last val ppl {last:.1f}", flush=True)
+    return {"bench": "low_bandwidth", "date": kit.utc(), "peers": args.peers, "rates": args.rates,
+            "seconds": args.seconds, "local_steps": args.local_steps, "batch_size": cfg.train.batch_size,
+            "seq_len": cfg.model.seq_len, "params": count_params(cfg.model), "overrides": args.overrides,
+            **summarize(runs, args.target_ppl), "runs": runs, "command": kit.command()}
 
 
 def write_reports(out: Path, res: dict[str, Any] | None) -> int:
     return report.write_reports(out, res, "low_bandwidth", lambda r, png: plot(r["runs"], r["target_ppl"], png),
-                                markdown, explicit_command)
-
-
-def explicit_command(res: dict[str, Any]) -> str:
-    """The command equivalent to a result's settings (for results written before commands were recorded)."""
-    return (f"python bench/low_bandwidth.py --rates {' '.join(f'{r:g}' for r in res['rates'])} "
-            f"--seconds {res['seconds']:g} --peers {res['peers']} --local-steps {res['local_steps']}"
-            + "".join(f" --set {o}" for o in res["overrides"]))
+                                markdown, lambda _: "python bench/low_bandwidth.py")
 
 
 if __name__ == "__main__":

@@ -7,19 +7,14 @@ three slices. Run from the repository root:  python bench/make_embedded_corpus.p
 
 from __future__ import annotations
 
-import argparse
 import lzma
 import re
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import toolkit as kit
+from photon_p2p.data.tokenizer import BUNDLED_TOKENIZER, train_tokenizer
 
-from photon_p2p.data.tokenizer import BUNDLED_TOKENIZER, train_tokenizer  # noqa: E402
-
-SHARED = REPO.parent / "shared" / "corpus"
-ASSETS = REPO / "photon_p2p" / "assets" / "corpus"
+ASSETS = kit.REPO / "photon_p2p" / "assets" / "corpus"
 TARGET_BYTES = 1_200_000
 VOCAB_SIZE = 8192
 
@@ -60,30 +55,31 @@ def brown_slice(text: str, target: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source-dir", type=Path, default=SHARED)
-    parser.add_argument("--target-bytes", type=int, default=TARGET_BYTES)
-    parser.add_argument("--skip-tokenizer", action="store_true")
-    args = parser.parse_args()
-
-    ASSETS.mkdir(parents=True, exist_ok=True)
+    ap = kit.parser(__doc__)
+    ap.add_argument("--source-dir", type=Path, default=kit.CORPUS)
+    ap.add_argument("--target-bytes", type=int, default=TARGET_BYTES)
+    ap.add_argument("--skip-tokenizer", action="store_true")
+    ap.add_argument("--assets", type=Path, default=ASSETS, help="where the slices go (the tokenizer: next to it)")
+    args = ap.parse_args()
+    args.assets.mkdir(parents=True, exist_ok=True)
+    tokenizer = args.assets.parent / BUNDLED_TOKENIZER.name  # photon_p2p/assets/tokenizer.json by default
     slicers = {"shakespeare": shakespeare_slice, "kjv": kjv_slice, "brown": brown_slice}
     outputs = []
     for name, slicer in slicers.items():
         text = (args.source_dir / f"{name}.txt").read_text(encoding="utf-8")
         piece = slicer(text, args.target_bytes)
         data = piece.encode("utf-8")
-        out = ASSETS / f"{name}.txt.xz"
+        out = args.assets / f"{name}.txt.xz"
         out.write_bytes(lzma.compress(data, preset=9))
         outputs.append(out)
         print(f"{name}: {len(data):,} bytes of text -> {out.stat().st_size:,} bytes xz")
     print(f"corpus total: {sum(p.stat().st_size for p in outputs):,} bytes")
 
     if not args.skip_tokenizer:
-        tok = train_tokenizer(outputs, VOCAB_SIZE, BUNDLED_TOKENIZER)
+        tok = train_tokenizer(outputs, VOCAB_SIZE, tokenizer)
         assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
         assert tok.token_to_id("<|endoftext|>") == 0
-        print(f"tokenizer: {BUNDLED_TOKENIZER} ({BUNDLED_TOKENIZER.stat().st_size:,} bytes)")
+        print(f"tokenizer: {tokenizer} ({tokenizer.stat().st_size:,} bytes)")
 
 
 if __name__ == "__main__":

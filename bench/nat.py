@@ -1,9 +1,6 @@
 #!/usr/bin/env python
 """Volunteers behind NAT vs reachable silos: participation, averaging time and bytes on tbf-shaped links.
 
-Usage: python bench/nat.py [--rate-mbit 20] [--rounds 3] [--round-deadline 45] [--scenarios reachable nat_client
-                           nat_only_client nat_only_helper] [--runs runs/bench-nat] [--out bench/results/nat]
-
 Real `photon-peer` daemons (the tiny preset, a small batch) in network namespaces (bench/nat_net.py): a public
 segment with a bootstrap node and the reachable silos, and volunteers each behind its own MASQUERADE router (no
 port forwarding). Every machine's uplink and each volunteer's downlink is shaped with tbf at --rate-mbit.
@@ -32,12 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
-from nat_net import NatTestbed, nat_unsupported_reason, run_swarm  # noqa: E402
-from netns import CounterPoller, install_signal_teardown  # noqa: E402
+import report
+import toolkit as kit
+from nat_net import NatTestbed, nat_unsupported_reason, run_swarm
+from netns import CounterPoller, bench_main
+from toolkit import fmt
 
-REPO = Path(__file__).resolve().parent.parent
 # name: (reachable peers, volunteers, overrides of the first reachable peer, min_group_size, volunteer overrides).
 # min_group_size = every peer of the round, so a round closes only with all of them (or goes solo at the deadline):
 # participation then says whether the NATed peers *can* be in the group, not who was fastest to matchmaking.
@@ -84,9 +81,10 @@ def run_scenario(name: str, args: argparse.Namespace, data: str) -> dict[str, An
                       "rc": r["rc"], "rounds": len(rounds), "grouped": len(grouped),
                       "participation": len(grouped) / max(1, len(rounds)),
                       "participation_from_round_2": sum(not x["solo"] for x in late) / max(1, len(late)),
-                      "averaging_s": _mean([x["averaging_s"] for x in grouped]),
-                      "allreduce_s": _mean([x["phases"].get("allreduce", 0.0) for x in grouped]),
-                      "payload_bytes_per_round": _mean([x["bytes_sent"] + x["bytes_received"] for x in grouped]),
+                      "averaging_s": kit.mean([x["averaging_s"] for x in grouped], None),
+                      "allreduce_s": kit.mean([x["phases"].get("allreduce", 0.0) for x in grouped], None),
+                      "payload_bytes_per_round": kit.mean([x["bytes_sent"] + x["bytes_received"] for x in grouped],
+                                                          None),
                       "wire_bytes": wire[r["machine"]], "reasons": sorted({x["reason"] for x in rounds} - {""}),
                       "fingerprints": len({x["fingerprint"] for x in rounds[-1:]})})
     finals = {p: [x for x in r["records"] if x["kind"] == "round"][-1:] for p, r in res.items()
@@ -103,16 +101,8 @@ def run_scenario(name: str, args: argparse.Namespace, data: str) -> dict[str, An
             "one_model_rounds": sum(1 for fps in models.values() if len(fps) == 1), "rounds_seen": len(models)}
 
 
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
 def _mb(x: float | None) -> float | None:
     return None if x is None else x / 1e6
-
-
-def _f(x: Any, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
 
 
 def markdown(result: dict[str, Any], command: str) -> str:
@@ -123,8 +113,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
     for s in result["scenarios"]:
         for p in s["peers"]:
             lines.append(f"| {s['scenario']} | {p['peer']} | {p['role']} | {p['grouped']}/{p['rounds']} | "
-                         f"{p['participation_from_round_2']:.2f} | {_f(p['averaging_s'], '.2f')} | "
-                         f"{_f(p['allreduce_s'], '.2f')} | {_f(_mb(p['payload_bytes_per_round']), '.2f')} | "
+                         f"{p['participation_from_round_2']:.2f} | {fmt(p['averaging_s'])} | "
+                         f"{fmt(p['allreduce_s'])} | {fmt(_mb(p['payload_bytes_per_round']))} | "
                          f"{p['wire_bytes'] / 1e6:.1f} | {'; '.join(p['reasons']) or '-'} |")
     lines += ["", "| scenario | bootstrap node's link MB | rounds on one model | models at the last round | "
                   "connections MASQUERADEd | seconds |",
@@ -137,12 +127,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
 
 
 def plot(result: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = kit.pyplot().subplots(figsize=(7, 3.6))
     labels, parts, colors = [], [], []
     for s in result["scenarios"]:
         for p in s["peers"]:
@@ -154,45 +139,32 @@ def plot(result: dict[str, Any], out: Path) -> None:
     ax.set_ylabel("participation (rounds in a group)")
     ax.set_ylim(0, 1.05)
     ax.set_title("NATed volunteers (orange) vs reachable silos (blue)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    kit.save(fig, out)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__, set="overrides", data="runs/bench-data-nat", runs="runs/bench-nat",
+                    out="bench/results/nat", replot=True)
     ap.add_argument("--rate-mbit", type=float, default=20.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--round-deadline", type=float, default=45.0)
     ap.add_argument("--scenario-timeout", type=float, default=300.0)
-    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                    help="config override for every peer (e.g. model.d_model=64)")
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    ap.add_argument("--data", default="runs/bench-data-nat", help="prepared data dir (made if missing)")
-    ap.add_argument("--runs", default="runs/bench-nat", help="daemon run dirs (logs, metrics) go here")
-    ap.add_argument("--out", default="bench/results/nat")
-    ap.add_argument("--replot", action="store_true", help="rewrite OUT.md and OUT.png from OUT.json")
     args = ap.parse_args()
-    if args.replot:
-        return report.write_reports(Path(args.out), None, "nat", plot, markdown, lambda _: "python bench/nat.py")
-    why = nat_unsupported_reason()
-    if why:
-        print(f"skipped: {why}")
-        return 0
-    install_signal_teardown()
-    from comm_bytes import ensure_data
+    return bench_main("nat", args, lambda out, result: report.write_reports(
+        out, result, "nat", plot, markdown, lambda _: "python bench/nat.py"), measure, why=nat_unsupported_reason)
 
-    data = ensure_data(args.data)
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     result = {"rate_mbit": args.rate_mbit, "rounds": args.rounds, "local_steps": args.local_steps,
-              "batch_size": args.batch_size, "scenarios": [],
-              "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
+              "batch_size": args.batch_size, "scenarios": [], "command": kit.command()}
     for name in args.scenarios:
         print(f"nat: scenario {name}", flush=True)
-        result["scenarios"].append(run_scenario(name, args, data))
-        print(json.dumps({k: v for k, v in result["scenarios"][-1].items()}, default=str)[:2000], flush=True)
-    return report.write_reports(Path(args.out), result, "nat", plot, markdown, lambda _: "python bench/nat.py")
+        result["scenarios"].append(run_scenario(name, args, args.data))
+        print(json.dumps(result["scenarios"][-1], default=str)[:2000], flush=True)
+    return result
 
 
 if __name__ == "__main__":

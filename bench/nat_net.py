@@ -24,23 +24,19 @@ volunteer can dial out and that nobody can dial in, prints the result and tears 
 
 from __future__ import annotations
 
-import atexit
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from netns import (NetnsError, _ip, _kill_ns_pids, install_signal_teardown, stop_procs,  # noqa: E402
-                   unsupported_reason, wait_for_address)
+import toolkit as kit
+from netns import (Namespaces, NetnsError, _exec, _ip, skipped, start_photon_peer, stop_procs,
+                   unsupported_reason, wait_peer_address)
 
 PUBLIC_NET = "10.77.0"
-_LIVE: "weakref.WeakSet[NatTestbed]" = weakref.WeakSet()
 
 
 def nat_unsupported_reason() -> str | None:
@@ -64,36 +60,22 @@ def nat_unsupported_reason() -> str | None:
     return None
 
 
-class NatTestbed:
+class NatTestbed(Namespaces):
     """``public`` reachable machines on a bridge and ``nats`` volunteers, each behind its own NAT router."""
 
     def __init__(self, public: int, nats: int, rate_mbit: float | None = None, latency_ms: float = 50.0) -> None:
         if public < 1 or nats < 0 or public > 90 or nats > 90:
             raise NetnsError("a NAT testbed needs 1..90 public machines and 0..90 NATs")
-        self.n_public, self.n_nats, self.rate_mbit, self.latency_ms = public, nats, rate_mbit, latency_ms
+        self.n_public, self.n_nats = public, nats
         self.prefix = f"pnat{os.getpid()}"
         self.hub = f"{self.prefix}-hub"
-        # Machines (things that run peers): public ones first, then volunteers. Routers only forward.
-        self.ns = [f"{self.prefix}-p{i}" for i in range(public)] + [f"{self.prefix}-v{k}" for k in range(nats)]
-        self.addrs = [f"{PUBLIC_NET}.{i + 1}" for i in range(public)] + [f"192.168.{k + 1}.2" for k in range(nats)]
-        self.routers = [f"{self.prefix}-r{k}" for k in range(nats)]
+        self.routers = [f"{self.prefix}-r{k}" for k in range(nats)]  # routers only forward
         self.wan_addrs = [f"{PUBLIC_NET}.{101 + k}" for k in range(nats)]
-        self.procs: list[subprocess.Popen] = []
-        self._anchors: list[subprocess.Popen] = []
-        self._up = False
-
-    def __enter__(self) -> "NatTestbed":
-        self.setup()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.teardown()
-
-    # ---- lifecycle ---------------------------------------------------------------------------------------
-    def _exec(self, ns: str, *argv: str) -> None:
-        p = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise NetnsError(f"`{' '.join(argv)}` in {ns} failed: {p.stderr.strip() or p.stdout.strip()}")
+        # Machines (things that run peers): public ones first, then volunteers.
+        super().__init__([f"{self.prefix}-p{i}" for i in range(public)] + [f"{self.prefix}-v{k}" for k in range(nats)],
+                         ["eth0"] * (public + nats),
+                         [f"{PUBLIC_NET}.{i + 1}" for i in range(public)] + [f"192.168.{k + 1}.2" for k in range(nats)],
+                         [self.hub, *self.routers], rate_mbit, latency_ms)
 
     def _plug(self, ns: str, ifname: str, hub_end: str, addr: str) -> None:
         """A veth from namespace ``ns`` (``ifname``, ``addr``/24) to the bridge in the hub namespace."""
@@ -103,104 +85,32 @@ class NatTestbed:
         _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ifname)
         _ip("-n", ns, "link", "set", ifname, "up")
 
-    def setup(self) -> None:
-        _LIVE.add(self)
-        self._up = True  # first: a half-built testbed is torn down too
-        try:
-            for ns in [self.hub, *self.ns, *self.routers]:
-                _ip("netns", "add", ns)
-                _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
-            _ip("-n", self.hub, "link", "set", "br0", "up")
-            for i in range(self.n_public):
-                self._plug(self.ns[i], "eth0", f"hp{i}", self.addrs[i])
-            for k, (router, vol) in enumerate(zip(self.routers, self.ns[self.n_public:])):
-                self._plug(router, "wan", f"hr{k}", self.wan_addrs[k])
-                _ip("-n", router, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", vol)
-                _ip("-n", router, "addr", "add", f"192.168.{k + 1}.1/24", "dev", "lan")
-                _ip("-n", router, "link", "set", "lan", "up")
-                _ip("-n", vol, "addr", "add", f"192.168.{k + 1}.2/24", "dev", "eth0")
-                _ip("-n", vol, "link", "set", "eth0", "up")
-                _ip("-n", vol, "route", "add", "default", "via", f"192.168.{k + 1}.1")
-                self._exec(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-                self._exec(router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
-                self._exec(router, "iptables", "-A", "FORWARD", "-i", "wan", "-o", "lan", "-m", "conntrack",
-                           "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
-                self._exec(router, "iptables", "-A", "FORWARD", "-i", "wan", "-j", "DROP")
-                if self.rate_mbit:
-                    self._shape(router, "lan")  # the volunteer's downlink
-            for ns in self.ns:
-                if self.rate_mbit:
-                    self._shape(ns, "eth0")
-                # counters are read from /proc/<anchor>/net/dev: no fork per sample
-                self._anchors.append(subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "infinity"],
-                                                      start_new_session=True))
-            # `ip netns exec` enters the namespace after fork: until then /proc/<anchor>/net/dev is the host's
-            for anchor, ns in zip(self._anchors, self.ns):
-                want, deadline = os.stat(f"/run/netns/{ns}").st_ino, time.monotonic() + 10
-                while os.stat(f"/proc/{anchor.pid}/ns/net").st_ino != want:
-                    if time.monotonic() > deadline:
-                        raise NetnsError(f"the counter anchor of {ns} did not enter it")
-                    time.sleep(0.01)
-        except BaseException:
-            self.teardown()
-            raise
+    def _build(self) -> None:
+        _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.hub, "link", "set", "br0", "up")
+        for i in range(self.n_public):
+            self._plug(self.ns[i], "eth0", f"hp{i}", self.addrs[i])
+        for k, (router, vol) in enumerate(zip(self.routers, self.ns[self.n_public:])):
+            self._plug(router, "wan", f"hr{k}", self.wan_addrs[k])
+            _ip("-n", router, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", vol)
+            _ip("-n", router, "addr", "add", f"192.168.{k + 1}.1/24", "dev", "lan")
+            _ip("-n", router, "link", "set", "lan", "up")
+            _ip("-n", vol, "addr", "add", f"192.168.{k + 1}.2/24", "dev", "eth0")
+            _ip("-n", vol, "link", "set", "eth0", "up")
+            _ip("-n", vol, "route", "add", "default", "via", f"192.168.{k + 1}.1")
+            _exec(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            _exec(router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
+            _exec(router, "iptables", "-A", "FORWARD", "-i", "wan", "-o", "lan", "-m", "conntrack",
+                  "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+            _exec(router, "iptables", "-A", "FORWARD", "-i", "wan", "-j", "DROP")
+            if self.rate_mbit:
+                self._shape(router, "lan")  # the volunteer's downlink
 
-    def _shape(self, ns: str, ifname: str) -> None:
-        burst = max(32.0, self.rate_mbit * 1e6 / 8 * 0.005 / 1024)
-        self._exec(ns, "tc", "qdisc", "replace", "dev", ifname, "root", "tbf", "rate", f"{self.rate_mbit:g}mbit",
-                   "burst", f"{burst:.0f}kb", "latency", f"{self.latency_ms:g}ms")
-
-    def teardown(self) -> None:
-        if not self._up:
-            return
-        self._up = False
-        stop_procs(self.procs)
-        stop_procs(self._anchors, grace=0.0)
-        for ns in [*self.ns, *self.routers, self.hub]:
-            _kill_ns_pids(ns)
-        for ns in [*self.ns, *self.routers, self.hub]:
-            _ip("netns", "del", ns, check=False)
-        _LIVE.discard(self)
-
-    # ---- use ---------------------------------------------------------------------------------------------
     def public(self, i: int) -> int:
         return i
 
     def volunteer(self, k: int) -> int:
         return self.n_public + k
-
-    @property
-    def n(self) -> int:
-        return len(self.ns)
-
-    def addr(self, i: int) -> str:
-        return self.addrs[i]
-
-    def argv(self, i: int, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.ns[i], *argv]
-
-    def popen(self, i: int, argv: list[str], **kwargs: Any) -> subprocess.Popen:
-        kwargs.setdefault("start_new_session", True)
-        proc = subprocess.Popen(self.argv(i, argv), **kwargs)
-        self.procs.append(proc)
-        return proc
-
-    def run(self, i: int, argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(i, argv), capture_output=True, text=True, timeout=timeout)
-
-    def counters(self, i: int) -> dict[str, int]:
-        """Bytes and packets through machine i's link (its eth0) as the kernel counts them."""
-        with open(f"/proc/{self._anchors[i].pid}/net/dev") as f:
-            for line in f:
-                name, _, rest = line.partition(":")
-                if name.strip() == "eth0":
-                    v = [int(x) for x in rest.split()]
-                    return {"rx_bytes": v[0], "rx_packets": v[1], "tx_bytes": v[8], "tx_packets": v[9]}
-        raise NetnsError(f"no eth0 in {self.ns[i]}")
-
-    def all_counters(self) -> list[dict[str, int]]:
-        return [self.counters(i) for i in range(self.n)]
 
     def masqueraded_packets(self, k: int) -> int:
         """Packets NAT k's router has MASQUERADEd (proof that a volunteer's traffic went through its NAT)."""
@@ -210,52 +120,16 @@ class NatTestbed:
 
 
 # ---- photon_p2p swarms in a NAT testbed -----------------------------------------------------------------------
-REPO = Path(__file__).resolve().parent.parent
-
-
 def start_bootstrap(tb: NatTestbed, i: int, run_dir: Path, initial: list[str],
                     timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
     """`photon-peer bootstrap` on public machine i; (process, its multiaddr on the public segment)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "bootstrap.log"
-    with log.open("w") as f:
-        proc = tb.popen(i, [sys.executable, "-m", "photon_p2p.cli", "bootstrap", "--host-maddrs",
-                            f"/ip4/{tb.addr(i)}/tcp/0", *(["--initial-peers", *initial] if initial else [])],
-                        stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith(f"/ip4/{tb.addr(i)}/"):
-                return proc, line.strip()
-        time.sleep(0.2)
-    raise NetnsError(f"the bootstrap node did not start (see {log})")
-
-
-def start_peer(tb: NatTestbed, i: int, run_dir: Path, name: str, initial: list[str], overrides: list[str],
-               config: str = "tiny") -> subprocess.Popen:
-    """`photon-peer run` on machine i, joining through ``initial`` (none: it starts the run); log in run_dir."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for f in ("peer.json", "metrics.jsonl", "checkpoint.pt"):
-        (run_dir / f).unlink(missing_ok=True)
-    # info: a round that failed in CI can only be explained from what each peer believed (roster, leader);
-    # PHOTON_NAT_LOG_LEVEL=debug for a flake hunt (matchmaking's requests and answers)
-    level = os.environ.get("PHOTON_NAT_LOG_LEVEL", "info")
-    cmd = [sys.executable, "-m", "photon_p2p.cli", "run", "--config", config, "--run-dir", str(run_dir),
-           "--host-maddrs", f"/ip4/{tb.addr(i)}/tcp/0", "--no-progress", "--log-level", level,
-           "--set", f"name={name}"]
-    if initial:
-        cmd += ["--initial-peers", *initial]
-    for o in overrides:
-        cmd += ["--set", o]
-    log = (run_dir / "peer.log").open("w")
-    return tb.popen(i, cmd, stdout=log, stderr=subprocess.STDOUT)
-
-
-def read_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    proc = tb.popen(i, [sys.executable, "-m", "photon_p2p.cli", "bootstrap", "--host-maddrs",
+                        f"/ip4/{tb.addr(i)}/tcp/0", *(["--initial-peers", *initial] if initial else [])], log=log)
+    line = kit.wait_line(log, proc, lambda ln: ln.startswith(f"/ip4/{tb.addr(i)}/"), timeout)
+    if line is None:
+        raise NetnsError(f"the bootstrap node did not start (see {log})")
+    return proc, line.strip()
 
 
 def run_swarm(tb: NatTestbed, out: Path, *, silos: list[int], volunteers: list[int], bootstrap: int,
@@ -270,26 +144,27 @@ def run_swarm(tb: NatTestbed, out: Path, *, silos: list[int], volunteers: list[i
     peers: dict[str, dict[str, Any]] = {}
     procs: list[subprocess.Popen] = []
     status: dict[str, Any] = {}
-    baddr = ""
-    t0 = time.time()
+    baddr, t0 = "", time.time()
+    # info: a round that failed in CI can only be explained from what each peer believed (roster, leader);
+    # PHOTON_NAT_LOG_LEVEL=debug for a flake hunt (matchmaking's requests and answers)
+    level = ["--log-level", os.environ.get("PHOTON_NAT_LOG_LEVEL", "info")]
     try:
         order = [(f"silo-{j}", i, "tiny", common + first if j == 0 else common + joiner)
                  for j, i in enumerate(silos)]
-        order += [(f"volunteer-{j}", i, str(REPO / "peers" / "volunteer.yaml"), common + volunteer)
+        order += [(f"volunteer-{j}", i, str(kit.REPO / "peers" / "volunteer.yaml"), common + volunteer)
                   for j, i in enumerate(volunteers)]
         for n, (name, i, config, overrides) in enumerate(order):
-            proc = start_peer(tb, i, out / name, name, [baddr] if n else [], overrides, config=config)
+            proc = start_photon_peer(tb, i, out / name, overrides, initial=[baddr] if n else [], name=name,
+                                     config=config, args=level)
             procs.append(proc)
             peers[name] = {"machine": i, "addr": tb.addr(i), "proc": proc, "dir": out / name, "started": time.time()}
             if n == 0:
                 # A first silo that joined through the bootstrap node would serve state only after its first
                 # round; started as the run's origin it serves it at once, and the bootstrap node knows it.
-                first_addr = wait_for_address(proc, out / name, 120)
+                first_addr = wait_peer_address(proc, out / name, 120)
                 bproc, baddr = start_bootstrap(tb, bootstrap, out / "bootstrap", first_addr[:1])
                 procs.append(bproc)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(p["proc"].poll() is None for p in peers.values()):
-            time.sleep(0.5)
+        kit.wait_all([p["proc"] for p in peers.values()], timeout)
         if status_from is not None:
             st = tb.run(status_from, [sys.executable, "-m", "photon_p2p.cli", "status", "--initial-peers", baddr,
                                       "--run-id", run_id, "--json", "--timeout", "20"], timeout=90)
@@ -298,18 +173,11 @@ def run_swarm(tb: NatTestbed, out: Path, *, silos: list[int], volunteers: list[i
         stop_procs(procs)
     result: dict[str, Any] = {}
     for name, p in peers.items():
+        log = (p["dir"] / "peer.log").read_text(errors="replace")
         result[name] = {"machine": p["machine"], "addr": p["addr"], "rc": p["proc"].returncode,
-                        "started": p["started"], "records": read_records(p["dir"]),
-                        "log": (p["dir"] / "peer.log").read_text(errors="replace")}
-        result[name]["log_tail"] = result[name]["log"][-3000:]
+                        "started": p["started"], "records": kit.records(p["dir"]), "log": log, "log_tail": log[-3000:]}
     result["_t0"], result["_status"] = t0, status
     return result
-
-
-@atexit.register
-def _teardown_all() -> None:
-    for tb in list(_LIVE):
-        tb.teardown()
 
 
 _LISTEN = "import socket,sys;s=socket.socket();s.bind(('0.0.0.0',5301));s.listen(1);print('up',flush=True);s.accept()"
@@ -336,11 +204,9 @@ def self_check() -> dict[str, bool]:
 
 
 def main() -> int:
-    why = nat_unsupported_reason()
-    if why:
-        print(f"skipped: {why}")
+    kit.parser(__doc__).parse_args()
+    if skipped(nat_unsupported_reason()):
         return 0
-    install_signal_teardown()
     result = self_check()
     print(result)
     ok = result == {"volunteer_dials_public": True, "public_dials_volunteer": False,

@@ -1,30 +1,31 @@
-"""Network-namespace testbed for benchmarks: N isolated "machines" on one host, joined by shaped veth links.
+"""Network-namespace testbeds: isolated "machines" on one host, joined by tbf-shaped veth links.
 
 Usage (as a library):
 
-    from netns import Testbed, unsupported_reason
-    if (why := unsupported_reason()):
-        raise SystemExit(f"skipped: {why}")
+    from netns import Testbed, skipped, unsupported_reason
+    if skipped(unsupported_reason()):               # prints "skipped: WHY" where namespaces do not work
+        return 0
     with Testbed(2, rate_mbit=100) as tb:           # 2 peers: one veth pair; >2: veths to a bridge
         p = tb.popen(0, ["python", "-c", "..."])     # runs inside namespace 0 (ip netns exec)
         tb.counters(0)                               # {"tx_bytes": ..., "rx_bytes": ..., ...} of its link
     # namespaces, links, bridge and every process started in them are gone here (also at interpreter exit)
 
-Also here: ``CounterPoller`` (samples every namespace's tx/rx counters in a thread, for per-interval byte
-counts) and ``start_photon_peer`` / ``wait_peer_address`` (a `photon-peer run` daemon inside a namespace).
+Also here: ``Namespaces`` (what Testbed and nat_net.NatTestbed share: lifecycle, shaping, counters, processes),
+``CounterPoller`` (samples every namespace's counters in a thread, for per-interval byte counts) and
+``start_photon_peer`` / ``wait_peer_address`` (a `photon-peer run` daemon inside a namespace) and ``bench_main``
+(a netns benchmark's main: --replot, "skipped: ...", data, one-line errors).
 
 Usage (command line, a self-check): ``python bench/netns.py [--peers 2] [--rate-mbit 20]`` builds the testbed,
 pushes a few MB through the shaped link, prints the measured throughput and tears everything down.
 
 Each namespace i gets address 10.<a>.<b>.(i+1)/24 on its link (``Testbed.addr(i)``); its egress is shaped with
 tbf at ``rate_mbit`` (both directions of a link are shaped, each by its sender). Names carry this process's pid
-(``pp<pid>-<i>``), so concurrent benchmarks never collide, and stale ones of dead processes can be removed.
-Requires root and iproute2 (``ip``, ``tc``); ``unsupported_reason()`` says why not, instead of failing later.
+(``pp<pid>-<i>``), so concurrent benchmarks never collide. Requires root and iproute2 (``ip``, ``tc``);
+``unsupported_reason()`` says why not, instead of failing later.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import os
@@ -35,15 +36,13 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "peers"))
-from local_swarm import PeerStartError, wait_for_address  # noqa: E402
-from local_swarm import stop_all as stop_procs  # noqa: E402,F401  (the benchmarks tear peers down with it)
+import toolkit as kit
+from toolkit import stop_all as stop_procs  # noqa: F401  (the benchmarks tear peers down with it)
 
-_LIVE: "weakref.WeakSet[Testbed]" = weakref.WeakSet()
+_LIVE: "weakref.WeakSet[Namespaces]" = weakref.WeakSet()
 
 
 class NetnsError(RuntimeError):
@@ -55,6 +54,12 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and p.returncode != 0:
         raise NetnsError(f"`ip {' '.join(args)}` failed: {p.stderr.strip() or p.stdout.strip()}")
     return p
+
+
+def _exec(ns: str, *argv: str) -> None:
+    p = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise NetnsError(f"`{' '.join(argv)}` in {ns} failed: {p.stderr.strip() or p.stdout.strip()}")
 
 
 def unsupported_reason() -> str | None:
@@ -84,111 +89,80 @@ def unsupported_reason() -> str | None:
     return None
 
 
-def cleanup_stale(prefix: str = "pp") -> list[str]:
-    """Delete namespaces left by testbeds whose process died without tearing down (e.g. SIGKILL)."""
-    removed = []
-    for line in _ip("netns", "list", check=False).stdout.splitlines():
-        name = line.split()[0] if line.split() else ""
-        if not name.startswith(prefix) or "-" not in name:
-            continue
-        pid = name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            _kill_ns_pids(name)
-            _ip("netns", "del", name, check=False)
-            removed.append(name)
-    return removed
+def skipped(why: str | None) -> bool:
+    """Print "skipped: WHY" when the testbed cannot run here; else make SIGTERM/SIGHUP tear it down on the way out."""
+    if why:
+        print(f"skipped: {why}")
+        return True
+    install_signal_teardown()
+    return False
 
 
 def _kill_ns_pids(ns: str) -> None:
     """SIGKILL whatever still runs inside namespace ``ns`` (daemons' helpers such as p2pd included)."""
-    pids = _ip("netns", "pids", ns, check=False).stdout.split()
-    for pid in pids:
+    for pid in _ip("netns", "pids", ns, check=False).stdout.split():
         try:
             os.kill(int(pid), signal.SIGKILL)
         except (ProcessLookupError, ValueError):
             pass
 
 
-@dataclass
-class Node:
-    index: int
-    ns: str
-    ifname: str
-    addr: str
+class Namespaces:
+    """Machines (namespace ``ns[i]``, link ``ifnames[i]``, address ``addrs[i]``) plus ``others`` (bridges, routers)
+    that ``_build`` joins; a context manager that always removes everything it made. Each machine's egress is
+    shaped with tbf at ``rate_mbit``, and one idle process per machine gives its link counters through its
+    /proc/<pid>/net/dev: no fork per sample, so counters can be polled often while benchmarks run."""
 
-
-class Testbed:
-    """N namespaces with shaped links; a context manager that always removes everything it made."""
-
-    def __init__(self, n: int, rate_mbit: float | None = None, burst_kb: float | None = None,
-                 latency_ms: float = 50.0, tag: str = "") -> None:
-        if n < 2:
-            raise NetnsError("a testbed needs at least 2 namespaces")
-        if n > 250:
-            raise NetnsError("at most 250 namespaces (one /24)")
-        self.n, self.rate_mbit, self.latency_ms = n, rate_mbit, latency_ms
-        # tbf needs a bucket of at least one timer tick of traffic; 5 ms of the rate (>= 32 KB) is safe.
-        self.burst_kb = burst_kb or (max(32.0, rate_mbit * 1e6 / 8 * 0.005 / 1024) if rate_mbit else 0.0)
-        pid = os.getpid()
-        self.prefix = f"pp{pid}{tag}"
-        if len(self.prefix) + 4 > 15:  # kernel interface names are at most 15 characters
-            raise NetnsError(f"name prefix {self.prefix!r} too long")
-        # A subnet derived from the pid: two testbeds of different processes do not share addresses.
-        self.subnet = f"10.{200 + pid % 50}.{(pid // 50) % 256}"
-        self.bridge = f"{self.prefix}br" if n > 2 else ""
-        self.nodes = [Node(i, f"{self.prefix}-{i}", f"{self.prefix}n{i}", f"{self.subnet}.{i + 1}") for i in range(n)]
+    def __init__(self, ns: list[str], ifnames: list[str], addrs: list[str], others: list[str],
+                 rate_mbit: float | None, latency_ms: float) -> None:
+        self.ns, self.ifnames, self.addrs, self.others = ns, ifnames, addrs, others
+        self.rate_mbit, self.latency_ms = rate_mbit, latency_ms
         self.procs: list[subprocess.Popen] = []
-        self._anchors: list[subprocess.Popen] = []  # one idle process per namespace: counters via its /proc
+        self._anchors: list[subprocess.Popen] = []
         self._up = False
 
-    # ---- lifecycle ---------------------------------------------------------------------------------------
-    def __enter__(self) -> "Testbed":
+    def __enter__(self) -> Namespaces:
         self.setup()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.teardown()
 
+    @property
+    def n(self) -> int:
+        return len(self.ns)
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
     def setup(self) -> None:
         _LIVE.add(self)
         self._up = True  # set first: a half-built testbed is torn down too
         try:
-            for node in self.nodes:
-                _ip("netns", "add", node.ns)
-                _ip("-n", node.ns, "link", "set", "lo", "up")
-            if self.n == 2:
-                a, b = self.nodes
-                _ip("link", "add", a.ifname, "netns", a.ns, "type", "veth", "peer", "name", b.ifname, "netns", b.ns)
-            else:
-                _ip("link", "add", self.bridge, "type", "bridge")
-                _ip("link", "set", self.bridge, "up")
-                for node in self.nodes:
-                    host_end = f"{self.prefix}h{node.index}"
-                    _ip("link", "add", node.ifname, "netns", node.ns, "type", "veth", "peer", "name", host_end)
-                    _ip("link", "set", host_end, "master", self.bridge)
-                    _ip("link", "set", host_end, "up")
-            for node in self.nodes:
-                _ip("-n", node.ns, "addr", "add", f"{node.addr}/24", "dev", node.ifname)
-                _ip("-n", node.ns, "link", "set", node.ifname, "up")
+            for ns in [*self.others, *self.ns]:
+                _ip("netns", "add", ns)
+                _ip("-n", ns, "link", "set", "lo", "up")
+            self._build()
+            for i, ns in enumerate(self.ns):
                 if self.rate_mbit:
-                    self.shape(node.index, self.rate_mbit)
-                # Reading /proc/<pid>/net/dev of a process inside the namespace costs no fork per sample,
-                # so counters can be polled often while benchmarks run.
-                self._anchors.append(subprocess.Popen(self.argv(node.index, ["sleep", "infinity"]),
-                                                      start_new_session=True))
+                    self._shape(ns, self.ifnames[i])
+                self._anchors.append(subprocess.Popen(self.argv(i, ["sleep", "infinity"]), start_new_session=True))
+            # `ip netns exec` enters the namespace after fork: until then /proc/<anchor>/net/dev is the host's
+            for anchor, ns in zip(self._anchors, self.ns):
+                want, deadline = os.stat(f"/run/netns/{ns}").st_ino, time.monotonic() + 10
+                while os.stat(f"/proc/{anchor.pid}/ns/net").st_ino != want:
+                    if time.monotonic() > deadline:
+                        raise NetnsError(f"the counter anchor of {ns} did not enter it")
+                    time.sleep(0.01)
         except BaseException:
             self.teardown()
             raise
 
-    def shape(self, i: int, rate_mbit: float) -> None:
-        """(Re)shape namespace i's egress to ``rate_mbit`` with a token bucket filter."""
-        node = self.nodes[i]
-        burst = self.burst_kb or max(32.0, rate_mbit * 1e6 / 8 * 0.005 / 1024)
-        cmd = ["tc", "qdisc", "replace", "dev", node.ifname, "root", "tbf", "rate", f"{rate_mbit:g}mbit",
-               "burst", f"{burst:.0f}kb", "latency", f"{self.latency_ms:g}ms"]
-        p = subprocess.run(["ip", "netns", "exec", node.ns, *cmd], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise NetnsError(f"tc tbf on {node.ns} failed: {p.stderr.strip()}")
+    def _shape(self, ns: str, ifname: str) -> None:
+        # tbf needs a bucket of at least one timer tick of traffic; 5 ms of the rate (>= 32 KB) is safe.
+        burst = max(32.0, self.rate_mbit * 1e6 / 8 * 0.005 / 1024)
+        _exec(ns, "tc", "qdisc", "replace", "dev", ifname, "root", "tbf", "rate", f"{self.rate_mbit:g}mbit",
+              "burst", f"{burst:.0f}kb", "latency", f"{self.latency_ms:g}ms")
 
     def teardown(self) -> None:
         """Kill processes (ours, then anything left inside), delete namespaces (their veths go with them)."""
@@ -197,25 +171,22 @@ class Testbed:
         self._up = False
         stop_procs(self.procs)
         stop_procs(self._anchors, grace=0.0)
-        for node in self.nodes:
-            _kill_ns_pids(node.ns)
-        for node in self.nodes:
-            _ip("netns", "del", node.ns, check=False)
-        if self.bridge:
-            _ip("link", "del", self.bridge, check=False)
+        for ns in [*self.ns, *self.others]:
+            _kill_ns_pids(ns)
+        for ns in [*self.ns, *self.others]:
+            _ip("netns", "del", ns, check=False)
         _LIVE.discard(self)
 
-    # ---- use ---------------------------------------------------------------------------------------------
     def addr(self, i: int) -> str:
-        return self.nodes[i].addr
+        return self.addrs[i]
 
     def argv(self, i: int, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.nodes[i].ns, *argv]
+        return ["ip", "netns", "exec", self.ns[i], *argv]
 
-    def popen(self, i: int, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+    def popen(self, i: int, argv: list[str], log: Path | None = None, **kwargs: Any) -> subprocess.Popen:
         """Start ``argv`` inside namespace i in its own session (so teardown can kill its whole group)."""
-        kwargs.setdefault("start_new_session", True)
-        proc = subprocess.Popen(self.argv(i, argv), **kwargs)
+        proc = kit.popen_logged(self.argv(i, argv), log, **kwargs) if log else \
+            subprocess.Popen(self.argv(i, argv), start_new_session=True, **kwargs)
         self.procs.append(proc)
         return proc
 
@@ -223,37 +194,70 @@ class Testbed:
         return subprocess.run(self.argv(i, argv), capture_output=True, text=True, timeout=timeout)
 
     def counters(self, i: int) -> dict[str, int]:
-        """Bytes and packets through namespace i's link as the kernel counts them (all protocols, headers)."""
-        node = self.nodes[i]
-        if i < len(self._anchors) and self._anchors[i].poll() is None:
-            try:
-                with open(f"/proc/{self._anchors[i].pid}/net/dev") as f:
-                    for line in f:
-                        name, _, rest = line.partition(":")
-                        if name.strip() == node.ifname:
-                            v = [int(x) for x in rest.split()]
-                            return {"rx_bytes": v[0], "rx_packets": v[1], "tx_bytes": v[8], "tx_packets": v[9]}
-            except OSError:
-                pass  # the anchor is gone (or not yet in the namespace): ask ip instead
-        out = _ip("-j", "-s", "-n", node.ns, "link", "show", "dev", node.ifname).stdout
-        stats = json.loads(out)[0]["stats64"]
-        return {"tx_bytes": int(stats["tx"]["bytes"]), "rx_bytes": int(stats["rx"]["bytes"]),
-                "tx_packets": int(stats["tx"]["packets"]), "rx_packets": int(stats["rx"]["packets"])}
+        """Bytes and packets through machine i's link as the kernel counts them (all protocols, headers)."""
+        try:
+            with open(f"/proc/{self._anchors[i].pid}/net/dev") as f:
+                for line in f:
+                    name, _, rest = line.partition(":")
+                    if name.strip() == self.ifnames[i]:
+                        v = [int(x) for x in rest.split()]
+                        return {"rx_bytes": v[0], "rx_packets": v[1], "tx_bytes": v[8], "tx_packets": v[9]}
+        except (OSError, IndexError):
+            pass  # the anchor is gone: ask ip instead
+        stats = json.loads(_ip("-j", "-s", "-n", self.ns[i], "link", "show", "dev", self.ifnames[i]).stdout)[0]
+        return {f"{d}_{k}": int(stats["stats64"][d][k]) for d in ("rx", "tx") for k in ("bytes", "packets")}
 
     def all_counters(self) -> list[dict[str, int]]:
         return [self.counters(i) for i in range(self.n)]
 
 
+class Testbed(Namespaces):
+    """N namespaces with shaped links: a veth pair for 2, veths to a bridge (in the host namespace) for more."""
+
+    def __init__(self, n: int, rate_mbit: float | None = None, latency_ms: float = 50.0) -> None:
+        if not 2 <= n <= 250:
+            raise NetnsError("a testbed needs 2 to 250 namespaces (one /24)")
+        pid = os.getpid()
+        self.prefix = f"pp{pid}"
+        # A subnet derived from the pid: two testbeds of different processes do not share addresses.
+        self.subnet = f"10.{200 + pid % 50}.{(pid // 50) % 256}"
+        self.bridge = f"{self.prefix}br" if n > 2 else ""
+        super().__init__([f"{self.prefix}-{i}" for i in range(n)], [f"{self.prefix}n{i}" for i in range(n)],
+                         [f"{self.subnet}.{i + 1}" for i in range(n)], [], rate_mbit, latency_ms)
+
+    def _build(self) -> None:
+        if self.n == 2:
+            _ip("link", "add", self.ifnames[0], "netns", self.ns[0], "type", "veth", "peer", "name", self.ifnames[1],
+                "netns", self.ns[1])
+        else:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("link", "set", self.bridge, "up")
+            for i in range(self.n):
+                _ip("link", "add", self.ifnames[i], "netns", self.ns[i], "type", "veth", "peer", "name",
+                    f"{self.prefix}h{i}")
+                _ip("link", "set", f"{self.prefix}h{i}", "master", self.bridge)
+                _ip("link", "set", f"{self.prefix}h{i}", "up")
+        for i in range(self.n):
+            _ip("-n", self.ns[i], "addr", "add", f"{self.addrs[i]}/24", "dev", self.ifnames[i])
+            _ip("-n", self.ns[i], "link", "set", self.ifnames[i], "up")
+
+    def teardown(self) -> None:
+        up = self._up
+        super().teardown()
+        if up and self.bridge:
+            _ip("link", "del", self.bridge, check=False)
+
+
 class CounterPoller:
     """Samples every namespace's link counters every ``interval`` s in a thread: (time.time(), [counters])."""
 
-    def __init__(self, tb: Testbed, interval: float = 0.25) -> None:
+    def __init__(self, tb: Namespaces, interval: float = 0.25) -> None:
         self.tb, self.interval = tb, interval
         self.samples: list[tuple[float, list[dict[str, int]]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> "CounterPoller":
+    def __enter__(self) -> CounterPoller:
         self.sample()
         self._thread.start()
         return self
@@ -275,34 +279,25 @@ class CounterPoller:
 
     def at(self, t: float, i: int, key: str = "tx_bytes") -> int:
         """Namespace i's counter at the first sample taken at or after wall-clock time ``t`` (else the last)."""
-        for ts, counters in self.samples:
-            if ts >= t:
-                return counters[i][key]
-        return self.samples[-1][1][i][key]
+        return next((c[i][key] for ts, c in self.samples if ts >= t), self.samples[-1][1][i][key])
 
 
 # ---- photon_p2p daemons inside a testbed ---------------------------------------------------------------------
-def start_photon_peer(tb: Testbed, i: int, run_dir: Path, run_id: str, overrides: list[str],
-                      initial: list[str] | None = None, config: str = "tiny") -> subprocess.Popen:
-    """`python -m photon_p2p.cli run` in namespace i, listening on its address; log in RUN_DIR/peer.log."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "peer.json").unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "photon_p2p.cli", "run", "--config", config, "--run-dir", str(run_dir),
-           "--run-id", run_id, "--host-maddrs", f"/ip4/{tb.addr(i)}/tcp/0", "--no-progress",
-           "--set", f"name=silo-{i}"]
-    for o in overrides:
-        cmd += ["--set", o]
-    if initial:
-        cmd += ["--initial-peers", *initial]
-    log = (run_dir / "peer.log").open("w")
-    return tb.popen(i, cmd, stdout=log, stderr=subprocess.STDOUT)
+def start_photon_peer(tb: Namespaces, i: int, run_dir: Path, overrides: list[str], *, initial: list[str] = (),
+                      name: str = "", config: str = "tiny", run_id: str = "", args: list[str] = ()
+                      ) -> subprocess.Popen:
+    """`photon-peer run` in namespace i on its address, in a fresh RUN_DIR (no earlier metrics or checkpoint), named
+    ``name`` (default silo-I), joining through ``initial`` (none: it starts the run); log in RUN_DIR/peer.log."""
+    cmd = kit.peer_cmd(kit.fresh_run_dir(run_dir), [f"name={name or f'silo-{i}'}", *overrides], config=config,
+                       initial=initial, host=tb.addr(i), run_id=run_id, args=args)
+    return tb.popen(i, cmd, log=run_dir / "peer.log")
 
 
 def wait_peer_address(proc: subprocess.Popen, run_dir: Path, timeout: float = 120.0) -> list[str]:
     """The multiaddrs a started daemon wrote to RUN_DIR/peer.json; NetnsError if it died or took too long."""
     try:
-        return wait_for_address(proc, run_dir, timeout)
-    except PeerStartError as e:
+        return kit.wait_for_address(proc, run_dir, timeout)
+    except kit.PeerStartError as e:
         raise NetnsError(str(e)) from None
 
 
@@ -321,6 +316,31 @@ def install_signal_teardown() -> None:
     """Make SIGTERM/SIGHUP run the normal exit path (context managers, atexit) so nothing is left behind."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
+
+
+def bench_main(name: str, args: Any, write_reports: Callable[[Path, dict | None], int],
+               measure: Callable[[Any], dict], invalid: str = "", why: Callable[[], str | None] = unsupported_reason
+               ) -> int:
+    """A netns benchmark's main: --replot rewrites OUT.md and OUT.png from OUT.json; else, unless the arguments are
+    ``invalid`` (why) or the testbed cannot run here, prepare the data and measure in the repository root (relative
+    paths are its) and write OUT.json, OUT.md and OUT.png. A testbed or config error ends it as one line."""
+    from photon_p2p.config import ConfigError
+
+    if args.replot:
+        return write_reports(Path(args.out), None)
+    if invalid:
+        print(f"{name}: {invalid}", file=sys.stderr)
+        return 2
+    if skipped(why()):
+        return 0
+    os.chdir(kit.REPO)
+    try:
+        args.data = kit.ensure_data(args.data)
+        result = measure(args)
+    except (NetnsError, ConfigError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    return write_reports(Path(args.out), result)
 
 
 # ---- self-check ------------------------------------------------------------------------------------------
@@ -345,29 +365,24 @@ c.shutdown(socket.SHUT_WR); c.recv(1); print(time.perf_counter() - t0, flush=Tru
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__)
     ap.add_argument("--peers", type=int, default=2)
     ap.add_argument("--rate-mbit", type=float, default=20.0)
     ap.add_argument("--mb", type=float, default=5.0, help="MiB to send from namespace 1 to namespace 0")
     args = ap.parse_args()
-    why = unsupported_reason()
-    if why:
-        print(f"skipped: {why}")
+    if skipped(unsupported_reason()):
         return 0
-    install_signal_teardown()
     with Testbed(args.peers, rate_mbit=args.rate_mbit) as tb:
         sink = tb.popen(0, [sys.executable, "-c", _SINK, tb.addr(0)], stdout=subprocess.PIPE, text=True)
         sink.stdout.readline()
         before = tb.counters(1)
         src = tb.run(1, [sys.executable, "-c", _SOURCE, tb.addr(0), str(args.mb)], timeout=600)
-        after = tb.counters(1)
+        sent = tb.counters(1)["tx_bytes"] - before["tx_bytes"]
         secs = float(src.stdout.strip() or "nan")
-        sent = after["tx_bytes"] - before["tx_bytes"]
         print(json.dumps({"peers": args.peers, "rate_mbit": args.rate_mbit, "payload_bytes": int(args.mb * 2**20),
                           "wire_tx_bytes": sent, "seconds": round(secs, 3),
                           "goodput_mbit": round(args.mb * 2**20 * 8 / secs / 1e6, 2)}))
-        names = [n.ns for n in tb.nodes]
-    left = [n for n in _ip("netns", "list").stdout.split() if n in names]
+    left = [n for n in _ip("netns", "list").stdout.split() if n in tb.ns]
     print("teardown ok" if not left else f"teardown left {left}")
     return 0
 

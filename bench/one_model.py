@@ -49,6 +49,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -58,7 +59,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loaded by path (tests): toolkit is its neighbour
+import toolkit as kit  # noqa: E402
+from toolkit import REPO, BenchError, fmt  # noqa: E402
+
 BEFORE_COMMIT = "e4a7636"
 BEFORE_TREE = Path("/tmp/photon-before")
 SOURCES = ["shakespeare", "kjv", "brown"]
@@ -76,10 +80,6 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 }
 
 
-class BenchError(Exception):
-    """A user or environment problem: reported as one line, not a traceback."""
-
-
 # ---- the throttled silo (runs inside the silo's own process) ---------------------------------------------
 def throttled_peer(delay: float, argv: list[str]) -> int:
     """Run `photon-peer ARGV` with every LocalTrainer.train_step preceded by ``delay`` seconds of sleep."""
@@ -95,9 +95,7 @@ def throttled_peer(delay: float, argv: list[str]) -> int:
     trainer_module.LocalTrainer.train_step = slow_step
     print(f"one_model: throttled silo: +{delay:.3f}s before every train_step "
           f"(photon_p2p from {Path(photon_p2p.__file__).parent})", flush=True)
-    from photon_p2p.cli import main
-
-    return main(argv)
+    return kit.photon_peer(argv)
 
 
 # ---- analysis (pure: records in, figures out) ------------------------------------------------------------
@@ -210,18 +208,6 @@ def analyze(silos: dict[int, list[dict]], wait_silos: list[int], alive_at_end: l
     }
 
 
-def read_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line (SIGKILL mid-write)
-                continue
-    return out
-
-
 def log_tail(path: Path, n: int = 6) -> list[str]:
     if not path.is_file():
         return []
@@ -242,11 +228,8 @@ def code_tree(code: str, new_ref: str | None, before_ref: str = "") -> Path:
 
 
 def provenance(code: str, tree: Path) -> dict[str, Any]:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=tree, capture_output=True, text=True).stdout.strip()
-
-    return {"code": code, "tree": str(tree), "commit": git("rev-parse", "--short", "HEAD"),
-            "photon_p2p_changes": git("status", "--porcelain", "photon_p2p").splitlines()}
+    return {"code": code, "tree": str(tree), "commit": kit.git("rev-parse", "--short", "HEAD", cwd=tree),
+            "photon_p2p_changes": kit.git("status", "--porcelain", "photon_p2p", cwd=tree).splitlines()}
 
 
 def prepare_val(corpus: Path, cache: Path) -> Path:
@@ -296,6 +279,7 @@ class Swarm:
     """The silos of one scenario run: start, watch, signal, stop."""
 
     def __init__(self, name: str, code: str, tree: Path, out: Path, val_dir: Path, delay: float) -> None:
+        shutil.rmtree(out, ignore_errors=True)  # daemons resume from checkpoints: start clean
         self.name, self.code, self.tree, self.out, self.val_dir, self.delay = name, code, tree, out, val_dir, delay
         self.spec = SCENARIOS[name]
         self.procs: dict[int, subprocess.Popen] = {}
@@ -304,45 +288,35 @@ class Swarm:
         self.t0 = time.monotonic()
         self.capped = False
         self.provenance = provenance(code, tree)  # at the start: the code the silos import
+        # silo: (script, flag, value): the silo runs `python SCRIPT FLAG VALUE -- ARGS`, its wrapper of photon-peer
+        self.wrapped = {i: (__file__, "--throttled-peer", f"{delay:.4f}") for i in self.spec.get("throttled", [])}
 
     def cmd(self, i: int) -> list[str]:
+        """Silo i's `python -m photon_p2p.cli run ...`, or its wrapper's."""
         s = self.spec
-        args = ["run", "--config", "tiny", "--no-progress", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-                "--run-dir", str(self.out / f"peer-{i}"), "--run-id", f"one-model-{self.name}-{self.code}",
-                "--set", f"name=silo-{i}", "--set", "train.threads=1",
-                "--set", f"data.sources=[{SOURCES[i % len(SOURCES)]}]", "--set", f"data.val_dir={self.val_dir}",
-                "--set", f"federation.rounds={s['rounds']}"]
-        for o in s.get("overrides", []) + s.get("bad", {}).get(i, []):
-            args += ["--set", o]
-        if i > 0:
-            args += ["--initial-peers", self.maddrs[0]]
-        if i in s.get("throttled", []):
-            return [sys.executable, str(REPO / "bench" / "one_model.py"), "--throttled-peer", f"{self.delay:.4f}",
-                    "--", *args]
-        return [sys.executable, "-m", "photon_p2p.cli", *args]
+        cmd = kit.peer_cmd(self.out / f"peer-{i}", [
+            f"name=silo-{i}", "train.threads=1", f"data.sources=[{SOURCES[i % len(SOURCES)]}]",
+            f"data.val_dir={self.val_dir}", f"federation.rounds={s['rounds']}", *s.get("overrides", []),
+            *s.get("bad", {}).get(i, [])], initial=self.maddrs[:1] if i else [],
+            run_id=f"one-model-{self.name}-{self.code}")
+        script, flag, value = self.wrapped.get(i, ("", "", ""))
+        return [sys.executable, str(Path(script).resolve()), flag, value, "--", *cmd[3:]] if script else cmd
 
     def start(self, i: int) -> None:
         d = self.out / f"peer-{i}"
         d.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONPATH=str(self.tree))
         cmd = self.cmd(i)
         (d / "command.txt").write_text(" ".join(cmd) + "\n")
-        with (d / "peer.log").open("w") as log:
-            # Own session per silo: signals go to the whole group (hivemind's averager/DHT child and p2pd too).
-            self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                             cwd=self.tree, env=env)
+        self.procs[i] = kit.popen_logged(cmd, d / "peer.log", cwd=self.tree,
+                                         env=dict(os.environ, PYTHONPATH=str(self.tree)))
         if i == 0:
-            sys.path.insert(0, str(REPO / "peers"))
-            from local_swarm import PeerStartError, wait_for_address
-
             try:
-                self.maddrs = wait_for_address(self.procs[0], d, timeout=120)
-            except PeerStartError as e:
+                self.maddrs = kit.wait_for_address(self.procs[0], d, timeout=120)
+            except kit.PeerStartError as e:
                 raise BenchError(f"{self.name}/{self.code}: {e}") from None
 
     def rounds_done(self) -> dict[int, int]:
-        return {i: sum(1 for r in read_records(self.out / f"peer-{i}") if r.get("kind") == "round")
-                for i in self.procs}
+        return {i: len(kit.records(self.out / f"peer-{i}", "round")) for i in self.procs}
 
     def signal_group(self, i: int, sig: signal.Signals, what: str) -> None:
         try:
@@ -357,7 +331,8 @@ class Swarm:
         print(f"  [{self.name}/{self.code} t={e['t']:.0f}s] {what}; round records {e['round_records']}", flush=True)
 
     def run(self, cap: float) -> None:
-        s = self.spec
+        """Start the silos, watch (and for churn, disturb) them until they exit or ``cap`` s; sets ``wall_s``."""
+        s, start = self.spec, time.monotonic()
         for i in range(s["peers"]):
             self.start(i)
         self.event(f"started {s['peers']} silos")
@@ -365,11 +340,7 @@ class Swarm:
         try:
             while any(p.poll() is None for p in self.procs.values()):
                 time.sleep(1.0)
-                lines = [ln for ln in (self.out / "peer-0" / "peer.log").read_text(errors="replace").splitlines()
-                         if ln.startswith("round ")]
-                for ln in lines[seen:]:
-                    print(f"  [{self.name}/{self.code} silo-0] {ln}", flush=True)
-                seen = len(lines)
+                seen = kit.follow(self.out / "peer-0" / "peer.log", seen, f"{self.name}/{self.code} silo-0")
                 if "kill" in s:  # churn
                     done = max(self.rounds_done().values())
                     if not fired and done >= s["event_after"]:
@@ -392,14 +363,8 @@ class Swarm:
         finally:
             if frozen_at:
                 self.signal_group(s["freeze"], signal.SIGCONT, "SIGCONT")
-            self.stop_all()
-        self.capped = capped
-
-    def stop_all(self) -> None:
-        sys.path.insert(0, str(REPO / "peers"))
-        from local_swarm import stop_all
-
-        stop_all(list(self.procs.values()))
+            kit.stop_all(list(self.procs.values()))
+        self.capped, self.wall_s = capped, time.monotonic() - start
 
 
 def wait_silos(spec: dict, silos: dict[int, Any]) -> list[int]:
@@ -410,16 +375,15 @@ def wait_silos(spec: dict, silos: dict[int, Any]) -> list[int]:
 def reanalyze(result: dict, run_dir: Path) -> dict:
     """Recompute the figures of a stored result from its run dir (keeps exit codes, events and wall time)."""
     n = len(result["silos"])
-    silos = {i: [r for r in read_records(run_dir / f"peer-{i}") if r.get("kind") == "round"] for i in range(n)}
+    silos = {i: kit.records(run_dir / f"peer-{i}", "round") for i in range(n)}
     if not any(silos.values()):
         return result
     return {**result, **analyze(silos, wait_silos(result["spec"], silos), result["alive_at_end"])}
 
 
-def summarize(sw: Swarm, wall_s: float, step_s: float) -> dict[str, Any]:
+def summarize(sw: Swarm, step_s: float) -> dict[str, Any]:
     s = sw.spec
-    silos = {i: [r for r in read_records(sw.out / f"peer-{i}") if r.get("kind") == "round"]
-             for i in sorted(sw.procs)}
+    silos = {i: kit.records(sw.out / f"peer-{i}", "round") for i in sorted(sw.procs)}
     codes = {i: p.returncode for i, p in sw.procs.items()}
     killed = {s["kill"]} if "kill" in s else set()
     # Alive at the end: not SIGKILLed by us, and did not exit with an error before we stopped the run.
@@ -429,7 +393,7 @@ def summarize(sw: Swarm, wall_s: float, step_s: float) -> dict[str, Any]:
     wrong = [i for i, recs in silos.items() if any(key not in r for r in recs)]
     per_silo = {}
     for i in silos:
-        recs = read_records(sw.out / f"peer-{i}")
+        recs = kit.records(sw.out / f"peer-{i}")
         log = sw.out / f"peer-{i}" / "peer.log"
         text = log.read_text(errors="replace") if log.is_file() else ""
         per_silo[str(i)] = {
@@ -448,20 +412,12 @@ def summarize(sw: Swarm, wall_s: float, step_s: float) -> dict[str, Any]:
     return {"scenario": sw.name, "machine": "CPU-2", **sw.provenance,
             "command": "python " + " ".join(sys.argv), "spec": {k: v for k, v in s.items()},
             "throttle_delay_s": sw.delay if s.get("throttled") else None, "step_s_1thread": step_s,
-            "wall_s": round(wall_s, 1), "capped": sw.capped, "events": sw.events,
+            "wall_s": round(sw.wall_s, 1), "capped": sw.capped, "events": sw.events,
             "version_check": "ok" if not wrong else f"records without {key!r} in silos {wrong}",
             "alive_at_end": alive, "silos": per_silo, **result}
 
 
 # ---- report ----------------------------------------------------------------------------------------------
-def _f(x: Any, fmt: str = "{:.2f}") -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float) and math.isnan(x):
-        return "nan"
-    return fmt.format(x)
-
-
 def honest_ppl(r: dict) -> float | None:
     """Mean final val ppl of silos 0 and 1 (the silos that are honest in lr50 and its baseline)."""
     xs = [r["final_val_ppl"].get(k) for k in ("0", "1")]
@@ -489,14 +445,14 @@ def markdown(results: dict[tuple[str, str], dict]) -> str:
     for (name, code), r in sorted(results.items(), key=lambda kv: (ALL_SCENARIOS.index(kv[0][0]),
                                                                   ALL_CODES.index(kv[0][1]))):
         reasons = ", ".join(f"{k or '?'} ×{v}" for k, v in r["solo_reasons"].items())
-        ppl = " / ".join(_f(v, "{:.1f}") for v in r["final_val_ppl"].values())
+        ppl = " / ".join(fmt(v, ".1f") for v in r["final_val_ppl"].values())
         lines.append(
-            f"| {name} | {code} ({r['commit']}) | {r['peer_rounds']} | {_f(r['participation'], '{:.3f}')} | "
+            f"| {name} | {code} ({r['commit']}) | {r['peer_rounds']} | {fmt(r['participation'], '.3f')} | "
             f"{len(r['solo'])}{' (' + reasons + ')' if reasons else ''} | {_pair(r, 'max_distinct')} / "
             f"{_pair(r, 'final_distinct')} (round {r['final_round']}, {r['final_silos']} silos) | "
             f"{_pair(r, 'end_models')} | "
-            f"{_f(r['wait_s']['median'])} / {_f(r['wait_s']['max'])} | "
-            f"{_f(r['averaging_s']['median'])} / {_f(r['averaging_s']['max'])} | {ppl} | {r['wall_s']:.0f} |")
+            f"{fmt(r['wait_s']['median'])} / {fmt(r['wait_s']['max'])} | "
+            f"{fmt(r['averaging_s']['median'])} / {fmt(r['averaging_s']['max'])} | {ppl} | {r['wall_s']:.0f} |")
     for code in ALL_CODES:
         bad = results.get(("lr50", code))
         if bad:
@@ -506,8 +462,8 @@ def markdown(results: dict[tuple[str, str], dict]) -> str:
                 base = results.get((base_name, code))
                 h0 = honest_ppl(base) if base else None
                 ratio = hb / h0 if hb is not None and h0 else None
-                parts.append(f"vs {_f(h0)} in `{base_name}` ({what}): ratio **{_f(ratio, '{:.3f}')}**")
-            lines.append(f"\nlr50 ({code}): honest silos' final val ppl {_f(hb)} with the lr=50 silo, "
+                parts.append(f"vs {fmt(h0)} in `{base_name}` ({what}): ratio **{fmt(ratio, '.3f')}**")
+            lines.append(f"\nlr50 ({code}): honest silos' final val ppl {fmt(hb)} with the lr=50 silo, "
                          f"{'; '.join(parts)}. Bad silo: exit code {b['exit_code']}, {b['rollbacks']} rollbacks, "
                          f"{b['round_records']} round records; last log line: `{(b['log_tail'] or [''])[-1]}`")
     for code in ALL_CODES:
@@ -535,37 +491,29 @@ def load_results(results: Path, out_dir: Path | None = None) -> dict[tuple[str, 
                 out[(name, code)] = json.loads(p.read_text())
                 if out_dir is not None and (out_dir / code / name).is_dir():
                     out[(name, code)] = reanalyze(out[(name, code)], out_dir / code / name)
-                    p.write_text(json.dumps(out[(name, code)], indent=1) + "\n")
+                    kit.write_json(p, out[(name, code)])
     return out
 
 
 # ---- main ------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__, force=True, report_only=True, cap=900.0, corpus=str(kit.CORPUS),
+                    out=str(REPO / "runs" / "one-model"), results=str(REPO / "bench" / "results" / "one_model"))
     ap.add_argument("--scenarios", nargs="+", choices=ALL_SCENARIOS, default=ALL_SCENARIOS)
     ap.add_argument("--code", nargs="+", choices=ALL_CODES, default=ALL_CODES)
     ap.add_argument("--new-ref", default="",
                     help="run --code new from this commit (a git worktree) instead of the working tree")
     ap.add_argument("--before-ref", default=BEFORE_COMMIT,
                     help="the commit --code before runs (a git worktree at /tmp/photon-before-REF)")
-    ap.add_argument("--force", action="store_true", help="re-run scenarios whose JSON already exists")
-    ap.add_argument("--report-only", action="store_true",
-                    help="recompute the figures of the existing JSONs from their run dirs and print the table")
-    ap.add_argument("--cap", type=float, default=900.0, help="wall-clock cap per scenario run (seconds)")
     ap.add_argument("--throttle-delay", type=float, default=0.0,
                     help="seconds the throttled silo sleeps per step (0 = one measured tiny step on 1 thread)")
-    ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
-    ap.add_argument("--out", default=str(REPO / "runs" / "one-model"))
-    ap.add_argument("--results", default=str(REPO / "bench" / "results" / "one_model"))
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--throttled-peer"]:
-        if len(argv) < 3 or argv[2] != "--":
-            raise BenchError("usage: one_model.py --throttled-peer DELAY -- <photon-peer args>")
-        return throttled_peer(float(argv[1]), argv[3:])
+    if wrapped := kit.wrapped_silo(argv, "--throttled-peer", "one_model.py --throttled-peer DELAY -- ARGS"):
+        return throttled_peer(float(wrapped[0]), wrapped[1])
     args = parse_args(argv)
     results, out = Path(args.results), Path(args.out)
     results.mkdir(parents=True, exist_ok=True)
@@ -581,16 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         for code, name in todo:
             tree = code_tree(code, args.new_ref, args.before_ref)
             run_dir = out / code / name
-            if run_dir.exists():
-                import shutil
-
-                shutil.rmtree(run_dir)  # daemons resume from checkpoints: start clean
             print(f"one_model: {name} / {code} ({tree})", flush=True)
             sw = Swarm(name, code, tree, run_dir, val_dir, delay)
-            t0 = time.monotonic()
             sw.run(args.cap)
-            result = summarize(sw, time.monotonic() - t0, step_s)
-            (results / f"{name}-{code}.json").write_text(json.dumps(result, indent=1) + "\n")
+            result = summarize(sw, step_s)
+            kit.write_json(results / f"{name}-{code}.json", result)
             print(f"one_model: {name} / {code} done in {result['wall_s']:.0f}s: participation "
                   f"{result['participation']}, max distinct models {result['max_distinct']}", flush=True)
     table = markdown(load_results(results, out if args.report_only else None))
@@ -600,9 +543,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        sys.exit(f"one_model: {e}")
-    except KeyboardInterrupt:
-        sys.exit("one_model: interrupted")
+    kit.run(main, "one_model")

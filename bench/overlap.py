@@ -1,9 +1,6 @@
 #!/usr/bin/env python
 """Compute utilization and time to a target perplexity on shaped links: overlap on vs off vs per-step DDP.
 
-Usage: python bench/overlap.py [--rates 100 20 5] [--seconds 150] [--local-steps 32]
-                               [--data runs/bench-data-netns] [--out bench/results/overlap]
-
 Two peers in network namespaces (bench/netns.py, tbf-shaped egress at RATE Mbit/s), side by side in one run per
 rate: photon_p2p daemons with federation.overlap off, the same with it on, and DDP (gloo, bench/low_bandwidth.py's
 ranks). Reported per run: compute utilization (inner-step seconds / wall-clock seconds of the round loop, from the
@@ -18,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
-from low_bandwidth import run_ddp, run_photon, time_to  # noqa: E402
-from netns import NetnsError, Testbed, install_signal_teardown, unsupported_reason  # noqa: E402
+import report
+import toolkit as kit
+from low_bandwidth import run_ddp, run_photon, time_to
+from netns import Testbed, bench_main
 
-REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = {"no-overlap": ("federation.overlap=false",), "overlap": ("federation.overlap=true",)}
 
 
@@ -65,13 +59,8 @@ def summarize(runs: list[dict]) -> None:
 
 
 def plot(res: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rates = res["rates"]
-    fig, axes = plt.subplots(1, len(rates), figsize=(4.5 * len(rates), 4), squeeze=False)
+    fig, axes = kit.pyplot().subplots(1, len(rates), figsize=(4.5 * len(rates), 4), squeeze=False)
     colors = {"no-overlap": "tab:blue", "overlap": "tab:green", "ddp-gloo": "tab:red"}
     for ax, rate in zip(axes[0], rates):
         for r in (r for r in res["runs"] if r["rate_mbit"] == rate):
@@ -80,9 +69,7 @@ def plot(res: dict[str, Any], out: Path) -> None:
         ax.set(title=f"{rate:g} Mbit/s", xlabel="wall-clock s", ylabel="val ppl", yscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    kit.save(fig, out)
 
 
 def quality_across_seeds(res: dict[str, Any]) -> list[str]:
@@ -151,60 +138,42 @@ def markdown(res: dict[str, Any], command: str, name: str = "overlap") -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__, data="runs/bench-data-netns", runs="runs/bench-overlap", out="bench/results/overlap",
+                    set="overrides", replot=True)
     ap.add_argument("--rates", type=float, nargs="+", default=[100.0, 20.0, 5.0], metavar="MBIT")
     ap.add_argument("--seconds", type=float, default=150.0, help="wall-clock seconds per system and rate")
     ap.add_argument("--local-steps", type=int, default=32)
     ap.add_argument("--systems", nargs="+", default=["no-overlap", "overlap", "ddp-gloo"],
                     choices=["no-overlap", "overlap", "ddp-gloo"])
-    ap.add_argument("--data", default="runs/bench-data-netns")
-    ap.add_argument("--runs", default="runs/bench-overlap")
-    ap.add_argument("--out", default="bench/results/overlap")
-    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0],
                     help="train.seed values: each system runs once per seed (model init and data order)")
-    ap.add_argument("--replot", action="store_true")
     args = ap.parse_args()
     args.peers = 2
-    if args.replot:
-        return write_reports(Path(args.out), None)
-    if args.seconds <= 0 or any(r <= 0 for r in args.rates):
-        print("overlap: need --seconds > 0 and rates > 0", file=sys.stderr)
-        return 2
-    why = unsupported_reason()
-    if why:
-        print(f"skipped: {why}")
-        return 0
-    install_signal_teardown()
-    os.chdir(REPO)
-    from comm_bytes import ensure_data
+    invalid = "need --seconds > 0 and rates > 0" if args.seconds <= 0 or any(r <= 0 for r in args.rates) else ""
+    return bench_main("overlap", args, write_reports, measure, invalid)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     from photon_p2p.config import load_config
-    from photon_p2p.model import Transformer
+    from photon_p2p.model import count_params
 
     cfg = load_config(["tiny"], args.overrides)
-    args.data = ensure_data(args.data)
     runs: list[dict] = []
-    try:
-        for rate in args.rates:
-            with Testbed(args.peers, rate_mbit=rate) as tb:
-                for seed in args.seeds:
-                    for system in args.systems:
-                        seeded = [f"train.seed={seed}"] if len(args.seeds) > 1 or seed else []
-                        r = (run_ddp(tb, rate, args) if system == "ddp-gloo"
-                             else run_photon(tb, rate, args, system=system, extra=(*SYSTEMS[system], *seeded)))
-                        r["seed"] = seed
-                        runs.append(r)
-                        print(f"overlap: {rate:g} Mbit/s {system:>10} seed {seed}: {r['inner_steps']} steps, "
-                              f"utilization {r.get('utilization', math.nan):.1%}", flush=True)
-    except NetnsError as e:
-        print(f"overlap: error: {e}", file=sys.stderr)
-        return 1
+    for rate in args.rates:
+        with Testbed(args.peers, rate_mbit=rate) as tb:
+            for seed in args.seeds:
+                for system in args.systems:
+                    seeded = [f"train.seed={seed}"] if len(args.seeds) > 1 or seed else []
+                    r = (run_ddp(tb, rate, args) if system == "ddp-gloo"
+                         else run_photon(tb, rate, args, system=system, extra=(*SYSTEMS[system], *seeded)))
+                    r["seed"] = seed
+                    runs.append(r)
+                    print(f"overlap: {rate:g} Mbit/s {system:>10} seed {seed}: {r['inner_steps']} steps, "
+                          f"utilization {r.get('utilization', math.nan):.1%}", flush=True)
     summarize(runs)
-    res = {"bench": "overlap", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rates": args.rates,
-           "seeds": args.seeds, "seconds": args.seconds, "local_steps": args.local_steps, "overrides": args.overrides,
-           "params": sum(p.numel() for p in Transformer(cfg.model).parameters()), "runs": runs,
-           "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
-    return write_reports(Path(args.out), res)
+    return {"bench": "overlap", "date": kit.utc(), "rates": args.rates, "seeds": args.seeds, "seconds": args.seconds,
+            "local_steps": args.local_steps, "overrides": args.overrides, "params": count_params(cfg.model),
+            "runs": runs, "command": kit.command()}
 
 
 def write_reports(out: Path, res: dict[str, Any] | None) -> int:

@@ -1,8 +1,6 @@
 #!/usr/bin/env python
 """Can p2pd's circuit relay carry an averaging round between two volunteers behind different NATs?
 
-Usage: python bench/relay_probe.py [--messages 64] [--message-kb 64] [--out bench/results/nat/relay_probe.json]
-
 In the netns testbed (bench/nat_net.py): a reachable node that relays (hivemind's p2pd, relay service on) and two
 volunteers, each behind its own MASQUERADE NAT, that reserve a slot on it as their static relay (p2pd's
 ``-trustedRelays`` with ``-relayDiscovery=0``, hivemind's ``use_auto_relay``) and announce ``<relay>/p2p-circuit``.
@@ -14,18 +12,16 @@ Needs root, iproute2 and iptables; prints "skipped: ..." and exits 0 otherwise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nat_net import NatTestbed, nat_unsupported_reason  # noqa: E402
-from netns import install_signal_teardown  # noqa: E402
+import toolkit as kit
+from nat_net import NatTestbed, nat_unsupported_reason
+from netns import skipped
 
 # One node of the probe, run in its namespace: "relay", or "vol0"/"vol1" (each calls the other).
 NODE = r'''
@@ -92,58 +88,40 @@ time.sleep(5)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__, out="bench/results/nat/relay_probe.json")
     ap.add_argument("--messages", type=int, default=64)
     ap.add_argument("--message-kb", type=int, default=64)
     ap.add_argument("--logs", default="runs/relay-probe", help="each node's log (p2pd's relay log at debug)")
-    ap.add_argument("--out", default="bench/results/nat/relay_probe.json")
     args = ap.parse_args()
-    why = nat_unsupported_reason()
-    if why:
-        print(f"skipped: {why}")
+    if skipped(nat_unsupported_reason()):
         return 0
-    install_signal_teardown()
     logs = Path(args.logs)
-    logs.mkdir(parents=True, exist_ok=True)
     # the relay logs what it relayed (p2pd's lines reach the node's log through hivemind's logger, at debug)
     env = dict(os.environ, GOLOG_LOG_LEVEL="info,relay=debug,autorelay=debug", HIVEMIND_LOGLEVEL="DEBUG")
     sizes = [str(args.messages), str(args.message_kb * 1024)]
     with NatTestbed(public=1, nats=2, rate_mbit=100) as tb:
-        with (logs / "relay.log").open("w") as f:
-            relay_proc = tb.popen(tb.public(0), [sys.executable, "-c", NODE, "relay", "-", *sizes], stdout=f,
-                                  stderr=subprocess.STDOUT, env=env)
-        relay_id = _first_record(logs / "relay.log", relay_proc)["peer_id"]
+        relay_proc = tb.popen(tb.public(0), [sys.executable, "-c", NODE, "relay", "-", *sizes],
+                              log=logs / "relay.log", env=env)
+        first = kit.wait_line(logs / "relay.log", relay_proc, lambda ln: ln.startswith("{"), 60.0)
+        if first is None:
+            raise SystemExit(f"the relay node did not start (see {logs / 'relay.log'})")
+        relay_id = json.loads(first)["peer_id"]
         relay = f"/ip4/{tb.addr(tb.public(0))}/tcp/4001/p2p/{relay_id}"
-        vols = []
-        for k in range(2):
-            with (logs / f"vol{k}.log").open("w") as f:
-                vols.append(tb.popen(tb.volunteer(k), [sys.executable, "-c", NODE, f"vol{k}", relay, *sizes],
-                                     stdout=f, stderr=subprocess.STDOUT, env=env))
+        vols = [tb.popen(tb.volunteer(k), [sys.executable, "-c", NODE, f"vol{k}", relay, *sizes],
+                         log=logs / f"vol{k}.log", env=env) for k in range(2)]
         for v in vols:
             try:
                 v.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 v.kill()
-    relayed = [int(n) for n in re.findall(r"relayed (\d+) bytes", (logs / "relay.log").read_text(errors="replace"))]
-    result = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-              "messages": args.messages, "message_bytes": args.message_kb * 1024,
+    relay_log = (logs / "relay.log").read_text(errors="replace")
+    result = {"command": kit.command(), "messages": args.messages, "message_bytes": args.message_kb * 1024,
               "volunteers": [_last_record(logs / f"vol{k}.log") for k in range(2)],
-              "relay_copies_bytes": relayed, "relay_resets": (logs / "relay.log").read_text(
-                  errors="replace").count("relay copy error: stream reset")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+              "relay_copies_bytes": [int(n) for n in re.findall(r"relayed (\d+) bytes", relay_log)],
+              "relay_resets": relay_log.count("relay copy error: stream reset")}
+    kit.write_json(args.out, result)
     print(json.dumps(result, indent=1))
     return 0
-
-
-def _first_record(log: Path, proc: subprocess.Popen, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                return json.loads(line)
-        time.sleep(0.2)
-    raise SystemExit(f"the relay node did not start (see {log})")
 
 
 def _last_record(log: Path) -> dict:

@@ -1,9 +1,6 @@
 #!/usr/bin/env python
 """Scale on paper: wall-clock per round vs model size, link bandwidth and peers, from measured per-round costs.
 
-Usage: python bench/scale_model.py [--calibration bench/results/allreduce_speed.json] [--checks bench/results]
-                                   [--peak-tflops 989] [--mfu 0.4] [--local-steps 128] [--out bench/results/scale_model]
-
 The model (one peer's view of one round, butterfly all-reduce as hivemind runs it):
   bytes on the wire per peer   V = 2 (n-1)/n * P * b          (b = 4 fp32, 2 fp16, ~1 blockwise 8-bit)
   averaging time               T_avg = floor + max(V / bandwidth, 4P / cpu_rate)
@@ -23,9 +20,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from photon_p2p.config import load_config  # noqa: E402
-from photon_p2p.model import count_params, flops_per_token  # noqa: E402
+import toolkit as kit
+from photon_p2p.config import load_config
+from photon_p2p.model import count_params, flops_per_token
 
 BYTES_PER_PARAM = {"none": 4.0, "fp16": 2.0, "blockwise8": 1.0 + 4.0 / 4096}  # blockwise8: + one fp32 absmax / 4096
 SIZES = ["photon-125m", "photon-1.3b", "photon-3b", "photon-7b"]
@@ -141,12 +138,7 @@ def scale_table(c: Costs, args: argparse.Namespace) -> list[dict]:
 
 def plot(rows: list[dict], fast: list[dict], peers: int, title: str, out: Path) -> None:
     """Left: share of a round spent averaging; right: DDP/Photon time. Dashed: averager on ``fast`` cores."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = kit.pyplot().subplots(1, 2, figsize=(11, 4.2))
     for i, gbit in enumerate(BANDWIDTHS_GBIT):
         for table, style, tag in ((rows, "-", ""), (fast, "--", ", 16-core averager")):
             sel = [r for r in table if r["gbit"] == gbit and r["peers"] == peers]
@@ -163,9 +155,7 @@ def plot(rows: list[dict], fast: list[dict], peers: int, title: str, out: Path) 
         ax.set_xlabel("model")
         ax.grid(alpha=0.3)
     a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    kit.save(fig, out, dpi=120)
 
 
 def markdown(c: Costs, checks: list[dict], rows: list[dict], args: argparse.Namespace) -> str:
@@ -186,7 +176,7 @@ def markdown(c: Costs, checks: list[dict], rows: list[dict], args: argparse.Name
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__, out="bench/results/scale_model")
     ap.add_argument("--calibration", default="bench/results/allreduce_speed.json")
     ap.add_argument("--links", default="bench/results/low_bandwidth.json", help="tc-shaped runs to check against")
     ap.add_argument("--cores", type=int, default=2, help="cores of the machine the loopback calibration ran on")
@@ -201,7 +191,6 @@ def main() -> int:
     ap.add_argument("--ddp-bytes", type=float, default=4.0, help="bytes per gradient value DDP sends (bf16: 2)")
     ap.add_argument("--mode", default="bulk", choices=["bulk", "bulk-plain", "tuned"],
                     help="calibrate uncompressed rounds on the gloo bulk path (default) or on hivemind's")
-    ap.add_argument("--out", default="bench/results/scale_model")
     args = ap.parse_args()
     costs, rows = calibrate(Path(args.calibration), args.mode)
     mb = json.loads(Path(args.calibration).read_text())["args"]["mb"]

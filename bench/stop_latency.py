@@ -14,8 +14,6 @@ installed) and killed. Peers are started with the test suite's helper (tests/swa
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import shutil
@@ -26,12 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+import toolkit as kit
+from photon_p2p.data.embedded import ensure_default_dataset
 
+sys.path.insert(0, str(kit.REPO / "tests"))
 from swarm import Swarm  # noqa: E402  (tests/swarm.py)
-
-from photon_p2p.data.embedded import ensure_default_dataset  # noqa: E402
 
 
 def session_pids(sid: int) -> list[int]:
@@ -87,7 +84,7 @@ def trial(root: Path, data: Path, peers: int, every_process: bool, limit: float,
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = kit.parser(__doc__)
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--every-process", action="store_true")
@@ -106,7 +103,7 @@ def main() -> int:
         print(f"trial {t}: rounds {r['rounds_before_stop']}, exit s {times}, rc {[e['rc'] for e in r['exits']]}"
               f"{', tracebacks in ' + str(r['tracebacks']) if r['tracebacks'] else ''}", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "trials": results}, indent=1))
+        kit.write_json(args.out, {"args": vars(args), "trials": results})
     shutil.rmtree(base, ignore_errors=True)
     return 0
 

@@ -34,20 +34,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-import convergence as conv  # noqa: E402  (bench/ is not a package)
+import convergence as conv
+import toolkit as kit
+from toolkit import LOCK, bench_lock
+
+BENCH = kit.REPO / "bench"
 
 BASE_STEPS, PEERS, SILO_BATCH = 384, 4, 16  # convergence.py's budget: 12 rounds x H 32 per silo, batch 16
 # screen: a third of the tokens (128 steps per silo), so that every H in 8..64 divides it (16 to 2 rounds)
@@ -76,7 +78,6 @@ CENTRAL_AXES: list[tuple[str, dict[str, Any]]] = [
     ("lr", {"lr": 6e-3}), ("lr", {"lr": 1.5e-3}), ("lr", {"lr": 1.2e-2}), ("warmup", {"warmup": 5}),
 ]
 NESTEROV = {"outer": "nesterov", "outer_lr": 0.7, "momentum": 0.9}  # DiLoCo's outer step
-LOCK = "/tmp/photon-bench.lock"
 
 
 def steps_of(budget: float) -> int:
@@ -196,17 +197,6 @@ def append(path: Path, rec: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-@contextlib.contextmanager
-def bench_lock(path: str) -> Iterator[float]:
-    """Hold the shared benchmark lock (flock(2), as `flock LOCK cmd` does); yields the time it was acquired."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield time.monotonic()
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def spec_of(cfg: dict[str, Any], data: dict[str, Path], args: argparse.Namespace) -> conv.RunSpec:
     """convergence.py's RunSpec for a config: the same shared held-out set and eval windows for every run."""
     p, steps = cfg["params"], steps_of(cfg["budget"])
@@ -236,7 +226,7 @@ def wall_curve(run_dir: Path, side: str, t0: float) -> list[tuple[float, float]]
     """(seconds since the run started, val ppl) of each evaluation of the global model (silo-0 for federations)."""
     d = run_dir if side == "central" else run_dir / "peer-0"
     kind = "eval" if side == "central" else "round"
-    return [(round(float(r["time"]) - t0, 1), float(r["val_ppl"])) for r in conv._records(d, kind) if "val_ppl" in r]
+    return [(round(float(r["time"]) - t0, 1), float(r["val_ppl"])) for r in kit.records(d, kind) if "val_ppl" in r]
 
 
 def real_run(cfg: dict[str, Any], run_dir: Path, data: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
@@ -401,20 +391,13 @@ def equal_tokens(every: list[dict[str, Any]], file: str) -> list[dict[str, Any]]
 
 def write_equal_tokens(files: list[str], out: Path, argv: list[str]) -> dict[str, Any]:
     """RESULTS/equal_tokens.json: equal_tokens() of every results file, with the command and commit."""
-    import shlex
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=conv.REPO, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    doc = {"command": "python bench/sweep.py " + shlex.join(argv), "commit": commit,
-           "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    doc = {"command": "python bench/sweep.py " + shlex.join(argv), "commit": kit.commit(), "date": kit.utc("%Y-%m-%d"),
            "what": "each federated run's val ppl at exactly its budget's best centralized run's token count "
                    "(tokens: what the run trained; central_tokens: the centralized run's), linear in log-ppl "
                    "between the two evaluations around it (bench/sweep.py ppl_at_tokens); ratio_end: final ppl over "
                    "the centralized final ppl, as scored before issue 26; ratio_equal_tokens: at equal tokens",
            "runs": [row for f in files for row in equal_tokens(load_all(Path(f)), f)]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    kit.write_json(out, doc)
     return doc
 
 
@@ -465,15 +448,10 @@ def table(done: dict[str, dict[str, Any]] | list[dict[str, Any]]) -> str:
 
 def plot(done: dict[str, dict[str, Any]], path: Path) -> None:
     """Per budget: the curves (val ppl against tokens) of the best run of each side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     budgets = sorted({r["config"]["budget"] for r in done.values()})
     if not budgets:
         return
-    fig, axes = plt.subplots(1, len(budgets), figsize=(max(9, 6 * len(budgets)), 4.8), squeeze=False)
+    fig, axes = kit.pyplot().subplots(1, len(budgets), figsize=(max(9, 6 * len(budgets)), 4.8), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for side in ("central", "fed-iid", "fed-noniid"):
             recs = _best([r for r in done.values() if r["config"]["budget"] == budget and r["config"]["side"] == side
@@ -486,29 +464,26 @@ def plot(done: dict[str, dict[str, Any]], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle("bench/sweep.py: best run of each side per budget (tiny, shared held-out set, CPU-2)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    kit.save(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__, report_only=True, corpus=str(kit.CORPUS), out=str(kit.REPO / "runs" / "bench-sweep"),
+                    results=str(BENCH / "results" / "sweep"))
     ap.add_argument("--stages", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
     ap.add_argument("--partial", action="store_true", help="plan a stage from an incomplete previous stage")
     ap.add_argument("--lock-budget-min", type=float, default=45.0, help="stop before exceeding this much lock time")
     ap.add_argument("--max-runs", type=int, default=None)
     ap.add_argument("--only", nargs="+", default=None, metavar="KEY", help="run only these planned keys")
     ap.add_argument("--list", action="store_true", help="print the plan (done / pending) and exit")
-    ap.add_argument("--report-only", action="store_true", help="rewrite the table from the results file")
     ap.add_argument("--equal-tokens", nargs="+", default=None, metavar="RUNS_JSONL",
                     help="score these results files' federated runs at exactly their centralized run's tokens into "
                          "RESULTS/equal_tokens.json, and exit")
+    ap.add_argument("--lock", default=LOCK, help="the lock each run holds (flock(2)), shared with other benchmarks")
     ap.add_argument("--central-threads", type=int, default=2)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--round-deadline", type=float, default=120.0)
-    ap.add_argument("--corpus", default=str(conv.REPO.parent / "shared" / "corpus"))
     ap.add_argument("--data-cache", default=str(conv.REPO / "runs" / "bench-data"))
-    ap.add_argument("--out", default=str(conv.REPO / "runs" / "bench-sweep"))
-    ap.add_argument("--results", default=str(BENCH / "results" / "sweep"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra override for every planned run (last; part of the run's key), e.g. "
                          "--set federation.round_clock=steps")
@@ -542,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.report_only:
         data = conv.prepare_data(Path(args.data_cache), Path(args.corpus))
-        sweep(runs, results, Path(args.out), lambda cfg, d: real_run(cfg, d, data, args),
+        sweep(runs, results, Path(args.out), lambda cfg, d: real_run(cfg, d, data, args), lock=args.lock,
               lock_budget_s=args.lock_budget_min * 60, max_runs=args.max_runs)
         done = load_done(results)
     pending = sum(key_of(identity(c)) not in done for c in plan(done, args.stages, args.partial))
@@ -555,9 +530,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except conv.BenchError as e:
-        sys.exit(f"sweep: {e}")
-    except KeyboardInterrupt:
-        sys.exit("sweep: interrupted (finished runs are kept; run again to resume)")
+    kit.run(main, "sweep", "interrupted (finished runs are kept; run again to resume)")

@@ -8,22 +8,20 @@ prints one JSON line with both medians, every sample and their ratio (this check
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+import toolkit as kit
 
 
-def _import_from(root: str):
-    """photon_p2p's config loader and build_trainer from ``root`` (dropping any photon_p2p imported before)."""
+def rate(root: str, config: str, data_dir: str, steps: int) -> float:
+    """Tokens/s of photon_p2p's trainer imported from ``root`` (dropping any photon_p2p imported before)."""
     for name in [m for m in sys.modules if m == "photon_p2p" or m.startswith("photon_p2p.")]:
         del sys.modules[name]
     sys.path.insert(0, root)
@@ -32,22 +30,12 @@ def _import_from(root: str):
         from photon_p2p.train.trainer import build_trainer
     finally:
         sys.path.remove(root)
-    return load_config, build_trainer
-
-
-def rate(root: str, config: str, data_dir: str, steps: int) -> float:
-    load_config, build_trainer = _import_from(root)
     trainer = build_trainer(load_config([config], ["train.eval_every=0"]), data_dir)
-    for _ in range(2):
-        trainer.train_step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step()
-    return steps * trainer.tokens_per_step / (time.perf_counter() - t0)
+    return trainer.tokens_per_step / kit.timed(trainer.train_step, steps, 2, trainer.device)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = kit.parser(__doc__)
     ap.add_argument("--ref", required=True, help="git commit of the reference trainer")
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--steps", type=int, default=10)
@@ -57,8 +45,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ref_root = Path(tmp, "ref")
         ref_root.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.ref, "photon_p2p"], capture_output=True,
-                                 check=True).stdout
+        archive = subprocess.run(["git", "-C", str(kit.REPO), "archive", args.ref, "photon_p2p"],
+                                 capture_output=True, check=True).stdout
         subprocess.run(["tar", "x", "-C", str(ref_root)], input=archive, check=True)
         from photon_p2p.data.embedded import ensure_default_dataset
 
@@ -66,7 +54,7 @@ def main() -> None:
         samples: dict[str, list[float]] = {"ref": [], "this": []}
         for _ in range(args.repeats):
             samples["ref"].append(rate(str(ref_root), args.config, data_dir, args.steps))
-            samples["this"].append(rate(str(REPO), args.config, data_dir, args.steps))
+            samples["this"].append(rate(str(kit.REPO), args.config, data_dir, args.steps))
     ref, this = statistics.median(samples["ref"]), statistics.median(samples["this"])
     print(json.dumps({"config": args.config, "ref": args.ref, "ref_tok_s": round(ref), "this_tok_s": round(this),
                       "ratio": round(this / ref, 3),

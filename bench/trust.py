@@ -31,20 +31,17 @@ per exact all-reduce round (4 members with real p2p daemons in one process, 8 an
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import one_model  # noqa: E402  (bench/ is not a package)
+import one_model
+import toolkit as kit
+from toolkit import REPO, fmt
 
-REPO = one_model.REPO
-SCALE = ["scale:1e4"]
 SCENARIOS: dict[str, dict[str, Any]] = {
     "honest-none": {"robust": "none"},
     "honest": {"robust": "clip"},
@@ -80,9 +77,7 @@ def bad_peer(attack: str, argv: list[str]) -> int:
 
     averaging.PseudoGradientAverager.average = tampered
     print(f"trust: adversarial silo: {attack} on every Δ before it is sent", flush=True)
-    from photon_p2p.cli import main
-
-    return main(argv)
+    return kit.photon_peer(argv)
 
 
 # ---- running ---------------------------------------------------------------------------------------------
@@ -96,20 +91,13 @@ class TrustSwarm(one_model.Swarm):
             "overrides": [f"federation.robust_aggregation={spec['robust']}", f"federation.local_steps={local_steps}",
                           "train.eval_every=0", "federation.round_clock=steps"]}
         super().__init__(f"trust-{name}", "new", REPO, out, val_dir, 0.0)
-        self.attack = spec.get("attack", {})
-
-    def cmd(self, i: int) -> list[str]:
-        cmd = super().cmd(i)
-        if i in self.attack:
-            return [sys.executable, str(Path(__file__).resolve()), "--bad-peer", self.attack[i], "--", *cmd[3:]]
-        return cmd
+        self.wrapped = {i: (__file__, "--bad-peer", attack) for i, attack in spec.get("attack", {}).items()}
 
 
-def summarize(name: str, sw: TrustSwarm, wall_s: float) -> dict[str, Any]:
+def summarize(name: str, sw: TrustSwarm) -> dict[str, Any]:
     spec = SCENARIOS[name]
     bad = set(spec.get("bad", {})) | set(spec.get("attack", {}))
-    recs = {i: [r for r in one_model.read_records(sw.out / f"peer-{i}") if r.get("kind") == "round"]
-            for i in sorted(sw.procs)}
+    recs = {i: kit.records(sw.out / f"peer-{i}", "round") for i in sorted(sw.procs)}
     honest = [i for i in recs if i not in bad]
     analysis = one_model.analyze(recs, honest, [i for i in recs if sw.procs[i].returncode in (0, -15, -9)])
     ppl = [analysis["final_val_ppl"].get(str(i)) for i in honest]
@@ -138,12 +126,11 @@ def summarize(name: str, sw: TrustSwarm, wall_s: float) -> dict[str, Any]:
                  if not r.get("solo") and "allreduce" in (r.get("phases") or {})]
     return {"scenario": name, "spec": spec,
             "allreduce_s": {"median": round(statistics.median(allreduce), 4) if allreduce else None,
-                            "n": len(allreduce)}, "command": "python " + " ".join(sys.argv), **sw.provenance,
-            "wall_s": round(wall_s, 1), "capped": sw.capped, "honest_silos": honest, "bad_silos": sorted(bad),
+                            "n": len(allreduce)}, "command": kit.command(), **sw.provenance,
+            "wall_s": round(sw.wall_s, 1), "capped": sw.capped, "honest_silos": honest, "bad_silos": sorted(bad),
             "exit_codes": {str(i): p.returncode for i, p in sw.procs.items()},
             "honest_val_ppl": statistics.mean(ppl) if ppl else None, "clipped_reported": clipped_out,
-            "rollbacks": {str(i): sum(1 for r in one_model.read_records(sw.out / f"peer-{i}")
-                                      if r.get("kind") == "rollback") for i in recs},
+            "rollbacks": {str(i): len(kit.records(sw.out / f"peer-{i}", "rollback")) for i in recs},
             **{k: analysis[k] for k in ("participation", "solo_reasons", "max_distinct", "final_distinct",
                                         "end_models", "averaging_s", "final_val_ppl", "round_records")}}
 
@@ -234,10 +221,6 @@ def allreduce_cost(sizes: tuple[int, ...] = (2_000_000, 25_000_000), repeats: in
 
 
 # ---- report ----------------------------------------------------------------------------------------------
-def _f(x: Any, fmt: str = "{:.2f}") -> str:
-    return "-" if x is None else fmt.format(x)
-
-
 def markdown(results: dict[str, dict], micro_result: dict | None) -> str:
     base = results.get("honest-none", {})
     b_ppl, b_avg = base.get("honest_val_ppl"), (base.get("allreduce_s") or {}).get("median")
@@ -254,15 +237,15 @@ def markdown(results: dict[str, dict], micro_result: dict | None) -> str:
         clip = "; ".join(f"{k}: {len(v['rounds'])} rounds, ×{v['factor']:.2g}"
                          for k, v in r["clipped_reported"].items()) or "none"
         lines.append(f"| {name} | {r.get('commit', '?')} | {r['spec']['robust']} | {r['bad_silos'] or '-'} | "
-                     f"{_f(ppl)} | "
-                     f"{_f(ppl / b_ppl if ppl and b_ppl else None, '{:.3f}')} | "
+                     f"{fmt(ppl)} | "
+                     f"{fmt(ppl / b_ppl if ppl and b_ppl else None, '.3f')} | "
                      f"{sum(r['exit_codes'][str(i)] == 0 for i in r['honest_silos'])}/{len(r['honest_silos'])} | "
-                     f"{_f(avg, '{:.3f}')} | "
-                     f"{_f(avg / b_avg if avg and b_avg else None, '{:.2f}')} | {_f(r['participation'], '{:.3f}')} | "
+                     f"{fmt(avg, '.3f')} | "
+                     f"{fmt(avg / b_avg if avg and b_avg else None, '.2f')} | {fmt(r['participation'], '.3f')} | "
                      f"{r['end_models']} | {clip} | {r['wall_s']:.0f} |")
     if micro_result:
         m = micro_result["ms_per_part_4_senders_2MiB"]
-        lines.append(f"\nReducer cost in-process (one 2 MiB fp32 part, 4 senders, 1 thread, median ms): "
+        lines.append("\nReducer cost in-process (one 2 MiB fp32 part, 4 senders, 1 thread, median ms): "
                      + ", ".join(f"{k} {v}" for k, v in m.items()))
         for size, by_mode in micro_result.get("allreduce", {}).get("s_per_round_4_members", {}).items():
             lines.append(f"Exact all-reduce, 4 members in one process, {size} of fp32 (median s per round): "
@@ -272,22 +255,15 @@ def markdown(results: dict[str, dict], micro_result: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--bad-peer"]:
-        if len(argv) < 3 or argv[2] != "--":
-            raise one_model.BenchError("usage: trust.py --bad-peer ATTACK -- <photon-peer args>")
-        return bad_peer(argv[1], argv[3:])
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if wrapped := kit.wrapped_silo(argv, "--bad-peer", "trust.py --bad-peer ATTACK -- <photon-peer args>"):
+        return bad_peer(*wrapped)
+    ap = kit.parser(__doc__, force=True, report_only=True, cap=300.0, corpus=str(kit.CORPUS),
+                    out=str(REPO / "runs" / "trust"), results=str(REPO / "bench" / "results" / "trust"))
     ap.add_argument("--scenarios", nargs="+", choices=ORDER, default=ORDER)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-steps", type=int, default=16)
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--micro", action="store_true",
                     help="only the in-process costs: reduce_part per part, and exact all-reduce rounds per mode")
-    ap.add_argument("--cap", type=float, default=300.0, help="wall-clock cap per scenario (seconds)")
-    ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
-    ap.add_argument("--out", default=str(REPO / "runs" / "trust"))
-    ap.add_argument("--results", default=str(REPO / "bench" / "results" / "trust"))
     args = ap.parse_args(argv)
     results, out = Path(args.results), Path(args.out)
     results.mkdir(parents=True, exist_ok=True)
@@ -298,21 +274,17 @@ def main(argv: list[str] | None = None) -> int:
             figures["allreduce"] = allreduce_cost()
         elif micro_path.is_file() and "allreduce" in json.loads(micro_path.read_text()):
             figures["allreduce"] = json.loads(micro_path.read_text())["allreduce"]
-        micro_path.write_text(json.dumps(figures, indent=1) + "\n")
+        kit.write_json(micro_path, figures)
     if not args.report_only and not args.micro:
         val_dir = one_model.prepare_val(Path(args.corpus), out / "val")
         for name in args.scenarios:
             if not args.force and (results / f"{name}.json").is_file():
                 continue
-            run_dir = out / name
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # daemons resume from checkpoints: start clean
             print(f"trust: {name}", flush=True)
-            sw = TrustSwarm(name, run_dir, val_dir, args.rounds, args.local_steps)
-            t0 = time.monotonic()
+            sw = TrustSwarm(name, out / name, val_dir, args.rounds, args.local_steps)
             sw.run(args.cap)
-            result = summarize(name, sw, time.monotonic() - t0)
-            (results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+            result = summarize(name, sw)
+            kit.write_json(results / f"{name}.json", result)
             print(f"trust: {name} done in {result['wall_s']:.0f}s: honest val ppl {result['honest_val_ppl']}, "
                   f"clipped {result['clipped_reported']}", flush=True)
     loaded = {n: json.loads((results / f"{n}.json").read_text()) for n in ORDER if (results / f"{n}.json").is_file()}
@@ -324,9 +296,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except one_model.BenchError as e:
-        sys.exit(f"trust: {e}")
-    except KeyboardInterrupt:
-        sys.exit("trust: interrupted")
+    kit.run(main, "trust")
