@@ -227,8 +227,8 @@ class PeerDaemon(Rejoin):
         """Hand this round's Δ to the averager (a background thread) and start the next round's counters.
         False if Δ is not finite: rolled back instead, nothing is sent."""
         f = self.cfg.federation
-        if self.swarm.strangers(self.ledger.one_model_group):  # nobody outside our last group: no split to find
-            self._adopt_majority(self.swarm.peers())  # a visible split: the minority adopts the majority's model
+        if self.swarm.strangers(self.ledger.one_model_group):  # only a peer outside our last one-model group can
+            self._adopt_majority(self.swarm.peers())  # hold another: the minority adopts the majority's model
         deltas = self.state.pseudo_gradient()
         if not all(bool(torch.isfinite(d).all()) for d in deltas):
             self._roll_back("the pseudo-gradient is not finite")  # never sent
