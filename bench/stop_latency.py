@@ -32,8 +32,16 @@ from swarm import Swarm  # noqa: E402  (tests/swarm.py)
 
 
 def session_pids(sid: int) -> list[int]:
-    out = subprocess.run(["ps", "-s", str(sid), "-o", "pid="], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    """Every live process in session `sid`, read from /proc (no `ps`: minimal images lack procps)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except OSError:  # exited while we looked
+                pass
+    return pids
 
 
 def last_exception(log: str) -> str:
