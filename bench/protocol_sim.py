@@ -43,7 +43,8 @@ from photon_p2p.federation.clock import FETCH_S  # noqa: E402
 from photon_p2p.federation.groups import plan_groups  # noqa: E402
 from photon_p2p.federation.hivemind_ext.progress_tracker import KEEPALIVE_S, fetch_period  # noqa: E402
 from photon_p2p.federation.protocol import (  # noqa: E402
-    SETTLE_S, SILENT_S, ClockRecord, fold, majority, moved_on, round_leader, roster, speed_quota, wait_budget)
+    SETTLE_S, SILENT_S, ClockRecord, fold, majority, moved_on, orphaned, round_leader, roster, speed_quota,
+    wait_budget)
 
 
 @dataclass
@@ -237,11 +238,11 @@ class Sim:
         s, t = self.s, self.t + self.s.dht_read_s
         p.speed_known = True
         recs, quiet = self.records(self.t)
-        if moved_on(recs, p.round, p.pid, quiet):  # the swarm averaged this round without it: catch up
+        if moved_on(recs, p.round, p.pid, quiet) or orphaned(recs, p.round, p.pid, p.joined, quiet):  # catch up
             self.finish(p, None, t, missed=True)
             return
         budget = self.budget(p)
-        chosen = roster(recs, p.round, p.pid, t, budget, s.local_steps, quiet=quiet)
+        chosen = roster(recs, p.round, p.pid, t, budget, s.local_steps, quiet=quiet, joined=p.joined)
         plan = ()
         if len(chosen.waited) > s.target_group_size:
             plan = tuple(chosen.waited)
@@ -265,7 +266,7 @@ class Sim:
             return
         w.seen = math.floor(self.t / self.fetch_s) if cached else -1
         recs, quiet = self.records(self.t, cached=cached)
-        fresh = roster(recs, p.round, p.pid, self.t, self.budget(p), s.local_steps, quiet=quiet)
+        fresh = roster(recs, p.round, p.pid, self.t, self.budget(p), s.local_steps, quiet=quiet, joined=p.joined)
         change = fold(w.chosen, fresh)
         if w.plan:
             if len(w.chosen.waited) > s.target_group_size:

@@ -17,6 +17,7 @@ from photon_p2p.federation.protocol import (
     majority,
     member_round_s,
     moved_on,
+    orphaned,
     others_done,
     outcome,
     roster,
@@ -115,6 +116,47 @@ def test_a_silent_member_is_neither_waited_for_nor_the_leader():
     r = roster(records, 5, "me", now, budget=5.0, local_steps=8, quiet={"a"})
     assert r.silent == ["a"] and r.waited == ["b", "me"] and round_leader(r) == "b"
     assert round_leader(roster(records, 5, "me", now, budget=5.0, local_steps=8)) == "a"
+
+
+def test_a_joiner_leads_a_round_only_when_no_member_trained_it_from_its_start():
+    # 31 peers booted together joined round 0 (a download, the rest of the round) while the first peer waited at
+    # its end; naming leaders among themselves from reads that differed, 7 of them averaged in two groups.
+    now = 1000.0
+    records = {"j1": ClockRecord(0, 1, 0.0, now), "j2": ClockRecord(0, 1, 0.0, now),
+               "first": ClockRecord(0, 64, 4.0, now), "me": ClockRecord(0, 1, 0.0, now)}
+    r = roster(records, 0, "me", now, budget=5.0, local_steps=64, joined=True)
+    assert r.joiners == ["j1", "j2", "me"] and round_leader(r) == "first"  # not j1, the lowest id
+    # the joiner's own record not yet in the read: it knows it joined
+    mine_unseen = roster({k: v for k, v in records.items() if k != "me"}, 0, "me", now, 5.0, 64, joined=True)
+    assert "me" in mine_unseen.joiners and round_leader(mine_unseen) == "first"
+    # with no member that trained the round from its start (or only a client-mode one), the lowest joiner leads
+    alone = {k: v for k, v in records.items() if k != "first"}
+    assert round_leader(roster(alone, 0, "me", now, 5.0, 64, joined=True)) == "j1"
+    client = {**records, "first": ClockRecord(0, 64, 4.0, now, client=True)}
+    assert round_leader(roster(client, 0, "me", now, 5.0, 64, joined=True)) == "j1"
+    # a record whose speed shows after our first read (stored before its first step) settles: it may lead
+    chosen = roster(alone, 0, "me", now, 5.0, 64, joined=True)
+    change = fold(chosen, roster({**alone, "j1": ClockRecord(0, 8, 4.0, now + 1)}, 0, "me", now + 1, 5.0, 64,
+                                 joined=True))
+    assert change and change.settled == ["j1"] and chosen.joiners == ["j2", "me"] and round_leader(chosen) == "j1"
+    # a record missing from a later read (a replica without it) proves nothing
+    change = fold(chosen, roster({"j1": records["j1"], "me": records["me"]}, 0, "me", now + 2, 5.0, 64, joined=True))
+    assert "j2" in chosen.joiners and not change.settled
+
+
+def test_joiners_left_at_a_round_every_trained_member_has_left_catch_up():
+    # The first peer gave round 0 up alone (its joiners still booting) and moved on: the joiners that synced
+    # from one another must not average round 0 among themselves (server_moved cannot see it).
+    joiners = {"j1": ClockRecord(0, 1, 0.0), "j2": ClockRecord(0, 1, 0.0), "me": ClockRecord(0, 1, 0.0)}
+    assert orphaned({**joiners, "first": ClockRecord(1, 3, 4.0)}, 0, "me", joined=True)
+    assert not moved_on({**joiners, "first": ClockRecord(1, 3, 4.0)}, 0, "me")  # the majority rule: no
+    assert not orphaned({**joiners, "first": ClockRecord(1, 3, 4.0)}, 0, "me", joined=False)  # we trained it
+    assert not orphaned({**joiners, "first": ClockRecord(0, 60, 4.0)}, 0, "me", joined=True)  # it still waits
+    assert not orphaned(joiners, 0, "me", joined=True)  # nobody past it: the joiners average it (a lone joiner
+    # of a swarm whose every trained member crashed), under the lowest joiner
+    # a silent member at the round (killed) does not hold the round open
+    both = {**joiners, "first": ClockRecord(1, 3, 4.0), "dead": ClockRecord(0, 60, 4.0)}
+    assert orphaned(both, 0, "me", joined=True, quiet={"dead"}) and not orphaned(both, 0, "me", joined=True)
 
 
 def test_a_round_averages_once_the_peers_left_at_it_catch_up():

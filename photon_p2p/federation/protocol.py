@@ -65,6 +65,9 @@ class Roster:
     eta: float = 0.0  # seconds until the last waited member is projected to end its local phase
     clients: list[str] = field(default_factory=list)  # client-mode peers among ``waited``: never asked to lead
     ahead: list[str] = field(default_factory=list)  # peers whose record is past the round: it closed for them
+    # members that joined into the round with a download (their record shows no speed: the rest of a round):
+    # they lead only a round no other member can (round_leader)
+    joiners: list[str] = field(default_factory=list)
 
 
 def arrival_s(record: ClockRecord, round_s: float, now: float) -> float:
@@ -150,7 +153,7 @@ def live_speeds(records: dict[str, ClockRecord], round_no: int) -> Speeds:
 
 def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, budget: float, local_steps: int,
            skip: frozenset[str] | set[str] = frozenset(), by_speed: bool = True,
-           quiet: frozenset[str] | set[str] = frozenset()) -> Roster:
+           quiet: frozenset[str] | set[str] = frozenset(), joined: bool = False) -> Roster:
     """The round's roster from the clock's records as read when this peer's local phase ended (``me`` is a
     member). Each member's arrival is projected from its own quota and speed (``local_steps`` = H; ``by_speed``:
     quotas scale with speed, the swarm clock); ``skip``: no-shows not to wait for again; ``quiet``: peers whose
@@ -158,7 +161,8 @@ def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, 
     member projected to come more than ``budget`` after most of the other members is late (not waited for); a
     peer that came early (a joiner's short first round) waits for the others' projected arrival (``eta``) plus
     the budget: the wait follows the work. (Projected from this reader's own round time, a fast silo given 11
-    steps of an H = 8 round looked due 4 s before it came, and the group left without it by 0.1 s.)"""
+    steps of an H = 8 round looked due 4 s before it came, and the group left without it by 0.1 s.) ``joined``:
+    this peer joined into the round with a download (its own record, once stored, shows no speed)."""
     members = sorted({p for p, r in records.items() if r.round == round_no} | {me})
     near = {p: r for p, r in records.items() if p != me and p not in skip and round_no - 1 <= r.round <= round_no}
     quiet = sorted(set(near) & set(quiet))
@@ -174,7 +178,9 @@ def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, 
     eta = max((candidates[p] for p in waited), default=0.0)
     clients = sorted(p for p in [*waited, me] if p in records and records[p].client)
     ahead = sorted(p for p, r in records.items() if p != me and r.round > round_no)
-    return Roster(round_no, members, sorted([*waited, me]), late, quiet, eta, clients, ahead)
+    joiners = sorted(p for p in members if p != me and p not in quiet and records[p].speed <= 0)
+    return Roster(round_no, members, sorted([*waited, me]), late, quiet, eta, clients, ahead,
+                  sorted([*joiners, me]) if joined else joiners)
 
 
 def others_done(records: dict[str, ClockRecord], round_no: int, me: str, now: float, local_steps: int,
@@ -221,11 +227,29 @@ SETTLE_S = 2.0  # a group does not start within this long of a new member's reco
 
 def round_leader(chosen: Roster) -> str:
     """The peer every member of the round asks to lead its group: the lowest peer id among the waited members
-    already at the round that can be reached (not in client mode). Peers whose reads differ by a record may name
+    already at the round that can be reached (not in client mode) and trained the round from its start (not a
+    joiner); the lowest joiner only when no such member is there. Peers whose reads differ by a record may name
     two leaders for a moment; each re-reads the roster while it waits (swarm.average's ``follow``), and the one
-    that finds a lower id asks it to lead, sending its own followers along."""
+    that finds a lower id asks it to lead, sending its own followers along. Why not joiners: 31 peers that
+    booted together joined round 0 while its first peer still waited, named leaders among themselves from reads
+    that differed while their records appeared, and averaged as 4 and 3 apart from the rest: two models."""
     at_round = (set(chosen.waited) & set(chosen.members)) - set(chosen.clients)
-    return min(at_round) if at_round else ""
+    incumbents = at_round - set(chosen.joiners)
+    return min(incumbents or at_round) if at_round else ""
+
+
+def orphaned(records: dict[str, ClockRecord], round_no: int, me: str, joined: bool,
+             quiet: frozenset[str] | set[str] = frozenset()) -> bool:
+    """Whether this joiner's round has closed for it: no live member at the round trained it from its start
+    (every record there shows no speed: joiners, as we are), and a live record is past it. The peers it joined
+    from averaged the round, or gave it up, and moved on; joiners must not average it again among themselves
+    (G1): they catch up. (The first peer of a 32-peer boot gave round 0 up alone as the 31 others synced; 7 of
+    them averaged round 0 in two groups, whose servers were other joiners, so server_moved did not apply.)"""
+    if not joined:
+        return False
+    live = {p: r for p, r in records.items() if p != me and p not in quiet}
+    return not any(r.round == round_no and r.speed > 0 for r in live.values()) and \
+        any(r.round > round_no for r in live.values())
 
 
 @dataclass(frozen=True)
@@ -236,9 +260,10 @@ class RosterChange:
     gone: list[str]  # waited members whose record went silent (stopped or dead): no longer waited for
     arrived: list[str]  # waited members one round behind (landing an average, catching up) now at the round
     ahead: list[str] = field(default_factory=list)  # waited members now past the round (they caught up elsewhere)
+    settled: list[str] = field(default_factory=list)  # members taken for joiners whose record now shows a speed
 
     def __bool__(self) -> bool:
-        return bool(self.new or self.gone or self.arrived or self.ahead)
+        return bool(self.new or self.gone or self.arrived or self.ahead or self.settled)
 
 
 def fold(chosen: Roster, fresh: Roster) -> RosterChange:
@@ -255,7 +280,12 @@ def fold(chosen: Roster, fresh: Roster) -> RosterChange:
     chosen.members = sorted({*chosen.members, *(set(new) & set(fresh.members)), *arrived} - set(ahead))
     chosen.clients = sorted({*chosen.clients, *(set(new) & set(fresh.clients))} - set(ahead))
     chosen.waited = sorted((set(chosen.waited) | set(new)) - set(gone) - set(ahead))
-    return RosterChange(new, gone, arrived, ahead)
+    # a member's record may show its speed after our first read (its first store of the round came before its
+    # first step): it is no joiner, and may be the leader
+    # (a record missing from the later read proves nothing: a replica without it)
+    settled = sorted((set(chosen.joiners) & set(fresh.members)) - set(fresh.joiners))
+    chosen.joiners = sorted(((set(chosen.joiners) - set(settled)) | set(fresh.joiners)) & set(chosen.members))
+    return RosterChange(new, gone, arrived, ahead, settled)
 
 
 def leader_left(change: RosterChange, leader: str) -> bool:

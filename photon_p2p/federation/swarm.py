@@ -26,8 +26,8 @@ from photon_p2p.federation.groups import plan_groups
 from photon_p2p.federation.hivemind_ext import dht_stats
 from photon_p2p.federation.identity import fingerprint
 from photon_p2p.federation.network import connection_kind, parse_multiaddrs, start_dht, stop_dht, visible_maddrs
-from photon_p2p.federation.protocol import (SETTLE_S, NoShows, Roster, fold, leader_left, moved_on, others_done,
-                                           round_leader, roster, server_moved, state_verdict)
+from photon_p2p.federation.protocol import (SETTLE_S, NoShows, Roster, fold, leader_left, moved_on, orphaned,
+                                           others_done, round_leader, roster, server_moved, state_verdict)
 from photon_p2p.federation.records import (
     RUNS_KEY,
     HeartbeatPublisher,
@@ -227,15 +227,17 @@ class HivemindSwarm:
             records, quiet = clock.records(round_no, self.cfg.network.request_timeout), clock.silent()
             self.dht_reads += 1
             chosen = roster(records, round_no, me, get_dht_time(), budget, f.local_steps,
-                            self.no_shows.skip(records), by_speed, quiet)
+                            self.no_shows.skip(records), by_speed, quiet, joined=bool(joined))
         else:
             at_round = [p["peer_id"] for p in self.peers() if p["round"] == round_no]
             records, chosen = {}, Roster(round_no, sorted({me, *at_round}), sorted({me, *at_round}))
         def closed(now_read) -> bool:  # the swarm averaged this round without us: catch up, never average it again
-            return moved_on(now_read, round_no, me, clock.silent()) or server_moved(now_read, joined, round_no)
+            quiet = clock.silent()
+            return moved_on(now_read, round_no, me, quiet) or server_moved(now_read, joined, round_no) or \
+                orphaned(now_read, round_no, me, bool(joined), quiet)
         if clock is not None and closed(records):
-            log.info("round %d: most live peers, or the peer this one joined from, are past this round: the swarm "
-                     "averaged it without this peer", round_no)
+            log.info("round %d: most live peers, the peer this one joined from, or every peer that trained the round "
+                     "are past it: the swarm averaged it without this peer", round_no)
             return RoundResult(round_no, True, 1, [], weight, 0.0, 0, 0, LEFT)
         if len(chosen.waited) > target:
             # a grid (groups.py): past the one-group regime. Its members are the peers waited for (those one round
@@ -259,9 +261,10 @@ class HivemindSwarm:
         # that nothing refreshes while we wait: a first peer that read only itself would lead alone, never
         # learning of the others; hivemind's search merges such groups instead.
         leader = round_leader(chosen) if plan is None and clock is not None else ""
-        log.info("round %d: roster %s, waiting for %s (%s late, %s silent) up to %.1fs + eta %.1fs, leader %s",
-                 round_no, " ".join(m[-6:] for m in chosen.members), " ".join(m[-6:] for m in chosen.waited),
-                 " ".join(m[-6:] for m in chosen.late) or "none", " ".join(m[-6:] for m in chosen.silent) or "none",
+        log.info("round %d: roster %s, waiting for %s (%s late, %s silent, %s joined into it) up to %.1fs + eta "
+                 "%.1fs, leader %s", round_no, " ".join(m[-6:] for m in chosen.members),
+                 " ".join(m[-6:] for m in chosen.waited), " ".join(m[-6:] for m in chosen.late) or "none",
+                 " ".join(m[-6:] for m in chosen.silent) or "none", " ".join(m[-6:] for m in chosen.joiners) or "none",
                  budget, chosen.eta, leader[-6:] or "per stage")
         self.last_roster = chosen
 
@@ -279,7 +282,7 @@ class HivemindSwarm:
                 return None
             fresh = roster(clock.records(round_no, min(1.0, float(self.cfg.network.request_timeout))), round_no,
                            me, get_dht_time(), budget, f.local_steps, self.no_shows.skip(records), by_speed,
-                           clock.silent()).waited
+                           clock.silent(), joined=bool(joined)).waited
             return plan_groups(fresh, me, target) if len(fresh) > target else None
         want, appeared = live_target or 0, 0.0
 
@@ -300,7 +303,7 @@ class HivemindSwarm:
             else:
                 now_read = clock.cached()
             fresh = roster(now_read, round_no, me, get_dht_time(), budget, f.local_steps,
-                           self.no_shows.skip(records), by_speed, clock.silent())
+                           self.no_shows.skip(records), by_speed, clock.silent(), joined=bool(joined))
             change = fold(chosen, fresh)
             if change.new:
                 appeared = time.monotonic()
