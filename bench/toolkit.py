@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "corpus"  # the full corpus, where a checkout has it (users never do)
 LOCK = "/tmp/photon-bench.lock"  # the lock `flock /tmp/photon-bench.lock CMD` takes: one benchmark at a time
 # peers/local_swarm.py, and photon_p2p from this checkout without installing; a tree on PYTHONPATH comes first
-# (bench/one_model.py runs its throttled silo of an older commit with that tree on PYTHONPATH)
+# (bench/scenarios.py one-model runs its silos of an older commit with that tree on PYTHONPATH)
 for _path in (REPO / "peers", REPO):
     if str(_path) not in sys.path:
         sys.path.insert(len(sys.path) if os.environ.get("PYTHONPATH") else 0, str(_path))
@@ -41,10 +41,15 @@ HELP = {"out": "where the results go", "data": "prepared data dir (made if missi
         "replot": "only rewrite OUT.md and OUT.png from OUT.json"}
 
 
-def parser(doc: str, **flags: Any) -> argparse.ArgumentParser:
-    """An ArgumentParser that shows ``doc``, with the shared flags named as keywords: a default value (out, data,
-    runs, results, corpus, cap), True (force, report_only, replot: switches) or, for set, the KEY=VALUE list's dest."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str, **shared: Any) -> argparse.ArgumentParser:
+    """An ArgumentParser that shows ``doc``, with the shared flags of ``flags``."""
+    return flags(argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter),
+                 **shared)
+
+
+def flags(ap: argparse.ArgumentParser, **flags: Any) -> argparse.ArgumentParser:
+    """``ap`` with the shared flags named as keywords: a default value (out, data, runs, results, corpus, cap), True
+    (force, report_only, replot: switches) or, for set, the KEY=VALUE list's dest."""
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
         if name == "set":
@@ -55,6 +60,11 @@ def parser(doc: str, **flags: Any) -> argparse.ArgumentParser:
         else:
             ap.add_argument(flag, type=float if name == "cap" else str, default=value, help=HELP[name])
     return ap
+
+
+def md_table(columns: list[str]) -> list[str]:
+    """A markdown table's header and separator lines; the rows go after them."""
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
 
 
 def command(argv: list[str] | None = None, script: str | None = None) -> str:

@@ -1,7 +1,8 @@
 """Test helper: `photon-peer` whose pseudo-gradient is tampered with before it is sent (attack code stays here).
 
 Usage: ``python _adversarial_peer.py ATTACK -- <photon-peer args>``; ATTACK is ``scale:F`` (Δ × F) or ``noise``
-(Gaussian noise with the norm of each tensor of Δ). bench/trust.py has the same wrapper for the benchmark.
+(Gaussian noise with the norm of each tensor of Δ). bench/scenarios.py (--silo tamper:ATTACK) has the same
+wrapper for the benchmark.
 """
 
 from __future__ import annotations

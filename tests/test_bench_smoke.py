@@ -127,31 +127,31 @@ def test_make_embedded_corpus(main_of, tmp_path):
     assert "In the beginning" in kjv and "Blessed" in kjv and len(kjv) <= 500
 
 
-def test_one_model(main_of, tmp_path, capsys):
+def test_scenarios_reports(main_of, tmp_path, capsys):
+    """The three families' tables from the committed results (their runs: -m slow)."""
     res = copy("one_model", tmp_path)
-    assert main_of("one_model", "--report-only", "--results", res, "--out", tmp_path / "none") == 0
+    assert main_of("scenarios", "one-model", "--report-only", "--results", res, "--out", tmp_path / "none") == 0
     assert "| three | new" in (res / "table.md").read_text() and "lr50 (new)" in capsys.readouterr().out
-
-
-def test_trust(main_of, tmp_path):
     res = copy("trust", tmp_path)
-    assert main_of("trust", "--report-only", "--results", res, "--out", tmp_path / "none") == 0
+    assert main_of("scenarios", "trust", "--report-only", "--results", res, "--out", tmp_path / "none") == 0
     assert "| honest-none |" in (res / "table.md").read_text()
-    trust = load_bench("trust")
-    sw = trust.TrustSwarm("collude", tmp_path / "run", tmp_path / "val", 1, 2)
-    sw.maddrs = ["/ip4/127.0.0.1/tcp/1/p2p/x"]
-    assert sw.cmd(3)[1:5] == [str(REPO / "bench" / "trust.py"), "--bad-peer", "scale:1e4", "--"]
-    assert sw.cmd(1)[1:4] == ["-m", "photon_p2p.cli", "run"] and "--initial-peers" in sw.cmd(1)
-
-
-def test_adversary(main_of, tmp_path, monkeypatch, capsys):
-    assert main_of("adversary", "--table", "--results", copy("adversary", tmp_path)) == 0
+    assert main_of("scenarios", "adversary", "--table", "--results", copy("adversary", tmp_path)) == 0
     assert "| forged-state |" in capsys.readouterr().out
-    adversary = load_bench("adversary")
-    monkeypatch.setenv(adversary.NOTE_ENV, "")  # the swarm sets it for its silos: undone after the test
-    sw = adversary.AttackSwarm("dht-wipe", 2, tmp_path / "run", tmp_path / "val", 1, 2)
-    sw.maddrs = ["/ip4/127.0.0.1/tcp/1/p2p/x"]
-    assert sw.cmd(2)[2:4] == ["--hostile", "dht-wipe"] and sw.cmd(0)[1:3] == ["-m", "photon_p2p.cli"]
+
+
+def test_scenario_silos(tmp_path, monkeypatch):
+    sc = load_bench("scenarios")
+    monkeypatch.setenv(sc.NOTE_ENV, "")  # attack_swarm sets it for its silos: undone after the test
+    trust = sc.trust_swarm("collude", tmp_path / "t", tmp_path / "val", 1, 2)
+    hostile = sc.attack_swarm("dht-wipe", 2, tmp_path / "a", tmp_path / "val", 1, 2)
+    script = str(REPO / "bench" / "scenarios.py")
+    for sw, silo, change in ((trust, 3, "tamper:scale:1e4"), (hostile, 2, "hostile:dht-wipe")):
+        sw.maddrs = ["/ip4/127.0.0.1/tcp/1/p2p/x"]
+        assert sw.cmd(silo)[1:6] == [script, "--silo", change, "--", "run"] and "--initial-peers" in sw.cmd(silo)
+        assert sw.cmd(1)[1:4] == ["-m", "photon_p2p.cli", "run"] and "--initial-peers" not in sw.cmd(0)
+    with pytest.raises(sc.BenchError, match="unknown silo change"):
+        sc.changed_silo("nope:1", ["run"])
+    assert sc.parse_args(["one-model", "--scenarios", "three", "lr50", "--code", "new"]).scenarios == ["three", "lr50"]
 
 
 def test_sweep(main_of, tmp_path, capsys):
@@ -371,7 +371,7 @@ def test_sweep_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(660)
 def test_one_model_run(tmp_path):
-    run("one_model", "--scenarios", "two", "--code", "new", "--cap", 120, "--corpus", tmp_path / "none",
+    run("scenarios", "one-model", "--scenarios", "two", "--code", "new", "--cap", 120, "--corpus", tmp_path / "none",
         "--out", tmp_path / "runs", "--results", tmp_path / "res", timeout=600)
     r = json.loads((tmp_path / "res" / "two-new.json").read_text())
     assert r["peer_rounds"] > 0 and r["version_check"] == "ok"
@@ -380,7 +380,7 @@ def test_one_model_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(660)
 def test_trust_run(tmp_path):
-    run("trust", "--scenarios", "honest", "--rounds", 1, "--local-steps", 2, "--cap", 240, "--corpus",
+    run("scenarios", "trust", "--scenarios", "honest", "--rounds", 1, "--local-steps", 2, "--cap", 240, "--corpus",
         tmp_path / "none", "--out", tmp_path / "runs", "--results", tmp_path / "res", timeout=600)
     r = json.loads((tmp_path / "res" / "honest.json").read_text())
     assert r["honest_silos"] == [0, 1, 2, 3] and json.loads((tmp_path / "res" / "micro.json").read_text())
@@ -389,7 +389,7 @@ def test_trust_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(660)
 def test_adversary_run(tmp_path):
-    run("adversary", "--attack", "speed-abuse", "--peers", 2, "--rounds", 2, "--local-steps", 2, "--cap", 300,
-        "--corpus", tmp_path / "none", "--out", tmp_path / "run", "--results", tmp_path / "res", timeout=600)
+    run("scenarios", "adversary", "--attack", "speed-abuse", "--peers", 2, "--rounds", 2, "--local-steps", 2, "--cap",
+        300, "--corpus", tmp_path / "none", "--out", tmp_path / "run", "--results", tmp_path / "res", timeout=600)
     r = json.loads((tmp_path / "res" / "speed-abuse.json").read_text())
     assert r["hostile"]["ran"] and r["honest_silos"] == 2

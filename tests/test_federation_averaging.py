@@ -159,8 +159,9 @@ def test_a_state_far_larger_than_the_model_is_refused_mid_download(spawn, tmp_pa
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("hang", [0.0, 10.0], ids=["fails", "hangs-past-the-deadline"])
 def test_a_member_that_breaks_gloo_sends_its_group_to_hivemind_for_the_next_rounds(spawn, tmp_path, hang):
-    # issue 24 (bench/adversary.py --attack gloo-weights): one member that fails every gloo collective made every
-    # round of its group fail at the deadline; the members now back off gloo after a failure (bulk.BulkBackoff)
+    # issue 24 (bench/scenarios.py adversary --attack gloo-weights): one member that fails every gloo collective
+    # made every round of its group fail at the deadline; the members now back off gloo after a failure
+    # (bulk.BulkBackoff)
     fed = {"compression": "none", "target_group_size": 3, "min_group_size": 3, "allreduce_timeout": within(4.0),
            "round_deadline": within(8.0)}
     first = spawn({"shapes": SHAPES, "averagers": {"main": fed}})
