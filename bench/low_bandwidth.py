@@ -1,21 +1,30 @@
 #!/usr/bin/env python
-"""Wall-clock time to a target validation perplexity on shaped links: photon_p2p daemons vs per-step DDP (gloo).
+"""Training on shaped links, by wall-clock: photon_p2p daemons (averaging overlapped or not) vs per-step DDP (gloo).
 
 Every peer / rank runs in its own network namespace (bench/netns.py); each namespace's egress is shaped with tbf
-at RATE Mbit/s (2 peers: one veth pair; more: veths to a bridge). For each rate, in one run:
+at RATE Mbit/s (2 peers: one veth pair; more: veths to a bridge). For each rate, in one run, each of --systems:
 
   * photon_p2p: `python -m photon_p2p.cli run` daemons with the Photon tiny recipe (configs/tiny.yaml: batch 16,
-    lr 3e-3, H = --local-steps inner steps per round, fedavg outer step), one torch thread each;
-  * DDP: the same model (photon_p2p.model.Transformer), the same LocalTrainer (AdamW, schedule, clipping), the same
-    per-peer batch and data stream (silo-i's sampler), wrapped in torch DistributedDataParallel over gloo, so the
-    gradients are all-reduced every step; MASTER_ADDR is rank 0's namespace address.
+    lr 3e-3, H = --local-steps inner steps per round, fedavg outer step), one torch thread each; no-overlap and
+    overlap: the same with federation.overlap false / true;
+  * ddp-gloo: the same model (photon_p2p.model.Transformer), the same LocalTrainer (AdamW, schedule, clipping), the
+    same per-peer batch and data stream (silo-i's sampler), wrapped in torch DistributedDataParallel over gloo, so
+    the gradients are all-reduced every step; MASTER_ADDR is rank 0's namespace address.
 
-Both train for --seconds of wall-clock each (from launching the processes, start-up included) and evaluate the
-same validation windows every H steps (photon: every round, on the averaged global model; DDP: rank 0). The
-target perplexity is --target-ppl, or (0) per rate the higher of the two systems' best perplexities: a value
-both reach.
+Every system trains for --seconds of wall-clock (from launching the processes, start-up included) and evaluates the
+same validation windows every H steps (photon: every round, on the averaged global model; DDP: rank 0), once per
+--seeds value (train.seed: model init and data order). Two reports of these runs (--report):
+
+  time     (the default; systems photon_p2p ddp-gloo): the time to a target validation perplexity: --target-ppl,
+           or (0) per rate the higher of the two systems' best perplexities, a value both reach.
+  overlap  (systems no-overlap overlap ddp-gloo; until 2026-12-08 bench/overlap.py, with the same flags): compute
+           utilization (inner-step seconds / wall-clock seconds of the round loop, from the daemons' "phase"
+           records; for DDP: photon's solo seconds per step / DDP's seconds per step), the trainer's idle seconds
+           per round, inner steps done, the best validation perplexity, the time to a target perplexity (the worst
+           of the systems' best values, so all reach it) and, for quality, overlap vs no overlap at equal tokens
+           (the perplexity of each at the largest token count both evaluated).
 Writes OUT.json, OUT.md and OUT.png (val ppl vs wall-clock seconds); --replot rewrites OUT.md and OUT.png from
-OUT.json without running anything. Needs root and iproute2 (ip, tc); prints
+OUT.json (in the report its "bench" names) without running anything. Needs root and iproute2 (ip, tc); prints
 "skipped: ..." and exits 0 otherwise.
 """
 
@@ -35,6 +44,15 @@ import report
 import toolkit as kit
 from netns import NetnsError, Testbed, bench_main, start_photon_peer, stop_procs, wait_peer_address
 from toolkit import mean
+
+# photon_p2p daemons with these overrides, or (ddp-gloo) DDP ranks
+SYSTEMS = {"photon_p2p": (), "no-overlap": ("federation.overlap=false",), "overlap": ("federation.overlap=true",),
+           "ddp-gloo": None}
+REPORTS = {  # each report's defaults
+    "time": {"rates": [100.0, 20.0], "seconds": 180.0, "systems": ["photon_p2p", "ddp-gloo"],
+             "out": "bench/results/low_bandwidth", "runs": "runs/bench-lowbw"},
+    "overlap": {"rates": [100.0, 20.0, 5.0], "seconds": 150.0, "systems": ["no-overlap", "overlap", "ddp-gloo"],
+                "out": "bench/results/overlap", "runs": "runs/bench-overlap"}}
 
 
 # ---- the DDP rank (runs inside a namespace) ------------------------------------------------------------------
@@ -282,9 +300,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
         + (" (auto: the higher of the two systems' best values at that rate, so both reach it)."
            if res["target_auto"] else "."),
         "",
-        "| link | system | inner steps | best val ppl | target ppl | time to target (s) | wire MB sent per peer | "
-        "DDP/photon time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *kit.md_table(["link", "system", "inner steps", "best val ppl", "target ppl", "time to target (s)",
+                       "wire MB sent per peer", "DDP/photon time"]),
     ]
     for rate in res["rates"]:
         pair = {r["system"]: r for r in res["runs"] if r["rate_mbit"] == rate}
@@ -303,12 +320,125 @@ def markdown(res: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
+# ---- the overlap report --------------------------------------------------------------------------------------
+def ppl_at_tokens(evals: list[dict], tokens: int) -> float:
+    """Validation perplexity at ``tokens`` (per peer), linearly interpolated between evaluations."""
+    pts = sorted((e["tokens"], e["val_ppl"]) for e in evals)
+    for (t0, p0), (t1, p1) in zip(pts, pts[1:]):
+        if t0 <= tokens <= t1:
+            return p0 + (p1 - p0) * (tokens - t0) / max(1, t1 - t0)
+    return next((p for t, p in pts if t == tokens), math.nan)
+
+
+def overlap_summarize(runs: list[dict]) -> None:
+    for rate, seed in sorted({(r["rate_mbit"], r.get("seed", 0)) for r in runs}, reverse=True):
+        group = {r["system"]: r for r in runs if r["rate_mbit"] == rate and r.get("seed", 0) == seed}
+        best = {k: min((e["val_ppl"] for e in r["evals"]), default=math.inf) for k, r in group.items()}
+        target = max(best.values())
+        solo_s_per_step = math.nan
+        if "no-overlap" in group and group["no-overlap"]["inner_steps"]:
+            ph = group["no-overlap"]
+            solo_s_per_step = ph["compute_s"] / max(1, ph["inner_steps"])
+        for k, r in group.items():
+            r["best_ppl"], r["target_ppl"] = best[k], target
+            r["time_to_target_s"] = time_to(r["evals"], target)
+            if k == "ddp-gloo":  # DDP overlaps its all-reduce with backward: compare its step with a compute-only one
+                r["utilization"] = min(1.0, solo_s_per_step / r["seconds_per_step"])
+        on, off = group.get("overlap"), group.get("no-overlap")
+        if on and off and on["evals"] and off["evals"]:
+            common = min(max(e["tokens"] for e in on["evals"]), max(e["tokens"] for e in off["evals"]))
+            on["equal_tokens"] = off["equal_tokens"] = common
+            on["ppl_at_equal_tokens"] = ppl_at_tokens(on["evals"], common)
+            off["ppl_at_equal_tokens"] = ppl_at_tokens(off["evals"], common)
+
+
+def overlap_plot(res: dict[str, Any], out: Path) -> None:
+    rates = res["rates"]
+    fig, axes = kit.pyplot().subplots(1, len(rates), figsize=(4.5 * len(rates), 4), squeeze=False)
+    colors = {"no-overlap": "tab:blue", "overlap": "tab:green", "ddp-gloo": "tab:red"}
+    for ax, rate in zip(axes[0], rates):
+        for r in (r for r in res["runs"] if r["rate_mbit"] == rate):
+            ax.plot([e["t"] for e in r["evals"]], [e["val_ppl"] for e in r["evals"]], marker="o", ms=3,
+                    color=colors.get(r["system"]), label=f"{r['system']} (util {r['utilization']:.0%})")
+        ax.set(title=f"{rate:g} Mbit/s", xlabel="wall-clock s", ylabel="val ppl", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    kit.save(fig, out)
+
+
+def quality_across_seeds(res: dict[str, Any]) -> list[str]:
+    """Per rate, overlap vs no overlap at equal tokens for every seed, and their mean ratio (several seeds: one
+    seed's 1-2% is within this machine's repeat noise)."""
+    seeds = res.get("seeds", [0])
+    if len(seeds) < 2:
+        return []
+    lines = ["", "Quality at equal tokens, overlap / no overlap, per seed (val ppl of the global model, "
+             "interpolated at the largest token count both runs of the seed evaluated):", "",
+             "| link | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ratio |", "| --- |" + " --- |" * (len(seeds) + 1)]
+    for rate in res["rates"]:
+        cells, ratios = [], []
+        for s in seeds:
+            pair = {r["system"]: r for r in res["runs"] if r["rate_mbit"] == rate and r.get("seed", 0) == s}
+            on, off = pair.get("overlap", {}), pair.get("no-overlap", {})
+            if "ppl_at_equal_tokens" in on and "ppl_at_equal_tokens" in off:
+                ratio = on["ppl_at_equal_tokens"] / off["ppl_at_equal_tokens"]
+                ratios.append(ratio)
+                cells.append(f"{on['ppl_at_equal_tokens']:.1f} / {off['ppl_at_equal_tokens']:.1f} = {ratio:.3f} "
+                             f"@ {on['equal_tokens'] / 1e3:.0f}k tok")
+            else:
+                cells.append("-")
+        mean_ratio = f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f}" if ratios else "-"
+        lines.append(f"| {rate:g} Mbit/s | " + " | ".join(cells) + f" | {mean_ratio} |")
+    return lines
+
+
+def overlap_markdown(res: dict[str, Any], command: str, name: str = "overlap") -> str:
+    def system(r: dict[str, Any]) -> str:  # the run's system, and its seed when the runs have several
+        return r["system"] + (f" (seed {r['seed']})" if len(res.get("seeds", [0])) > 1 else "")
+
+    lines = [
+        "## Overlap: compute utilization on shaped links, overlap on vs off vs per-step DDP (issue 10)",
+        "",
+        f"2 peers in network namespaces, egress shaped with tbf; tiny model ({res['params'] * 4 / 1e6:.1f} MB fp32), "
+        f"H = {res['local_steps']}, each system {res['seconds']:g} s of wall-clock per rate, one after the other. "
+        "Utilization = inner-step seconds / wall-clock seconds of the round loop (DDP: photon's compute-only "
+        "seconds per step / DDP's seconds per step). Idle = seconds per round the trainer waited on the network.",
+        "",
+        *kit.md_table(["link", "system", "utilization", "idle s / round", "inner steps", "best val ppl",
+                       "time to target (s)", "ppl at equal tokens"]),
+    ]
+    for rate in res["rates"]:
+        for r in (r for r in res["runs"] if r["rate_mbit"] == rate):
+            idle = r["wait_s"] / max(1, r["rounds"]) if "wait_s" in r else math.nan
+            tt = f"{r['time_to_target_s']:.0f}" if r.get("time_to_target_s") is not None else "not reached"
+            eq = (f"{r['ppl_at_equal_tokens']:.1f} @ {r['equal_tokens'] / 1e3:.0f}k tok"
+                  if "ppl_at_equal_tokens" in r else "")
+            lines.append(f"| {rate:g} Mbit/s | {system(r)} | {r['utilization']:.1%} | "
+                         f"{'-' if math.isnan(idle) else f'{idle:.2f}'} | {r['inner_steps']} | {r['best_ppl']:.1f} | "
+                         f"{tt} (target {r['target_ppl']:.0f}) | {eq} |")
+    lines += quality_across_seeds(res)
+    pauses = [(rate, r) for rate in res["rates"] for r in res["runs"] if r["rate_mbit"] == rate and r.get("pause_s")]
+    if pauses:  # where the trainer's time outside inner steps went, per round (daemon "pause" records)
+        parts = list(pauses[0][1]["pause_s"])  # the daemon's order: wait, each part, total
+        lines += ["", "Trainer pause per round after an average lands, by part (mean seconds; `pause` records):", "",
+                  "| link | system | " + " | ".join(parts) + " |", "| --- | --- |" + " --- |" * len(parts)]
+        lines += [f"| {rate:g} Mbit/s | {system(r)} | " + " | ".join(f"{r['pause_s'][k]:.3f}" for k in parts) + " |"
+                  for rate, r in pauses]
+    lines += ["", f"![val ppl vs wall-clock per link](bench/results/{name}.png)", "",
+              f"Command (machine CPU-2, {res['date']}): `{command}`", "",
+              f"Raw numbers: `bench/results/{name}.json`.", ""]
+    return "\n".join(lines)
+
+
 def main() -> int:
-    ap = kit.parser(__doc__, data="runs/bench-data-netns", runs="runs/bench-lowbw", set="overrides", replot=True,
-                    out="bench/results/low_bandwidth")
-    ap.add_argument("--rates", type=float, nargs="+", default=[100.0, 20.0], metavar="MBIT",
-                    help="tbf egress rate of every namespace, Mbit/s (one photon + one DDP run per rate)")
-    ap.add_argument("--seconds", type=float, default=180.0, help="wall-clock seconds per system and rate")
+    ap = kit.parser(__doc__, data="runs/bench-data-netns", runs=None, set="overrides", replot=True, out=None)
+    ap.add_argument("--report", choices=list(REPORTS), default="time", help="which report (and its defaults)")
+    ap.add_argument("--rates", type=float, nargs="+", metavar="MBIT",
+                    help="tbf egress rate of every namespace, Mbit/s (one run of each system per rate)")
+    ap.add_argument("--seconds", type=float, help="wall-clock seconds per system and rate")
+    ap.add_argument("--systems", nargs="+", choices=list(SYSTEMS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="train.seed values: each system runs once per seed (model init and data order)")
     ap.add_argument("--peers", type=int, default=2)
     ap.add_argument("--local-steps", type=int, default=32, help="photon H; also the evaluation interval")
     ap.add_argument("--target-ppl", type=float, default=0.0, help="0 = per rate, the higher of the two best ppl")
@@ -319,6 +449,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.ddp_worker:
         return ddp_worker(args)
+    for key, value in REPORTS[args.report].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     bad = args.peers < 2 or args.seconds <= 0 or any(r <= 0 for r in args.rates)
     return bench_main("low_bandwidth", args, write_reports, measure,
                       "need --peers >= 2, --seconds > 0 and rates > 0" if bad else "")
@@ -332,19 +465,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     runs: list[dict] = []
     for rate in args.rates:
         with Testbed(args.peers, rate_mbit=rate) as tb:
-            for fn in (run_photon, run_ddp):
-                r = fn(tb, rate, args)
-                runs.append(r)
-                last = r["evals"][-1]["val_ppl"] if r["evals"] else math.nan
-                print(f"low_bandwidth: {rate:g} Mbit/s {r['system']:>10}: {r['inner_steps']} steps, "
-                      f"{len(r['evals'])} evals, last val ppl {last:.1f}", flush=True)
-    return {"bench": "low_bandwidth", "date": kit.utc(), "peers": args.peers, "rates": args.rates,
-            "seconds": args.seconds, "local_steps": args.local_steps, "batch_size": cfg.train.batch_size,
-            "seq_len": cfg.model.seq_len, "params": count_params(cfg.model), "overrides": args.overrides,
-            **summarize(runs, args.target_ppl), "runs": runs, "command": kit.command()}
+            for seed in args.seeds:
+                for system in args.systems:
+                    seeded = [f"train.seed={seed}"] if len(args.seeds) > 1 or seed else []
+                    r = (run_ddp(tb, rate, args) if SYSTEMS[system] is None
+                         else run_photon(tb, rate, args, system=system, extra=(*SYSTEMS[system], *seeded)))
+                    runs.append(r | {"seed": seed})
+                    last = r["evals"][-1]["val_ppl"] if r["evals"] else math.nan
+                    print(f"low_bandwidth: {rate:g} Mbit/s {system:>10} seed {seed}: {r['inner_steps']} steps, "
+                          f"{len(r['evals'])} evals, last val ppl {last:.1f}, utilization "
+                          f"{r.get('utilization', math.nan):.1%}", flush=True)
+    res = {"bench": "overlap" if args.report == "overlap" else "low_bandwidth", "date": kit.utc(),
+           "peers": args.peers, "rates": args.rates, "seeds": args.seeds, "seconds": args.seconds,
+           "local_steps": args.local_steps, "batch_size": cfg.train.batch_size, "seq_len": cfg.model.seq_len,
+           "params": count_params(cfg.model), "overrides": args.overrides, "runs": runs, "command": kit.command()}
+    if args.report == "overlap":
+        overlap_summarize(runs)
+        return res
+    return res | summarize(runs, args.target_ppl)
 
 
 def write_reports(out: Path, res: dict[str, Any] | None) -> int:
+    """OUT.json, OUT.md and OUT.png in the report the result names (OUT.json's result, when replotting)."""
+    path = out.with_suffix(".json")
+    if (res or (json.loads(path.read_text()) if path.is_file() else {})).get("bench") == "overlap":
+        return report.write_reports(out, res, "overlap", overlap_plot, lambda r, c: overlap_markdown(r, c, out.name),
+                                    lambda r: r["command"])
     return report.write_reports(out, res, "low_bandwidth", lambda r, png: plot(r["runs"], r["target_ppl"], png),
                                 markdown, lambda _: "python bench/low_bandwidth.py")
 
