@@ -226,17 +226,16 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"same namespaces ({r['ddp']['tx_per_allreduce_mean'] / 1e6:.2f} MB per peer per step; "
         f"2(n-1)/n x 4P = {r['ddp']['formula_bytes_per_step'] / 1e6:.2f} MB).",
         "",
-        "| H | codec | ours, daemon (B/token) | ours, wire (B/token) | DDP computed (B/token) | "
-        "DDP counted, wire (B/token) | ratio DDP/ours (wire/wire) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        *kit.md_table(["H", "codec", "ours, daemon (B/token)", "ours, wire (B/token)", "DDP computed (B/token)",
+                       "DDP counted, wire (B/token)", "ratio DDP/ours (wire/wire)"]),
     ]
     for s in r["settings"]:
         lines.append(f"| {s['H']} | {s['codec']} | {s['daemon_bytes_per_token']:.1f} | {s['wire_bytes_per_token']:.1f} "
                      f"| {r['ddp']['formula_bytes_per_token']:.0f} | {r['ddp']['counted_bytes_per_token']:.0f} | "
                      f"{s['ratio_ddp_over_ours_wire']:.0f}x |")
     lines += ["", "Per round (mean over both peers and the steady rounds, i.e. rounds >= 2):", "",
-              "| H | codec | daemon MB/round | wire MB/round | wire - daemon (KB/round) | round s | averaging s |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              *kit.md_table(["H", "codec", "daemon MB/round", "wire MB/round", "wire - daemon (KB/round)",
+                             "round s", "averaging s"])]
     for s in r["settings"]:
         lines.append(f"| {s['H']} | {s['codec']} | {s['daemon_bytes_per_round'] / 1e6:.3f} | "
                      f"{s['wire_bytes_per_round'] / 1e6:.3f} | "

@@ -249,8 +249,8 @@ BEGIN, END = "<!-- convergence.py tables: begin -->", "<!-- convergence.py table
 
 def write_markdown(result: dict, path: Path) -> None:
     runs, s = result["runs"], result["summary"]
-    lines = ["| run | final val ppl | tokens | wall (s) | peer-rounds | solo | partial | short group | "
-             "final ppl per silo |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = kit.md_table(["run", "final val ppl", "tokens", "wall (s)", "peer-rounds", "solo", "partial",
+                          "short group", "final ppl per silo"])
     for name, r in runs.items():
         fin = f"{r['final_ppl']:.2f}" if r.get("final_ppl") else "-"
         tok = f"{r['curve'][-1][0] / 1e6:.2f} M" if r.get("curve") else "-"

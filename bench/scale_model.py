@@ -161,15 +161,14 @@ def plot(rows: list[dict], fast: list[dict], peers: int, title: str, out: Path) 
 def markdown(c: Costs, checks: list[dict], rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"Fitted: floor {c.floor_s:.3f} s per round; all-reduce CPU rate per core (fp32-equivalent MB/s): "
              + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in c.cpu_bytes_per_s.items()), "",
-             "| check (not used to fit) | measured (s) | predicted (s) | measured / predicted |",
-             "| --- | --- | --- | --- |"]
+             *kit.md_table(["check (not used to fit)", "measured (s)", "predicted (s)", "measured / predicted"])]
     lines += [f"| {k['check']} | {k['measured_s']:.3f} | {k['predicted_s']:.3f} | {k['measured_over_predicted']:.2f} |"
               for k in checks]
     lines += ["", f"Per silo: {args.gpus_per_silo} GPU(s) at {args.peak_tflops:g} TFLOP/s x MFU {args.mfu:g}, "
               f"batch {args.batch} x 2048, H = {args.local_steps}, codec {args.codec}, averager on "
               f"{args.averager_cores:g} core(s), DDP all-reduces {args.ddp_bytes:g} bytes per value.", "",
-              "| model | link | peers | compute/round (s) | averaging (s) | % averaging | DDP/Photon time |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              *kit.md_table(["model", "link", "peers", "compute/round (s)", "averaging (s)", "% averaging",
+                             "DDP/Photon time"])]
     lines += [f"| {r['model']} | {r['gbit']:g} Gbit/s | {r['peers']} | {r['compute_s']:.1f} | {r['averaging_s']:.1f} | "
               f"{100 * r['comm_fraction']:.1f} | {r['ddp_over_photon']:.1f} |" for r in rows]
     return "\n".join(lines) + "\n"

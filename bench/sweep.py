@@ -419,9 +419,8 @@ def table(done: dict[str, dict[str, Any]] | list[dict[str, Any]]) -> str:
         wall = f"equal wall-clock = {t_eq:.0f} s (this budget's fastest run timed alone)" if timed else \
             "no run timed alone: no equal wall-clock"
         lines += [f"\n**Budget {budget:.3g}x ({tokens})**; {wall}\n",
-                  "| key | side | varied | recipe | tokens (M) | val ppl | / best central | / best central @ equal "
-                  "tokens | ppl @ equal wall | wall (s) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  *kit.md_table(["key", "side", "varied", "recipe", "tokens (M)", "val ppl", "/ best central",
+                                 "/ best central @ equal tokens", "ppl @ equal wall", "wall (s)"])]
         for r in sorted(recs, key=lambda r: (r["config"]["side"], r["final_ppl"] or math.inf)):
             p = r["config"]["params"]
             base = BASE_CENTRAL if r["config"]["side"] == "central" else BASE_FED
