@@ -107,8 +107,8 @@ def test_trainer_throughput():
     assert row["trainer_tok_s"] > 0 and row["bare_tok_s"] > 0 and row["device"] in ("cpu", "cuda")
 
 
-def test_trainer_ab():
-    out = run("trainer_ab", "--ref", "HEAD", "--steps", 1, "--repeats", 1).stdout
+def test_trainer_throughput_against_a_commit():
+    out = run("trainer_throughput", "--ref", "HEAD", "--steps", 1, "--repeats", 1).stdout
     row = json.loads(out.strip().splitlines()[-1])
     assert row["ref_tok_s"] > 0 and row["this_tok_s"] > 0 and len(row["samples"]["ref"]) == 1
 
