@@ -239,7 +239,7 @@ def follow(log: Path, seen: int, tag: str) -> int:
     return max(seen, len(lines))
 
 
-# ---- one device's training speed (bench/gpu_throughput.py, trainer_throughput.py, trainer_ab.py) --------------------
+# ---- one device's training speed (bench/gpu_throughput.py, trainer_throughput.py) ----------------------------------
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense, datasheets
 
 
