@@ -42,7 +42,12 @@ sys.path.insert(0, str(REPO / "peers"))
 import local_swarm  # noqa: E402  (peers/local_swarm.py: start/stop helpers of the README's swarm)
 
 STOP_S = 30.0  # how long a churn event SIGSTOPs a peer
-BOOT_DEADLINE = 60.0  # the simulated peers' federation.round_deadline (run_sim_peer); --set overrides it
+# The simulated peers' federation.round_deadline (run_sim_peer; --set overrides it): 60 s, 3 s a peer past 20. The
+# swarm's first peer waits out round 0 for its joiners, which boot on this machine's 2 cores one after another (16 in
+# 30-40 s, 32 in 75-90 s; N machines would boot in parallel): at 60 s, 32 peers' joiners came just as the first
+# peer's round 0 ended, and round 0 averaged without it.
+def boot_deadline(peers: int) -> float:
+    return max(60.0, 3.0 * peers)
 # PSS reads /proc/PID/smaps_rollup: ~4 ms per process holding torch (RSS: 0.01 ms), 5 processes per peer; read
 # every second at 32 peers it would cost the swarm it measures ~0.6 CPU s/s. Peers' memory plateaus after boot.
 PSS_EVERY_S = 10.0
@@ -57,11 +62,11 @@ def run_sim_peer(args: argparse.Namespace) -> int:
     from photon_p2p.daemon import PeerDaemon
     from photon_p2p.train.simulated import SimTrainer
 
-    # BOOT_DEADLINE: 16 peers' processes take 30-40 s to start on 2 cores (16 machines would start in parallel);
-    # with the tiny preset's 30 s the first peer's round 0 could end just as they appear (ARCHITECTURE.md, G4).
+    # boot_deadline: with the tiny preset's 30 s the first peer's round 0 could end just as its joiners appear
+    # (ARCHITECTURE.md, G4).
     overrides = [f"name={args.name}", f"run_dir={args.dir}", f"federation.run_id={args.run_id}",
                  f"federation.rounds={args.rounds}", "network.host_maddrs=[/ip4/127.0.0.1/tcp/0]",
-                 f"federation.round_deadline={BOOT_DEADLINE}",
+                 f"federation.round_deadline={boot_deadline(args.peers)}",
                  f"federation.local_steps={args.local_steps}", "train.eval_every=0",
                  *(["network.initial_peers=[" + ",".join(args.initial) + "]"] if args.initial else []),
                  *args.overrides]
@@ -104,7 +109,7 @@ class Swarm:
         (run_dir / "peer.json").unlink(missing_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--peer", "--name", f"silo-{i}", "--dir",
                str(run_dir), "--run-id", a.run_id, "--rounds", str(a.rounds), "--local-steps", str(a.local_steps),
-               "--numel", str(a.numel), "--step-s", str(a.step_s), "--jitter", str(a.jitter),
+               "--numel", str(a.numel), "--step-s", str(a.step_s), "--jitter", str(a.jitter), "--peers", str(a.peers),
                "--slow", str(2.0 if i == 1 else 1.0), "--log-level", a.log_level, *[x for o in a.overrides for x in ("--set", o)]]
         if initial:
             cmd += ["--initial", *initial]

@@ -166,7 +166,7 @@ class FederationConfig:
     # clip_iterations passes) or none (plain mean). clip and centered_clip drop a non-finite chunk. Every peer of a
     # run should use the same setting: each reducer applies its own to its part.
     robust_aggregation: str = "clip"
-    # bench/adversary.py --attack fake-fingerprint (one sender of four pushing the same direction every round)
+    # bench/scenarios.py adversary --attack fake-fingerprint (one sender of four pushing the same direction every round)
     # cost the honest silos +81% val ppl with 2 and +20% with 1; the attacker-free runs were the same with 1 and 2
     # (523.6 vs 524.9 / 523.0). 1 stays an option (README "What a bad peer can still do"): with it the sender of
     # the largest honest update is clipped (by a few %) every round and status would flag it. Pairs keep 2.

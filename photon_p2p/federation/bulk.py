@@ -59,7 +59,7 @@ class BulkBackoff:
     """Whether this member advertises its bulk endpoint in a round: not for FIRST_OFF, then twice as many ...
     MAX_OFF rounds after a gloo round of its group failed. A gloo collective has no isolation between members:
     one that calls another collective (or none) fails the whole group at the deadline, round after round
-    (bench/adversary.py --attack gloo-weights: nothing averaged in 8 rounds). A group takes gloo only if EVERY
+    (bench/scenarios.py adversary --attack gloo-weights: nothing averaged in 8 rounds). A group takes gloo only if EVERY
     member advertises an endpoint, so one honest member backing off sends its whole group to hivemind's
     all-reduce, where a member that misbehaves loses only its own part. Doubling: a member that breaks every gloo
     round costs O(log rounds) rounds (a broken collective hangs until its timeout, usually the whole round: with

@@ -65,8 +65,8 @@ class Roster:
     eta: float = 0.0  # seconds until the last waited member is projected to end its local phase
     clients: list[str] = field(default_factory=list)  # client-mode peers among ``waited``: never asked to lead
     ahead: list[str] = field(default_factory=list)  # peers whose record is past the round: it closed for them
-    # members that joined into the round with a download (their record shows no speed: the rest of a round):
-    # they lead only a round no other member can (round_leader)
+    # members that joined into the round with a download (their record shows no speed: the rest of a round); if
+    # they are all that is left at the round, it closed for them (``orphaned``)
     joiners: list[str] = field(default_factory=list)
 
 
@@ -227,15 +227,13 @@ SETTLE_S = 2.0  # a group does not start within this long of a new member's reco
 
 def round_leader(chosen: Roster) -> str:
     """The peer every member of the round asks to lead its group: the lowest peer id among the waited members
-    already at the round that can be reached (not in client mode) and trained the round from its start (not a
-    joiner); the lowest joiner only when no such member is there. Peers whose reads differ by a record may name
+    already at the round that can be reached (not in client mode). Peers whose reads differ by a record may name
     two leaders for a moment; each re-reads the roster while it waits (swarm.average's ``follow``), and the one
-    that finds a lower id asks it to lead, sending its own followers along. Why not joiners: 31 peers that
-    booted together joined round 0 while its first peer still waited, named leaders among themselves from reads
-    that differed while their records appeared, and averaged as 4 and 3 apart from the rest: two models."""
+    that finds a lower id asks it to lead, sending its own followers along. Joiners may lead: preferring the
+    members that trained the round from its start named, after a 32-peer boot, the one peer every joiner had
+    downloaded from, and under that load it formed no group (a round missed by all 32)."""
     at_round = (set(chosen.waited) & set(chosen.members)) - set(chosen.clients)
-    incumbents = at_round - set(chosen.joiners)
-    return min(incumbents or at_round) if at_round else ""
+    return min(at_round) if at_round else ""
 
 
 def orphaned(records: dict[str, ClockRecord], round_no: int, me: str, joined: bool,
@@ -260,10 +258,9 @@ class RosterChange:
     gone: list[str]  # waited members whose record went silent (stopped or dead): no longer waited for
     arrived: list[str]  # waited members one round behind (landing an average, catching up) now at the round
     ahead: list[str] = field(default_factory=list)  # waited members now past the round (they caught up elsewhere)
-    settled: list[str] = field(default_factory=list)  # members taken for joiners whose record now shows a speed
 
     def __bool__(self) -> bool:
-        return bool(self.new or self.gone or self.arrived or self.ahead or self.settled)
+        return bool(self.new or self.gone or self.arrived or self.ahead)
 
 
 def fold(chosen: Roster, fresh: Roster) -> RosterChange:
@@ -280,12 +277,7 @@ def fold(chosen: Roster, fresh: Roster) -> RosterChange:
     chosen.members = sorted({*chosen.members, *(set(new) & set(fresh.members)), *arrived} - set(ahead))
     chosen.clients = sorted({*chosen.clients, *(set(new) & set(fresh.clients))} - set(ahead))
     chosen.waited = sorted((set(chosen.waited) | set(new)) - set(gone) - set(ahead))
-    # a member's record may show its speed after our first read (its first store of the round came before its
-    # first step): it is no joiner, and may be the leader
-    # (a record missing from the later read proves nothing: a replica without it)
-    settled = sorted((set(chosen.joiners) & set(fresh.members)) - set(fresh.joiners))
-    chosen.joiners = sorted(((set(chosen.joiners) - set(settled)) | set(fresh.joiners)) & set(chosen.members))
-    return RosterChange(new, gone, arrived, ahead, settled)
+    return RosterChange(new, gone, arrived, ahead)
 
 
 def leader_left(change: RosterChange, leader: str) -> bool:
