@@ -275,13 +275,18 @@ def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any
                    for k in sorted({k for x in kinds for k in x})}  # kB per round served, by request kind
         matchmaking = [float(r["phases"]["matchmaking"]) for r in rounds
                        if isinstance(r.get("phases"), dict) and "matchmaking" in r["phases"]]
+        # a grouped round's time in Swarm.average outside the averager: its roster read and checks (and, before
+        # 2952fe9, the connection probe after it)
+        outside = [float(r["wait_s"]) - float(r["averaging_s"]) for r in rounds
+                   if not r["solo"] and "wait_s" in r and "averaging_s" in r]
         per_peer[d.name] = {"rounds": len(rounds), "outcomes": dict(outcomes),
                             "last_round": rounds[-1]["round"] if rounds else None,
                             "dht_reads_per_round": round(statistics.mean(reads), 2) if reads else None,
                             "dht_served_per_round": round(statistics.mean(served), 2) if served else None,
                             "dht_served_kb_per_round": round(statistics.mean(served_kb), 2) if served_kb else None,
                             "dht_served_kb_per_round_by_kind": by_kind or None,
-                            "matchmaking_s_median": round(statistics.median(matchmaking), 3) if matchmaking else None}
+                            "matchmaking_s_median": round(statistics.median(matchmaking), 3) if matchmaking else None,
+                            "outside_averager_s_median": round(statistics.median(outside), 3) if outside else None}
     full = total = one = 0
     overhead, split_rounds = [], []
     for rnd, recs in sorted(by_round.items()):
@@ -315,7 +320,7 @@ def summarize(out: Path, alive_at_end: list[int] | None = None) -> dict[str, Any
 
 
 COST_FIGURES = ("cpu_s_per_round", "pss_mb", "rss_mb", "dht_reads_per_round", "dht_served_per_round",
-                "dht_served_kb_per_round", "matchmaking_s_median")
+                "dht_served_kb_per_round", "matchmaking_s_median", "outside_averager_s_median")
 
 
 def cpu_per_round(figures: dict[str, Any]) -> float | None:
