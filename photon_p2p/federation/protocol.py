@@ -165,21 +165,21 @@ def roster(records: dict[str, ClockRecord], round_no: int, me: str, now: float, 
     this peer joined into the round with a download (its own record, once stored, shows no speed)."""
     members = sorted({p for p, r in records.items() if r.round == round_no} | {me})
     near = {p: r for p, r in records.items() if p != me and p not in skip and round_no - 1 <= r.round <= round_no}
-    quiet = sorted(set(near) & set(quiet))
+    silent = set(near) & set(quiet)  # (sets, not the sorted lists: a roster of 1,000 records is read each second)
     speeds = live_speeds(records, round_no)
     candidates = {p: arrival_s(r, member_round_s(records, p, round_no, local_steps, by_speed, speeds), now)
-                  if r.round == round_no else 0.0 for p, r in near.items() if p not in quiet}
+                  if r.round == round_no else 0.0 for p, r in near.items() if p not in silent}
     # When most of the others have come (their lower median): this peer's own arrival does not count, or a joiner
     # that came early (a short first round) would call a member due a few seconds later late.
     arrivals = sorted(candidates.values()) or [0.0]
     typical = arrivals[(len(arrivals) - 1) // 2]
-    waited = sorted(p for p, a in candidates.items() if a <= typical + budget)
+    waited = {p for p, a in candidates.items() if a <= typical + budget}
     late = sorted(p for p in candidates if p not in waited)  # past the budget after the others: not waited for
     eta = max((candidates[p] for p in waited), default=0.0)
     clients = sorted(p for p in [*waited, me] if p in records and records[p].client)
     ahead = sorted(p for p, r in records.items() if p != me and r.round > round_no)
-    joiners = sorted(p for p in members if p != me and p not in quiet and records[p].speed <= 0)
-    return Roster(round_no, members, sorted([*waited, me]), late, quiet, eta, clients, ahead,
+    joiners = sorted(p for p in members if p != me and p not in silent and records[p].speed <= 0)
+    return Roster(round_no, members, sorted([*waited, me]), late, sorted(silent), eta, clients, ahead,
                   sorted([*joiners, me]) if joined else joiners)
 
 
