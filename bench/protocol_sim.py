@@ -124,6 +124,7 @@ class Sim:
         self.reads = Counter()  # clock / heartbeat reads and stores, by kind
         self.read_bytes = Counter()
         self._snapshots: dict[float, tuple] = {}
+        self.single: set[str] = set()  # waiting peers in one-group mode (no grid plan): see reread
         # the daemon's keepalive (and silence) grow with the swarm past 16 peers, within the records' TTL / 3
         self.keepalive = min(fetch_period(s.peers, KEEPALIVE_S), max(KEEPALIVE_S, s.record_ttl / 3))
         self.silent_s = SILENT_S * self.keepalive / KEEPALIVE_S
@@ -258,6 +259,8 @@ class Sim:
         if len(chosen.waited) == 1 and not plan:
             wait = max(wait, s.round_deadline - 10.0)
         self.waiting[p.pid] = Wait(chosen, round_leader(chosen) if not plan else "", t + wait, want, plan=plan)
+        if not plan:
+            self.single.add(p.pid)
         self.at(t + wait, "deadline", p.pid, p.round)
         self.at(t + (1.0 if self.waiting[p.pid].leader == p.pid else FETCH_S), "reread", p.pid, p.round)
         self.try_close(p.round)
@@ -274,6 +277,7 @@ class Sim:
         recs, quiet = self.records(self.t, cached=cached)
         fresh = roster(recs, p.round, p.pid, self.t, self.budget(p), s.local_steps, quiet=quiet, joined=p.joined)
         change = fold(w.chosen, fresh)
+        before = w.plan
         if w.plan:
             if len(w.chosen.waited) > s.target_group_size:
                 w.plan = tuple(w.chosen.waited)
@@ -285,7 +289,17 @@ class Sim:
             w.leader = round_leader(w.chosen)
         nxt = s.matchmaking_time if w.plan else (1.0 if w.leader == p.pid else min(FETCH_S, self.fetch_s))
         self.at(self.t + nxt, "reread", p.pid, p.round)
+        # A grid member whose plan did not change added no holder to any plan, and every event that adds one ends in
+        # try_close: no grid can have become complete since. Only a one-group leader's start also depends on time
+        # (SETTLE_S), so skip the check (O(waiting peers)) only when none waits at the round: the same results,
+        # and 1,000 grid peers re-reading no longer cost O(N) each.
+        if w.plan and w.plan == before and not any(self.peers[q].round == p.round for q in self.single):
+            return
         self.try_close(p.round)
+
+    def unwait(self, pid: str) -> None:
+        self.waiting.pop(pid, None)
+        self.single.discard(pid)
 
     def try_close(self, rnd: int) -> None:
         """Start every group whose leader has all it waits for (hivemind's leader starts at its target size)."""
@@ -341,7 +355,7 @@ class Sim:
         s = self.s
         g = len(group)
         for pid in group:
-            self.waiting.pop(pid, None)
+            self.unwait(pid)
         mbps = s.link_mbit / 8.0
         per_stage = s.form_s + s.form_coef * g ** s.form_exp + \
             (s.payload_mb * (g - 1) / g) / mbps * (2 if g > 1 else 0) / 2 + 4 * s.latency_s
@@ -364,7 +378,7 @@ class Sim:
 
     def finish(self, p: Peer, grouped: tuple | None, t: float, missed: bool = False) -> None:
         rnd = p.round
-        self.waiting.pop(p.pid, None)
+        self.unwait(p.pid)
         self.results[rnd][p.pid] = {"group": grouped[0] if grouped else 1, "model": grouped[1] if grouped else None,
                                     "end": p.end, "land": t, "missed": missed}
         if grouped:
@@ -383,7 +397,7 @@ class Sim:
 
     def crash(self, p: Peer) -> None:
         p.alive = False
-        self.waiting.pop(p.pid, None)
+        self.unwait(p.pid)
         self.events.append({"kind": "killed", "peer": p.pid, "round": p.round, "t": round(self.t, 1)})
         new = self._add(len(self.peers), self.t, joined=True)
         self.at(self.t + self.rng.uniform(0, max(1.0, p.end - p.start)), "join", new.pid)
