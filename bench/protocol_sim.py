@@ -27,7 +27,6 @@ key serve every peer's stores and reads of them, so their load grows with N² (N
 from __future__ import annotations
 
 import argparse
-import contextlib
 import heapq
 import json
 import math
@@ -40,7 +39,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from photon_p2p.federation import protocol  # noqa: E402
 from photon_p2p.federation.clock import FETCH_S  # noqa: E402
 from photon_p2p.federation.groups import plan_groups  # noqa: E402
 from photon_p2p.federation.hivemind_ext.progress_tracker import KEEPALIVE_S, fetch_period  # noqa: E402
@@ -189,10 +187,6 @@ class Sim:
         heapq.heappush(self.heap, (t, self.seq, kind, pid, extra))
 
     def run(self) -> dict:
-        with projections_memo():
-            return self._run()
-
-    def _run(self) -> dict:
         for p in list(self.peers.values()):
             self.begin(p, 0, 0.0)
         while self.heap:
@@ -249,7 +243,7 @@ class Sim:
             self.finish(p, None, t, missed=True)
             return
         budget = self.budget(p)
-        chosen = roster(recs, p.round, p.pid, t, budget, s.local_steps, quiet=quiet, joined=p.joined)
+        chosen = roster(recs, p.round, p.pid, t, budget, s.local_steps, quiet=quiet)
         plan = ()
         if len(chosen.waited) > s.target_group_size:
             plan = tuple(chosen.waited)
@@ -275,7 +269,7 @@ class Sim:
             return
         w.seen = math.floor(self.t / self.fetch_s) if cached else -1
         recs, quiet = self.records(self.t, cached=cached)
-        fresh = roster(recs, p.round, p.pid, self.t, self.budget(p), s.local_steps, quiet=quiet, joined=p.joined)
+        fresh = roster(recs, p.round, p.pid, self.t, self.budget(p), s.local_steps, quiet=quiet)
         change = fold(w.chosen, fresh)
         before = w.plan
         if w.plan:
@@ -456,43 +450,6 @@ class Sim:
         return {"kb_per_round": round(s.key_share * served / 1e3, 1),
                 "kb_per_s": round(s.key_share * served / 1e3 / round_s, 1),
                 "requests_per_round": round(s.key_share * (periodic + direct + heartbeats) + stores, 1)}
-
-
-@contextlib.contextmanager
-def projections_memo():
-    """Every reader of one snapshot projects each member the same way (protocol.member_round_s and live_speeds
-    are functions of the records alone), so the model computes each once per snapshot, not once per reader: the
-    same results, and past 32 peers (grid members re-read afresh; ~20 readers share each 0.1 s snapshot at 1,000
-    peers) far less work. Installed in protocol's namespace (roster's callees) while a simulation runs; keyed by
-    the snapshot dict, kept alive with its entry (Sim.records never mutates one)."""
-    saved = protocol.member_round_s, protocol.live_speeds
-    memo: dict[int, tuple[dict, dict]] = {}
-
-    def table(records: dict) -> dict:
-        entry = memo.get(id(records))
-        if entry is None or entry[0] is not records:
-            if len(memo) > 256:
-                memo.clear()
-            entry = memo[id(records)] = (records, {})
-        return entry[1]
-
-    def member_round_s(records, member, round_no, local_steps, by_speed=True, speeds=None):
-        got, key = table(records), (member, round_no, local_steps, by_speed)
-        if key not in got:
-            got[key] = saved[0](records, member, round_no, local_steps, by_speed, speeds)
-        return got[key]
-
-    def live_speeds(records, round_no):
-        got, key = table(records), ("speeds", round_no)
-        if key not in got:
-            got[key] = saved[1](records, round_no)
-        return got[key]
-
-    protocol.member_round_s, protocol.live_speeds = member_round_s, live_speeds
-    try:
-        yield
-    finally:
-        protocol.member_round_s, protocol.live_speeds = saved
 
 
 def s_target(s: Setup) -> int:

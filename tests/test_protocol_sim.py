@@ -53,12 +53,3 @@ def test_calibration_fits_the_assembly_cost_that_the_measured_runs_add():
     assert cal["form_coef"] == pytest.approx(0.01, rel=0.3) and cal["form_exp"] == pytest.approx(2.0, abs=0.2)
     assert all(r["participation_ok"] and r["overhead_ok"] for r in cal["runs"])
 
-
-def test_the_projection_memo_changes_no_result(monkeypatch):
-    # projections_memo computes each member's projection once per snapshot instead of once per reader; a grid swarm
-    # under churn (readers sharing snapshots, joiners, crashes) must come out exactly as without it
-    setup = ps.Setup(peers=40, rounds=4, target_group_size=16, churn=0.05, speed_sigma=0.3, seed=2)
-    memo = ps.simulate(setup)
-    monkeypatch.setattr(ps, "projections_memo", ps.contextlib.nullcontext)
-    assert ps.simulate(setup) == memo
-    assert ps.protocol.member_round_s.__module__ == "photon_p2p.federation.protocol"  # restored after the run

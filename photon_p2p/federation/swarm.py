@@ -284,7 +284,7 @@ class HivemindSwarm:
                 return None
             fresh = roster(clock.records(round_no, min(1.0, float(self.cfg.network.request_timeout))), round_no,
                            me, get_dht_time(), budget, f.local_steps, self.no_shows.skip(records), by_speed,
-                           clock.silent(), joined=bool(joined)).waited
+                           clock.silent()).waited
             return plan_groups(fresh, me, target) if len(fresh) > target else None
         want, appeared = live_target or 0, 0.0
 
@@ -305,7 +305,7 @@ class HivemindSwarm:
             else:
                 now_read = clock.cached()
             fresh = roster(now_read, round_no, me, get_dht_time(), budget, f.local_steps,
-                           self.no_shows.skip(records), by_speed, clock.silent(), joined=bool(joined))
+                           self.no_shows.skip(records), by_speed, clock.silent())
             change = fold(chosen, fresh)
             if change.new:
                 appeared = time.monotonic()
